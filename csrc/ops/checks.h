@@ -1,0 +1,32 @@
+// Argument checks shared by the op launchers: every failure names the op and the argument.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#define PM_CHECK(cond, op, ...) TORCH_CHECK(cond, "pearlmoe.", op, ": ", __VA_ARGS__)
+
+namespace pearlmoe {
+
+inline void check_dim(const at::Tensor& t, int64_t dim, const char* op, const char* name) {
+  PM_CHECK(t.dim() == dim, op, name, " must be ", dim, "-D, got shape ", t.sizes());
+}
+
+inline void check_dtype(const at::Tensor& t, at::ScalarType dtype, const char* op,
+                        const char* name) {
+  PM_CHECK(t.scalar_type() == dtype, op, name, " must be ", dtype, ", got ", t.scalar_type());
+}
+
+inline void check_int_dtype(const at::Tensor& t, const char* op, const char* name) {
+  PM_CHECK(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, op, name,
+           " must be int32 or int64, got ", t.scalar_type());
+}
+
+// Kernels run on the device the inputs live on; a CUDA launcher given a CPU tensor (or the
+// reverse) would read garbage, so each launcher states which device type it serves.
+inline void check_device(const at::Tensor& t, c10::DeviceType type, const char* op,
+                         const char* name) {
+  PM_CHECK(t.device().type() == type, op, name, " must be a ", c10::DeviceTypeName(type),
+           " tensor, got one on ", t.device());
+}
+
+}  // namespace pearlmoe

@@ -1,0 +1,174 @@
+// Routing ops: argument checks, output allocation, and the CPU / CUDA registrations.
+#include <torch/library.h>
+
+#include <climits>
+#include <tuple>
+
+#include "../cpu/cpu_kernels.h"
+#include "../kernels/routing/routing_common.h"
+#include "checks.h"
+
+#ifdef PEARLMOE_WITH_CUDA
+#include <c10/cuda/CUDAGraphsC10Utils.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "../kernels/routing/routing.h"
+#endif
+
+namespace pearlmoe {
+namespace {
+
+using at::Tensor;
+constexpr const char* kTopk = "topk_softmax";
+constexpr const char* kAlign = "moe_align";
+
+// ---- topk_softmax ------------------------------------------------------------------------------
+
+void check_topk_softmax(const Tensor& logits, int64_t k) {
+  check_dim(logits, 2, kTopk, "router_logits");
+  check_dtype(logits, at::kFloat, kTopk, "router_logits");
+  const int64_t num_experts = logits.size(1);
+  PM_CHECK(num_experts >= 1 && num_experts <= INT_MAX, kTopk,
+           "router_logits must have between 1 and INT_MAX expert columns, got shape ",
+           logits.sizes());
+  PM_CHECK(k >= 1 && k <= num_experts, kTopk, "k must be in [1, num_experts=", num_experts,
+           "], got ", k);
+}
+
+std::tuple<Tensor, Tensor> alloc_topk_outputs(const Tensor& logits, int64_t k) {
+  const int64_t num_tokens = logits.size(0);
+  return {at::empty({num_tokens, k}, logits.options()),
+          at::empty({num_tokens, k}, logits.options().dtype(at::kInt))};
+}
+
+std::tuple<Tensor, Tensor> topk_softmax_cpu(const Tensor& router_logits, int64_t k,
+                                            bool renormalize) {
+  check_device(router_logits, c10::kCPU, kTopk, "router_logits");
+  check_topk_softmax(router_logits, k);
+  const Tensor logits = router_logits.contiguous();  // [T, E]
+  auto [weights, ids] = alloc_topk_outputs(logits, k);
+  cpu::topk_softmax(logits, k, renormalize, weights, ids);
+  return {weights, ids};
+}
+
+// ---- moe_align ---------------------------------------------------------------------------------
+
+void check_moe_align(const Tensor& topk_ids, int64_t num_experts) {
+  check_dim(topk_ids, 2, kAlign, "topk_ids");
+  check_int_dtype(topk_ids, kAlign, "topk_ids");
+  PM_CHECK(num_experts >= 1 && num_experts <= routing::kMoeAlignMaxExperts, kAlign,
+           "num_experts must be in [1, ", routing::kMoeAlignMaxExperts, "], got ", num_experts);
+  PM_CHECK(topk_ids.numel() < INT_MAX, kAlign, "topk_ids has ", topk_ids.numel(),
+           " slots; rows are int32, so at most INT_MAX - 1 are supported");
+}
+
+std::tuple<Tensor, Tensor, Tensor> alloc_align_outputs(const Tensor& topk_ids,
+                                                       int64_t num_experts) {
+  const auto opts = topk_ids.options().dtype(at::kInt);
+  return {at::empty({topk_ids.numel()}, opts), at::empty({topk_ids.numel()}, opts),
+          at::empty({num_experts + 1}, opts)};
+}
+
+[[noreturn]] void fail_bad_id(const Tensor& topk_ids, int64_t slot, int64_t num_experts) {
+  const int64_t k = topk_ids.size(1);
+  const int64_t value = topk_ids.reshape(-1)[slot].item<int64_t>();
+  PM_CHECK(false, kAlign, "topk_ids[", slot / k, ", ", slot % k, "] = ", value,
+           " is out of range: ids must be -1 (dropped) or in [0, num_experts=", num_experts, ")");
+  __builtin_unreachable();
+}
+
+std::tuple<Tensor, Tensor, Tensor> moe_align_cpu(const Tensor& topk_ids_in, int64_t num_experts) {
+  check_device(topk_ids_in, c10::kCPU, kAlign, "topk_ids");
+  check_moe_align(topk_ids_in, num_experts);
+  const Tensor topk_ids = topk_ids_in.contiguous();  // [T, k]
+  auto [sorted_slots, slot_to_row, offsets] = alloc_align_outputs(topk_ids, num_experts);
+  const int64_t bad = cpu::moe_align(topk_ids, num_experts, sorted_slots, slot_to_row, offsets);
+  if (bad >= 0) fail_bad_id(topk_ids, bad, num_experts);
+  return {sorted_slots, slot_to_row, offsets};
+}
+
+// ---- CUDA --------------------------------------------------------------------------------------
+
+#ifdef PEARLMOE_WITH_CUDA
+
+void check_launch(cudaError_t err, const char* op) {
+  PM_CHECK(err == cudaSuccess, op, "CUDA kernel launch failed: ", cudaGetErrorString(err));
+}
+
+std::tuple<Tensor, Tensor> topk_softmax_cuda(const Tensor& router_logits, int64_t k,
+                                             bool renormalize) {
+  check_device(router_logits, c10::kCUDA, kTopk, "router_logits");
+  check_topk_softmax(router_logits, k);
+  const c10::cuda::CUDAGuard guard(router_logits.device());
+  const Tensor logits = router_logits.contiguous();  // [T, E]
+  auto [weights, ids] = alloc_topk_outputs(logits, k);
+  check_launch(routing::topk_softmax_cuda(logits.const_data_ptr<float>(), logits.size(1),
+                                          logits.size(0), static_cast<int>(logits.size(1)),
+                                          static_cast<int>(k), renormalize,
+                                          weights.mutable_data_ptr<float>(),
+                                          ids.mutable_data_ptr<int32_t>(),
+                                          c10::cuda::getCurrentCUDAStream().stream()),
+               kTopk);
+  return {weights, ids};
+}
+
+std::tuple<Tensor, Tensor, Tensor> moe_align_cuda(const Tensor& topk_ids_in, int64_t num_experts) {
+  check_device(topk_ids_in, c10::kCUDA, kAlign, "topk_ids");
+  check_moe_align(topk_ids_in, num_experts);
+  const c10::cuda::CUDAGuard guard(topk_ids_in.device());
+  const Tensor topk_ids = topk_ids_in.contiguous();  // [T, k]
+  // Range check: one host sync, skipped while a CUDA graph is being captured (there a bad id is
+  // treated as dropped, as the kernel documents). moe_ffn calls the kernel on ids it produced.
+  if (topk_ids.numel() > 0 &&
+      c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None) {
+    const Tensor bad = (topk_ids < -1).logical_or_(topk_ids >= num_experts).reshape(-1);
+    const Tensor first = bad.any().item<bool>() ? bad.nonzero()[0][0] : Tensor();
+    if (first.defined()) fail_bad_id(topk_ids.cpu(), first.item<int64_t>(), num_experts);
+  }
+  auto [sorted_slots, slot_to_row, offsets] = alloc_align_outputs(topk_ids, num_experts);
+  const int64_t n = topk_ids.numel();
+  const Tensor workspace = at::empty(
+      {static_cast<int64_t>(routing::moe_align_workspace_bytes(n, static_cast<int>(num_experts)))},
+      topk_ids.options().dtype(at::kByte));
+  const auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  cudaError_t err = AT_DISPATCH_INDEX_TYPES(topk_ids.scalar_type(), "moe_align_cuda", [&] {
+    return routing::moe_align_cuda<index_t>(
+        topk_ids.const_data_ptr<index_t>(), n, static_cast<int>(num_experts),
+        sorted_slots.mutable_data_ptr<int32_t>(), slot_to_row.mutable_data_ptr<int32_t>(),
+        offsets.mutable_data_ptr<int32_t>(), workspace.data_ptr(), stream);
+  });
+  check_launch(err, kAlign);
+  return {sorted_slots, slot_to_row, offsets};
+}
+
+#else  // !PEARLMOE_WITH_CUDA: a clear error instead of the dispatcher's "no kernel for CUDA".
+
+[[noreturn]] void fail_no_cuda(const char* op) {
+  PM_CHECK(false, op,
+           "got CUDA tensors, but this pearlmoe build has no CUDA kernels (it was built against a "
+           "CPU-only torch or with WITH_CUDA=OFF); reinstall with a CUDA torch and nvcc present");
+  __builtin_unreachable();
+}
+
+std::tuple<Tensor, Tensor> topk_softmax_cuda(const Tensor&, int64_t, bool) {
+  fail_no_cuda(kTopk);
+}
+
+std::tuple<Tensor, Tensor, Tensor> moe_align_cuda(const Tensor&, int64_t) { fail_no_cuda(kAlign); }
+
+#endif
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pearlmoe, CPU, m) {
+  m.impl("topk_softmax", &topk_softmax_cpu);
+  m.impl("moe_align", &moe_align_cpu);
+}
+
+TORCH_LIBRARY_IMPL(pearlmoe, CUDA, m) {
+  m.impl("topk_softmax", &topk_softmax_cuda);
+  m.impl("moe_align", &moe_align_cuda);
+}
+
+}  // namespace pearlmoe

@@ -1,0 +1,22 @@
+"""pearlmoe: Mixture-of-Experts kernels in the style of Hunyuan-Large and PEARL parallel
+speculative decoding, as PyTorch ops.
+
+Importing the package registers ``torch.ops.pearlmoe.*`` (CPU kernels always, CUDA kernels when
+the build had them) without initialising CUDA.
+"""
+
+import torch  # noqa: F401  (loads libtorch before the extension that links against it)
+
+from . import _C  # noqa: F401  (registers torch.ops.pearlmoe)
+from . import ops, reference
+from .ops import moe_align, topk_softmax
+
+__version__ = "0.1.0"
+
+
+def built_with_cuda() -> bool:
+    """Whether this build of pearlmoe compiled its CUDA kernels."""
+    return bool(torch.ops.pearlmoe.built_with_cuda())
+
+
+__all__ = ["built_with_cuda", "moe_align", "ops", "reference", "topk_softmax"]

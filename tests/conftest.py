@@ -1,0 +1,33 @@
+"""Shared test helpers.
+
+Tolerance rule (by op kind):
+  * integer and routing outputs (expert ids, permutations, offsets): exact equality;
+  * floating outputs: the op's max error against an fp64 reference must be within 2x the error
+    of the same math done by the reference in the op's own dtype, plus a small noise floor
+    (FlashAttention's rule); NaN/inf positions must match exactly.
+
+CUDA tests run only where a GPU is present; elsewhere they are skipped with that reason.
+"""
+
+import pytest
+import torch
+
+import pearlmoe  # noqa: F401  (registers the ops)
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)] if HAS_CUDA else ["cpu"]
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (none present)")
+
+
+def assert_close_to_oracle(out: torch.Tensor, same_dtype_ref: torch.Tensor, oracle: torch.Tensor,
+                           factor: float = 2.0, floor: float = 1e-7) -> None:
+    """out and same_dtype_ref are computed in the working dtype, oracle in fp64."""
+    assert out.shape == oracle.shape, (out.shape, oracle.shape)
+    out64, ref64, oracle = out.double().cpu(), same_dtype_ref.double().cpu(), oracle.double().cpu()
+    bad = ~torch.isfinite(oracle)
+    assert torch.equal(~torch.isfinite(out64), bad), "NaN/inf positions differ from the oracle"
+    if out64.numel() == 0 or bad.all():
+        return
+    err = (out64 - oracle)[~bad].abs().max().item()
+    ref_err = (ref64 - oracle)[~bad].abs().max().item()
+    assert err <= factor * ref_err + floor, f"error {err:.3g} > {factor} x {ref_err:.3g} + {floor}"
