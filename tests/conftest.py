@@ -19,8 +19,13 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)] if HAS_CUDA else
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (none present)")
 
 
-def assert_close_to_oracle(out: torch.Tensor, same_dtype_ref: torch.Tensor, oracle: torch.Tensor,
-                           factor: float = 2.0, floor: float = 1e-7) -> None:
+def assert_close_to_oracle(
+    out: torch.Tensor,
+    same_dtype_ref: torch.Tensor,
+    oracle: torch.Tensor,
+    factor: float = 2.0,
+    floor: float = 1e-7,
+) -> None:
     """out and same_dtype_ref are computed in the working dtype, oracle in fp64."""
     assert out.shape == oracle.shape, (out.shape, oracle.shape)
     out64, ref64, oracle = out.double().cpu(), same_dtype_ref.double().cpu(), oracle.double().cpu()

@@ -4,9 +4,9 @@ import itertools
 
 import pytest
 import torch
-from conftest import DEVICES, assert_close_to_oracle, requires_cuda
 
 import pearlmoe
+from conftest import DEVICES, assert_close_to_oracle, requires_cuda
 from pearlmoe import reference
 
 NUM_TOKENS = [0, 1, 3, 257, 4099]
@@ -78,7 +78,9 @@ def test_topk_softmax_non_contiguous(device):
     base = torch.randn(16, 37, device=device)
     logits = base.t()  # [37, 16] with column stride 37
     assert not logits.is_contiguous()
-    for got, want in zip(pearlmoe.topk_softmax(logits, 2), reference.topk_softmax(logits.cpu(), 2)):
+    for got, want in zip(
+        pearlmoe.topk_softmax(logits, 2), reference.topk_softmax(logits.cpu(), 2), strict=True
+    ):
         torch.testing.assert_close(got.cpu(), want, rtol=1e-6, atol=1e-7)
 
 
@@ -134,7 +136,11 @@ def test_topk_softmax_bad_input(logits, k, match):
 
 def _check_align_invariants(topk_ids, num_experts, sorted_slots, slot_to_row, offsets):
     flat = topk_ids.reshape(-1).long().cpu()
-    sorted_slots, slot_to_row, offsets = sorted_slots.long().cpu(), slot_to_row.long().cpu(), offsets.long().cpu()
+    sorted_slots, slot_to_row, offsets = (
+        sorted_slots.long().cpu(),
+        slot_to_row.long().cpu(),
+        offsets.long().cpu(),
+    )
     n = flat.numel()
     assert torch.equal(sorted_slots.sort().values, torch.arange(n))  # a permutation
     assert torch.equal(slot_to_row[sorted_slots], torch.arange(n))  # and its inverse
@@ -155,7 +161,7 @@ def test_moe_align_matches_reference(device, num_tokens, num_experts, k, id_dtyp
     topk_ids = reference.topk_softmax(logits, k)[1].to(id_dtype).to(device)  # distinct per token
     out = pearlmoe.moe_align(topk_ids, num_experts)
     ref = reference.moe_align(topk_ids.cpu(), num_experts)
-    for got, want in zip(out, ref):
+    for got, want in zip(out, ref, strict=True):
         assert got.dtype == torch.int32
         assert torch.equal(got.cpu(), want)
     _check_align_invariants(topk_ids, num_experts, *out)
@@ -176,7 +182,7 @@ def test_moe_align_repeats_drops_and_one_expert(device, num_tokens):
         num_experts = 9
         topk_ids = topk_ids.to(device)
         out = pearlmoe.moe_align(topk_ids, num_experts)
-        for got, want in zip(out, reference.moe_align(topk_ids.cpu(), num_experts)):
+        for got, want in zip(out, reference.moe_align(topk_ids.cpu(), num_experts), strict=True):
             assert torch.equal(got.cpu(), want), name
         _check_align_invariants(topk_ids, num_experts, *out)
 
@@ -186,14 +192,16 @@ def test_moe_align_is_deterministic(device):
     topk_ids = torch.randint(0, 16, (4099, 8), device=device)
     first = pearlmoe.moe_align(topk_ids, 16)
     for _ in range(5):
-        for a, b in zip(first, pearlmoe.moe_align(topk_ids, 16)):
+        for a, b in zip(first, pearlmoe.moe_align(topk_ids, 16), strict=True):
             assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_moe_align_non_contiguous(device):
     topk_ids = torch.randint(0, 16, (2, 300), device=device).t()  # [300, 2], strided
-    for got, want in zip(pearlmoe.moe_align(topk_ids, 16), reference.moe_align(topk_ids.cpu(), 16)):
+    for got, want in zip(
+        pearlmoe.moe_align(topk_ids, 16), reference.moe_align(topk_ids.cpu(), 16), strict=True
+    ):
         assert torch.equal(got.cpu(), want)
 
 
@@ -224,7 +232,11 @@ def _call_cuda_kernel(op, *args):
 
 
 def test_cuda_kernels_refuse_what_they_cannot_run():
-    msg = "has no CUDA kernels" if not pearlmoe.built_with_cuda() else "must be a CUDA tensor, got one on cpu"
+    msg = (
+        "has no CUDA kernels"
+        if not pearlmoe.built_with_cuda()
+        else "must be a CUDA tensor, got one on cpu"
+    )
     with pytest.raises(RuntimeError, match=r"pearlmoe\.topk_softmax: .*" + msg):
         _call_cuda_kernel(torch.ops.pearlmoe.topk_softmax, torch.randn(2, 4), 1, False)
     with pytest.raises(RuntimeError, match=r"pearlmoe\.moe_align: .*" + msg):
@@ -238,7 +250,9 @@ def test_cuda_matches_cpu_exactly():
     w_gpu, ids_gpu = pearlmoe.topk_softmax(logits.cuda(), 8)
     assert torch.equal(ids_cpu, ids_gpu.cpu())
     torch.testing.assert_close(w_cpu, w_gpu.cpu(), rtol=2e-6, atol=1e-8)
-    for a, b in zip(pearlmoe.moe_align(ids_cpu, 257), pearlmoe.moe_align(ids_gpu, 257)):
+    for a, b in zip(
+        pearlmoe.moe_align(ids_cpu, 257), pearlmoe.moe_align(ids_gpu, 257), strict=True
+    ):
         assert torch.equal(a, b.cpu())
 
 
@@ -251,7 +265,7 @@ def test_moe_align_under_cuda_graph():
         out = pearlmoe.moe_align(topk_ids, 16)
     topk_ids.copy_(torch.randint(0, 16, (64, 2), device="cuda", dtype=torch.int32))
     graph.replay()
-    for got, want in zip(out, reference.moe_align(topk_ids.cpu(), 16)):
+    for got, want in zip(out, reference.moe_align(topk_ids.cpu(), 16), strict=True):
         assert torch.equal(got.cpu(), want)
 
 
@@ -264,6 +278,5 @@ def test_compile_fullgraph_dynamic():
     compiled = torch.compile(route, backend="aot_eager", fullgraph=True, dynamic=True)
     for num_tokens in (5, 9, 130):
         logits = torch.randn(num_tokens, 16)
-        for got, want in zip(compiled(logits), route(logits)):
+        for got, want in zip(compiled(logits), route(logits), strict=True):
             assert torch.equal(got, want)
-

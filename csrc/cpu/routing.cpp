@@ -26,10 +26,10 @@ int64_t moe_align(const at::Tensor& topk_ids, int64_t num_experts, at::Tensor& s
   // A counting sort is one pass of cheap integer work: serial beats the cost of splitting it.
   std::vector<int32_t> counts(num_experts + 1);
   return AT_DISPATCH_INDEX_TYPES(topk_ids.scalar_type(), "moe_align_cpu", [&] {
-    return routing::moe_align(topk_ids.const_data_ptr<index_t>(), topk_ids.numel(),
-                              static_cast<int>(num_experts), sorted_slots.mutable_data_ptr<int32_t>(),
-                              slot_to_row.mutable_data_ptr<int32_t>(),
-                              expert_offsets.mutable_data_ptr<int32_t>(), counts.data());
+    return routing::moe_align(
+        topk_ids.const_data_ptr<index_t>(), topk_ids.numel(), static_cast<int>(num_experts),
+        sorted_slots.mutable_data_ptr<int32_t>(), slot_to_row.mutable_data_ptr<int32_t>(),
+        expert_offsets.mutable_data_ptr<int32_t>(), counts.data());
   });
 }
 

@@ -10,10 +10,10 @@
 #endif
 
 // Evaluate a CUDA runtime call and return its error from the enclosing function on failure.
-#define PM_CUDA_TRY(expr)                 \
-  do {                                    \
-    cudaError_t pm_err_ = (expr);         \
-    if (pm_err_ != cudaSuccess) {         \
-      return pm_err_;                     \
-    }                                     \
+#define PM_CUDA_TRY(expr)         \
+  do {                            \
+    cudaError_t pm_err_ = (expr); \
+    if (pm_err_ != cudaSuccess) { \
+      return pm_err_;             \
+    }                             \
   } while (0)

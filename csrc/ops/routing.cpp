@@ -103,13 +103,12 @@ std::tuple<Tensor, Tensor> topk_softmax_cuda(const Tensor& router_logits, int64_
   const c10::cuda::CUDAGuard guard(router_logits.device());
   const Tensor logits = router_logits.contiguous();  // [T, E]
   auto [weights, ids] = alloc_topk_outputs(logits, k);
-  check_launch(routing::topk_softmax_cuda(logits.const_data_ptr<float>(), logits.size(1),
-                                          logits.size(0), static_cast<int>(logits.size(1)),
-                                          static_cast<int>(k), renormalize,
-                                          weights.mutable_data_ptr<float>(),
-                                          ids.mutable_data_ptr<int32_t>(),
-                                          c10::cuda::getCurrentCUDAStream().stream()),
-               kTopk);
+  check_launch(
+      routing::topk_softmax_cuda(logits.const_data_ptr<float>(), logits.size(1), logits.size(0),
+                                 static_cast<int>(logits.size(1)), static_cast<int>(k), renormalize,
+                                 weights.mutable_data_ptr<float>(), ids.mutable_data_ptr<int32_t>(),
+                                 c10::cuda::getCurrentCUDAStream().stream()),
+      kTopk);
   return {weights, ids};
 }
 
@@ -151,9 +150,7 @@ std::tuple<Tensor, Tensor, Tensor> moe_align_cuda(const Tensor& topk_ids_in, int
   __builtin_unreachable();
 }
 
-std::tuple<Tensor, Tensor> topk_softmax_cuda(const Tensor&, int64_t, bool) {
-  fail_no_cuda(kTopk);
-}
+std::tuple<Tensor, Tensor> topk_softmax_cuda(const Tensor&, int64_t, bool) { fail_no_cuda(kTopk); }
 
 std::tuple<Tensor, Tensor, Tensor> moe_align_cuda(const Tensor&, int64_t) { fail_no_cuda(kAlign); }
 

@@ -5,10 +5,14 @@ Importing the package registers ``torch.ops.pearlmoe.*`` (CPU kernels always, CU
 the build had them) without initialising CUDA.
 """
 
-import torch  # noqa: F401  (loads libtorch before the extension that links against it)
+# torch first: it loads libtorch, which the extension links against.
+import torch
 
-from . import _C  # noqa: F401  (registers torch.ops.pearlmoe)
-from . import ops, reference
+from . import (
+    _C,  # noqa: F401  (registers torch.ops.pearlmoe)
+    ops,
+    reference,
+)
 from .ops import moe_align, topk_softmax
 
 __version__ = "0.1.0"

@@ -11,9 +11,7 @@ _ops = torch.ops.pearlmoe
 # ---- routing -------------------------------------------------------------------------------------
 
 
-def topk_softmax(
-    router_logits: Tensor, k: int, renormalize: bool = False
-) -> tuple[Tensor, Tensor]:
+def topk_softmax(router_logits: Tensor, k: int, renormalize: bool = False) -> tuple[Tensor, Tensor]:
     """fp32 softmax over the router logits, then the top-k experts of each token.
 
     Experts are ranked by logit (ties to the lower expert index, NaN ranks lowest), so CPU and
@@ -52,7 +50,7 @@ def moe_align(topk_ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tenso
 def _topk_softmax_fake(router_logits: Tensor, k: int, renormalize: bool = False):
     torch._check(router_logits.dim() == 2, lambda: "router_logits must be 2-D")
     torch._check(router_logits.dtype == torch.float32, lambda: "router_logits must be float32")
-    torch._check(1 <= k, lambda: f"k must be >= 1, got {k}")
+    torch._check(k >= 1, lambda: f"k must be >= 1, got {k}")
     torch._check(k <= router_logits.shape[1], lambda: "k must be <= num_experts")
     num_tokens = router_logits.shape[0]
     weights = router_logits.new_empty(num_tokens, k)  # [T, k]
@@ -71,29 +69,5 @@ def _moe_align_fake(topk_ids: Tensor, num_experts: int):
     expert_offsets = topk_ids.new_empty(num_experts + 1, dtype=torch.int32)  # [E + 1]
     return sorted_slots, slot_to_row, expert_offsets
 
-
-def _topk_softmax_setup(ctx, inputs, output) -> None:
-    router_logits, _, renormalize = inputs
-    weights, ids = output
-    ctx.save_for_backward(router_logits, weights, ids)
-    ctx.renormalize = renormalize
-
-
-def _topk_softmax_backward(ctx, grad_weights: Tensor, _grad_ids: Tensor | None):
-    router_logits, weights, ids = ctx.saved_tensors
-    ids = ids.long()
-    # Both forms reduce to a softmax Jacobian: w_j = p_{id_j} (full softmax p) or, renormalised,
-    # w = softmax over the k chosen logits. grad_l = s ⊙ (G − Σ_j g_j w_j), with G the gradient
-    # scattered to the chosen experts and s = p (full) or the scattered w (renormalised).
-    dot = (grad_weights * weights).sum(-1, keepdim=True)  # [T, 1]
-    scattered = torch.zeros_like(router_logits).scatter_(1, ids, grad_weights)  # [T, E]
-    if ctx.renormalize:
-        s = torch.zeros_like(router_logits).scatter_(1, ids, weights)  # [T, E]
-    else:
-        s = torch.softmax(router_logits, dim=-1)  # [T, E]
-    return s * (scattered - dot), None, None
-
-
-torch.library.register_autograd(
-    "pearlmoe::topk_softmax", _topk_softmax_backward, setup_context=_topk_softmax_setup
-)
+# topk_softmax's autograd is registered in C++ (csrc/ops/routing_autograd.cpp): a Python
+# autograd kernel would put Python on every call's path, gradients or not.

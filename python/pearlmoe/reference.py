@@ -9,9 +9,7 @@ from torch import Tensor
 # ---- routing -------------------------------------------------------------------------------------
 
 
-def topk_softmax(
-    router_logits: Tensor, k: int, renormalize: bool = False
-) -> tuple[Tensor, Tensor]:
+def topk_softmax(router_logits: Tensor, k: int, renormalize: bool = False) -> tuple[Tensor, Tensor]:
     """Softmax in the logits' precision (fp32, or fp64 for an fp64 oracle), then top-k by logit
     with ties to the lower expert index (NaN ranks as -inf)."""
     probs = torch.softmax(router_logits, dim=-1)  # [T, E]

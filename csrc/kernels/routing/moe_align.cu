@@ -73,7 +73,8 @@ __global__ void scan_kernel(int32_t* __restrict__ counts, int64_t chunks, int nu
 // Pass 3: each warp hands out rows to its chunk's slots in slot order.
 template <typename IdT>
 __global__ void scatter_kernel(const IdT* __restrict__ ids, int64_t num_slots, int num_experts,
-                               const int32_t* __restrict__ starts, int32_t* __restrict__ sorted_slots,
+                               const int32_t* __restrict__ starts,
+                               int32_t* __restrict__ sorted_slots,
                                int32_t* __restrict__ slot_to_row) {
   extern __shared__ int32_t next_row[];  // [E+1]
   const int num_buckets = num_experts + 1;
@@ -116,7 +117,7 @@ cudaError_t moe_align_cuda(const IdT* topk_ids, int64_t num_slots, int num_exper
   const size_t smem = static_cast<size_t>(num_experts + 1) * sizeof(int32_t);
   if (chunks > 0) {
     count_kernel<IdT><<<static_cast<unsigned>(chunks), 32, smem, stream>>>(topk_ids, num_slots,
-                                                                            num_experts, counts);
+                                                                           num_experts, counts);
     PM_CUDA_TRY(cudaGetLastError());
   }
   scan_kernel<<<1, kScanThreads, 0, stream>>>(counts, chunks, num_experts, expert_offsets);

@@ -12,25 +12,22 @@ namespace pearlmoe::routing {
 // Softmax over one row of E router logits, then the top k experts.
 //   logits [E] f32 -> weights [k] f32 (softmax probabilities, renormalised over the k on request),
 //                     ids [k] int32 (in rank order)
-// O(k * E): each round takes the best expert ranked strictly after the previous round's pick.
+// One pass keeps the best k so far in rank order in the outputs themselves (keys parked in
+// `weights`): about E compares plus a few insertions.
 inline void topk_softmax_row(const float* logits, int num_experts, int k, bool renormalize,
                              float* weights, int32_t* ids) {
-  float prev_key = 0.f;
-  int prev = -1;
-  for (int r = 0; r < k; ++r) {
-    float best_key = 0.f;
-    int best = -1;
-    for (int e = 0; e < num_experts; ++e) {
-      const float key = selection_key(logits[e]);
-      if (prev >= 0 && !ranks_before(prev_key, prev, key, e)) continue;
-      if (best < 0 || ranks_before(key, e, best_key, best)) {
-        best_key = key;
-        best = e;
-      }
+  int kept = 0;
+  for (int e = 0; e < num_experts; ++e) {
+    const float key = selection_key(logits[e]);
+    if (kept == k && !ranks_before(key, e, weights[k - 1], ids[k - 1])) continue;
+    int pos = kept < k ? kept++ : k - 1;  // slot to fill, then bubble it up
+    while (pos > 0 && ranks_before(key, e, weights[pos - 1], ids[pos - 1])) {
+      weights[pos] = weights[pos - 1];
+      ids[pos] = ids[pos - 1];
+      --pos;
     }
-    ids[r] = best;
-    prev_key = best_key;
-    prev = best;
+    weights[pos] = key;
+    ids[pos] = e;
   }
   // Softmax with the top-1 key as the shift (a NaN or all -inf row gives NaN, as torch does).
   const float shift = selection_key(logits[ids[0]]);
@@ -49,9 +46,9 @@ inline void topk_softmax_row(const float* logits, int num_experts, int k, bool r
 }
 
 // Stable counting sort of N = T*k token-slots by expert.
-//   topk_ids [N] -> sorted_slots [N] (row j of the expert-grouped order holds slot sorted_slots[j]),
-//                   slot_to_row [N] (the inverse permutation),
-//                   expert_offsets [E+1] (expert e owns rows offsets[e]:offsets[e+1]).
+//   topk_ids [N] -> sorted_slots [N]: row j of the expert-grouped order holds slot sorted_slots[j]
+//                   slot_to_row [N]: the inverse permutation
+//                   expert_offsets [E+1]: expert e owns rows offsets[e]:offsets[e+1]
 // Slots whose id is -1 are dropped: they follow offsets[E], still in slot order.
 // `counts` is scratch of E+1 ints. Returns the first slot whose id is neither -1 nor in [0, E),
 // or -1 when all ids are valid (the outputs are complete either way).

@@ -36,7 +36,7 @@ __global__ void topk_softmax_kernel(const float* __restrict__ logits, int64_t ro
                                     float* __restrict__ weights, int32_t* __restrict__ ids) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  if (row >= num_tokens) return;  // whole warps exit together
+  if (row >= num_tokens) return;               // whole warps exit together
   const float* x = logits + row * row_stride;  // [E]
   float* w = weights + row * k;                // [k]
   int32_t* out_ids = ids + row * k;            // [k]

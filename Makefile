@@ -1,0 +1,80 @@
+# pearlmoe developer entry points. `make test` and `make demo` set everything up on a fresh
+# machine: a .venv with pinned build tools, torch (a CUDA build where nvcc exists, so the CUDA
+# kernels are compiled; otherwise the CPU build) and an editable build of the extension.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+NVCC := $(shell command -v nvcc 2>/dev/null)
+ifeq ($(NVCC),)
+TORCH_SPEC ?= torch==2.13.0
+else
+TORCH_SPEC ?= torch==2.14.1
+endif
+CUTLASS_SPEC := nvidia-cutlass==4.2.0.0
+CPP_SOURCES := $(shell find csrc bench/cpp -name '*.h' -o -name '*.cuh' -o -name '*.cpp' -o -name '*.cu')
+BENCH_CPP_BUILD := build/bench-cpp
+
+.PHONY: all setup build test test-cuda lint format demo bench bench-cpp carry clean
+
+all: test
+
+$(VENV)/.ready: requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q $(TORCH_SPEC) -r requirements-dev.txt
+	@if [ -n "$(NVCC)" ]; then $(PIP) install -q --no-deps $(CUTLASS_SPEC); fi
+	touch $@
+
+setup: $(VENV)/.ready
+
+# Incremental: the CMake build dir under build/ persists between runs.
+build: setup
+	$(PIP) install -q --no-build-isolation -e .
+
+test: build lint
+	$(PY) -m pytest -q tests
+
+# On a machine with a GPU: only the CUDA tests.
+test-cuda: build
+	$(PY) -m pytest -q -m cuda tests
+
+lint: setup
+	$(VENV)/bin/ruff check python tests bench
+	$(VENV)/bin/ruff format --check python tests bench
+	$(VENV)/bin/clang-format --dry-run -Werror $(CPP_SOURCES)
+
+format: setup
+	$(VENV)/bin/ruff check --fix python tests bench
+	$(VENV)/bin/ruff format python tests bench
+	$(VENV)/bin/clang-format -i $(CPP_SOURCES)
+
+demo: build
+	$(PY) -m pearlmoe.demo
+
+bench: build
+	$(PY) bench/bench_routing.py
+
+# C++ microbenchmarks (Google Benchmark: Debian's libbenchmark-dev). The CUDA binary is built
+# wherever nvcc exists and runs where a GPU does.
+bench-cpp: setup
+	@test -f /usr/include/benchmark/benchmark.h || test -n "$(BENCHMARK_DIR)" || \
+	  { echo "bench-cpp needs Google Benchmark: apt-get install libbenchmark-dev"; exit 1; }
+	$(VENV)/bin/cmake -S bench/cpp -B $(BENCH_CPP_BUILD) -G Ninja -DCMAKE_BUILD_TYPE=Release \
+	  -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV)/bin/ninja) $(if $(BENCHMARK_DIR),-Dbenchmark_DIR=$(BENCHMARK_DIR))
+	$(VENV)/bin/cmake --build $(BENCH_CPP_BUILD)
+	$(BENCH_CPP_BUILD)/bench_routing_cpu --benchmark_min_time=$(or $(MIN_TIME),0.05)
+	@if [ -x $(BENCH_CPP_BUILD)/bench_routing_cuda ]; then \
+	  $(BENCH_CPP_BUILD)/bench_routing_cuda --benchmark_min_time=$(or $(MIN_TIME),0.05); fi
+
+# What bench/device_check.sh needs on the GPU machine, which has no network: the CUTLASS wheel
+# and Google Benchmark, in the git-ignored .carry/ (pass carry=[".carry"] to the device run).
+carry: setup
+	mkdir -p .carry
+	$(PIP) download -q --no-deps $(CUTLASS_SPEC) -d .carry
+	cd .carry && apt-get download libbenchmark-dev libbenchmark1debian && \
+	  for f in libbenchmark*.deb; do dpkg -x $$f benchmark; done && rm -f libbenchmark*.deb
+
+clean:
+	rm -rf build .pytest_cache
