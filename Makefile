@@ -3,6 +3,9 @@
 # kernels are compiled; otherwise the CPU build) and an editable build of the extension.
 
 SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+# This machine's pip config names local indexes that may be absent; drop that noise.
+QUIET := 2>&1 | { grep -v 'is ignored: it is neither a file nor a directory' || true; }
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -23,17 +26,17 @@ all: test
 
 $(VENV)/.ready: requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q $(TORCH_SPEC) -r requirements-dev.txt
-	@if [ -n "$(NVCC)" ]; then $(PIP) install -q --no-deps $(CUTLASS_SPEC); fi
+	$(PIP) install -q $(TORCH_SPEC) -r requirements-dev.txt $(QUIET)
+	@if [ -n "$(NVCC)" ]; then $(PIP) install -q --no-deps $(CUTLASS_SPEC) $(QUIET); fi
 	touch $@
 
 setup: $(VENV)/.ready
 
 # Incremental: the CMake build dir under build/ persists between runs.
 build: setup
-	$(PIP) install -q --no-build-isolation -e .
+	$(PIP) install -q --no-build-isolation -e . $(QUIET)
 
-test: build lint
+test: lint build
 	$(PY) -m pytest -q tests
 
 # On a machine with a GPU: only the CUDA tests.
@@ -72,7 +75,7 @@ bench-cpp: setup
 # and Google Benchmark, in the git-ignored .carry/ (pass carry=[".carry"] to the device run).
 carry: setup
 	mkdir -p .carry
-	$(PIP) download -q --no-deps $(CUTLASS_SPEC) -d .carry
+	$(PIP) download -q --no-deps $(CUTLASS_SPEC) -d .carry $(QUIET)
 	cd .carry && apt-get download libbenchmark-dev libbenchmark1debian && \
 	  for f in libbenchmark*.deb; do dpkg -x $$f benchmark; done && rm -f libbenchmark*.deb
 

@@ -69,5 +69,6 @@ def _moe_align_fake(topk_ids: Tensor, num_experts: int):
     expert_offsets = topk_ids.new_empty(num_experts + 1, dtype=torch.int32)  # [E + 1]
     return sorted_slots, slot_to_row, expert_offsets
 
+
 # topk_softmax's autograd is registered in C++ (csrc/ops/routing_autograd.cpp): a Python
 # autograd kernel would put Python on every call's path, gradients or not.
