@@ -29,6 +29,20 @@ TORCH_LIBRARY(pearlmoe, m) {
       "moe_align(Tensor topk_ids, int num_experts) "
       "-> (Tensor sorted_slots, Tensor slot_to_row, Tensor expert_offsets)");
 
+  // ---- expert FFN --------------------------------------------------------------------------
+  // c[rows offs[g]:offs[g+1]] = a[those rows] · b[g]^T; rows past offs[G] are zero.
+  m.def("grouped_gemm(Tensor a, Tensor b, Tensor group_offsets) -> Tensor");
+  // The weight gradient of grouped_gemm: grad_b[g] = grad_c[rows of g]^T · a[rows of g].
+  m.def("grouped_gemm_wgrad(Tensor grad_c, Tensor a, Tensor group_offsets) -> Tensor");
+  // Routed SwiGLU experts (given the routing) plus the optional shared expert.
+  m.def(
+      "moe_ffn_routed(Tensor x, Tensor topk_weights, Tensor topk_ids, Tensor w13, Tensor w2, "
+      "Tensor? shared_w13=None, Tensor? shared_w2=None) -> Tensor");
+  // The whole MoE FFN: fp32 router, topk_softmax, then moe_ffn_routed (Hunyuan-Large defaults).
+  m.def(
+      "moe_ffn(Tensor x, Tensor router_w, Tensor w13, Tensor w2, int top_k, "
+      "Tensor? shared_w13=None, Tensor? shared_w2=None, bool renormalize=False) -> Tensor");
+
   // ---- build info --------------------------------------------------------------------------
   // Whether this build compiled the CUDA kernels.
   m.def("built_with_cuda() -> bool", [] { return kBuiltWithCuda; });

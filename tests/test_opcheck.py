@@ -1,4 +1,5 @@
-"""torch.library.opcheck over every op with representative sample inputs."""
+"""torch.library.opcheck over every op with representative sample inputs (schema, fake tensor,
+autograd registration and AOT-dispatch checks)."""
 
 import pytest
 import torch
@@ -9,28 +10,46 @@ from conftest import DEVICES
 _ops = torch.ops.pearlmoe
 
 
-def _samples(device):
+def _samples(device: str) -> dict:
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
     logits = torch.randn(7, 16, device=device)
-    return [
-        ("topk_softmax-top1", _ops.topk_softmax.default, (logits, 1, False)),
-        ("topk_softmax-top2-renorm", _ops.topk_softmax.default, (logits, 2, True)),
-        (
-            "topk_softmax-grad",
-            _ops.topk_softmax.default,
-            (logits.clone().requires_grad_(), 2, False),
+    x = torch.randn(9, 16, device=device, dtype=dtype)
+    router_w = torch.randn(4, 16, device=device)
+    w13 = torch.randn(4, 16, 16, device=device, dtype=dtype)
+    w2 = torch.randn(4, 16, 8, device=device, dtype=dtype)
+    s13, s2 = w13[0].clone(), w2[0].clone()
+    offs = torch.tensor([0, 3, 3, 8, 8], dtype=torch.int32, device=device)
+    ids = torch.randint(-1, 4, (9, 2), device=device)
+    weights = torch.rand(9, 2, device=device)
+
+    def grad(t):
+        return t.clone().requires_grad_()
+
+    return {
+        "topk_softmax-top1": (_ops.topk_softmax, (logits, 1, False)),
+        "topk_softmax-top2-renorm": (_ops.topk_softmax, (logits, 2, True)),
+        "topk_softmax-grad": (_ops.topk_softmax, (grad(logits), 2, False)),
+        "topk_softmax-empty": (_ops.topk_softmax, (logits[:0], 2, False)),
+        "moe_align": (_ops.moe_align, (torch.randint(-1, 16, (7, 2), device=device), 16)),
+        "moe_align-int32": (_ops.moe_align, (ids.int(), 4)),
+        "grouped_gemm": (_ops.grouped_gemm, (x, w13, offs)),
+        "grouped_gemm-grad": (_ops.grouped_gemm, (grad(x), grad(w13), offs)),
+        "grouped_gemm_wgrad": (_ops.grouped_gemm_wgrad, (x[:, :8].contiguous(), x, offs)),
+        "moe_ffn_routed": (_ops.moe_ffn_routed, (x, weights, ids, w13, w2, s13, s2)),
+        "moe_ffn_routed-grad": (
+            _ops.moe_ffn_routed,
+            (grad(x), grad(weights), ids, w13, w2, None, None),
         ),
-        ("topk_softmax-empty", _ops.topk_softmax.default, (logits[:0], 2, False)),
-        ("moe_align", _ops.moe_align.default, (torch.randint(-1, 16, (7, 2), device=device), 16)),
-        (
-            "moe_align-int32",
-            _ops.moe_align.default,
-            (torch.randint(0, 16, (7, 2), device=device, dtype=torch.int32), 16),
-        ),
-    ]
+        "moe_ffn": (_ops.moe_ffn, (x, router_w, w13, w2, 1, s13, s2, False)),
+        "moe_ffn-grad": (_ops.moe_ffn, (grad(x), grad(router_w), w13, w2, 2, None, None, True)),
+    }
+
+
+NAMES = list(_samples("cpu"))
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("index", range(6))
-def test_opcheck(device, index):
-    _name, op, args = _samples(device)[index]
-    torch.library.opcheck(op, args)
+@pytest.mark.parametrize("name", NAMES)
+def test_opcheck(device, name):
+    op, args = _samples(device)[name]
+    torch.library.opcheck(op.default, args)

@@ -16,3 +16,23 @@ int64_t moe_align(const at::Tensor& topk_ids, int64_t num_experts, at::Tensor& s
                   at::Tensor& slot_to_row, at::Tensor& expert_offsets);
 
 }  // namespace pearlmoe::cpu
+
+namespace pearlmoe::cpu {
+
+// Rows offs[g]:offs[g+1] of a [M, K] times b[g]^T (b [G, N, K]) into c [M, N]; rows at or beyond
+// offs[G] are zeroed. offs is a host array of G + 1 validated offsets.
+void grouped_gemm(const at::Tensor& a, const at::Tensor& b, const int32_t* offs, at::Tensor& c);
+
+// grad_b[g] = grad_c[rows of g]^T · a[rows of g]: grad_c [M, N], a [M, K] -> grad_b [G, N, K].
+void grouped_gemm_wgrad(const at::Tensor& grad_c, const at::Tensor& a, const int32_t* offs,
+                        at::Tensor& grad_b);
+
+// The routed experts plus the optional shared expert, fused per expert (gather, gate/up GEMM,
+// SiLU·up, down GEMM), then the weighted combine. Inputs are checked and contiguous; topk_ids
+// hold only -1 or [0, E).
+at::Tensor moe_ffn_routed(const at::Tensor& x, const at::Tensor& topk_weights,
+                          const at::Tensor& topk_ids, const at::Tensor& w13, const at::Tensor& w2,
+                          const std::optional<at::Tensor>& shared_w13,
+                          const std::optional<at::Tensor>& shared_w2);
+
+}  // namespace pearlmoe::cpu

@@ -7,6 +7,7 @@
 #include "../cpu/cpu_kernels.h"
 #include "../kernels/routing/routing_common.h"
 #include "checks.h"
+#include "ops.h"
 
 #ifdef PEARLMOE_WITH_CUDA
 #include <c10/cuda/CUDAGraphsC10Utils.h>
@@ -42,6 +43,8 @@ std::tuple<Tensor, Tensor> alloc_topk_outputs(const Tensor& logits, int64_t k) {
           at::empty({num_tokens, k}, logits.options().dtype(at::kInt))};
 }
 
+}  // namespace
+
 std::tuple<Tensor, Tensor> topk_softmax_cpu(const Tensor& router_logits, int64_t k,
                                             bool renormalize) {
   check_device(router_logits, c10::kCPU, kTopk, "router_logits");
@@ -53,6 +56,8 @@ std::tuple<Tensor, Tensor> topk_softmax_cpu(const Tensor& router_logits, int64_t
 }
 
 // ---- moe_align ---------------------------------------------------------------------------------
+
+namespace {
 
 void check_moe_align(const Tensor& topk_ids, int64_t num_experts) {
   check_dim(topk_ids, 2, kAlign, "topk_ids");
@@ -70,12 +75,33 @@ std::tuple<Tensor, Tensor, Tensor> alloc_align_outputs(const Tensor& topk_ids,
           at::empty({num_experts + 1}, opts)};
 }
 
-[[noreturn]] void fail_bad_id(const Tensor& topk_ids, int64_t slot, int64_t num_experts) {
+}  // namespace
+
+[[noreturn]] void fail_no_cuda(const char* op) {
+  PM_CHECK(false, op,
+           "got CUDA tensors, but this pearlmoe build has no CUDA kernels (it was built against a "
+           "CPU-only torch or with WITH_CUDA=OFF); reinstall with a CUDA torch and nvcc present");
+  __builtin_unreachable();
+}
+
+[[noreturn]] void fail_bad_id(const Tensor& topk_ids, int64_t slot, int64_t num_experts,
+                              const char* op) {
   const int64_t k = topk_ids.size(1);
   const int64_t value = topk_ids.reshape(-1)[slot].item<int64_t>();
-  PM_CHECK(false, kAlign, "topk_ids[", slot / k, ", ", slot % k, "] = ", value,
+  PM_CHECK(false, op, "topk_ids[", slot / k, ", ", slot % k, "] = ", value,
            " is out of range: ids must be -1 (dropped) or in [0, num_experts=", num_experts, ")");
   __builtin_unreachable();
+}
+
+void check_expert_ids(const Tensor& topk_ids, int64_t num_experts, const char* op) {
+  if (topk_ids.numel() == 0) return;
+#ifdef PEARLMOE_WITH_CUDA
+  if (topk_ids.is_cuda() && stream_is_capturing()) return;
+#endif
+  const Tensor bad = (topk_ids < -1).logical_or_(topk_ids >= num_experts).reshape(-1);
+  if (bad.any().item<bool>()) {
+    fail_bad_id(topk_ids.cpu(), bad.nonzero()[0][0].item<int64_t>(), num_experts, op);
+  }
 }
 
 std::tuple<Tensor, Tensor, Tensor> moe_align_cpu(const Tensor& topk_ids_in, int64_t num_experts) {
@@ -84,7 +110,7 @@ std::tuple<Tensor, Tensor, Tensor> moe_align_cpu(const Tensor& topk_ids_in, int6
   const Tensor topk_ids = topk_ids_in.contiguous();  // [T, k]
   auto [sorted_slots, slot_to_row, offsets] = alloc_align_outputs(topk_ids, num_experts);
   const int64_t bad = cpu::moe_align(topk_ids, num_experts, sorted_slots, slot_to_row, offsets);
-  if (bad >= 0) fail_bad_id(topk_ids, bad, num_experts);
+  if (bad >= 0) fail_bad_id(topk_ids, bad, num_experts, kAlign);
   return {sorted_slots, slot_to_row, offsets};
 }
 
@@ -94,6 +120,10 @@ std::tuple<Tensor, Tensor, Tensor> moe_align_cpu(const Tensor& topk_ids_in, int6
 
 void check_launch(cudaError_t err, const char* op) {
   PM_CHECK(err == cudaSuccess, op, "CUDA kernel launch failed: ", cudaGetErrorString(err));
+}
+
+bool stream_is_capturing() {
+  return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
 }
 
 std::tuple<Tensor, Tensor> topk_softmax_cuda(const Tensor& router_logits, int64_t k,
@@ -117,14 +147,8 @@ std::tuple<Tensor, Tensor, Tensor> moe_align_cuda(const Tensor& topk_ids_in, int
   check_moe_align(topk_ids_in, num_experts);
   const c10::cuda::CUDAGuard guard(topk_ids_in.device());
   const Tensor topk_ids = topk_ids_in.contiguous();  // [T, k]
-  // Range check: one host sync, skipped while a CUDA graph is being captured (there a bad id is
-  // treated as dropped, as the kernel documents). moe_ffn calls the kernel on ids it produced.
-  if (topk_ids.numel() > 0 &&
-      c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None) {
-    const Tensor bad = (topk_ids < -1).logical_or_(topk_ids >= num_experts).reshape(-1);
-    const Tensor first = bad.any().item<bool>() ? bad.nonzero()[0][0] : Tensor();
-    if (first.defined()) fail_bad_id(topk_ids.cpu(), first.item<int64_t>(), num_experts);
-  }
+  // moe_ffn calls the kernel without this check: its ids come from topk_softmax.
+  check_expert_ids(topk_ids, num_experts, kAlign);
   auto [sorted_slots, slot_to_row, offsets] = alloc_align_outputs(topk_ids, num_experts);
   const int64_t n = topk_ids.numel();
   const Tensor workspace = at::empty(
@@ -143,20 +167,13 @@ std::tuple<Tensor, Tensor, Tensor> moe_align_cuda(const Tensor& topk_ids_in, int
 
 #else  // !PEARLMOE_WITH_CUDA: a clear error instead of the dispatcher's "no kernel for CUDA".
 
-[[noreturn]] void fail_no_cuda(const char* op) {
-  PM_CHECK(false, op,
-           "got CUDA tensors, but this pearlmoe build has no CUDA kernels (it was built against a "
-           "CPU-only torch or with WITH_CUDA=OFF); reinstall with a CUDA torch and nvcc present");
-  __builtin_unreachable();
-}
-
 std::tuple<Tensor, Tensor> topk_softmax_cuda(const Tensor&, int64_t, bool) { fail_no_cuda(kTopk); }
 
+namespace {
 std::tuple<Tensor, Tensor, Tensor> moe_align_cuda(const Tensor&, int64_t) { fail_no_cuda(kAlign); }
+}  // namespace
 
 #endif
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(pearlmoe, CPU, m) {
   m.impl("topk_softmax", &topk_softmax_cpu);

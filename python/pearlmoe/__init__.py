@@ -13,7 +13,7 @@ from . import (
     ops,
     reference,
 )
-from .ops import moe_align, topk_softmax
+from .ops import grouped_gemm, moe_align, moe_ffn, moe_ffn_routed, topk_softmax
 
 __version__ = "0.1.0"
 
@@ -23,4 +23,13 @@ def built_with_cuda() -> bool:
     return bool(torch.ops.pearlmoe.built_with_cuda())
 
 
-__all__ = ["built_with_cuda", "moe_align", "ops", "reference", "topk_softmax"]
+__all__ = [
+    "built_with_cuda",
+    "grouped_gemm",
+    "moe_align",
+    "moe_ffn",
+    "moe_ffn_routed",
+    "ops",
+    "reference",
+    "topk_softmax",
+]

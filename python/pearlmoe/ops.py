@@ -1,10 +1,21 @@
-"""Typed wrappers for every pearlmoe op, their fake (meta) implementations and autograd.
+"""Typed wrappers for every pearlmoe op and their fake (meta) implementations.
 
-Letters used in shape comments: T tokens, E experts, k experts per token, N = T*k token-slots.
+Autograd is registered in C++ (csrc/ops/autograd.cpp): a Python autograd kernel would put Python
+on every call's path, gradients or not.
+
+Letters used in shape comments: T tokens, E experts, k experts per token, N = T*k token-slots,
+H hidden size, I expert width, Is shared-expert width, G groups, M rows, K reduction size.
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from .routing import RouterStats
 
 _ops = torch.ops.pearlmoe
 
@@ -70,5 +81,130 @@ def _moe_align_fake(topk_ids: Tensor, num_experts: int):
     return sorted_slots, slot_to_row, expert_offsets
 
 
-# topk_softmax's autograd is registered in C++ (csrc/ops/routing_autograd.cpp): a Python
-# autograd kernel would put Python on every call's path, gradients or not.
+# ---- expert FFN ----------------------------------------------------------------------------------
+
+
+def grouped_gemm(a: Tensor, b: Tensor, group_offsets: Tensor) -> Tensor:
+    """Rows ``group_offsets[g]:group_offsets[g+1]`` of ``a`` times ``b[g]^T``, for every group.
+
+    ``b`` is in the checkpoint's out×in orientation. Rows at or beyond ``group_offsets[G]`` come
+    out as zeros. bf16/fp16 with fp32 accumulation on CUDA (N and K multiples of 8); any
+    floating dtype on the CPU. Differentiable in ``a`` and ``b``.
+
+    Shape:
+        a: [M, K], b: [G, N, K], group_offsets: [G + 1] int32 -> [M, N]
+    """
+    return _ops.grouped_gemm.default(a, b, group_offsets)
+
+
+def grouped_gemm_wgrad(grad_c: Tensor, a: Tensor, group_offsets: Tensor) -> Tensor:
+    """The weight gradient of grouped_gemm: ``grad_b[g] = grad_c[rows of g]^T · a[rows of g]``.
+
+    Shape:
+        grad_c: [M, N], a: [M, K], group_offsets: [G + 1] int32 -> [G, N, K]
+    """
+    return _ops.grouped_gemm_wgrad.default(grad_c, a, group_offsets)
+
+
+def moe_ffn_routed(
+    x: Tensor,
+    topk_weights: Tensor,
+    topk_ids: Tensor,
+    w13: Tensor,
+    w2: Tensor,
+    shared_w13: Tensor | None = None,
+    shared_w2: Tensor | None = None,
+) -> Tensor:
+    """SwiGLU experts for a given routing, plus the optional shared expert.
+
+    ``y[t] = shared(x[t]) + Σ_i topk_weights[t, i] · expert_{topk_ids[t, i]}(x[t])`` where
+    ``expert_e(v) = w2[e] · (silu(w13[e, :I] v) ⊙ (w13[e, I:] v))``. An id of -1 is a dropped
+    slot and adds nothing.
+
+    Shape:
+        x: [T, H], topk_weights: [T, k] float, topk_ids: [T, k] int32/int64,
+        w13: [E, 2I, H] (gate rows, then up rows), w2: [E, H, I],
+        shared_w13: [2Is, H], shared_w2: [H, Is] -> [T, H]
+    """
+    return _ops.moe_ffn_routed.default(x, topk_weights, topk_ids, w13, w2, shared_w13, shared_w2)
+
+
+def moe_ffn(
+    x: Tensor,
+    router_w: Tensor,
+    w13: Tensor,
+    w2: Tensor,
+    top_k: int,
+    shared_w13: Tensor | None = None,
+    shared_w2: Tensor | None = None,
+    renormalize: bool = False,
+    *,
+    capacity_factor: float | None = None,
+    recycle: bool = False,
+    generator: torch.Generator | None = None,
+    return_stats: bool = False,
+) -> Tensor | tuple[Tensor, RouterStats]:
+    """The Mixture-of-Experts feed-forward layer, Hunyuan-Large semantics by default.
+
+    Router logits in fp32 (``x @ router_w^T``), softmax, top-k; each token's routed experts are
+    weighted by their raw softmax probabilities (``renormalize=True`` divides by their sum, as
+    Mixtral does) and the shared expert, when given, is added unweighted.
+
+    Training options (they route in Python, then call ``moe_ffn_routed``):
+      * ``capacity_factor``: each expert takes at most ``ceil(capacity_factor · T · k / E)`` slots;
+        first choices have priority over second choices, then token order; the rest are dropped.
+      * ``recycle``: dropped slots are reassigned at random (``generator``) to experts with spare
+        capacity, weighted by their probability for the new expert (Hunyuan-Large's recycle
+        routing).
+      * ``return_stats``: also return the RouterStats (per-expert token fraction and mean
+        probability, the load-balancing loss inputs).
+
+    Shape:
+        x: [T, H], router_w: [E, H], w13: [E, 2I, H], w2: [E, H, I],
+        shared_w13: [2Is, H], shared_w2: [H, Is] -> [T, H]
+    """
+    if capacity_factor is None and not return_stats:
+        return _ops.moe_ffn.default(x, router_w, w13, w2, top_k, shared_w13, shared_w2, renormalize)
+    from .routing import route
+
+    logits = x.float() @ router_w.float().t()  # [T, E]
+    weights, ids, stats = route(
+        logits,
+        top_k,
+        renormalize,
+        capacity_factor=capacity_factor,
+        recycle=recycle,
+        generator=generator,
+    )
+    y = moe_ffn_routed(x, weights, ids, w13, w2, shared_w13, shared_w2)
+    return (y, stats) if return_stats else y
+
+
+@torch.library.register_fake("pearlmoe::grouped_gemm")
+def _grouped_gemm_fake(a: Tensor, b: Tensor, group_offsets: Tensor):
+    torch._check(a.dim() == 2 and b.dim() == 3, lambda: "a must be 2-D and b 3-D")
+    torch._check(b.shape[2] == a.shape[1], lambda: "b must be [G, N, K] with K = a.size(1)")
+    torch._check(group_offsets.shape[0] == b.shape[0] + 1, lambda: "group_offsets needs G + 1")
+    return a.new_empty(a.shape[0], b.shape[1])  # [M, N]
+
+
+@torch.library.register_fake("pearlmoe::grouped_gemm_wgrad")
+def _grouped_gemm_wgrad_fake(grad_c: Tensor, a: Tensor, group_offsets: Tensor):
+    torch._check(grad_c.shape[0] == a.shape[0], lambda: "grad_c and a must share rows")
+    return a.new_empty(group_offsets.shape[0] - 1, grad_c.shape[1], a.shape[1])  # [G, N, K]
+
+
+@torch.library.register_fake("pearlmoe::moe_ffn_routed")
+def _moe_ffn_routed_fake(x, topk_weights, topk_ids, w13, w2, shared_w13=None, shared_w2=None):
+    torch._check(x.dim() == 2, lambda: "x must be 2-D")
+    torch._check(topk_ids.shape[0] == x.shape[0], lambda: "topk_ids must be [T, k]")
+    torch._check(w13.shape[2] == x.shape[1], lambda: "w13 must be [E, 2I, H]")
+    return x.new_empty(x.shape)  # [T, H]
+
+
+@torch.library.register_fake("pearlmoe::moe_ffn")
+def _moe_ffn_fake(x, router_w, w13, w2, top_k, shared_w13=None, shared_w2=None, renormalize=False):
+    torch._check(x.dim() == 2, lambda: "x must be 2-D")
+    torch._check(w13.shape[2] == x.shape[1], lambda: "w13 must be [E, 2I, H]")
+    torch._check(top_k >= 1, lambda: "top_k must be >= 1")
+    return x.new_empty(x.shape)  # [T, H]

@@ -33,3 +33,72 @@ def moe_align(topk_ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tenso
     offsets = torch.zeros(num_experts + 1, dtype=torch.long, device=flat.device)
     offsets[1:] = counts.cumsum(0)
     return order.int(), slot_to_row.int(), offsets.int()
+
+
+# ---- expert FFN ----------------------------------------------------------------------------------
+
+
+def grouped_gemm(a: Tensor, b: Tensor, group_offsets: Tensor) -> Tensor:
+    """One matmul per group; rows past the last offset stay zero."""
+    out = a.new_zeros(a.shape[0], b.shape[1])  # [M, N]
+    offs = group_offsets.tolist()
+    for g in range(b.shape[0]):
+        out[offs[g] : offs[g + 1]] = a[offs[g] : offs[g + 1]] @ b[g].t()
+    return out
+
+
+def grouped_gemm_wgrad(grad_c: Tensor, a: Tensor, group_offsets: Tensor) -> Tensor:
+    offs = group_offsets.tolist()
+    grads = [
+        grad_c[offs[g] : offs[g + 1]].t() @ a[offs[g] : offs[g + 1]] for g in range(len(offs) - 1)
+    ]
+    return torch.stack(grads)  # [G, N, K]
+
+
+def swiglu_mlp(x: Tensor, w13: Tensor, w2: Tensor) -> Tensor:
+    """down(silu(gate(x)) * up(x)) with w13 = [gate; up] stacked as [2I, H] and w2 [H, I]."""
+    inter = w2.shape[1]
+    h = x @ w13.t()  # [T, 2I]
+    return (torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]) @ w2.t()  # [T, H]
+
+
+def moe_ffn_routed(
+    x: Tensor,
+    topk_weights: Tensor,
+    topk_ids: Tensor,
+    w13: Tensor,
+    w2: Tensor,
+    shared_w13: Tensor | None = None,
+    shared_w2: Tensor | None = None,
+) -> Tensor:
+    """The per-expert loop users write by hand: each expert's tokens through its SwiGLU MLP in
+    x's dtype, combined in fp32 (fp64 for fp64 inputs)."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    y = torch.zeros(x.shape, dtype=acc, device=x.device)  # [T, H]
+    for e in range(w13.shape[0]):
+        token, choice = (topk_ids == e).nonzero(as_tuple=True)
+        if token.numel() == 0:
+            continue
+        out = swiglu_mlp(x[token], w13[e], w2[e])  # [n, H]
+        y.index_add_(0, token, out.to(acc) * topk_weights[token, choice].to(acc).unsqueeze(1))
+    if shared_w13 is not None:
+        y += swiglu_mlp(x, shared_w13, shared_w2).to(acc)
+    return y.to(x.dtype)
+
+
+def moe_ffn(
+    x: Tensor,
+    router_w: Tensor,
+    w13: Tensor,
+    w2: Tensor,
+    top_k: int,
+    shared_w13: Tensor | None = None,
+    shared_w2: Tensor | None = None,
+    renormalize: bool = False,
+) -> Tensor:
+    """Hunyuan-Large's MoE layer: fp32 (fp64 for fp64 inputs) router softmax, top-k with raw
+    probabilities as weights unless renormalize, plus the shared expert."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    logits = x.to(acc) @ router_w.to(acc).t()  # [T, E]
+    weights, ids = topk_softmax(logits, top_k, renormalize)
+    return moe_ffn_routed(x, weights, ids, w13, w2, shared_w13, shared_w2)

@@ -1,0 +1,43 @@
+// Launchers shared between op files (the composite ops call the routing launchers directly).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#ifdef PEARLMOE_WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
+#include <optional>
+#include <tuple>
+
+namespace pearlmoe {
+
+std::tuple<at::Tensor, at::Tensor> topk_softmax_cpu(const at::Tensor& router_logits, int64_t k,
+                                                    bool renormalize);
+std::tuple<at::Tensor, at::Tensor> topk_softmax_cuda(const at::Tensor& router_logits, int64_t k,
+                                                     bool renormalize);
+
+// Every id must be -1 (dropped) or in [0, num_experts); the error names the first bad slot.
+// On CUDA this costs one host sync and is skipped while a CUDA graph is being captured.
+void check_expert_ids(const at::Tensor& topk_ids, int64_t num_experts, const char* op);
+
+// Argument checks of the MoE ops, shared with their autograd kernels.
+void check_moe_ffn_routed_args(const at::Tensor& x, const at::Tensor& topk_weights,
+                               const at::Tensor& topk_ids, const at::Tensor& w13,
+                               const at::Tensor& w2, const std::optional<at::Tensor>& shared_w13,
+                               const std::optional<at::Tensor>& shared_w2);
+void check_moe_ffn_args(const at::Tensor& x, const at::Tensor& router_w, const at::Tensor& w13,
+                        const at::Tensor& w2, int64_t top_k,
+                        const std::optional<at::Tensor>& shared_w13,
+                        const std::optional<at::Tensor>& shared_w2);
+
+// A clear error for a CUDA tensor reaching a build without CUDA kernels.
+[[noreturn]] void fail_no_cuda(const char* op);
+
+#ifdef PEARLMOE_WITH_CUDA
+void check_launch(cudaError_t err, const char* op);
+// True while the current CUDA stream is capturing a graph (no host syncs allowed).
+bool stream_is_capturing();
+#endif
+
+}  // namespace pearlmoe
