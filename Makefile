@@ -58,6 +58,7 @@ demo: build
 
 bench: build
 	$(PY) bench/bench_routing.py
+	$(PY) bench/bench_moe.py
 
 # C++ microbenchmarks (Google Benchmark: Debian's libbenchmark-dev). The CUDA binary is built
 # wherever nvcc exists and runs where a GPU does.
@@ -65,11 +66,12 @@ bench-cpp: setup
 	@test -f /usr/include/benchmark/benchmark.h || test -n "$(BENCHMARK_DIR)" || \
 	  { echo "bench-cpp needs Google Benchmark: apt-get install libbenchmark-dev"; exit 1; }
 	$(VENV)/bin/cmake -S bench/cpp -B $(BENCH_CPP_BUILD) -G Ninja -DCMAKE_BUILD_TYPE=Release \
-	  -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV)/bin/ninja) $(if $(BENCHMARK_DIR),-Dbenchmark_DIR=$(BENCHMARK_DIR))
+	  -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV)/bin/ninja) -DPython_EXECUTABLE=$(abspath $(PY)) $(if $(BENCHMARK_DIR),-Dbenchmark_DIR=$(BENCHMARK_DIR))
 	$(VENV)/bin/cmake --build $(BENCH_CPP_BUILD)
 	$(BENCH_CPP_BUILD)/bench_routing_cpu --benchmark_min_time=$(or $(MIN_TIME),0.05)
-	@if [ -x $(BENCH_CPP_BUILD)/bench_routing_cuda ]; then \
-	  $(BENCH_CPP_BUILD)/bench_routing_cuda --benchmark_min_time=$(or $(MIN_TIME),0.05); fi
+	$(BENCH_CPP_BUILD)/bench_moe_gemm_cpu --benchmark_min_time=$(or $(MIN_TIME),0.05)
+	@for b in bench_routing_cuda bench_moe_gemm_cuda; do \
+	  if [ -x $(BENCH_CPP_BUILD)/$$b ]; then $(BENCH_CPP_BUILD)/$$b --benchmark_min_time=$(or $(MIN_TIME),0.05); fi; done
 
 # What bench/device_check.sh needs on the GPU machine, which has no network: the CUTLASS wheel
 # and Google Benchmark, in the git-ignored .carry/ (pass carry=[".carry"] to the device run).

@@ -23,6 +23,26 @@ def main() -> None:
             strict=True,
         ):
             assert torch.equal(got.cpu(), want)
+    # The expert FFN: decode and prefill tile paths, dropped slots, shared expert.
+    hidden, inter, experts = 64, 48, 5
+    w13 = torch.randn(experts, 2 * inter, hidden, device="cuda", dtype=torch.bfloat16) / 8
+    w2 = torch.randn(experts, hidden, inter, device="cuda", dtype=torch.bfloat16) / 8
+    s13, s2 = w13[0].clone(), w2[0].clone()
+    router_w = torch.randn(experts, hidden, device="cuda")
+    for num_tokens in (1, 7, 333):
+        x = torch.randn(num_tokens, hidden, device="cuda", dtype=torch.bfloat16)
+        y = pearlmoe.moe_ffn(x, router_w, w13, w2, 2, s13, s2)
+        cpu = [t.cpu().float() for t in (x, router_w, w13, w2, s13, s2)]
+        want = reference.moe_ffn(*cpu[:4], 2, *cpu[4:])
+        torch.testing.assert_close(y.cpu().float(), want, rtol=3e-2, atol=3e-2)
+        offs = torch.tensor(
+            [0, 0, num_tokens // 2, num_tokens // 2, num_tokens, num_tokens],
+            dtype=torch.int32,
+            device="cuda",
+        )
+        got = pearlmoe.grouped_gemm(x, w13, offs)
+        want = reference.grouped_gemm(x.cpu().float(), w13.cpu().float(), offs.cpu())
+        torch.testing.assert_close(got.cpu().float(), want, rtol=3e-2, atol=3e-2)
     torch.cuda.synchronize()
     print("sanitize case: ok")
 

@@ -344,3 +344,21 @@ def test_load_balancing_loss_formula():
     torch.testing.assert_close(stats.load_balancing_loss(), 2 * (f * probs.mean(0)).sum())
     uniform = route(torch.zeros(6, 3), 1)[2]  # all ties go to expert 0: f = (1, 0, 0), P = 1/3
     torch.testing.assert_close(uniform.load_balancing_loss(), torch.tensor(1.0))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (none present)")
+def test_moe_ffn_under_cuda_graph():
+    g = torch.Generator().manual_seed(9)
+    w13, w2, s13, s2 = _weights(16, 64, 32, torch.bfloat16, "cuda", g)
+    router_w = torch.randn(16, 64, generator=g).cuda()
+    for tokens in (1, 64, 1024):  # decode tile, and prefill (CUTLASS on Hopper)
+        x = torch.randn(tokens, 64, generator=g).cuda().bfloat16()
+        pearlmoe.moe_ffn(x, router_w, w13, w2, 1, s13, s2)  # warm up outside capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = pearlmoe.moe_ffn(x, router_w, w13, w2, 1, s13, s2)
+        x.copy_(torch.randn(tokens, 64, generator=g).cuda().bfloat16())
+        graph.replay()
+        want = pearlmoe.moe_ffn(x, router_w, w13, w2, 1, s13, s2)
+        torch.testing.assert_close(y, want)

@@ -256,15 +256,25 @@ int device_major(const Tensor& t) {
 // group, where a 128-row tile would be mostly padding) and other GPUs on the mma.sync kernel.
 void run_grouped_gemm(const moe_gemm::GroupedGemmParams& p, const Tensor& like, const char* op) {
   const auto stream = c10::cuda::getCurrentCUDAStream().stream();
-  if (device_major(like) == 9 && p.m > 32 * p.num_groups &&
+  if (device_major(like) == 9 && p.m > moe_gemm::kDecodeMaxRowsPerGroup * p.num_groups &&
       moe_gemm::grouped_gemm_sm90_supported(p)) {
     const size_t bytes = moe_gemm::grouped_gemm_sm90_workspace_bytes(p);
     const Tensor workspace =
         at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
-    check_launch(moe_gemm::grouped_gemm_sm90(p, workspace.data_ptr(), bytes, stream), op);
-  } else {
-    check_launch(moe_gemm::grouped_gemm_sm80(p, stream), op);
+    const cudaError_t err = moe_gemm::grouped_gemm_sm90(p, workspace.data_ptr(), bytes, stream);
+    if (err != cudaErrorNotSupported && err != cudaErrorInvalidValue) {
+      check_launch(err, op);
+      return;
+    }
+    (void)cudaGetLastError();  // CUTLASS declined this problem: the mma.sync kernel takes it
   }
+  check_launch(moe_gemm::grouped_gemm_sm80(p, stream), op);
+}
+
+// The GEMM kernels load 16-byte chunks: a view starting mid-allocation is copied once.
+Tensor aligned16(const Tensor& t) {
+  const Tensor c = t.contiguous();
+  return reinterpret_cast<uintptr_t>(c.const_data_ptr()) % 16 == 0 ? c : c.clone();
 }
 
 void check_cuda_gemm_shape(int64_t n, int64_t k, const char* op) {
@@ -279,7 +289,7 @@ Tensor grouped_gemm_cuda(const Tensor& a_in, const Tensor& b_in, const Tensor& o
   check_cuda_gemm_shape(b_in.size(1), b_in.size(2), kGemm);
   const c10::cuda::CUDAGuard guard(a_in.device());
   check_offsets(offs_in, a_in.size(0), kGemm);
-  const Tensor a = a_in.contiguous(), b = b_in.contiguous(), offs = offs_in.contiguous();
+  const Tensor a = aligned16(a_in), b = aligned16(b_in), offs = offs_in.contiguous();
   Tensor c = at::empty({a.size(0), b.size(1)}, a.options());  // [M, N]
   if (a.size(0) == 0) return c;
   moe_gemm::GroupedGemmParams p{a.const_data_ptr(),
@@ -372,7 +382,7 @@ Tensor moe_ffn_routed_cuda_impl(const Tensor& x, const Tensor& topk_weights, con
                                  dtype,
                                  moe_gemm::Epilogue::kSwiGLU};
   bool done = false;
-  if (device_major(x) == 9 && slots > 32 * experts) {
+  if (device_major(x) == 9 && slots > moe_gemm::kDecodeMaxRowsPerGroup * experts) {
     // CUTLASS takes contiguous rows per group: gather first, SwiGLU as a separate pass.
     const Tensor x_rows = x.index_select(0, token_of_row);  // [N, H]
     Tensor h = at::empty({slots, 2 * inter}, x.options());  // [N, 2I]
@@ -383,8 +393,9 @@ Tensor moe_ffn_routed_cuda_impl(const Tensor& x, const Tensor& topk_weights, con
     plain.epilogue = moe_gemm::Epilogue::kNone;
     if (moe_gemm::grouped_gemm_sm90_supported(plain)) {
       run_grouped_gemm(plain, x, kRouted);
+      // Rows past offs[E] (dropped slots) were not written by the GEMM: leave them alone.
       check_launch(moe_gemm::silu_and_mul(h.const_data_ptr(), act.mutable_data_ptr(), slots, inter,
-                                          dtype, stream),
+                                          offs.const_data_ptr<int32_t>() + experts, dtype, stream),
                    kRouted);
       done = true;
     }
@@ -413,7 +424,7 @@ Tensor moe_ffn_routed_cuda_impl(const Tensor& x, const Tensor& topk_weights, con
     const Tensor hs = at::mm(x, shared_w13->t());  // [T, 2Is]
     Tensor act_s = at::empty({tokens, hs.size(1) / 2}, x.options());
     check_launch(moe_gemm::silu_and_mul(hs.const_data_ptr(), act_s.mutable_data_ptr(), tokens,
-                                        hs.size(1) / 2, dtype, stream),
+                                        hs.size(1) / 2, nullptr, dtype, stream),
                  kRouted);
     shared = at::mm(act_s, shared_w2->t());  // [T, H]
   }
@@ -435,9 +446,8 @@ Tensor moe_ffn_routed_cuda(const Tensor& x, const Tensor& topk_weights, const Te
   check_routing(x, topk_weights, topk_ids, kRouted);
   const c10::cuda::CUDAGuard guard(x.device());
   check_expert_ids(topk_ids, w13.size(0), kRouted);
-  return moe_ffn_routed_cuda_impl(x.contiguous(), topk_weights, topk_ids.contiguous(),
-                                  w13.contiguous(), w2.contiguous(), contiguous(shared_w13),
-                                  contiguous(shared_w2));
+  return moe_ffn_routed_cuda_impl(aligned16(x), topk_weights, topk_ids.contiguous(), aligned16(w13),
+                                  aligned16(w2), contiguous(shared_w13), contiguous(shared_w2));
 }
 
 Tensor moe_ffn_cuda(const Tensor& x, const Tensor& router_w, const Tensor& w13, const Tensor& w2,
@@ -448,7 +458,7 @@ Tensor moe_ffn_cuda(const Tensor& x, const Tensor& router_w, const Tensor& w13, 
   check_router(x, router_w, w13, top_k);
   const c10::cuda::CUDAGuard guard(x.device());
   auto [weights, ids] = topk_softmax_cuda(router_logits(x, router_w), top_k, renormalize);
-  return moe_ffn_routed_cuda_impl(x.contiguous(), weights, ids, w13.contiguous(), w2.contiguous(),
+  return moe_ffn_routed_cuda_impl(aligned16(x), weights, ids, aligned16(w13), aligned16(w2),
                                   contiguous(shared_w13), contiguous(shared_w2));
 }
 

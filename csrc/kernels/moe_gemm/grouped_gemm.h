@@ -20,6 +20,11 @@
 namespace pearlmoe::moe_gemm {
 
 enum class DType { kBF16, kFP16 };
+
+// Problems with at most this many rows per group (m / num_groups; the host cannot see the real
+// sizes) are decode-shaped: bound by streaming B, so they take the 16-row mma.sync tile rather
+// than a 128-row tile that would be mostly padding (and rather than CUTLASS on Hopper).
+constexpr int64_t kDecodeMaxRowsPerGroup = 32;
 enum class Epilogue { kNone, kSwiGLU };
 
 struct GroupedGemmParams {

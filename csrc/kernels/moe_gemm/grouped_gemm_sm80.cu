@@ -32,9 +32,6 @@ namespace {
 
 constexpr unsigned kFullMask = 0xffffffffu;
 
-// m / num_groups at or below this picks the decode tile (the host cannot see the real group sizes).
-constexpr int64_t kDecodeMaxRowsPerGroup = 32;
-
 // Sizes are passed to the kernel as int; the margin keeps `x + tile` from overflowing.
 constexpr int64_t kMaxDim = std::numeric_limits<int32_t>::max() - 1024;
 

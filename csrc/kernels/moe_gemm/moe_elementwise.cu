@@ -30,7 +30,8 @@ unsigned grid_for(int64_t n) {
 
 template <typename T>
 __global__ void silu_and_mul_kernel(const T* __restrict__ h, T* __restrict__ out, int64_t rows,
-                                    int64_t inter) {
+                                    int64_t inter, const int32_t* __restrict__ routed_rows) {
+  if (routed_rows != nullptr) rows = min(rows, int64_t{*routed_rows});
   const int64_t n = rows * inter;
   for (int64_t idx = blockIdx.x * int64_t{kThreads} + threadIdx.x; idx < n;
        idx += int64_t{gridDim.x} * kThreads) {
@@ -64,7 +65,7 @@ __global__ void combine_kernel(const T* __restrict__ expert_out, const float* __
 template <typename T>
 __global__ void zero_tail_kernel(T* __restrict__ c, int64_t m, int64_t cols,
                                  const int32_t* __restrict__ routed_rows) {
-  const int64_t first = *routed_rows;
+  const int64_t first = min(max(int64_t{*routed_rows}, int64_t{0}), m);  // offsets may be unchecked
   const int64_t n = (m - first) * cols;
   for (int64_t idx = blockIdx.x * int64_t{kThreads} + threadIdx.x; idx < n;
        idx += int64_t{gridDim.x} * kThreads) {
@@ -81,13 +82,13 @@ cudaError_t dispatch(DType dtype, Fn&& fn) {
 
 }  // namespace
 
-cudaError_t silu_and_mul(const void* h, void* out, int64_t rows, int64_t inter, DType dtype,
-                         cudaStream_t stream) {
+cudaError_t silu_and_mul(const void* h, void* out, int64_t rows, int64_t inter,
+                         const int32_t* routed_rows, DType dtype, cudaStream_t stream) {
   if (rows * inter == 0) return cudaSuccess;
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
     silu_and_mul_kernel<T><<<grid_for(rows * inter), kThreads, 0, stream>>>(
-        static_cast<const T*>(h), static_cast<T*>(out), rows, inter);
+        static_cast<const T*>(h), static_cast<T*>(out), rows, inter, routed_rows);
     return cudaGetLastError();
   });
 }

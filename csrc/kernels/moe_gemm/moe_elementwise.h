@@ -10,9 +10,11 @@
 
 namespace pearlmoe::moe_gemm {
 
-// h [M, 2I] -> out [M, I]: out[r, i] = silu(h[r, i]) * h[r, I + i], in fp32 then rounded.
-cudaError_t silu_and_mul(const void* h, void* out, int64_t rows, int64_t inter, DType dtype,
-                         cudaStream_t stream);
+// h [M, 2I] -> out [M, I]: out[r, i] = silu(h[r, i]) * h[r, I + i], in fp32 then rounded. With
+// routed_rows (a device pointer, e.g. group_offsets + G) only rows below *routed_rows are done:
+// the rest of h was never written.
+cudaError_t silu_and_mul(const void* h, void* out, int64_t rows, int64_t inter,
+                         const int32_t* routed_rows, DType dtype, cudaStream_t stream);
 
 // Weighted combine of the routed expert outputs back to token order, plus the shared expert:
 //   y[t, :] = shared[t, :] + sum_i weights[t, i] * expert_out[slot_to_row[t*k + i], :]

@@ -44,8 +44,9 @@ __global__ void count_kernel(const IdT* __restrict__ ids, int64_t num_slots, int
 
 // Pass 2: counts[chunk][b] <- first output row of this chunk's slots in bucket b, and
 // expert_offsets[b] <- first row of bucket b. Thread t owns buckets [t*per, (t+1)*per).
-__global__ void scan_kernel(int32_t* __restrict__ counts, int64_t chunks, int num_experts,
-                            int32_t* __restrict__ expert_offsets) {
+__global__ void __launch_bounds__(kScanThreads)
+    scan_kernel(int32_t* __restrict__ counts, int64_t chunks, int num_experts,
+                int32_t* __restrict__ expert_offsets) {
   using BlockScan = cub::BlockScan<int32_t, kScanThreads>;
   __shared__ typename BlockScan::TempStorage scan_storage;
   const int num_buckets = num_experts + 1;
