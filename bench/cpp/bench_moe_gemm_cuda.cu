@@ -1,8 +1,7 @@
 // CUDA microbenchmarks of the grouped GEMM kernels on Hunyuan-Large expert shapes: the
 // handwritten mma.sync kernel (decode and prefill tiles) and, on sm_90a, the CUTLASS kernel.
 // Rows are spread evenly over the groups (T tokens, top-1). Exits cleanly where no GPU is present.
-#include <benchmark/benchmark.h>
-#include <cuda_runtime.h>
+#include "cuda_bench_util.h"
 
 #include <cstdio>
 #include <cstdlib>
@@ -13,15 +12,6 @@
 namespace {
 
 using namespace pearlmoe::moe_gemm;
-
-#define CHECK_CUDA(expr)                                                                           \
-  do {                                                                                             \
-    cudaError_t err_ = (expr);                                                                     \
-    if (err_ != cudaSuccess) {                                                                     \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #expr, cudaGetErrorString(err_)); \
-      std::exit(1);                                                                                \
-    }                                                                                              \
-  } while (0)
 
 // One problem's buffers, filled with small non-zero values (zeros can run faster than real data).
 struct Problem {
@@ -123,14 +113,4 @@ BENCHMARK(BM_GroupedGemmSm90)->Apply([](auto* b) { Shapes(b, false); });
 
 }  // namespace
 
-int main(int argc, char** argv) {
-  int devices = 0;
-  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
-    std::printf("bench_moe_gemm_cuda: no CUDA device here; nothing to run\n");
-    return 0;
-  }
-  benchmark::Initialize(&argc, argv);
-  benchmark::RunSpecifiedBenchmarks();
-  benchmark::Shutdown();
-  return 0;
-}
+int main(int argc, char** argv) { return run_cuda_benchmarks(argc, argv, "bench_moe_gemm_cuda"); }

@@ -1,8 +1,7 @@
 // CUDA microbenchmarks of the torch-free routing kernels: cudaEvent timing fed to Google
 // Benchmark's manual time, with L2 flushed before every iteration (as nvbench / llm.c do).
 // Exits cleanly where no GPU is present, so CI can build and run it.
-#include <benchmark/benchmark.h>
-#include <cuda_runtime.h>
+#include "cuda_bench_util.h"
 
 #include <cstdio>
 #include <random>
@@ -15,15 +14,6 @@ namespace {
 using pearlmoe::routing::moe_align_cuda;
 using pearlmoe::routing::moe_align_workspace_bytes;
 using pearlmoe::routing::topk_softmax_cuda;
-
-#define CHECK_CUDA(expr)                                                                           \
-  do {                                                                                             \
-    cudaError_t err_ = (expr);                                                                     \
-    if (err_ != cudaSuccess) {                                                                     \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #expr, cudaGetErrorString(err_)); \
-      std::exit(1);                                                                                \
-    }                                                                                              \
-  } while (0)
 
 template <typename T>
 T* device_alloc(size_t count) {
@@ -118,14 +108,4 @@ BENCHMARK(BM_MoeAlignCuda)->Apply(Shapes);
 
 }  // namespace
 
-int main(int argc, char** argv) {
-  int devices = 0;
-  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
-    std::printf("bench_routing_cuda: no CUDA device here; nothing to run\n");
-    return 0;
-  }
-  benchmark::Initialize(&argc, argv);
-  benchmark::RunSpecifiedBenchmarks();
-  benchmark::Shutdown();
-  return 0;
-}
+int main(int argc, char** argv) { return run_cuda_benchmarks(argc, argv, "bench_routing_cuda"); }
