@@ -60,13 +60,14 @@ bench: build
 	$(PY) bench/bench_routing.py
 	$(PY) bench/bench_moe.py
 
-# C++ microbenchmarks (Google Benchmark: Debian's libbenchmark-dev). The CUDA binary is built
-# wherever nvcc exists and runs where a GPU does.
-bench-cpp: setup
+# C++ microbenchmarks (Google Benchmark: Debian's libbenchmark-dev). The CUDA binaries are built
+# wherever nvcc exists (linking the kernels the extension build compiled) and run where a GPU is.
+bench-cpp: build
 	@test -f /usr/include/benchmark/benchmark.h || test -n "$(BENCHMARK_DIR)" || \
 	  { echo "bench-cpp needs Google Benchmark: apt-get install libbenchmark-dev"; exit 1; }
 	$(VENV)/bin/cmake -S bench/cpp -B $(BENCH_CPP_BUILD) -G Ninja -DCMAKE_BUILD_TYPE=Release \
-	  -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV)/bin/ninja) -DPython_EXECUTABLE=$(abspath $(PY)) $(if $(BENCHMARK_DIR),-Dbenchmark_DIR=$(BENCHMARK_DIR))
+	  -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV)/bin/ninja) -DPython_EXECUTABLE=$(abspath $(PY)) $(if $(BENCHMARK_DIR),-Dbenchmark_DIR=$(BENCHMARK_DIR)) \
+	  -DPEARLMOE_KERNELS_LIB=$$(ls $(CURDIR)/build/*/libpearlmoe_kernels.a 2>/dev/null | head -1)
 	$(VENV)/bin/cmake --build $(BENCH_CPP_BUILD)
 	$(BENCH_CPP_BUILD)/bench_routing_cpu --benchmark_min_time=$(or $(MIN_TIME),0.05)
 	$(BENCH_CPP_BUILD)/bench_moe_gemm_cpu --benchmark_min_time=$(or $(MIN_TIME),0.05)
