@@ -59,6 +59,8 @@ demo: build
 bench: build
 	$(PY) bench/bench_routing.py
 	$(PY) bench/bench_moe.py
+	$(PY) bench/bench_attention.py
+	$(PY) bench/bench_model.py
 
 # C++ microbenchmarks (Google Benchmark: Debian's libbenchmark-dev). The CUDA binaries are built
 # wherever nvcc exists (linking the kernels the extension build compiled) and run where a GPU is.
@@ -71,7 +73,7 @@ bench-cpp: build
 	$(VENV)/bin/cmake --build $(BENCH_CPP_BUILD)
 	$(BENCH_CPP_BUILD)/bench_routing_cpu --benchmark_min_time=$(or $(MIN_TIME),0.05)
 	$(BENCH_CPP_BUILD)/bench_moe_gemm_cpu --benchmark_min_time=$(or $(MIN_TIME),0.05)
-	@for b in bench_routing_cuda bench_moe_gemm_cuda; do \
+	@for b in bench_routing_cuda bench_moe_gemm_cuda bench_attention_cuda; do \
 	  if [ -x $(BENCH_CPP_BUILD)/$$b ]; then $(BENCH_CPP_BUILD)/$$b --benchmark_min_time=$(or $(MIN_TIME),0.05); fi; done
 
 # What bench/device_check.sh needs on the GPU machine, which has no network: the CUTLASS wheel

@@ -2,8 +2,10 @@
 # The one prepared script a session with a lent GPU runs (bench/README.md says how to call it):
 # build with all cores, run the test suite (CUDA tests included), compute-sanitizer on a small
 # CUDA case, the Python and C++ benchmarks; logs and JSON under $OUT; a short table last.
-# Budget: about 7 minutes on an H100/H200 (use timeout_s=540; the CUTLASS build dominates). Each step has its own timeout and a failed step does
-# not stop the later ones; the exit status is non-zero if any step failed.
+# Budget: about 9 minutes on an H100/H200 (use timeout_s=590). Steps run in order of priority,
+# so a run cut short still leaves the build, test and sanitizer results in $OUT. Each step has
+# its own timeout, a failed step does not stop the later ones, and the exit status is non-zero
+# if any step failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out/device}
@@ -51,8 +53,10 @@ step sanitize-memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 1 
   "$PY" bench/sanitize_case.py
 step sanitize-racecheck 150 compute-sanitizer --tool racecheck --error-exitcode 1 \
   "$PY" bench/sanitize_case.py
-step bench-routing 150 "$PY" bench/bench_routing.py --device cuda --out "$OUT"
-step bench-moe 240 "$PY" bench/bench_moe.py --device cuda --out "$OUT"
+step bench-routing 90 "$PY" bench/bench_routing.py --device cuda --out "$OUT" --tokens 1 64 4096
+step bench-moe 150 "$PY" bench/bench_moe.py --device cuda --out "$OUT"
+step bench-attention 120 "$PY" bench/bench_attention.py --device cuda --out "$OUT"
+step bench-model 120 "$PY" bench/bench_model.py --device cuda --out "$OUT"
 
 BENCHMARK_DIR=$(ls -d "$CARRY"/benchmark/usr/lib/*/cmake/benchmark 2>/dev/null | head -1)
 if [ -n "$BENCHMARK_DIR" ]; then
@@ -66,6 +70,8 @@ if [ -n "$BENCHMARK_DIR" ]; then
     --benchmark_out="$OUT/bench_routing_cuda.json" --benchmark_out_format=json
   step bench-cpp-moe-gemm 120 build/bench-cpp/bench_moe_gemm_cuda --benchmark_min_time=0.05 \
     --benchmark_out="$OUT/bench_moe_gemm_cuda.json" --benchmark_out_format=json
+  step bench-cpp-attention 60 build/bench-cpp/bench_attention_cuda --benchmark_min_time=0.05 \
+    --benchmark_out="$OUT/bench_attention_cuda.json" --benchmark_out_format=json
 else
   echo "no Google Benchmark in $CARRY (run 'make carry' first): C++ benchmarks not run" |
     tee -a "$SUMMARY"
@@ -78,4 +84,6 @@ echo "|---|---|---|"
 cat "$SUMMARY"
 grep -A25 '^routing ops on' "$OUT/bench-routing.log" 2>/dev/null
 grep -A10 '^moe_ffn on' "$OUT/bench-moe.log" 2>/dev/null
+grep -A12 '^attention on' "$OUT/bench-attention.log" 2>/dev/null
+grep -A5 '^model on' "$OUT/bench-model.log" 2>/dev/null
 exit $failed

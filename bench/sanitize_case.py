@@ -43,6 +43,24 @@ def main() -> None:
         got = pearlmoe.grouped_gemm(x, w13, offs)
         want = reference.grouped_gemm(x.cpu().float(), w13.cpu().float(), offs.cpu())
         torch.testing.assert_close(got.cpu().float(), want, rtol=3e-2, atol=3e-2)
+    # Attention: decode (split-KV), verification and prefill shapes, GQA 10, head_dim 80.
+    for q_len, lens in [(1, [1, 700]), (4, [4, 300]), (70, [70, 129])]:
+        q = torch.randn(2, q_len, 10, 80, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(2, max(lens) + 5, 1, 80, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        kv_lens = torch.tensor(lens, dtype=torch.int32, device="cuda")
+        got = pearlmoe.attention(q, k, v, kv_lens)
+        want = reference.attention(*(t.cpu().float() for t in (q, k, v)), kv_lens.cpu())
+        torch.testing.assert_close(got.cpu().float(), want, rtol=3e-2, atol=3e-2)
+        q_out, k_hat = pearlmoe.rope_qk_norm(
+            q[0],
+            k[0, :q_len],
+            kv_lens.new_tensor(range(q_len)),
+            1e6,
+            torch.ones(80, device="cuda"),
+            torch.ones(80, device="cuda"),
+        )
+        assert q_out.isfinite().all() and k_hat.isfinite().all()
     torch.cuda.synchronize()
     print("sanitize case: ok")
 

@@ -43,6 +43,17 @@ TORCH_LIBRARY(pearlmoe, m) {
       "moe_ffn(Tensor x, Tensor router_w, Tensor w13, Tensor w2, int top_k, "
       "Tensor? shared_w13=None, Tensor? shared_w2=None, bool renormalize=False) -> Tensor");
 
+  // ---- attention ---------------------------------------------------------------------------
+  // Causal attention aligned bottom-right over a (GQA) KV buffer: query i of sequence b sees
+  // keys j < kv_lens[b] - Sq + i + 1; prefill, decode and verification in one op.
+  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor kv_lens, float? scale=None) -> Tensor");
+  // NeoX RoPE then QK RMSNorm: returns the query (normed, times q_weight and the folded k_weight)
+  // and the unweighted normalised key that a CLA layer pair shares in the cache.
+  m.def(
+      "rope_qk_norm(Tensor q, Tensor k, Tensor positions, float rope_base, Tensor? q_weight=None, "
+      "Tensor? k_weight=None, float eps=1e-05, bool normalize=True) -> (Tensor q_out, Tensor "
+      "k_hat)");
+
   // ---- build info --------------------------------------------------------------------------
   // Whether this build compiled the CUDA kernels.
   m.def("built_with_cuda() -> bool", [] { return kBuiltWithCuda; });

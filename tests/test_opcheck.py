@@ -22,6 +22,11 @@ def _samples(device: str) -> dict:
     ids = torch.randint(-1, 4, (9, 2), device=device)
     weights = torch.rand(9, 2, device=device)
 
+    q = torch.randn(2, 3, 4, 64, device=device, dtype=dtype)
+    kv = torch.randn(2, 9, 2, 64, device=device, dtype=dtype)
+    kv_lens = torch.tensor([3, 8], dtype=torch.int32, device=device)
+    positions = torch.arange(3, device=device) + 5
+
     def grad(t):
         return t.clone().requires_grad_()
 
@@ -42,6 +47,16 @@ def _samples(device: str) -> dict:
         ),
         "moe_ffn": (_ops.moe_ffn, (x, router_w, w13, w2, 1, s13, s2, False)),
         "moe_ffn-grad": (_ops.moe_ffn, (grad(x), grad(router_w), w13, w2, 2, None, None, True)),
+        "attention": (_ops.attention, (q, kv, kv.clone(), kv_lens, None)),
+        "attention-scale": (_ops.attention, (q[:, :1], kv, kv.clone(), kv_lens, 0.5)),
+        "rope_qk_norm": (
+            _ops.rope_qk_norm,
+            (q[0], kv[0, :3], positions, 1e4, q[0, 0, 0], q[0, 0, 1], 1e-5, True),
+        ),
+        "rope-only": (
+            _ops.rope_qk_norm,
+            (q[0], kv[0, :3], positions, 1e4, None, None, 1e-5, False),
+        ),
     }
 
 

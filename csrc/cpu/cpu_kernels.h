@@ -36,3 +36,18 @@ at::Tensor moe_ffn_routed(const at::Tensor& x, const at::Tensor& topk_weights,
                           const std::optional<at::Tensor>& shared_w2);
 
 }  // namespace pearlmoe::cpu
+
+namespace pearlmoe::cpu {
+
+// Causal attention aligned bottom-right, blocked online softmax (never an Sq x Skv matrix):
+//   q [B, Sq, Hq, D], k/v [B, C, Hkv, D] (unit last stride), kv_lens host [B] (validated)
+//   -> o [B, Sq, Hq, D] contiguous.
+void attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+               const int32_t* kv_lens, double scale, at::Tensor& o);
+
+// NeoX RoPE then (optionally) RMSNorm times weight over x [T, H, D] (unit last stride) at
+// positions (host int64 [T]) -> out [T, H, D] contiguous. weight: fp32 [D] or null.
+void rope_norm(const at::Tensor& x, const int64_t* positions, const float* weight, double base,
+               double eps, bool normalize, at::Tensor& out);
+
+}  // namespace pearlmoe::cpu

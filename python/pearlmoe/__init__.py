@@ -13,7 +13,17 @@ from . import (
     ops,
     reference,
 )
-from .ops import grouped_gemm, moe_align, moe_ffn, moe_ffn_routed, topk_softmax
+from .decode import generate, generate_stream
+from .model import from_pretrained, save_pretrained
+from .ops import (
+    attention,
+    grouped_gemm,
+    moe_align,
+    moe_ffn,
+    moe_ffn_routed,
+    rope_qk_norm,
+    topk_softmax,
+)
 
 __version__ = "0.1.0"
 
@@ -24,12 +34,18 @@ def built_with_cuda() -> bool:
 
 
 __all__ = [
+    "attention",
     "built_with_cuda",
+    "from_pretrained",
+    "generate",
+    "generate_stream",
     "grouped_gemm",
     "moe_align",
     "moe_ffn",
     "moe_ffn_routed",
     "ops",
     "reference",
+    "rope_qk_norm",
+    "save_pretrained",
     "topk_softmax",
 ]

@@ -180,6 +180,76 @@ def moe_ffn(
     return (y, stats) if return_stats else y
 
 
+# ---- attention -----------------------------------------------------------------------------------
+
+
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, kv_lens: Tensor, scale: float | None = None
+) -> Tensor:
+    """Causal attention over a KV buffer, aligned bottom-right: query ``i`` of sequence ``b``
+    sees keys ``j < kv_lens[b] - Sq + i + 1``.
+
+    One op for prefill (Sq = prompt length), decode (Sq = 1) and speculative verification
+    (Sq = draft length + 1). ``k``/``v`` may be a preallocated cache longer than any sequence
+    (``Skv`` = capacity); ``kv_lens`` counts each sequence's valid keys, the queries' own included,
+    so ``Sq <= kv_lens[b] <= Skv``. GQA: query head ``h`` reads KV head ``h // (Hq / Hkv)``.
+    Softmax and accumulation in fp32. CUDA: bf16/fp16, head_dim 64, 80 or 128. CPU: any float
+    dtype; blocked online softmax, never an Sq×Skv matrix.
+
+    Shape:
+        q: [B, Sq, Hq, D], k, v: [B, Skv, Hkv, D], kv_lens: [B] int32 -> [B, Sq, Hq, D]
+    """
+    return _ops.attention.default(q, k, v, kv_lens, scale)
+
+
+def rope_qk_norm(
+    q: Tensor,
+    k: Tensor,
+    positions: Tensor,
+    rope_base: float,
+    q_weight: Tensor | None = None,
+    k_weight: Tensor | None = None,
+    eps: float = 1e-5,
+    normalize: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """NeoX RoPE over the full head dim, then QK RMSNorm (Hunyuan-Large's order).
+
+    Returns the query to attend with, ``rms_norm(rope(q)) * q_weight * k_weight``, and the key to
+    cache, ``rope(k) / rms(rope(k))`` without any weight. The key-norm weight is folded into the
+    query (``q·(w⊙k̂) = (q⊙w)·k̂``), so the two layers of a CLA pair, which differ only in their
+    key-norm weights, share one cached key. ``normalize=False`` applies RoPE alone.
+
+    Shape:
+        q: [T, Hq, D], k: [T, Hkv, D], positions: [T] int, q_weight, k_weight: [D]
+        -> q_out [T, Hq, D], k_hat [T, Hkv, D]
+    """
+    return _ops.rope_qk_norm.default(q, k, positions, rope_base, q_weight, k_weight, eps, normalize)
+
+
+def ntk_alpha_rope_base(rope_theta: float, alpha: float, head_dim: int) -> float:
+    """Hunyuan-Large's fixed NTK-alpha RoPE base: ``theta · alpha^(D / (D - 2))``
+    (1e4 and alpha 1e5 at D = 80 give ≈ 1.343e9)."""
+    return rope_theta * alpha ** (head_dim / (head_dim - 2))
+
+
+@torch.library.register_fake("pearlmoe::attention")
+def _attention_fake(q, k, v, kv_lens, scale=None):
+    torch._check(q.dim() == 4 and k.dim() == 4, lambda: "q and k must be 4-D")
+    torch._check(k.shape == v.shape, lambda: "k and v must have the same shape")
+    torch._check(q.shape[2] % k.shape[2] == 0, lambda: "Hq must be a multiple of Hkv")
+    return torch.empty_like(q, memory_format=torch.contiguous_format)  # [B, Sq, Hq, D]
+
+
+@torch.library.register_fake("pearlmoe::rope_qk_norm")
+def _rope_qk_norm_fake(q, k, positions, rope_base, q_weight=None, k_weight=None, eps=1e-5,
+                       normalize=True):  # fmt: skip
+    torch._check(q.dim() == 3 and k.dim() == 3, lambda: "q and k must be 3-D")
+    torch._check(positions.shape[0] == q.shape[0], lambda: "positions must be [T]")
+    q_out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    k_hat = torch.empty_like(k, memory_format=torch.contiguous_format)
+    return q_out, k_hat
+
+
 @torch.library.register_fake("pearlmoe::grouped_gemm")
 def _grouped_gemm_fake(a: Tensor, b: Tensor, group_offsets: Tensor):
     torch._check(a.dim() == 2 and b.dim() == 3, lambda: "a must be 2-D and b 3-D")

@@ -102,3 +102,66 @@ def moe_ffn(
     logits = x.to(acc) @ router_w.to(acc).t()  # [T, E]
     weights, ids = topk_softmax(logits, top_k, renormalize)
     return moe_ffn_routed(x, weights, ids, w13, w2, shared_w13, shared_w2)
+
+
+# ---- attention -----------------------------------------------------------------------------------
+
+
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, kv_lens: Tensor, scale: float | None = None
+) -> Tensor:
+    """Per sequence: full score matrix, explicit bottom-right causal mask, softmax in fp32
+    (fp64 for fp64 inputs); Q·K and P·V in the inputs' dtype."""
+    batch, q_len, q_heads, dim = q.shape
+    group = q_heads // k.shape[2]
+    scale = dim**-0.5 if scale is None else scale
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out = torch.empty_like(q)
+    for b in range(batch):
+        kv_len = int(kv_lens[b])
+        kb = k[b, :kv_len].repeat_interleave(group, dim=1)  # [L, Hq, D]
+        vb = v[b, :kv_len].repeat_interleave(group, dim=1)  # [L, Hq, D]
+        scores = torch.einsum("qhd,khd->hqk", q[b], kb).to(acc) * scale  # [Hq, Sq, L]
+        row = torch.arange(q_len, device=q.device).unsqueeze(1)
+        key = torch.arange(kv_len, device=q.device).unsqueeze(0)
+        visible = key < kv_len - q_len + row + 1  # [Sq, L]
+        probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+        out[b] = torch.einsum("hqk,khd->qhd", probs.to(q.dtype), vb)
+    return out
+
+
+def rope(x: Tensor, positions: Tensor, base: float) -> Tensor:
+    """NeoX rotate-half RoPE over the full head dim. Angles in fp32 as HF builds its tables
+    (inv_freq = 1 / base^(2i/D)); the rotation in fp32, fp64 for fp64 inputs."""
+    dim = x.shape[-1]
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=x.device) / dim))
+    angle = positions.float().unsqueeze(1) * inv_freq.unsqueeze(0)  # [T, D/2]
+    emb = torch.cat([angle, angle], dim=-1).to(acc).unsqueeze(1)  # [T, 1, D]
+    x = x.to(acc)
+    rotated = torch.cat([-x[..., dim // 2 :], x[..., : dim // 2]], dim=-1)
+    return x * emb.cos() + rotated * emb.sin()
+
+
+def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float = 1e-5) -> Tensor:
+    out = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return out if weight is None else out * weight.to(out.dtype)
+
+
+def rope_qk_norm(
+    q: Tensor,
+    k: Tensor,
+    positions: Tensor,
+    rope_base: float,
+    q_weight: Tensor | None = None,
+    k_weight: Tensor | None = None,
+    eps: float = 1e-5,
+    normalize: bool = True,
+) -> tuple[Tensor, Tensor]:
+    q_rot, k_rot = rope(q, positions, rope_base), rope(k, positions, rope_base)
+    if not normalize:
+        return q_rot.to(q.dtype), k_rot.to(k.dtype)
+    q_out = rms_norm(q_rot, q_weight, eps)
+    if k_weight is not None:
+        q_out = q_out * k_weight.to(q_out.dtype)
+    return q_out.to(q.dtype), rms_norm(k_rot, None, eps).to(k.dtype)

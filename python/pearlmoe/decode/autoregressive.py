@@ -1,0 +1,92 @@
+"""Autoregressive decoding over the KV cache: batched, sequences of different prompt lengths,
+stopping per sequence at EOS, streaming the tokens as they come.
+
+Shape letters: B sequences, S prompt length, V vocabulary.
+"""
+
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from ..model.transformer import Transformer
+from .sampling import logits_to_probs, sample
+
+
+def _prompts(input_ids: Tensor | Sequence[Sequence[int]]) -> list[list[int]]:
+    rows = input_ids.tolist() if isinstance(input_ids, Tensor) else [list(r) for r in input_ids]
+    if isinstance(input_ids, Tensor) and input_ids.dim() == 1:
+        rows = [rows]
+    if not rows or any(len(r) == 0 for r in rows):
+        raise ValueError("generate: every prompt needs at least one token")
+    return [[int(t) for t in r] for r in rows]
+
+
+def _eos_set(eos_token_id: int | Sequence[int] | None) -> set[int]:
+    if eos_token_id is None:
+        return set()
+    return {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+
+
+@torch.inference_mode()
+def generate_stream(
+    model: Transformer,
+    input_ids: Tensor | Sequence[Sequence[int]],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    generator: torch.Generator | None = None,
+) -> Iterator[list[int | None]]:
+    """Yields, per step, each sequence's new token (None once the sequence has stopped)."""
+    prompts = _prompts(input_ids)
+    eos = _eos_set(eos_token_id)
+    device = model.device
+    cache = model.new_cache(len(prompts), max(map(len, prompts)) + max_new_tokens)
+    # Prompts of different lengths: prefill each sequence on its own row of the cache.
+    last = [
+        model(torch.tensor([p], device=device), cache.sequence(b))[0, -1]
+        for b, p in enumerate(prompts)
+    ]
+    logits = torch.stack(last)  # [B, V]
+    done = [False] * len(prompts)
+    for step in range(max_new_tokens):
+        tokens = sample(logits_to_probs(logits, temperature, top_k, top_p), generator)  # [B]
+        out: list[int | None] = []
+        for b, token in enumerate(tokens.tolist()):
+            out.append(None if done[b] else token)
+            done[b] = done[b] or token in eos
+        yield out
+        if all(done) or step + 1 == max_new_tokens:
+            return
+        logits = model(tokens.unsqueeze(1), cache)[:, -1]  # finished rows decode on, unused
+
+
+def generate(
+    model: Transformer,
+    input_ids: Tensor | Sequence[Sequence[int]],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    generator: torch.Generator | None = None,
+    callback: Callable[[list[int | None]], None] | None = None,
+) -> list[list[int]]:
+    """Autoregressive decoding: each sequence's new tokens (up to and including its EOS).
+
+    ``input_ids``: a [B, S] tensor or B token lists of any lengths. Greedy (temperature 0) is
+    deterministic. ``callback`` receives each step's tokens (None for finished sequences), for
+    streaming; ``generate_stream`` is the iterator form.
+    """
+    outputs = [[] for _ in _prompts(input_ids)]
+    for step in generate_stream(
+        model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, generator
+    ):
+        if callback is not None:
+            callback(step)
+        for b, token in enumerate(step):
+            if token is not None:
+                outputs[b].append(token)
+    return outputs

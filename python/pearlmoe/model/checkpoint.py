@@ -1,0 +1,180 @@
+"""Checkpoint I/O in the HF safetensors format of tencent/Tencent-Hunyuan-Large (single file or
+sharded with model.safetensors.index.json). Nothing is ever unpickled.
+
+Expert weights are packed into the op layouts on load (w13[e] = [gate_proj; up_proj]) and
+unpacked on save, so a save → load round trip is bit-exact.
+"""
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from .config import ModelConfig
+from .transformer import DenseMLP, MoE, Transformer
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match its config or is damaged."""
+
+
+def hf_tensors(model: Transformer) -> Iterator[tuple[str, Tensor]]:
+    """The model's tensors under their HF names (views into the packed parameters)."""
+    c = model.config
+    yield "model.embed_tokens.weight", model.embed_tokens
+    for i, block in enumerate(model.layers):
+        p = f"model.layers.{i}."
+        yield p + "input_layernorm.weight", block.input_layernorm.weight
+        yield p + "post_attention_layernorm.weight", block.post_attention_layernorm.weight
+        attn = block.self_attn
+        yield p + "self_attn.q_proj.weight", attn.q_proj
+        if attn.owns_kv:
+            yield p + "self_attn.k_proj.weight", attn.k_proj
+            yield p + "self_attn.v_proj.weight", attn.v_proj
+        yield p + "self_attn.o_proj.weight", attn.o_proj
+        if c.use_qk_norm:
+            yield p + "self_attn.query_layernorm.weight", attn.query_layernorm
+            yield p + "self_attn.key_layernorm.weight", attn.key_layernorm
+        mlp = block.mlp
+        if isinstance(mlp, MoE):
+            yield p + "mlp.gate.wg.weight", mlp.router
+            inter = c.intermediate_size
+            for e in range(c.num_experts):
+                yield from _swiglu(p + f"mlp.experts.{e}.", mlp.w13[e], mlp.w2[e], inter)
+            if mlp.shared_w13 is not None:
+                yield from _swiglu(p + "mlp.shared_mlp.", mlp.shared_w13, mlp.shared_w2,
+                                   c.shared_intermediate_size)  # fmt: skip
+        else:
+            assert isinstance(mlp, DenseMLP)
+            yield from _swiglu(p + "mlp.", mlp.w13, mlp.w2, c.intermediate_size)
+    yield "model.norm.weight", model.norm.weight
+    if model.lm_head is not None:
+        yield "lm_head.weight", model.lm_head
+
+
+def _swiglu(prefix: str, w13: Tensor, w2: Tensor, inter: int) -> Iterator[tuple[str, Tensor]]:
+    yield prefix + "gate_proj.weight", w13[:inter]
+    yield prefix + "up_proj.weight", w13[inter:]
+    yield prefix + "down_proj.weight", w2
+
+
+def _shards(directory: Path) -> dict[str, Path]:
+    """tensor name -> file holding it."""
+    index = directory / INDEX
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as err:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({err})") from None
+        files = {name: directory / file for name, file in weight_map.items()}
+        for file in set(files.values()):
+            if not file.exists():
+                raise CheckpointError(f"{index} names {file.name}, which does not exist")
+        return files
+    single = directory / SINGLE
+    if not single.exists():
+        raise CheckpointError(
+            f"no safetensors checkpoint in {directory} (expected {SINGLE} or {INDEX}; "
+            "pickled .bin checkpoints are not loaded)"
+        )
+    return {}  # filled from the file's own key list
+
+
+def _open(file: Path):
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except Exception as err:  # safetensors raises its own error types for damaged files
+        raise CheckpointError(f"{file}: not a readable safetensors file ({err})") from None
+
+
+def from_pretrained(
+    directory: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"
+) -> Transformer:
+    """Load a checkpoint directory (config.json + safetensors) into a Transformer."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
+    config = ModelConfig.from_file(directory)
+    with torch.device("meta"):
+        model = Transformer(config, dtype=dtype)
+    model = model.to_empty(device=device)
+
+    files = _shards(directory)
+    handles = {}
+    if not files:
+        handle = _open(directory / SINGLE)
+        handles[directory / SINGLE] = handle
+        files = dict.fromkeys(handle.keys(), directory / SINGLE)
+    available = set(files)
+    missing, used = [], set()
+    with torch.no_grad():
+        for name, target in hf_tensors(model):
+            if name not in files:
+                missing.append(name)
+                continue
+            file = files[name]
+            if file not in handles:
+                handles[file] = _open(file)
+            try:
+                tensor = handles[file].get_tensor(name)
+            except Exception as err:
+                raise CheckpointError(f"{file}: cannot read tensor {name} ({err})") from None
+            if tuple(tensor.shape) != tuple(target.shape):
+                raise CheckpointError(
+                    f"tensor {name} has shape {tuple(tensor.shape)}, but config.json implies "
+                    f"{tuple(target.shape)}"
+                )
+            target.copy_(tensor)
+            used.add(name)
+    if config.tie_word_embeddings:
+        used.add("lm_head.weight")  # tied checkpoints may still carry it
+    unexpected = sorted(n for n in available - used if not n.endswith("rotary_emb.inv_freq"))
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {directory} is missing {len(missing)} tensor(s) the config needs: "
+            + ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
+        )  # fmt: skip
+    if unexpected:
+        raise CheckpointError(
+            f"checkpoint {directory} has {len(unexpected)} tensor(s) the config does not "
+            "explain: " + ", ".join(unexpected[:8]) + (" ..." if len(unexpected) > 8 else "")
+        )  # fmt: skip
+    return model.eval()
+
+
+def save_pretrained(
+    model: Transformer, directory: str | Path, max_shard_bytes: int | None = None
+) -> None:
+    """Write config.json and the weights under their HF names, sharded when max_shard_bytes is
+    given (with model.safetensors.index.json)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.config.save(directory / "config.json")
+    tensors = {name: t.detach().contiguous().cpu() for name, t in hf_tensors(model)}
+    if max_shard_bytes is None:
+        save_file(tensors, str(directory / SINGLE), metadata={"format": "pt"})
+        return
+    shards: list[dict[str, Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(directory / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, file))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / INDEX).write_text(json.dumps(index, indent=2) + "\n")

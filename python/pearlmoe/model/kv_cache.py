@@ -1,0 +1,179 @@
+"""The compressed KV cache: GQA heads only, one buffer per CLA group of layers.
+
+Hunyuan-Large shares K/V across each pair of adjacent layers (CLA) and keeps 8 KV heads for 80
+query heads (GQA). With QK-norm after RoPE the layers of a pair still differ in their key-norm
+weights, so the cache stores the rotated, RMS-normalised key without any weight (``k_hat`` from
+``ops.rope_qk_norm``) once per pair, and each layer folds its key-norm weight into its query.
+That is 2 · kv_heads · head_dim · (layers / cla_share_factor) values per token: 81,920 bytes in
+bf16 for Hunyuan-Large, half of what a per-layer cache holds.
+
+Shape letters: G cache groups (layers / cla_share_factor), B sequences, C capacity (tokens per
+sequence), Hkv KV heads, D head dim, S new tokens in a step.
+"""
+
+import math
+
+import torch
+from torch import Tensor
+
+
+class KVCache:
+    """Preallocated K/V buffers with per-sequence lengths, for a batch of sequences.
+
+    A forward step over S new tokens per sequence (left-padded when sequences bring different
+    numbers, ``num_new[b] <= S``) does, for every layer::
+
+        k_buf, v_buf = cache.write(layer, k_hat, v, num_new)    # first layer of a CLA group
+        o = attention(q, k_buf, v_buf, cache.kv_lens(num_new))  # every layer
+
+    and then ``cache.advance(num_new)`` once. ``truncate`` rolls sequences back (speculative
+    decoding rejects drafts); it only moves the lengths, so it is O(1).
+    """
+
+    def __init__(
+        self,
+        *,
+        num_layers: int,
+        batch_size: int,
+        capacity: int,
+        kv_heads: int,
+        head_dim: int,
+        cla_share_factor: int = 1,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if min(num_layers, batch_size, capacity, kv_heads, head_dim, cla_share_factor) < 1:
+            raise ValueError("KVCache: every size must be positive")
+        self.num_layers, self.cla_share_factor = num_layers, cla_share_factor
+        self.capacity = capacity
+        groups = math.ceil(num_layers / cla_share_factor)
+        shape = (groups, batch_size, capacity, kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [G, B, C, Hkv, D]
+        self.v = torch.zeros(shape, dtype=dtype, device=device)  # [G, B, C, Hkv, D]
+        self._lens = [0] * batch_size  # host copy: no device sync to check capacity
+        self.lens = torch.zeros(batch_size, dtype=torch.int32, device=device)  # [B]
+
+    @staticmethod
+    def bytes_per_token(
+        num_layers: int, kv_heads: int, head_dim: int, cla_share_factor: int = 1,
+        dtype: torch.dtype = torch.bfloat16,
+    ) -> int:  # fmt: skip
+        """2 · kv_heads · head_dim · ceil(layers / cla_share_factor) · dtype size."""
+        groups = math.ceil(num_layers / cla_share_factor)
+        return 2 * kv_heads * head_dim * groups * torch.tensor([], dtype=dtype).element_size()
+
+    @property
+    def batch_size(self) -> int:
+        return len(self._lens)
+
+    def group(self, layer: int) -> int:
+        """The cache group of a layer; layers of one CLA group read the same buffers."""
+        if not 0 <= layer < self.num_layers:
+            raise IndexError(f"KVCache: layer {layer} out of range [0, {self.num_layers})")
+        return layer // self.cla_share_factor
+
+    def owns_kv(self, layer: int) -> bool:
+        """Whether the layer writes K/V (the first layer of its CLA group) or reuses them."""
+        return layer % self.cla_share_factor == 0
+
+    def _num_new(self, num_new: Tensor | list[int] | int | None, steps: int) -> list[int]:
+        if num_new is None:
+            return [steps] * self.batch_size
+        if isinstance(num_new, int):
+            return [num_new] * self.batch_size
+        counts = [int(n) for n in num_new]
+        if len(counts) != self.batch_size or any(n < 0 or n > steps for n in counts):
+            raise ValueError(
+                f"KVCache: num_new must give 0..{steps} new tokens for each of the "
+                f"{self.batch_size} sequences, got {counts}"
+            )
+        return counts
+
+    def _check_room(self, counts: list[int]) -> None:
+        for b, (length, n) in enumerate(zip(self._lens, counts, strict=True)):
+            if length + n > self.capacity:
+                raise RuntimeError(
+                    f"KVCache: sequence {b} would hold {length + n} tokens, past the cache's "
+                    f"capacity of {self.capacity}"
+                )
+
+    def positions(self, steps: int, num_new: Tensor | list[int] | int | None = None) -> Tensor:
+        """Absolute positions of the S (left-padded) new tokens: [B, S] int64. Sequence b's real
+        rows are its last num_new[b]; padding rows get clamped positions (their outputs are
+        ignored)."""
+        counts = torch.tensor(self._num_new(num_new, steps))  # [B]
+        lens = torch.tensor(self._lens)  # [B]
+        rows = torch.arange(steps)  # [S]
+        pos = lens.unsqueeze(1) + rows.unsqueeze(0) - (steps - counts).unsqueeze(1)  # [B, S]
+        return pos.clamp(min=0).to(self.lens.device)
+
+    def write(
+        self, layer: int, k_hat: Tensor, v: Tensor, num_new: Tensor | list[int] | int | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Store the new tokens' keys and values (the last ``num_new[b]`` of the S rows of each
+        sequence) after each sequence's current length; returns the group's buffers
+        ``[B, C, Hkv, D]`` for attention. Call it for the first layer of each CLA group."""
+        batch, steps = k_hat.shape[:2]
+        if k_hat.shape != v.shape or batch != self.batch_size:
+            raise ValueError(
+                f"KVCache: k_hat and v must both be [B={self.batch_size}, S, Hkv, D], got "
+                f"{tuple(k_hat.shape)} and {tuple(v.shape)}"
+            )
+        counts = self._num_new(num_new, steps)
+        self._check_room(counts)
+        g = self.group(layer)
+        for b, (length, n) in enumerate(zip(self._lens, counts, strict=True)):
+            if n:
+                self.k[g, b, length : length + n] = k_hat[b, steps - n :]
+                self.v[g, b, length : length + n] = v[b, steps - n :]
+        return self.k[g], self.v[g]
+
+    def buffers(self, layer: int) -> tuple[Tensor, Tensor]:
+        """The K/V buffers a layer attends over: [B, C, Hkv, D] each."""
+        g = self.group(layer)
+        return self.k[g], self.v[g]
+
+    def kv_lens(self, num_new: Tensor | list[int] | int = 0) -> Tensor:
+        """Valid keys per sequence while attending for the pending new tokens: [B] int32."""
+        counts = self._num_new(num_new, self.capacity)
+        lens = [n + c for n, c in zip(self._lens, counts, strict=True)]
+        return torch.tensor(lens, dtype=torch.int32).to(self.lens.device)
+
+    def advance(self, num_new: Tensor | list[int] | int) -> None:
+        """Commit the step's new tokens (after every layer has written and attended)."""
+        counts = self._num_new(num_new, self.capacity)
+        self._check_room(counts)
+        self._set([n + c for n, c in zip(self._lens, counts, strict=True)])
+
+    def truncate(self, lens: Tensor | list[int]) -> None:
+        """Roll sequences back to the given lengths (each no longer than it is now)."""
+        new = [int(n) for n in lens]
+        if len(new) != self.batch_size or any(
+            not 0 <= n <= old for n, old in zip(new, self._lens, strict=True)
+        ):
+            raise ValueError(f"KVCache: cannot truncate lengths {self._lens} to {new}")
+        self._set(new)
+
+    def sequence(self, b: int) -> "KVCache":
+        """A one-sequence cache over this cache's buffers: prompts of different lengths are
+        prefilled one at a time, then decoded as a batch."""
+        if not 0 <= b < self.batch_size:
+            raise IndexError(f"KVCache: sequence {b} out of range [0, {self.batch_size})")
+        view = object.__new__(KVCache)
+        view.num_layers, view.cla_share_factor = self.num_layers, self.cla_share_factor
+        view.capacity = self.capacity
+        view.k, view.v = self.k[:, b : b + 1], self.v[:, b : b + 1]  # [G, 1, C, Hkv, D] views
+        view.lens = self.lens[b : b + 1]  # a view: updates reach this cache's lengths
+        view._lens = [self._lens[b]]
+        view._parent = (self, b)
+        return view
+
+    def _set(self, lens: list[int]) -> None:
+        self._lens = lens
+        self.lens.copy_(torch.tensor(lens, dtype=torch.int32))
+        parent = getattr(self, "_parent", None)
+        if parent is not None:
+            parent[0]._lens[parent[1]] = lens[0]
+
+    def seq_lens(self) -> list[int]:
+        return list(self._lens)

@@ -1,0 +1,174 @@
+"""The Hunyuan-Large transformer composed from pearlmoe ops (dense Llama as a special case).
+
+Per layer: x += o_proj(attention(rope_qk_norm(q_proj(n1(x))), cache)); x += mlp(n2(x)), with
+GQA, CLA (the first layer of each group writes the shared, normalised key and the values; the
+others reuse them, folding their own key-norm weight into the query), QK-norm after RoPE, and a
+MoE MLP (shared expert + top-k routed SwiGLU experts) or a dense SwiGLU MLP. Tied embeddings.
+``reference=True`` runs the golden pure-torch ops instead, for parity checks.
+
+Shape letters: B sequences, S new tokens per step, H hidden, Hq/Hkv heads, D head dim, V vocab,
+E experts, I expert width.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import ops, reference
+from .config import ModelConfig
+from .kv_cache import KVCache
+
+
+def _param(*shape: int, dtype: torch.dtype, device, std: float | None = 0.02) -> nn.Parameter:
+    if std is None:
+        return nn.Parameter(torch.ones(*shape, dtype=dtype, device=device))
+    return nn.Parameter(torch.randn(*shape, device=device).mul_(std).to(dtype))
+
+
+class RMSNorm(nn.Module):
+    """HF semantics: normalise in fp32, cast back, then scale."""
+
+    def __init__(self, size: int, eps: float, dtype: torch.dtype, device) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = _param(size, dtype=dtype, device=device, std=None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, c: ModelConfig, layer: int, dtype: torch.dtype, device) -> None:
+        super().__init__()
+        self.layer, self.c = layer, c
+        self.owns_kv = c.owns_kv(layer)
+        hq, hkv, d, h = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size
+        self.q_proj = _param(hq * d, h, dtype=dtype, device=device)  # [Hq*D, H]
+        self.o_proj = _param(h, hq * d, dtype=dtype, device=device)  # [H, Hq*D]
+        if self.owns_kv:
+            self.k_proj = _param(hkv * d, h, dtype=dtype, device=device)  # [Hkv*D, H]
+            self.v_proj = _param(hkv * d, h, dtype=dtype, device=device)  # [Hkv*D, H]
+        if c.use_qk_norm:
+            self.query_layernorm = _param(d, dtype=dtype, device=device, std=None)  # [D]
+            self.key_layernorm = _param(d, dtype=dtype, device=device, std=None)  # [D]
+
+    def forward(self, x: Tensor, cache: KVCache, positions: Tensor, reference_ops: bool) -> Tensor:
+        c = self.c
+        batch, steps, _ = x.shape
+        hq, hkv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        q = F.linear(x, self.q_proj).view(batch * steps, hq, d)  # [B*S, Hq, D]
+        if self.owns_kv:
+            k = F.linear(x, self.k_proj).view(batch * steps, hkv, d)  # [B*S, Hkv, D]
+            v = F.linear(x, self.v_proj).view(batch, steps, hkv, d)  # [B, S, Hkv, D]
+        else:
+            k = q[:, :0]  # no key of its own: the group's first layer cached it
+        rope = reference.rope_qk_norm if reference_ops else ops.rope_qk_norm
+        weights = (self.query_layernorm, self.key_layernorm) if c.use_qk_norm else (None, None)
+        q, k_hat = rope(
+            q, k, positions.reshape(-1), c.rope_base, *weights, c.rms_norm_eps, c.use_qk_norm
+        )
+        if self.owns_kv:
+            cache.write(self.layer, k_hat.view(batch, steps, hkv, d), v)
+        k_buf, v_buf = cache.buffers(self.layer)  # [B, C, Hkv, D]
+        attend = reference.attention if reference_ops else ops.attention
+        o = attend(q.view(batch, steps, hq, d), k_buf, v_buf, cache.kv_lens(steps))
+        return F.linear(o.reshape(batch, steps, hq * d), self.o_proj)  # [B, S, H]
+
+
+class MoE(nn.Module):
+    """Shared expert + top-k routed SwiGLU experts, in the op layouts: w13 stacks each expert's
+    gate_proj then up_proj rows."""
+
+    def __init__(self, c: ModelConfig, dtype: torch.dtype, device) -> None:
+        super().__init__()
+        self.c = c
+        e, h, i, shared = (
+            c.num_experts,
+            c.hidden_size,
+            c.intermediate_size,
+            c.shared_intermediate_size,
+        )
+        self.router = _param(e, h, dtype=torch.float32, device=device)  # [E, H], fp32 as in HF
+        self.w13 = _param(e, 2 * i, h, dtype=dtype, device=device)  # [E, 2I, H]
+        self.w2 = _param(e, h, i, dtype=dtype, device=device)  # [E, H, I]
+        self.shared_w13 = _param(2 * shared, h, dtype=dtype, device=device) if shared else None
+        self.shared_w2 = _param(h, shared, dtype=dtype, device=device) if shared else None
+
+    def forward(self, x: Tensor, reference_ops: bool) -> Tensor:
+        moe_ffn = reference.moe_ffn if reference_ops else ops.moe_ffn
+        flat = x.reshape(-1, x.shape[-1])  # [B*S, H]
+        y = moe_ffn(
+            flat, self.router, self.w13, self.w2, self.c.moe_topk, self.shared_w13,
+            self.shared_w2, self.c.renormalize,
+        )  # fmt: skip
+        return y.view_as(x)
+
+
+class DenseMLP(nn.Module):
+    def __init__(self, c: ModelConfig, dtype: torch.dtype, device) -> None:
+        super().__init__()
+        h, i = c.hidden_size, c.intermediate_size
+        self.w13 = _param(2 * i, h, dtype=dtype, device=device)  # [2I, H]: gate_proj; up_proj
+        self.w2 = _param(h, i, dtype=dtype, device=device)  # [H, I]
+
+    def forward(self, x: Tensor, reference_ops: bool) -> Tensor:
+        return reference.swiglu_mlp(x.reshape(-1, x.shape[-1]), self.w13, self.w2).view_as(x)
+
+
+class Block(nn.Module):
+    def __init__(self, c: ModelConfig, layer: int, dtype: torch.dtype, device) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype, device)
+        self.self_attn = Attention(c, layer, dtype, device)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype, device)
+        self.mlp = MoE(c, dtype, device) if c.is_moe else DenseMLP(c, dtype, device)
+
+    def forward(self, x: Tensor, cache: KVCache, positions: Tensor, reference_ops: bool) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cache, positions, reference_ops)
+        return x + self.mlp(self.post_attention_layernorm(x), reference_ops)
+
+
+class Transformer(nn.Module):
+    def __init__(
+        self, config: ModelConfig, dtype: torch.dtype = torch.float32, device="cpu"
+    ) -> None:
+        super().__init__()
+        c = self.config = config
+        self.dtype = dtype
+        self.embed_tokens = _param(c.vocab_size, c.hidden_size, dtype=dtype, device=device)
+        self.layers = nn.ModuleList(Block(c, i, dtype, device) for i in range(c.num_hidden_layers))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype, device)
+        self.lm_head = (
+            None if c.tie_word_embeddings
+            else _param(c.vocab_size, c.hidden_size, dtype=dtype, device=device)
+        )  # fmt: skip
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.device
+
+    def new_cache(self, batch_size: int, capacity: int) -> KVCache:
+        c = self.config
+        return KVCache(
+            num_layers=c.num_hidden_layers, batch_size=batch_size, capacity=capacity,
+            kv_heads=c.num_key_value_heads, head_dim=c.head_dim,
+            cla_share_factor=c.cla_share_factor, dtype=self.dtype, device=self.device,
+        )  # fmt: skip
+
+    def forward(
+        self, input_ids: Tensor, cache: KVCache | None = None, reference_ops: bool = False
+    ) -> Tensor:
+        """Logits [B, S, V] in fp32 for the S new tokens of every sequence, appended to the
+        cache after each sequence's current length (a fresh cache when none is given)."""
+        batch, steps = input_ids.shape
+        if cache is None:
+            cache = self.new_cache(batch, steps)
+        positions = cache.positions(steps)  # [B, S]
+        x = F.embedding(input_ids, self.embed_tokens)  # [B, S, H]
+        for block in self.layers:
+            x = block(x, cache, positions, reference_ops)
+        cache.advance(steps)
+        head = self.embed_tokens if self.lm_head is None else self.lm_head
+        return F.linear(self.norm(x), head).float()  # [B, S, V]
