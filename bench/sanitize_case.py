@@ -61,6 +61,13 @@ def main() -> None:
             torch.ones(80, device="cuda"),
         )
         assert q_out.isfinite().all() and k_hat.isfinite().all()
+    # Verification: greedy and sampling over a Hunyuan-sized vocabulary.
+    target = torch.softmax(torch.randn(3, 5, 129_024, device="cuda"), -1)
+    draft = torch.softmax(torch.randn(3, 4, 129_024, device="cuda"), -1)
+    drafts = torch.randint(0, 129_024, (3, 4), device="cuda")
+    for q in (None, draft):
+        tokens, accepted = pearlmoe.spec_verify(target, drafts, q)
+        assert ((tokens >= 0).sum(1) == accepted + 1).all()
     torch.cuda.synchronize()
     print("sanitize case: ok")
 

@@ -54,6 +54,13 @@ TORCH_LIBRARY(pearlmoe, m) {
       "Tensor? k_weight=None, float eps=1e-05, bool normalize=True) -> (Tensor q_out, Tensor "
       "k_hat)");
 
+  // ---- speculative decoding ----------------------------------------------------------------
+  // Batched verification: greedy (no draft_probs) or rejection sampling with the given uniforms;
+  // tokens = accepted drafts, then the correction or bonus token, then -1.
+  m.def(
+      "spec_verify(Tensor target_probs, Tensor draft_ids, Tensor? draft_probs=None, "
+      "Tensor? uniforms=None) -> (Tensor tokens, Tensor num_accepted)");
+
   // ---- build info --------------------------------------------------------------------------
   // Whether this build compiled the CUDA kernels.
   m.def("built_with_cuda() -> bool", [] { return kBuiltWithCuda; });

@@ -23,6 +23,10 @@ ATTN_CASES = [
     (113, [113, 2000], 2, 2, 128),
     (803, [803, 4099], 10, 1, 80),
     (1, [1], 1, 1, 64),
+    (9, [9, 40], 10, 1, 80),  # speculative verification of 8 drafts
+    (63, [63, 100], 10, 1, 80),  # CUDA: several row groups of the split-KV kernel
+    (64, [64, 300], 10, 1, 80),  # CUDA: the prefill kernel's smallest query length
+    (65, [65, 129], 8, 1, 128),
 ]
 
 
@@ -32,6 +36,9 @@ def _qkv(q_len, lens, q_heads, kv_heads, dim, dtype, device, seed):
     q = torch.randn(len(lens), q_len, q_heads, dim, generator=g)
     k = torch.randn(len(lens), capacity, kv_heads, dim, generator=g)
     v = torch.randn(len(lens), capacity, kv_heads, dim, generator=g)
+    for b, n in enumerate(lens):  # the buffer past each sequence holds garbage: never read it
+        k[b, n:] = float("nan")
+        v[b, n:] = float("nan")
     kv_lens = torch.tensor(lens, dtype=torch.int32)
     return [t.to(device, dtype) for t in (q, k, v)] + [kv_lens.to(device)]
 
@@ -47,6 +54,7 @@ def test_attention_matches_reference(device, dtype, case):
     cpu = [t.cpu() for t in (q, k, v, kv_lens)]
     low = reference.attention(*cpu)
     oracle = reference.attention(*[t.double() for t in cpu[:3]], cpu[3])
+    assert out.isfinite().all()
     assert_close_to_oracle(out, low, oracle, floor=1e-6)
 
 

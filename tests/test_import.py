@@ -16,6 +16,7 @@ OPS = [
     "moe_ffn",
     "attention",
     "rope_qk_norm",
+    "spec_verify",
 ]
 
 

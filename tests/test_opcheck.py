@@ -26,6 +26,9 @@ def _samples(device: str) -> dict:
     kv = torch.randn(2, 9, 2, 64, device=device, dtype=dtype)
     kv_lens = torch.tensor([3, 8], dtype=torch.int32, device=device)
     positions = torch.arange(3, device=device) + 5
+    probs = torch.softmax(torch.randn(2, 3, 11, device=device), -1)
+    draft_ids = torch.randint(0, 11, (2, 2), device=device)
+    uniforms = torch.rand(2, 3, device=device)
 
     def grad(t):
         return t.clone().requires_grad_()
@@ -52,6 +55,11 @@ def _samples(device: str) -> dict:
         "rope_qk_norm": (
             _ops.rope_qk_norm,
             (q[0], kv[0, :3], positions, 1e4, q[0, 0, 0], q[0, 0, 1], 1e-5, True),
+        ),
+        "spec_verify-greedy": (_ops.spec_verify, (probs, draft_ids, None, None)),
+        "spec_verify-sampling": (
+            _ops.spec_verify,
+            (probs, draft_ids, probs[:, :2].contiguous(), uniforms),
         ),
         "rope-only": (
             _ops.rope_qk_norm,

@@ -241,6 +241,43 @@ def test_cuda_kernels_refuse_what_they_cannot_run():
         _call_cuda_kernel(torch.ops.pearlmoe.topk_softmax, torch.randn(2, 4), 1, False)
     with pytest.raises(RuntimeError, match=r"pearlmoe\.moe_align: .*" + msg):
         _call_cuda_kernel(torch.ops.pearlmoe.moe_align, torch.zeros(2, 1, dtype=torch.int32), 4)
+    x = torch.randn(4, 8)
+    cases = {
+        "grouped_gemm": (x, torch.randn(1, 8, 8), torch.tensor([0, 4], dtype=torch.int32)),
+        "moe_ffn": (
+            x,
+            torch.randn(2, 8),
+            torch.randn(2, 8, 8),
+            torch.randn(2, 8, 4),
+            1,
+            None,
+            None,
+            False,
+        ),
+        "attention": (
+            torch.randn(1, 1, 2, 64),
+            torch.randn(1, 3, 1, 64),
+            torch.randn(1, 3, 1, 64),
+            torch.tensor([3], dtype=torch.int32),
+            None,
+        ),
+        "rope_qk_norm": (
+            torch.randn(2, 2, 8),
+            torch.randn(2, 1, 8),
+            torch.arange(2),
+            1e4,
+            None,
+            None,
+            1e-5,
+            True,
+        ),
+        "spec_verify": (torch.rand(1, 2, 5), torch.tensor([[1]]), None, None),
+    }
+    for name, args in cases.items():
+        with pytest.raises(
+            RuntimeError, match=rf"pearlmoe\.{name}: .*must be a CUDA tensor|has no CUDA kernels"
+        ):
+            _call_cuda_kernel(getattr(torch.ops.pearlmoe, name), *args)
 
 
 @requires_cuda

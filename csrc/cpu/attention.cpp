@@ -74,14 +74,9 @@ void attention(const Tensor& q, const Tensor& k, const Tensor& v, const int32_t*
   });
 }
 
-void rope_norm(const Tensor& x, const int64_t* positions, const float* weight, double base,
-               double eps, bool normalize, Tensor& out) {
+void rope_norm(const Tensor& x, const int64_t* positions, const float* weight,
+               const float* inv_freq, double eps, bool normalize, Tensor& out) {
   const int64_t tokens = x.size(0), heads = x.size(1), dim = x.size(2), half = dim / 2;
-  // As HF builds its tables: inv_freq = 1 / base^(2i/D) and the angle, both in fp32.
-  std::vector<float> inv_freq(half);
-  for (int64_t i = 0; i < half; ++i) {
-    inv_freq[i] = 1.f / std::pow(static_cast<float>(base), static_cast<float>(2 * i) / dim);
-  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rope_norm_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const scalar_t* src = x.const_data_ptr<scalar_t>();
@@ -95,7 +90,7 @@ void rope_norm(const Tensor& x, const int64_t* positions, const float* weight, d
         const float pos = static_cast<float>(positions[t]);
         acc_t sum_sq = 0;
         for (int64_t i = 0; i < half; ++i) {
-          const float angle = pos * inv_freq[i];
+          const float angle = pos * inv_freq[i];  // fp32, as HF's tables hold it
           const acc_t c = std::cos(angle), s = std::sin(angle);
           const acc_t a = static_cast<acc_t>(xr[i]), b = static_cast<acc_t>(xr[i + half]);
           r[i] = a * c - b * s;

@@ -4,6 +4,8 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
+
 namespace pearlmoe::cpu {
 
 // logits [T, E] f32 contiguous -> weights [T, k] f32, ids [T, k] int32
@@ -46,8 +48,19 @@ void attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                const int32_t* kv_lens, double scale, at::Tensor& o);
 
 // NeoX RoPE then (optionally) RMSNorm times weight over x [T, H, D] (unit last stride) at
-// positions (host int64 [T]) -> out [T, H, D] contiguous. weight: fp32 [D] or null.
-void rope_norm(const at::Tensor& x, const int64_t* positions, const float* weight, double base,
-               double eps, bool normalize, at::Tensor& out);
+// positions (host int64 [T]) -> out [T, H, D] contiguous. weight: fp32 [D] or null; inv_freq:
+// fp32 [D/2].
+void rope_norm(const at::Tensor& x, const int64_t* positions, const float* weight,
+               const float* inv_freq, double eps, bool normalize, at::Tensor& out);
+
+}  // namespace pearlmoe::cpu
+
+namespace pearlmoe::cpu {
+
+// Batched speculative verification, sequences in parallel (inputs checked and contiguous).
+void spec_verify(const at::Tensor& target_probs, const at::Tensor& draft_ids,
+                 const std::optional<at::Tensor>& draft_probs,
+                 const std::optional<at::Tensor>& uniforms, at::Tensor& tokens,
+                 at::Tensor& num_accepted);
 
 }  // namespace pearlmoe::cpu

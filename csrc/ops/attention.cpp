@@ -40,10 +40,12 @@ void check_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Te
              "q must be BFloat16 or Half on CUDA, got ", q.scalar_type(),
              " (float32 runs on the CPU)");
   }
-  for (auto [t, name] : {std::pair{&k, "k"}, std::pair{&v, "v"}, std::pair{&kv_lens, "kv_lens"}}) {
+  for (auto [t, name] : {std::pair{&k, "k"}, std::pair{&v, "v"}}) {
     PM_CHECK(t->device() == q.device(), kAttn, name, " is on ", t->device(), " but q is on ",
              q.device());
   }
+  PM_CHECK(kv_lens.device() == q.device() || kv_lens.is_cpu(), kAttn,
+           "kv_lens must be on q's device or on the CPU, got ", kv_lens.device());
   PM_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), kAttn,
            "q, k and v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
            v.scalar_type());
@@ -60,8 +62,9 @@ void check_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Te
   PM_CHECK(dim >= 1, kAttn, "head_dim must be positive");
 }
 
-// Every sequence's queries must each see a key: q_len <= kv_lens[b] <= Skv. One host sync on
-// CUDA, skipped while a CUDA graph is being captured.
+// Every sequence's queries must each see a key: q_len <= kv_lens[b] <= Skv. Free for kv_lens on
+// the CPU (the KV cache passes them so); one host sync for CUDA kv_lens, skipped while a CUDA
+// graph is being captured.
 void check_kv_lens(const Tensor& kv_lens, int64_t q_len, int64_t capacity) {
 #ifdef PEARLMOE_WITH_CUDA
   if (kv_lens.is_cuda() && stream_is_capturing()) return;
@@ -119,10 +122,19 @@ void check_rope(const Tensor& q, const Tensor& k, const Tensor& positions, const
     check_dim(**w, 1, kRope, name);
     PM_CHECK((*w)->size(0) == dim, kRope, name, " must have head_dim = ", dim, " entries, got ",
              (*w)->size(0));
+    PM_CHECK((*w)->device() == q.device(), kRope, name, " is on ", (*w)->device(), " but q is on ",
+             q.device());
   }
   for (const Tensor* t : {&k, &positions}) {
     PM_CHECK(t->device() == q.device(), kRope, "all inputs must be on q's device ", q.device());
   }
+}
+
+// inv_freq[i] = 1 / base^(2i/D) in fp32, computed exactly as HF (and reference.rope) do, on the
+// CPU, so every device rotates by bit-identical angles.
+Tensor inv_freq_table(double base, int64_t dim, c10::Device device) {
+  const Tensor exponent = at::arange(0, dim, 2, at::kFloat) / static_cast<double>(dim);
+  return at::pow(base, exponent).reciprocal().to(device);
 }
 
 // The query's weight times the key's (folded: q·(w⊙k̂) = (q⊙w)·k̂), fp32, or undefined.
@@ -141,12 +153,13 @@ std::tuple<Tensor, Tensor> rope_qk_norm_cpu(const Tensor& q, const Tensor& k,
   check_rope(q, k, positions, q_weight, k_weight, normalize);
   const Tensor pos = positions.to(at::kLong).contiguous();
   const Tensor w = folded_weight(q_weight, k_weight);
+  const Tensor inv_freq = inv_freq_table(rope_base, q.size(2), q.device());
   Tensor q_out = at::empty(q.sizes(), q.options()), k_hat = at::empty(k.sizes(), k.options());
   cpu::rope_norm(unit_last_stride(q), pos.const_data_ptr<int64_t>(),
-                 w.defined() ? w.const_data_ptr<float>() : nullptr, rope_base, eps, normalize,
-                 q_out);
-  cpu::rope_norm(unit_last_stride(k), pos.const_data_ptr<int64_t>(), nullptr, rope_base, eps,
-                 normalize, k_hat);
+                 w.defined() ? w.const_data_ptr<float>() : nullptr,
+                 inv_freq.const_data_ptr<float>(), eps, normalize, q_out);
+  cpu::rope_norm(unit_last_stride(k), pos.const_data_ptr<int64_t>(), nullptr,
+                 inv_freq.const_data_ptr<float>(), eps, normalize, k_hat);
   return {q_out, k_hat};
 }
 
@@ -169,18 +182,20 @@ Tensor attention_cuda(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in
            "head_dim must be 64, 80 or 128 on CUDA, got ", dim);
   const c10::cuda::CUDAGuard guard(q_in.device());
   check_kv_lens(kv_lens, q_in.size(1), k_in.size(1));
-  // The kernels load 16-byte chunks: unit last stride, other strides multiples of 8 elements.
+  // The kernels load 16-byte chunks: unit last stride, other strides (of dimensions longer than
+  // 1) multiples of 8 elements, 16-byte aligned data; anything else is copied once.
   auto ready = [](const Tensor& t) {
-    const bool ok = t.stride(3) == 1 && t.stride(0) % 8 == 0 && t.stride(1) % 8 == 0 &&
-                    t.stride(2) % 8 == 0 &&
-                    reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
-    return ok ? t : t.contiguous();
+    bool ok = t.stride(3) == 1 && reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
+    for (int d = 0; d < 3; ++d) ok = ok && (t.size(d) == 1 || t.stride(d) % 8 == 0);
+    return ok;
   };
-  const Tensor q = ready(q_in), k = ready(k_in), v = ready(v_in);
-  PM_CHECK(k.strides() == v.strides(), kAttn, "k and v must have the same strides");
+  auto fix = [](const Tensor& t) { return t.clone(at::MemoryFormat::Contiguous); };
+  const Tensor q = ready(q_in) ? q_in : fix(q_in);
+  const bool kv_ready = ready(k_in) && ready(v_in) && k_in.strides() == v_in.strides();
+  const Tensor k = kv_ready ? k_in : fix(k_in), v = kv_ready ? v_in : fix(v_in);
   Tensor o = at::empty(q.sizes(), q.options());
   if (o.numel() == 0) return o;
-  const Tensor lens = kv_lens.contiguous();
+  const Tensor lens = kv_lens.to(q.device(), /*non_blocking=*/true).contiguous();
   attention::AttentionParams p{
       q.const_data_ptr(),
       k.const_data_ptr(),
@@ -229,6 +244,7 @@ std::tuple<Tensor, Tensor> rope_qk_norm_cuda(const Tensor& q_in, const Tensor& k
   const Tensor w = folded_weight(q_weight, k_weight);
   Tensor q_out = at::empty(q.sizes(), q.options()), k_hat = at::empty(k.sizes(), k.options());
   const auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  const Tensor inv_freq = inv_freq_table(rope_base, q.size(2), q.device());
   for (auto [x, out, weight] :
        {std::tuple{&q, &q_out, w.defined() ? w.const_data_ptr<float>() : nullptr},
         std::tuple{&k, &k_hat, static_cast<const float*>(nullptr)}}) {
@@ -236,12 +252,12 @@ std::tuple<Tensor, Tensor> rope_qk_norm_cuda(const Tensor& q_in, const Tensor& k
                                 out->mutable_data_ptr(),
                                 pos.const_data_ptr<int64_t>(),
                                 weight,
+                                inv_freq.const_data_ptr<float>(),
                                 x->size(0),
                                 x->size(1),
                                 x->size(2),
                                 x->stride(0),
                                 x->stride(1),
-                                static_cast<float>(rope_base),
                                 static_cast<float>(eps),
                                 normalize,
                                 rope_dtype(*x)};

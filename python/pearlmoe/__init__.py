@@ -22,6 +22,7 @@ from .ops import (
     moe_ffn,
     moe_ffn_routed,
     rope_qk_norm,
+    spec_verify,
     topk_softmax,
 )
 
@@ -47,5 +48,6 @@ __all__ = [
     "reference",
     "rope_qk_norm",
     "save_pretrained",
+    "spec_verify",
     "topk_softmax",
 ]

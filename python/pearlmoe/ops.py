@@ -197,7 +197,8 @@ def attention(
     dtype; blocked online softmax, never an Sq×Skv matrix.
 
     Shape:
-        q: [B, Sq, Hq, D], k, v: [B, Skv, Hkv, D], kv_lens: [B] int32 -> [B, Sq, Hq, D]
+        q: [B, Sq, Hq, D], k, v: [B, Skv, Hkv, D], kv_lens: [B] int32 (on q's device, or on the
+        CPU: then they are checked without a device sync) -> [B, Sq, Hq, D]
     """
     return _ops.attention.default(q, k, v, kv_lens, scale)
 
@@ -248,6 +249,48 @@ def _rope_qk_norm_fake(q, k, positions, rope_base, q_weight=None, k_weight=None,
     q_out = torch.empty_like(q, memory_format=torch.contiguous_format)
     k_hat = torch.empty_like(k, memory_format=torch.contiguous_format)
     return q_out, k_hat
+
+
+# ---- speculative decoding ------------------------------------------------------------------------
+
+
+def spec_verify(
+    target_probs: Tensor,
+    draft_ids: Tensor,
+    draft_probs: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Verify n drafted tokens per sequence against the target, for a batch.
+
+    Greedy (``draft_probs=None``): a draft is accepted iff it is the target's argmax. Sampling:
+    accept ``x_i`` iff ``u_i <= p_i(x_i) / q_i(x_i)``; the first rejection emits a sample of
+    ``normalise(max(p_i - q_i, 0))`` and stops; when all are accepted a bonus token is sampled from
+    the last target row. This keeps the output distributed exactly as the target's (lossless).
+    The uniforms come from ``generator``, so runs are reproducible. NaN or negative
+    probabilities raise an error.
+
+    Shape:
+        target_probs: [B, n+1, V] float32, draft_ids: [B, n] int, draft_probs: [B, n, V] float32
+        -> tokens [B, n+1] int64 (accepted drafts, then the correction or bonus token, then -1),
+           num_accepted [B] int32
+    """
+    uniforms = None
+    if draft_probs is not None:
+        batch, rows = target_probs.shape[:2]
+        rng_device = generator.device if generator is not None else target_probs.device
+        uniforms = torch.rand(batch, rows, generator=generator, device=rng_device)
+        uniforms = uniforms.to(target_probs.device)
+    return _ops.spec_verify.default(target_probs, draft_ids, draft_probs, uniforms)
+
+
+@torch.library.register_fake("pearlmoe::spec_verify")
+def _spec_verify_fake(target_probs, draft_ids, draft_probs=None, uniforms=None):
+    torch._check(target_probs.dim() == 3 and draft_ids.dim() == 2, lambda: "bad ranks")
+    torch._check(target_probs.shape[1] == draft_ids.shape[1] + 1, lambda: "need n+1 rows")
+    batch, rows = target_probs.shape[:2]
+    tokens = target_probs.new_empty(batch, rows, dtype=torch.int64)  # [B, n+1]
+    num_accepted = target_probs.new_empty(batch, dtype=torch.int32)  # [B]
+    return tokens, num_accepted
 
 
 @torch.library.register_fake("pearlmoe::grouped_gemm")

@@ -135,7 +135,7 @@ def rope(x: Tensor, positions: Tensor, base: float) -> Tensor:
     (inv_freq = 1 / base^(2i/D)); the rotation in fp32, fp64 for fp64 inputs."""
     dim = x.shape[-1]
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=x.device) / dim))
+    inv_freq = (1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))).to(x.device)
     angle = positions.float().unsqueeze(1) * inv_freq.unsqueeze(0)  # [T, D/2]
     emb = torch.cat([angle, angle], dim=-1).to(acc).unsqueeze(1)  # [T, 1, D]
     x = x.to(acc)
@@ -165,3 +165,58 @@ def rope_qk_norm(
     if k_weight is not None:
         q_out = q_out * k_weight.to(q_out.dtype)
     return q_out.to(q.dtype), rms_norm(k_rot, None, eps).to(k.dtype)
+
+
+# ---- speculative decoding ------------------------------------------------------------------------
+
+
+def spec_verify(
+    target_probs: Tensor,
+    draft_ids: Tensor,
+    draft_probs: Tensor | None = None,
+    uniforms: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Token by token, as Leviathan et al. state it; the last uniform of each sequence samples
+    the correction / bonus token by inverse CDF (float64 cumulative sums)."""
+    batch, rows = target_probs.shape[:2]
+    n = rows - 1
+    tokens = torch.full((batch, rows), -1, dtype=torch.int64)
+    accepted = torch.zeros(batch, dtype=torch.int32)
+
+    def sample(weights: Tensor, u: float) -> int:
+        weights = weights.double()
+        if weights.sum() <= 0:
+            raise AssertionError("no mass")
+        cum = weights.cumsum(0)
+        hits = ((cum > u * cum[-1]) & (weights > 0)).nonzero()
+        return int(hits[0]) if hits.numel() else int((weights > 0).nonzero()[-1])
+
+    for b in range(batch):
+        p, x = target_probs[b].cpu(), draft_ids[b].cpu()
+        for i in range(rows):
+            if i == n:
+                tokens[b, i] = (
+                    int(p[i].argmax())
+                    if draft_probs is None
+                    else sample(p[i], float(uniforms[b, n]))
+                )
+                accepted[b] = n
+                break
+            if draft_probs is None:
+                ok = int(x[i]) == int(p[i].argmax())
+            else:
+                q = draft_probs[b, i].cpu()
+                ok = float(uniforms[b, i]) * float(q[x[i]]) <= float(p[i, x[i]])
+            if ok:
+                tokens[b, i] = x[i]
+                continue
+            if draft_probs is None:
+                tokens[b, i] = int(p[i].argmax())
+            else:
+                residual = (p[i] - draft_probs[b, i].cpu()).clamp(min=0)
+                if residual.sum() <= 0:
+                    residual = p[i]
+                tokens[b, i] = sample(residual, float(uniforms[b, n]))
+            accepted[b] = i
+            break
+    return tokens, accepted

@@ -24,9 +24,10 @@ __device__ __forceinline__ void store(__half* p, float v) { *p = __float2half(v)
 template <typename T>
 __global__ void rope_norm_kernel(const T* __restrict__ x, T* __restrict__ out,
                                  const int64_t* __restrict__ positions,
-                                 const float* __restrict__ weight, int64_t tokens, int64_t heads,
-                                 int head_dim, int64_t token_stride, int64_t head_stride,
-                                 float base, float eps, bool normalize) {
+                                 const float* __restrict__ weight,
+                                 const float* __restrict__ inv_freq, int64_t tokens, int64_t heads,
+                                 int head_dim, int64_t token_stride, int64_t head_stride, float eps,
+                                 bool normalize) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (row >= tokens * heads) return;
@@ -43,10 +44,8 @@ __global__ void rope_norm_kernel(const T* __restrict__ x, T* __restrict__ out,
     const int i = lane + 32 * s;
     lo[s] = hi[s] = 0.f;
     if (i < half) {
-      // As HF builds its tables: inv_freq = 1 / base^(2i/D) and the angle in fp32.
-      const float inv_freq = 1.f / powf(base, static_cast<float>(2 * i) / head_dim);
       float sin_a, cos_a;
-      sincosf(pos * inv_freq, &sin_a, &cos_a);
+      sincosf(pos * inv_freq[i], &sin_a, &cos_a);  // the fp32 angle, as HF's tables hold it
       const float a = load(src + i), b = load(src + i + half);
       lo[s] = a * cos_a - b * sin_a;
       hi[s] = b * cos_a + a * sin_a;
@@ -83,8 +82,8 @@ cudaError_t rope_norm_cuda(const RopeNormParams& p, cudaStream_t stream) {
   auto launch = [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     rope_norm_kernel<T><<<blocks, kWarpsPerBlock * 32, 0, stream>>>(
-        static_cast<const T*>(p.x), static_cast<T*>(p.out), p.positions, p.weight, p.tokens,
-        p.heads, static_cast<int>(p.head_dim), p.token_stride, p.head_stride, p.base, p.eps,
+        static_cast<const T*>(p.x), static_cast<T*>(p.out), p.positions, p.weight, p.inv_freq,
+        p.tokens, p.heads, static_cast<int>(p.head_dim), p.token_stride, p.head_stride, p.eps,
         p.normalize);
     return cudaGetLastError();
   };

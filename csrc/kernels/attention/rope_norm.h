@@ -1,7 +1,8 @@
 // Torch-free NeoX RoPE + QK RMSNorm (Hunyuan-Large applies the norm after RoPE). Shared by the
 // CPU kernel (per row) and the CUDA kernel (one warp per row).
 //
-// For one head row x [D] at position p, with inv_freq[i] = 1 / base^(2i/D), i < D/2:
+// For one head row x [D] at position p, with inv_freq[i] = 1 / base^(2i/D), i < D/2 (a table the
+// caller builds once, as HF does, so every device rotates by the same fp32 angles p·inv_freq[i]):
 //     r[i]       = x[i] cos(p·inv_freq[i]) - x[i + D/2] sin(p·inv_freq[i])
 //     r[i + D/2] = x[i + D/2] cos(p·inv_freq[i]) + x[i] sin(p·inv_freq[i])
 // then, with normalisation on, out = r / sqrt(mean(r²) + eps) · weight (weight may be null).
@@ -20,8 +21,9 @@ struct RopeNormParams {
   void* out;                 // [T, H, D] contiguous
   const int64_t* positions;  // [T] device
   const float* weight;       // [D] fp32 or null (the query's weight times the folded key weight)
+  const float* inv_freq;     // [D/2] fp32
   int64_t tokens, heads, head_dim, token_stride, head_stride;
-  float base, eps;
+  float eps;
   bool normalize;
   RopeDType dtype;
 };

@@ -134,10 +134,11 @@ class KVCache:
         return self.k[g], self.v[g]
 
     def kv_lens(self, num_new: Tensor | list[int] | int = 0) -> Tensor:
-        """Valid keys per sequence while attending for the pending new tokens: [B] int32."""
+        """Valid keys per sequence while attending for the pending new tokens: [B] int32 on the
+        CPU, so ops.attention checks them without a device sync (it copies them over itself)."""
         counts = self._num_new(num_new, self.capacity)
         lens = [n + c for n, c in zip(self._lens, counts, strict=True)]
-        return torch.tensor(lens, dtype=torch.int32).to(self.lens.device)
+        return torch.tensor(lens, dtype=torch.int32)
 
     def advance(self, num_new: Tensor | list[int] | int) -> None:
         """Commit the step's new tokens (after every layer has written and attended)."""
