@@ -1,0 +1,120 @@
+"""Pieces shared by the speculative decoding loops: ragged feeding of a batch, the statistics,
+and the choice of the draft length from measured step times.
+
+Invariant the loops keep for every sequence: the model caches hold everything committed except
+the last committed token, which is fed at the start of the next step.
+"""
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..model.transformer import Transformer
+
+
+@dataclass
+class DecodeStats:
+    """target_calls: target forwards (verification rounds); draft_calls: draft forwards;
+    proposed / accepted: draft tokens offered to and accepted by verification; emitted: tokens
+    produced. mean_accepted_tokens = emitted / target_calls (tokens per target forward)."""
+
+    target_calls: int = 0
+    draft_calls: int = 0
+    proposed: int = 0
+    accepted: int = 0
+    emitted: int = 0
+    seconds: float = 0.0
+    gamma: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+    @property
+    def mean_accepted_tokens(self) -> float:
+        return self.emitted / self.target_calls if self.target_calls else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.emitted / self.seconds if self.seconds else 0.0
+
+
+class CachedModel:
+    """A model, its KV cache, and the token ids that cache holds (per sequence, in order), so a
+    ragged batch can still run as one forward: a sequence bringing fewer new tokens is
+    left-extended with its own newest cached tokens, which are dropped from the cache and
+    recomputed in place (same positions, same keys and values)."""
+
+    def __init__(self, model: Transformer, prompts: list[list[int]], capacity: int) -> None:
+        self.model = model
+        self.cache = model.new_cache(len(prompts), capacity)
+        self.tokens = [list(p[:-1]) for p in prompts]  # cached: every prompt token but the last
+        for b, prompt in enumerate(prompts):
+            if len(prompt) > 1:
+                model(torch.tensor([prompt[:-1]], device=model.device), self.cache.sequence(b))
+
+    def feed(self, new: list[list[int]]) -> list[Tensor]:
+        """Append each sequence's new tokens; returns its logits [n_b, V] (fp32)."""
+        model, device = self.model, self.model.device
+        width = max(len(t) for t in new)
+        if width == 0:
+            return [torch.empty(0, model.config.vocab_size, device=device) for _ in new]
+        pad = [width - len(t) for t in new]
+        if all(p <= len(cached) for p, cached in zip(pad, self.tokens, strict=True)):
+            rows = [
+                cached[len(cached) - p :] + t
+                for p, cached, t in zip(pad, self.tokens, new, strict=True)
+            ]
+            self.truncate([len(cached) - p for p, cached in zip(pad, self.tokens, strict=True)])
+            logits = model(torch.tensor(rows, device=device), self.cache)  # [B, width, V]
+            for cached, row in zip(self.tokens, rows, strict=True):
+                cached.extend(row)
+            return [logits[b, p:] for b, p in enumerate(pad)]
+        out = []  # too little history to pad with: one sequence at a time
+        for b, t in enumerate(new):
+            logits = model(torch.tensor([t], device=device), self.cache.sequence(b)) if t else None
+            self.tokens[b].extend(t)
+            out.append(logits[0] if t else torch.empty(0, model.config.vocab_size, device=device))
+        return out
+
+    def truncate(self, lens: list[int]) -> None:
+        self.cache.truncate(lens)
+        for cached, n in zip(self.tokens, lens, strict=True):
+            del cached[n:]
+
+
+@torch.inference_mode()
+def measure_step_seconds(
+    model: Transformer, batch: int = 1, context: int = 64, steps: int = 8
+) -> float:
+    """Median seconds of one decode step (one token per sequence) after a short prefill."""
+    cache = model.new_cache(batch, context + steps + 1)
+    ids = torch.randint(0, model.config.vocab_size, (batch, context), device=model.device)
+    model(ids, cache)
+    times = []
+    for _ in range(steps):
+        if model.device.type == "cuda":
+            torch.cuda.synchronize(model.device)
+        start = time.perf_counter()
+        model(ids[:, -1:], cache)
+        if model.device.type == "cuda":
+            torch.cuda.synchronize(model.device)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def auto_gamma(target: Transformer, draft: Transformer, batch: int = 1, max_gamma: int = 8) -> int:
+    """PEARL's Theorem 1: the best window is the cost ratio c = T_target / T_draft, measured."""
+    ratio = measure_step_seconds(target, batch) / measure_step_seconds(draft, batch)
+    return max(1, min(max_gamma, round(ratio)))
+
+
+def check_pair(target: Transformer, draft: Transformer) -> None:
+    if target.config.vocab_size != draft.config.vocab_size:
+        raise ValueError(
+            f"draft and target must share a vocabulary: {draft.config.vocab_size} vs "
+            f"{target.config.vocab_size} tokens"
+        )
