@@ -61,6 +61,7 @@ bench: build
 	$(PY) bench/bench_moe.py
 	$(PY) bench/bench_attention.py
 	$(PY) bench/bench_model.py
+	$(PY) bench/bench_decode.py
 
 # C++ microbenchmarks (Google Benchmark: Debian's libbenchmark-dev). The CUDA binaries are built
 # wherever nvcc exists (linking the kernels the extension build compiled) and run where a GPU is.

@@ -57,6 +57,7 @@ step bench-routing 90 "$PY" bench/bench_routing.py --device cuda --out "$OUT" --
 step bench-moe 150 "$PY" bench/bench_moe.py --device cuda --out "$OUT"
 step bench-attention 120 "$PY" bench/bench_attention.py --device cuda --out "$OUT"
 step bench-model 120 "$PY" bench/bench_model.py --device cuda --out "$OUT"
+step bench-decode 120 "$PY" bench/bench_decode.py --device cuda --out "$OUT"
 
 BENCHMARK_DIR=$(ls -d "$CARRY"/benchmark/usr/lib/*/cmake/benchmark 2>/dev/null | head -1)
 if [ -n "$BENCHMARK_DIR" ]; then
@@ -86,4 +87,5 @@ grep -A25 '^routing ops on' "$OUT/bench-routing.log" 2>/dev/null
 grep -A10 '^moe_ffn on' "$OUT/bench-moe.log" 2>/dev/null
 grep -A12 '^attention on' "$OUT/bench-attention.log" 2>/dev/null
 grep -A5 '^model on' "$OUT/bench-model.log" 2>/dev/null
+grep -A5 '^decoding on' "$OUT/bench-decode.log" 2>/dev/null
 exit $failed

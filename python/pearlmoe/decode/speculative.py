@@ -63,9 +63,8 @@ def speculative_generate(
         feeds = [[t, *d] for t, d in zip(last, drafted.tolist(), strict=True)]
         p = logits_to_probs(torch.stack(tgt.feed(feeds)), temperature, top_k, top_p)  # [B, γ+1, V]
         stats.target_calls += 1
-        tokens, accepted = ops.spec_verify(
-            p, drafted, None if greedy else torch.stack(q, 1), generator
-        )
+        q_rows = None if greedy else torch.stack(q, 1).to(p.device)  # [B, γ, V]
+        tokens, accepted = ops.spec_verify(p, drafted.to(p.device), q_rows, generator)
 
         step: list[list[int]] = [[] for _ in prompts]
         t_lens, d_lens = [], []
