@@ -76,6 +76,30 @@ class Attention(nn.Module):
         o = attend(q.view(batch, steps, hq, d), k_buf, v_buf, cache.kv_lens(steps))
         return F.linear(o.reshape(batch, steps, hq * d), self.o_proj)  # [B, S, H]
 
+    def forward_train(self, x: Tensor, shared_kv: list) -> Tensor:
+        """Whole sequences, differentiable (torch RoPE / norms and SDPA), Hunyuan's formulation:
+        each layer normalises the group's raw keys with its own key norm. shared_kv carries the
+        first layer's raw (k, v) to the rest of its CLA group."""
+        c = self.c
+        batch, steps, _ = x.shape
+        hq, hkv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        q = F.linear(x, self.q_proj).view(batch, steps, hq, d)
+        if self.owns_kv:
+            k = F.linear(x, self.k_proj).view(batch, steps, hkv, d)
+            v = F.linear(x, self.v_proj).view(batch, steps, hkv, d)
+            shared_kv[:] = [k, v]
+        k, v = shared_kv
+        positions = torch.arange(steps, device=x.device)
+        q = reference.rope(q.reshape(-1, hq, d), positions.repeat(batch), c.rope_base)
+        k = reference.rope(k.reshape(-1, hkv, d), positions.repeat(batch), c.rope_base)
+        if c.use_qk_norm:
+            q = reference.rms_norm(q, self.query_layernorm, c.rms_norm_eps)
+            k = reference.rms_norm(k, self.key_layernorm, c.rms_norm_eps)
+        q = q.to(x.dtype).view(batch, steps, hq, d).transpose(1, 2)  # [B, Hq, S, D]
+        k = k.to(x.dtype).view(batch, steps, hkv, d).transpose(1, 2)  # [B, Hkv, S, D]
+        o = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True, enable_gqa=True)
+        return F.linear(o.transpose(1, 2).reshape(batch, steps, hq * d), self.o_proj)
+
 
 class MoE(nn.Module):
     """Shared expert + top-k routed SwiGLU experts, in the op layouts: w13 stacks each expert's
@@ -104,6 +128,18 @@ class MoE(nn.Module):
             self.shared_w2, self.c.renormalize,
         )  # fmt: skip
         return y.view_as(x)
+
+    def forward_train(self, x: Tensor, routing: dict) -> tuple[Tensor, Tensor]:
+        """Training routing (capacity, recycle) through the differentiable op; returns the
+        output and this layer's load-balancing loss."""
+        flat = x.reshape(-1, x.shape[-1]).to(self.w13.dtype)  # [B*S, H]
+        # pearlmoe's ops take one dtype for activations and weights: outside autocast.
+        with torch.autocast(x.device.type, enabled=False):
+            y, stats = ops.moe_ffn(
+                flat, self.router, self.w13, self.w2, self.c.moe_topk, self.shared_w13,
+                self.shared_w2, self.c.renormalize, return_stats=True, **routing,
+            )  # fmt: skip
+        return y.to(x.dtype).view_as(x), stats.load_balancing_loss()
 
 
 class DenseMLP(nn.Module):
@@ -156,6 +192,31 @@ class Transformer(nn.Module):
             kv_heads=c.num_key_value_heads, head_dim=c.head_dim,
             cla_share_factor=c.cla_share_factor, dtype=self.dtype, device=self.device,
         )  # fmt: skip
+
+    def forward_train(
+        self,
+        input_ids: Tensor,
+        capacity_factor: float | None = None,
+        recycle: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Differentiable whole-sequence forward for training: logits [B, S, V] and the summed
+        load-balancing loss of the MoE layers (capacity and recycle routing as configured)."""
+        routing = dict(capacity_factor=capacity_factor, recycle=recycle, generator=generator)
+        x = F.embedding(input_ids, self.embed_tokens)  # [B, S, H]
+        aux = x.new_zeros((), dtype=torch.float32)
+        shared_kv: list = []
+        for block in self.layers:
+            x = x + block.self_attn.forward_train(block.input_layernorm(x), shared_kv)
+            h = block.post_attention_layernorm(x)
+            if isinstance(block.mlp, MoE):
+                y, layer_aux = block.mlp.forward_train(h, routing)
+                aux = aux + layer_aux
+            else:
+                y = block.mlp(h, reference_ops=True)
+            x = x + y
+        head = self.embed_tokens if self.lm_head is None else self.lm_head
+        return F.linear(self.norm(x), head).float(), aux
 
     def forward(
         self, input_ids: Tensor, cache: KVCache | None = None, reference_ops: bool = False
