@@ -362,3 +362,17 @@ def test_moe_ffn_under_cuda_graph():
         graph.replay()
         want = pearlmoe.moe_ffn(x, router_w, w13, w2, 1, s13, s2)
         torch.testing.assert_close(y, want)
+
+
+def test_grouped_gemm_wgrad_bad_input():
+    offs = torch.tensor([0, 2, 4], dtype=torch.int32)
+    with pytest.raises(
+        RuntimeError, match=r"grouped_gemm_wgrad: grad_c and a must have the same rows"
+    ):
+        pearlmoe.ops.grouped_gemm_wgrad(torch.randn(3, 5), torch.randn(4, 6), offs)
+    with pytest.raises(RuntimeError, match=r"grouped_gemm_wgrad: grad_c must have a's dtype Float"):
+        pearlmoe.ops.grouped_gemm_wgrad(torch.randn(4, 5).double(), torch.randn(4, 6), offs)
+    with pytest.raises(RuntimeError, match=r"grouped_gemm_wgrad: group_offsets\[G\] = 5 exceeds"):
+        pearlmoe.ops.grouped_gemm_wgrad(
+            torch.randn(4, 5), torch.randn(4, 6), torch.tensor([0, 2, 5], dtype=torch.int32)
+        )
