@@ -103,3 +103,20 @@ def test_resume_is_exact(tmp_path):
         straight.state_dict().items(), resumed.state_dict().items(), strict=True
     ):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_stdlib_corpus_and_tokenizer():
+    from pearlmoe.train.data import EOS, encode, read, split_files, stdlib_files, train_tokenizer
+
+    files = stdlib_files()
+    assert len(files) > 300
+    assert not any({"test", "tests", "idlelib"} & set(f.parts) for f in files)
+    train_files, held_out = split_files(files)
+    assert set(train_files).isdisjoint(held_out) and len(held_out) == len(files[::20])
+    tokenizer = train_tokenizer(read(train_files[:40]), vocab_size=512)
+    assert tokenizer.get_vocab_size() == 512
+    sample = 'def f(x):\n    return {"ä": x ** 2}  # ✓\n'
+    assert tokenizer.decode(tokenizer.encode(sample).ids) == sample  # byte-level: lossless
+    ids = encode(tokenizer, read(held_out[:5]))
+    assert ids.dtype == torch.int64 and int(ids.max()) < 512
+    assert int((ids == tokenizer.token_to_id(EOS)).sum()) == 5
