@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import pearlmoe
-from common import device_name, measure_ceilings, print_table, time_ms, write_json
+from common import device_name, measure_ceilings, print_ceilings, print_table, time_ms, write_json
 
 Q_HEADS, KV_HEADS, DIM = 80, 8, 80
 CONTEXTS = {"cuda": [4096, 16384, 32768, 65536, 131072, 262144], "cpu": [1024, 4096, 16384]}
@@ -87,9 +87,7 @@ def main() -> None:
     title = (f"attention on {device_name(device)}: Hq={Q_HEADS} Hkv={KV_HEADS} D={DIM} batch 1, "
              f"{str(dtype).removeprefix('torch.')} (median ms)")  # fmt: skip
     print_table(title, rows, columns)
-    if ceilings:
-        print(f"ceilings: copy {ceilings['copy_GBps']:.0f} GB/s, "
-              f"bf16 GEMM {ceilings['bf16_gemm_TFLOPs']:.0f} TFLOP/s")  # fmt: skip
+    print_ceilings(ceilings)
     path = write_json("attention", device, {"ceilings": ceilings, "rows": rows}, args.out)
     print(f"wrote {path}")
 

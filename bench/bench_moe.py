@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import pearlmoe
-from common import device_name, measure_ceilings, print_table, time_ms, write_json
+from common import device_name, measure_ceilings, print_ceilings, print_table, time_ms, write_json
 from pearlmoe import reference
 
 # Hunyuan-Large: H 6400, I 18304, 16 routed experts top-1 plus one shared expert.
@@ -108,9 +108,7 @@ def main() -> None:
     title = (f"moe_ffn on {device_name(device)}: H={hidden} I={inter} E={experts} top-{top_k} "
              f"+ shared, {str(dtype).removeprefix('torch.')} (median ms)")  # fmt: skip
     print_table(title, rows, columns)
-    if ceilings:
-        print(f"ceilings: copy {ceilings['copy_GBps']:.0f} GB/s, "
-              f"bf16 GEMM {ceilings['bf16_gemm_TFLOPs']:.0f} TFLOP/s")  # fmt: skip
+    print_ceilings(ceilings)
     path = write_json(
         "moe",
         device,

@@ -11,7 +11,7 @@ import argparse
 import torch
 
 import pearlmoe
-from common import device_name, measure_ceilings, print_table, time_ms, write_json
+from common import device_name, measure_ceilings, print_ceilings, print_table, time_ms, write_json
 from pearlmoe import reference
 
 SHAPES = [
@@ -70,11 +70,7 @@ def main() -> None:
     if ceilings:
         columns.append(("topk_bw_frac", ".3f"))
     print_table(f"routing ops on {device_name(device)} (median µs per call)", rows, columns)
-    if ceilings:
-        print(
-            f"ceilings: copy {ceilings['copy_GBps']:.0f} GB/s, "
-            f"bf16 GEMM {ceilings['bf16_gemm_TFLOPs']:.0f} TFLOP/s"
-        )
+    print_ceilings(ceilings)
     path = write_json("routing", device, {"ceilings": ceilings, "rows": rows}, args.out)
     print(f"wrote {path}")
 

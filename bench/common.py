@@ -60,6 +60,13 @@ def measure_ceilings(device: torch.device) -> dict[str, float]:
     }
 
 
+def print_ceilings(ceilings: dict[str, float]) -> None:
+    """The measured ceilings a table's fractions refer to (nothing on the CPU)."""
+    if ceilings:
+        print(f"ceilings: copy {ceilings['copy_GBps']:.0f} GB/s, "
+              f"bf16 GEMM {ceilings['bf16_gemm_TFLOPs']:.0f} TFLOP/s")  # fmt: skip
+
+
 def print_table(title: str, rows: list[dict], columns: list[tuple[str, str]]) -> None:
     """columns: (key, format spec) pairs; the key is also the header."""
     widths = [max(len(k), *(len(format(r[k], f)) for r in rows)) for k, f in columns]

@@ -56,23 +56,11 @@ void BM_DecodeAttention(benchmark::State& state) {
   const size_t bytes = attention_workspace_bytes(p, sms);
   if (bytes) CHECK_CUDA(cudaMalloc(&workspace, bytes));
 
-  cudaEvent_t start, stop;
-  CHECK_CUDA(cudaEventCreate(&start));
-  CHECK_CUDA(cudaEventCreate(&stop));
-  CHECK_CUDA(attention_cuda(p, workspace, bytes, sms, nullptr));  // warm-up
-  for (auto _ : state) {
-    CHECK_CUDA(cudaEventRecord(start));
-    CHECK_CUDA(attention_cuda(p, workspace, bytes, sms, nullptr));
-    CHECK_CUDA(cudaEventRecord(stop));
-    CHECK_CUDA(cudaEventSynchronize(stop));
-    float ms = 0.f;
-    CHECK_CUDA(cudaEventElapsedTime(&ms, start, stop));
-    state.SetIterationTime(ms / 1e3);
-  }
+  run_timed(
+      state, [&] { return attention_cuda(p, workspace, bytes, sms, nullptr); },
+      /*scrub_l2=*/false);  // a 256K context is far larger than L2
   state.SetBytesProcessed(state.iterations() * static_cast<int64_t>(2 * kv_elems * 2));
   for (void* ptr : {q, k, v, o, lens, workspace}) cudaFree(ptr);
-  CHECK_CUDA(cudaEventDestroy(start));
-  CHECK_CUDA(cudaEventDestroy(stop));
 }
 
 BENCHMARK(BM_DecodeAttention)

@@ -50,29 +50,16 @@ struct Problem {
   }
 };
 
+// Weight-streaming GEMMs far larger than L2: timed warm, as CUTLASS's profiler does.
 template <typename Launch>
 void time_it(benchmark::State& state, const Problem& prob, Launch&& launch) {
-  cudaEvent_t start, stop;
-  CHECK_CUDA(cudaEventCreate(&start));
-  CHECK_CUDA(cudaEventCreate(&stop));
-  CHECK_CUDA(launch());  // warm-up
-  for (auto _ : state) {
-    CHECK_CUDA(cudaEventRecord(start));
-    CHECK_CUDA(launch());
-    CHECK_CUDA(cudaEventRecord(stop));
-    CHECK_CUDA(cudaEventSynchronize(stop));
-    float ms = 0.f;
-    CHECK_CUDA(cudaEventElapsedTime(&ms, start, stop));
-    state.SetIterationTime(ms / 1e3);
-  }
+  run_timed(state, launch, /*scrub_l2=*/false);
   const auto& p = prob.p;
   state.counters["weights_GBps"] =
       benchmark::Counter(static_cast<double>(prob.active_groups) * p.n * p.k * 2,
                          benchmark::Counter::kIsIterationInvariantRate);
   state.counters["TFLOPs"] = benchmark::Counter(2.0 * p.m * p.n * p.k / 1e12,
                                                 benchmark::Counter::kIsIterationInvariantRate);
-  CHECK_CUDA(cudaEventDestroy(start));
-  CHECK_CUDA(cudaEventDestroy(stop));
 }
 
 // args: tokens, groups, N, K, swiglu

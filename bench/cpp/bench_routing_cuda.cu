@@ -22,31 +22,6 @@ T* device_alloc(size_t count) {
   return p;
 }
 
-// Times `launch` per iteration between two events, after scrubbing L2 with a memset.
-template <typename Launch>
-void run_timed(benchmark::State& state, Launch&& launch) {
-  int l2_bytes = 0;
-  CHECK_CUDA(cudaDeviceGetAttribute(&l2_bytes, cudaDevAttrL2CacheSize, 0));
-  void* scrub = device_alloc<char>(2 * static_cast<size_t>(l2_bytes));
-  cudaEvent_t start, stop;
-  CHECK_CUDA(cudaEventCreate(&start));
-  CHECK_CUDA(cudaEventCreate(&stop));
-  CHECK_CUDA(launch());  // warm-up
-  for (auto _ : state) {
-    CHECK_CUDA(cudaMemsetAsync(scrub, 0, 2 * static_cast<size_t>(l2_bytes)));
-    CHECK_CUDA(cudaEventRecord(start));
-    CHECK_CUDA(launch());
-    CHECK_CUDA(cudaEventRecord(stop));
-    CHECK_CUDA(cudaEventSynchronize(stop));
-    float ms = 0.f;
-    CHECK_CUDA(cudaEventElapsedTime(&ms, start, stop));
-    state.SetIterationTime(ms / 1e3);
-  }
-  CHECK_CUDA(cudaEventDestroy(start));
-  CHECK_CUDA(cudaEventDestroy(stop));
-  CHECK_CUDA(cudaFree(scrub));
-}
-
 // args: tokens, experts, k
 void BM_TopkSoftmaxCuda(benchmark::State& state) {
   const int64_t tokens = state.range(0);
@@ -60,9 +35,12 @@ void BM_TopkSoftmaxCuda(benchmark::State& state) {
   float* weights = device_alloc<float>(tokens * k);
   int32_t* ids = device_alloc<int32_t>(tokens * k);
   CHECK_CUDA(cudaMemcpy(logits, host.data(), host.size() * 4, cudaMemcpyHostToDevice));
-  run_timed(state, [&] {
-    return topk_softmax_cuda(logits, experts, tokens, experts, k, false, weights, ids, nullptr);
-  });
+  run_timed(
+      state,
+      [&] {
+        return topk_softmax_cuda(logits, experts, tokens, experts, k, false, weights, ids, nullptr);
+      },
+      /*scrub_l2=*/true);
   state.SetItemsProcessed(state.iterations() * tokens);
   state.SetBytesProcessed(state.iterations() * tokens * (experts * 4 + k * 8));
   CHECK_CUDA(cudaFree(logits));
@@ -85,9 +63,12 @@ void BM_MoeAlignCuda(benchmark::State& state) {
   int32_t* offsets = device_alloc<int32_t>(experts + 1);
   void* workspace = device_alloc<char>(moe_align_workspace_bytes(slots, experts));
   CHECK_CUDA(cudaMemcpy(ids, host.data(), slots * 4, cudaMemcpyHostToDevice));
-  run_timed(state, [&] {
-    return moe_align_cuda(ids, slots, experts, sorted, inverse, offsets, workspace, nullptr);
-  });
+  run_timed(
+      state,
+      [&] {
+        return moe_align_cuda(ids, slots, experts, sorted, inverse, offsets, workspace, nullptr);
+      },
+      /*scrub_l2=*/true);
   state.SetItemsProcessed(state.iterations() * slots);
   for (void* p : {static_cast<void*>(ids), static_cast<void*>(sorted), static_cast<void*>(inverse),
                   static_cast<void*>(offsets), workspace}) {

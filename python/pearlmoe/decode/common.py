@@ -112,6 +112,17 @@ def auto_gamma(target: Transformer, draft: Transformer, batch: int = 1, max_gamm
     return max(1, min(max_gamma, round(ratio)))
 
 
+def emit(tokens: list[int], output: list[int], step: list[int], eos: set[int], budget: int) -> bool:
+    """Append verified tokens to a sequence's output and to this step's stream, stopping at its
+    EOS or when it holds budget tokens; True once the sequence is finished."""
+    for token in tokens:
+        output.append(token)
+        step.append(token)
+        if token in eos or len(output) >= budget:
+            return True
+    return False
+
+
 def check_pair(target: Transformer, draft: Transformer) -> None:
     if target.config.vocab_size != draft.config.vocab_size:
         raise ValueError(

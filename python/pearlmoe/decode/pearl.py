@@ -30,7 +30,7 @@ from torch import Tensor
 from .. import ops
 from ..model.transformer import Transformer
 from .autoregressive import _eos_set, _prompts
-from .common import CachedModel, DecodeStats, auto_gamma, check_pair
+from .common import CachedModel, DecodeStats, auto_gamma, check_pair, emit
 from .sampling import logits_to_probs, sample
 
 PRE, POST = 0, 1
@@ -173,12 +173,7 @@ def pearl_generate(
                     if not done[b]:
                         stats.proposed += n
                         stats.accepted += a
-                        for token in tokens:
-                            outputs[b].append(token)
-                            emitted[b].append(token)
-                            if token in eos or len(outputs[b]) >= max_new_tokens:
-                                done[b] = True
-                                break
+                        done[b] = emit(tokens, outputs[b], emitted[b], eos, max_new_tokens)
                     committed[b].extend(tokens)
                     if done[b]:  # finished: reset to pre-verify on what is committed
                         mode[b], unverified[b], unverified_q[b] = PRE, [], None

@@ -14,7 +14,7 @@ from torch import Tensor
 from .. import ops
 from ..model.transformer import Transformer
 from .autoregressive import _eos_set, _prompts
-from .common import CachedModel, DecodeStats, auto_gamma, check_pair
+from .common import CachedModel, DecodeStats, auto_gamma, check_pair, emit
 from .sampling import logits_to_probs, sample
 
 
@@ -78,12 +78,7 @@ def speculative_generate(
                 continue
             stats.proposed += gamma
             stats.accepted += a
-            for token in tokens[b, : a + 1].tolist():
-                outputs[b].append(token)
-                step[b].append(token)
-                if token in eos or len(outputs[b]) >= max_new_tokens:
-                    done[b] = True
-                    break
+            done[b] = emit(tokens[b, : a + 1].tolist(), outputs[b], step[b], eos, max_new_tokens)
             # Target: keep last and the accepted drafts. Draft: it cached last, d_1..d_{γ-1}.
             t_lens.append(base + 1 + a)
             d_lens.append(base + 1 + min(a, gamma - 1))
