@@ -20,7 +20,7 @@ CUTLASS_SPEC := nvidia-cutlass==4.2.0.0
 CPP_SOURCES := $(shell find csrc bench/cpp -name '*.h' -o -name '*.cuh' -o -name '*.cpp' -o -name '*.cu')
 BENCH_CPP_BUILD := build/bench-cpp
 
-.PHONY: all setup build test test-cuda lint format demo bench bench-cpp carry clean
+.PHONY: all setup build test test-cuda lint format demo demo-routing bench bench-cpp carry clean
 
 all: test
 
@@ -53,7 +53,12 @@ format: setup
 	$(VENV)/bin/ruff format python tests bench
 	$(VENV)/bin/clang-format -i $(CPP_SOURCES)
 
+# PEARL on the embedded pair (a Hunyuan-style MoE target and a dense draft trained on the stdlib).
+DEMO_PROMPT ?= def parse_args(argv):\n    parser = argparse.ArgumentParser(
 demo: build
+	$(VENV)/bin/pearlmoe generate "$$(printf '$(DEMO_PROMPT)')" --mode pearl --max-new-tokens 96
+
+demo-routing: build
 	$(PY) -m pearlmoe.demo
 
 bench: build
@@ -62,6 +67,8 @@ bench: build
 	$(PY) bench/bench_attention.py
 	$(PY) bench/bench_model.py
 	$(PY) bench/bench_decode.py
+	$(PY) bench/bench_expert_parallel.py
+	$(VENV)/bin/pearlmoe bench
 
 # C++ microbenchmarks (Google Benchmark: Debian's libbenchmark-dev). The CUDA binaries are built
 # wherever nvcc exists (linking the kernels the extension build compiled) and run where a GPU is.

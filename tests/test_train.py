@@ -120,3 +120,23 @@ def test_stdlib_corpus_and_tokenizer():
     ids = encode(tokenizer, read(held_out[:5]))
     assert ids.dtype == torch.int64 and int(ids.max()) < 512
     assert int((ids == tokenizer.token_to_id(EOS)).sum()) == 5
+
+
+def test_distillation_pulls_the_student_towards_the_teacher():
+    """With a teacher and distill=1, the loss is KL(teacher || student) alone: the student learns
+    the teacher's predictions, including where they differ from the data."""
+    from pearlmoe.train.trainer import _losses
+
+    teacher = _model(seed=5).eval()
+    window = _tokens(400, 3)[:33].view(1, 33)
+    cfg = TrainConfig(steps=30, batch_size=4, seq_len=32, peak_lr=1e-2, warmup_steps=3,
+                      eval_every=30, eval_batches=1, bf16=False, distill=1.0)  # fmt: skip
+    student = Transformer(ModelConfig(**{**CONFIG, "model_type": "llama", "num_experts": 0}))
+    student.eval()
+    before = _losses(student, window, cfg, teacher=teacher)[2].item()
+    train(student, _tokens(4000, 0), _tokens(800, 1), cfg, progress=False, teacher=teacher)
+    after = _losses(student, window, cfg, teacher=teacher)[2].item()
+    assert after < 0.5 * before, (before, after)
+    wrong_vocab = Transformer(ModelConfig(**{**CONFIG, "vocab_size": 48}))
+    with pytest.raises(ValueError, match="teacher vocab_size 48 != model vocab_size 32"):
+        train(student, _tokens(400, 0), _tokens(100, 1), cfg, progress=False, teacher=wrong_vocab)

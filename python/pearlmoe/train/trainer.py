@@ -41,6 +41,7 @@ class TrainConfig:
     eval_every: int = 100
     eval_batches: int = 8
     seed: int = 0
+    distill: float = 0.0  # weight of KL(teacher || model) against the cross-entropy, with a teacher
 
 
 def param_groups(model: Transformer, cfg: TrainConfig) -> list[dict]:
@@ -75,13 +76,28 @@ def batches(
 def loss_fn(
     model: Transformer, window: Tensor, cfg: TrainConfig, generator=None
 ) -> tuple[Tensor, Tensor]:
+    ce, aux, _ = _losses(model, window, cfg, generator)
+    return ce, aux
+
+
+def _losses(
+    model: Transformer, window: Tensor, cfg: TrainConfig, generator=None, teacher=None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Cross-entropy, load-balancing loss and (with a teacher) the distillation KL per token."""
     inputs, targets = window[:, :-1], window[:, 1:]
     logits, aux = model.forward_train(
         inputs, cfg.capacity_factor if model.training else None, cfg.recycle and model.training,
         generator,
     )  # fmt: skip
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-    return ce, aux
+    logits = logits.reshape(-1, logits.shape[-1])  # [B*S, V]
+    ce = F.cross_entropy(logits, targets.reshape(-1))
+    if teacher is None:
+        return ce, aux, None
+    with torch.no_grad():
+        teacher_logits, _ = teacher.forward_train(inputs)  # [B, S, V]
+    teacher_logp = F.log_softmax(teacher_logits.reshape_as(logits), -1)
+    kl = F.kl_div(F.log_softmax(logits, -1), teacher_logp, log_target=True, reduction="batchmean")
+    return ce, aux, kl
 
 
 @torch.no_grad()
@@ -138,10 +154,17 @@ def train(
     resume: bool = False,
     progress: bool = True,
     stop_at: int | None = None,
+    teacher: Transformer | None = None,
 ) -> list[dict]:
     """Train in place; returns the history (step, loss, aux, lr, tokens/s, held-out perplexity).
     With out_dir, checkpoints land there at every evaluation and at the end; resume=True picks up
-    from the checkpoint in out_dir. stop_at ends the run early (checkpointed) on cfg's schedule."""
+    from the checkpoint in out_dir. stop_at ends the run early (checkpointed) on cfg's schedule.
+    With a teacher (same vocabulary), the loss mixes in cfg.distill × KL(teacher || model)."""
+    if teacher is not None and teacher.config.vocab_size != model.config.vocab_size:
+        raise ValueError(
+            f"teacher vocab_size {teacher.config.vocab_size} != model vocab_size "
+            f"{model.config.vocab_size}"
+        )
     torch.manual_seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
     route_g = torch.Generator().manual_seed(cfg.seed + 1)
@@ -167,8 +190,10 @@ def train(
             group["lr"] = lr * group["lr_scale"]
         window = next(data).to(model.device)
         with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=autocast):
-            ce, aux = loss_fn(model, window, cfg, route_g)
+            ce, aux, kl = _losses(model, window, cfg, route_g, teacher)
             loss = ce + cfg.aux_loss_coef * aux
+            if kl is not None:
+                loss = (1 - cfg.distill) * ce + cfg.distill * kl + cfg.aux_loss_coef * aux
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

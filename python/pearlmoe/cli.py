@@ -1,0 +1,453 @@
+"""The `pearlmoe` command: generate, bench, info, plan.
+
+    pearlmoe generate "def fibonacci(n):" --mode pearl
+    pearlmoe bench --prompts 8 --max-new-tokens 64
+    pearlmoe info DIR
+    pearlmoe plan hunyuan-large --gpus 8 --gpu-mem 80 --weights fp8
+
+Defaults use the embedded pair (pearlmoe/embedded/tiny-target and tiny-draft) on the best device.
+Every error is one line on stderr and exit status 2; never a traceback.
+"""
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .decode import auto_gamma, generate, pearl_generate, speculative_generate
+from .model import ModelConfig, Transformer, from_pretrained
+from .model.config import estimate
+from .train.presets import EMBEDDED, TOKENIZER
+
+TARGET, DRAFT = EMBEDDED / "tiny-target", EMBEDDED / "tiny-draft"
+MODES = ("ar", "speculative", "pearl")
+
+
+class UsageError(Exception):
+    """A bad flag or argument: reported as one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse would print the whole usage block
+        raise UsageError(message)
+
+
+# ---- loading ---------------------------------------------------------------------------------
+
+
+def best_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _dtype(name: str, device: str) -> torch.dtype:
+    if name == "auto":  # bf16 where tensor cores are; fp32 on CPUs, where bf16 GEMMs may be slow
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def load_tokenizer(directory: Path):
+    from tokenizers import Tokenizer
+
+    path = Path(directory) / TOKENIZER
+    if not path.exists():
+        raise FileNotFoundError(f"no {TOKENIZER} in {directory}")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as err:  # tokenizers raises its own exception type
+        raise ValueError(f"{path}: not a readable tokenizer ({err})") from None
+
+
+def check_tokenizers(target_dir: Path, draft_dir: Path) -> None:
+    """Draft and target must map text to the same ids, or verification compares nonsense."""
+    a, b = load_tokenizer(target_dir), load_tokenizer(draft_dir)
+    if a.get_vocab(with_added_tokens=True) != b.get_vocab(with_added_tokens=True):
+        raise ValueError(
+            f"incompatible tokenizers: {draft_dir / TOKENIZER} and {target_dir / TOKENIZER} "
+            "assign different ids (draft and target must share a tokenizer)"
+        )
+
+
+def load_model(directory: Path, device: str, dtype: torch.dtype) -> Transformer:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"model directory {directory} does not exist")
+    return from_pretrained(directory, dtype=dtype, device=device)
+
+
+def _check_device(device: str) -> str:
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"--device {device!r}: expected cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: CUDA is not available on this machine")
+    if dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {device}: expected cpu, cuda or cuda:N")
+    return device
+
+
+def _eos(config: ModelConfig) -> list[int]:
+    eos = config.eos_token_id
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+
+# ---- decoding --------------------------------------------------------------------------------
+
+
+def decode(
+    mode: str,
+    target: Transformer,
+    draft: Transformer | None,
+    prompt: list[int],
+    max_new_tokens: int,
+    gamma: int | None,
+    temperature: float,
+    top_p: float | None,
+    seed: int,
+    on_tokens: Callable[[list[int]], None] | None = None,
+) -> tuple[list[int], dict]:
+    """One prompt in one mode: the new tokens and the run's statistics."""
+    generator = torch.Generator(device=target.device).manual_seed(seed)
+    common = dict(temperature=temperature, top_p=top_p, eos_token_id=_eos(target.config),
+                  generator=generator)  # fmt: skip
+    start = time.perf_counter()
+    if mode == "ar":
+
+        def step(tokens: list[int | None]) -> None:
+            if on_tokens is not None and tokens[0] is not None:
+                on_tokens([tokens[0]])
+
+        out = generate(target, [prompt], max_new_tokens, callback=step, **common)[0]
+        seconds = time.perf_counter() - start
+        return out, {"mode": mode, "tokens": len(out), "seconds": seconds,
+                     "tokens_per_second": len(out) / seconds if seconds else 0.0}  # fmt: skip
+    run = pearl_generate if mode == "pearl" else speculative_generate
+
+    def chunk(tokens: list[list[int]]) -> None:
+        if on_tokens is not None and tokens[0]:
+            on_tokens(tokens[0])
+
+    outs, stats = run(target, draft, [prompt], max_new_tokens, gamma=gamma, callback=chunk,
+                      **common)  # fmt: skip
+    seconds = time.perf_counter() - start
+    return outs[0], {
+        "mode": mode, "tokens": len(outs[0]), "seconds": seconds,
+        "tokens_per_second": len(outs[0]) / seconds if seconds else 0.0,
+        "gamma": stats.gamma, "mean_accepted_tokens": stats.mean_accepted_tokens,
+        "acceptance_rate": stats.acceptance_rate, "target_calls": stats.target_calls,
+        **stats.extra,
+    }  # fmt: skip
+
+
+class _Streamer:
+    """Prints text as tokens arrive; holds back a partial UTF-8 character until it completes."""
+
+    def __init__(self, tokenizer, out=sys.stdout) -> None:
+        self.tokenizer, self.out = tokenizer, out
+        self.ids: list[int] = []
+        self.printed = 0
+
+    def __call__(self, tokens: list[int]) -> None:
+        self.ids.extend(tokens)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return
+        self.out.write(text[self.printed :])
+        self.out.flush()
+        self.printed = len(text)
+
+
+# ---- commands --------------------------------------------------------------------------------
+
+
+def _check_dirs(args, draft: bool) -> None:
+    for flag, path in (("--target", args.target), ("--draft", args.draft))[: 1 + draft]:
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"{flag} {path}: no such model directory")
+
+
+def cmd_generate(args) -> int:
+    _check_dirs(args, draft=args.mode != "ar")
+    device = _check_device(args.device)
+    dtype = _dtype(args.dtype, device)
+    tokenizer = load_tokenizer(args.target)
+    if args.mode != "ar":
+        check_tokenizers(args.target, args.draft)
+    target = load_model(args.target, device, dtype)
+    draft = load_model(args.draft, device, dtype) if args.mode != "ar" else None
+    prompt = tokenizer.encode(args.prompt).ids
+    if not prompt:
+        raise UsageError("PROMPT is empty: give at least one character of text")
+    gamma = args.gamma or (auto_gamma(target, draft) if draft is not None else None)
+    print(args.prompt, end="", flush=True)
+    _, stats = decode(args.mode, target, draft, prompt, args.max_new_tokens, gamma,
+                      args.temperature, args.top_p, args.seed, _Streamer(tokenizer))  # fmt: skip
+    line = (f"\n\n[{args.mode}] {stats['tokens']} tokens in {stats['seconds']:.2f} s: "
+            f"{stats['tokens_per_second']:.1f} tokens/s")  # fmt: skip
+    if args.mode != "ar":
+        line += (f", gamma {stats['gamma']}, {stats['mean_accepted_tokens']:.2f} tokens per "
+                 f"target call, acceptance rate {stats['acceptance_rate']:.2f}")  # fmt: skip
+    print(line + f" ({device}, {str(dtype).removeprefix('torch.')})")
+    return 0
+
+
+def held_out_prompts(tokenizer, count: int, length: int) -> list[list[int]]:
+    """The opening tokens of held-out stdlib files (the split the pair never trained on)."""
+    from .train import data
+
+    _, held_out = data.split_files(data.stdlib_files())
+    prompts = []
+    for text in data.read(held_out):
+        ids = tokenizer.encode(text).ids
+        if len(ids) >= length:
+            prompts.append(ids[:length])
+        if len(prompts) == count:
+            break
+    return prompts
+
+
+def cmd_bench(args) -> int:
+    _check_dirs(args, draft=True)
+    device = _check_device(args.device)
+    dtype = _dtype(args.dtype, device)
+    check_tokenizers(args.target, args.draft)
+    tokenizer = load_tokenizer(args.target)
+    target = load_model(args.target, device, dtype)
+    draft = load_model(args.draft, device, dtype)
+    prompts = held_out_prompts(tokenizer, args.prompts, args.prompt_tokens)
+    gamma = args.gamma or auto_gamma(target, draft)  # measured once, outside the timings
+    # Warm-up (allocator, thread pools, kernel choice) outside the timings too.
+    for mode in MODES:
+        decode(mode, target, draft, prompts[0], 8, gamma, 0.0, None, 0)
+    rows: dict[str, dict] = {}
+    outputs: dict[str, list[list[int]]] = {}
+    for mode in MODES:
+        tokens, seconds, per_call, accept = 0, 0.0, [], []
+        outputs[mode] = []
+        for i, prompt in enumerate(prompts):
+            out, stats = decode(mode, target, draft, prompt, args.max_new_tokens, gamma,
+                                args.temperature, None, args.seed + i)  # fmt: skip
+            outputs[mode].append(out)
+            tokens += stats["tokens"]
+            seconds += stats["seconds"]
+            if mode != "ar":
+                per_call.append(stats["mean_accepted_tokens"])
+                accept.append(stats["acceptance_rate"])
+        rows[mode] = {"tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds}
+        if per_call:
+            rows[mode] |= {"mean_accepted_tokens": sum(per_call) / len(per_call),
+                           "acceptance_rate": sum(accept) / len(accept)}  # fmt: skip
+    base = rows["ar"]["tokens_per_second"]
+    for row in rows.values():
+        row["speedup_vs_ar"] = row["tokens_per_second"] / base
+    lossless = args.temperature > 0 or all(outputs[m] == outputs["ar"] for m in MODES)
+    result = {
+        "date": time.strftime("%Y-%m-%d"), "device": _device_name(device),
+        "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
+        "target": str(args.target), "draft": str(args.draft), "prompts": len(prompts),
+        "prompt_tokens": args.prompt_tokens, "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature, "gamma": gamma, "gamma_measured": args.gamma is None,
+        "greedy_outputs_identical": lossless if args.temperature <= 0 else None, "modes": rows,
+    }  # fmt: skip
+    print(f"{'mode':<12}{'tokens/s':>10}{'vs AR':>8}{'tok/call':>10}{'accept':>8}")
+    for mode, row in rows.items():
+        print(f"{mode:<12}{row['tokens_per_second']:>10.1f}{row['speedup_vs_ar']:>7.2f}×"
+              f"{row.get('mean_accepted_tokens', 1.0):>10.2f}"
+              f"{row.get('acceptance_rate', float('nan')):>8.2f}")  # fmt: skip
+    print(f"device {result['device']}, {result['dtype']}; greedy outputs identical: "
+          f"{result['greedy_outputs_identical']}")  # fmt: skip
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "pearlmoe_bench.json").write_text(json.dumps(result, indent=1) + "\n")
+    _plot(result, out / "pearlmoe_bench.png")
+    print(f"wrote {out / 'pearlmoe_bench.json'} and {out / 'pearlmoe_bench.png'}")
+    if not lossless:
+        print("error: speculative/PEARL greedy output differs from autoregressive", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    import platform
+
+    return f"CPU {platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def _plot(result: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UsageError("the plot needs matplotlib: pip install 'pearlmoe[bench]'") from None
+    modes = list(result["modes"])
+    speeds = [result["modes"][m]["tokens_per_second"] for m in modes]
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    bars = ax.bar(modes, speeds, color=["#8c8c8c", "#dd8452", "#4c72b0"])
+    for bar, mode in zip(bars, modes, strict=True):
+        ax.annotate(f"{result['modes'][mode]['speedup_vs_ar']:.2f}×",
+                    (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center", va="bottom")  # fmt: skip
+    ax.set_ylabel("tokens / s")
+    ax.margins(y=0.15)
+    ax.set_title(f"pearlmoe bench, {result['device']}, {result['dtype']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _count(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
+
+
+def cmd_info(args) -> int:
+    directory = Path(args.dir)
+    if not directory.exists():
+        raise FileNotFoundError(f"model directory {directory} does not exist")
+    config = ModelConfig.from_file(directory)
+    est = estimate(config)
+    print(f"{directory}: {config.to_dict()['architectures'][0]} ({config.model_type})")
+    for key, value in sorted(config.to_dict().items()):
+        if key != "architectures" and value is not None:
+            print(f"  {key:<28}{value}")
+    print(f"total parameters       {_count(est.total_params)} ({est.total_params:,})")
+    print(f"active per token       {_count(est.active_params)} ({est.active_params:,})")
+    print(f"KV cache per token     {est.kv_bytes_per_token:,} bytes (bf16)")
+    return 0
+
+
+CONFIGS = Path(__file__).resolve().parent / "configs"
+BUILTIN = {"hunyuan-large": "hunyuan-large-instruct", "hunyuan-large-instruct": None,
+           "hunyuan-large-pretrain": None}  # fmt: skip
+WEIGHT_BYTES = {"bf16": 2, "fp16": 2, "fp8": 1, "int4": 0.5}
+
+
+def cmd_plan(args) -> int:
+    from .distributed.plan import format_plan
+
+    name = args.config
+    if name in BUILTIN:
+        path = CONFIGS / f"{BUILTIN[name] or name}.json"
+    else:
+        path = Path(name)
+        if not path.exists():
+            raise FileNotFoundError(
+                f"CONFIG {name}: no such file or directory (or a built-in: "
+                f"{', '.join(sorted(BUILTIN))})"
+            )
+    config = ModelConfig.from_file(path)
+    print(f"{name}: {config.to_dict()['architectures'][0]}")
+    print(format_plan(config, args.gpus, args.gpu_mem, args.batch, WEIGHT_BYTES[args.weights],
+                      args.kv_bytes, args.reserve))  # fmt: skip
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="pearlmoe", description="Hunyuan-style MoE models with PEARL decoding.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def models(p) -> None:
+        p.add_argument("--target", type=Path, default=TARGET, help="target model directory")
+        p.add_argument("--draft", type=Path, default=DRAFT, help="draft model directory")
+        p.add_argument("--device", default=best_device())
+        p.add_argument("--dtype", default="auto",
+                       choices=["auto", "bfloat16", "float16", "float32"])  # fmt: skip
+        p.add_argument("--gamma", type=_positive, help="draft length (default: measured)")
+        p.add_argument("--seed", type=int, default=0)
+
+    g = sub.add_parser("generate", help="stream a continuation of PROMPT")
+    g.add_argument("prompt", metavar="PROMPT")
+    g.add_argument("--mode", choices=MODES, default="pearl")
+    g.add_argument("--temperature", type=_non_negative, default=0.0)
+    g.add_argument("--top-p", type=_probability)
+    g.add_argument("--max-new-tokens", type=_positive, default=128)
+    models(g)
+    g.set_defaults(fn=cmd_generate)
+
+    b = sub.add_parser("bench", help="AR vs speculative vs PEARL on held-out prompts")
+    b.add_argument("--prompts", type=_positive, default=8)
+    b.add_argument("--prompt-tokens", type=_positive, default=64)
+    b.add_argument("--max-new-tokens", type=_positive, default=64)
+    b.add_argument("--temperature", type=_non_negative, default=0.0)
+    b.add_argument("--out", default="bench/out", help="directory for the JSON and PNG")
+    models(b)
+    b.set_defaults(fn=cmd_bench)
+
+    pl = sub.add_parser("plan", help="memory per GPU and longest context, EP and TP layouts")
+    pl.add_argument("config", metavar="CONFIG", help="config.json, a model directory, or "
+                    + ", ".join(sorted(BUILTIN)))  # fmt: skip
+    pl.add_argument("--gpus", type=_positive, required=True)
+    pl.add_argument("--gpu-mem", type=_gigabytes, required=True, metavar="GB")
+    pl.add_argument("--batch", type=_positive, default=1)
+    pl.add_argument("--weights", choices=sorted(WEIGHT_BYTES), default="bf16")
+    pl.add_argument("--kv-bytes", type=int, choices=[1, 2, 4], default=2)
+    pl.add_argument("--reserve", type=_non_negative, default=4.0, metavar="GB",
+                    help="per GPU for activations and workspace")  # fmt: skip
+    pl.set_defaults(fn=cmd_plan)
+
+    i = sub.add_parser("info", help="config, parameters and KV bytes per token of a model")
+    i.add_argument("dir", metavar="DIR", nargs="?", default=TARGET)
+    i.set_defaults(fn=cmd_info)
+    return parser
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return value
+
+
+def _gigabytes(text: str) -> float:
+    value = _non_negative(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a memory size in GB > 0, got {text}")
+    return value
+
+
+def _probability(text: str) -> float:
+    value = _non_negative(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a probability in (0, 1], got {text}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return args.fn(args)
+    except UsageError as err:
+        print(f"pearlmoe: error: {err}", file=sys.stderr)
+    except (FileNotFoundError, ValueError) as err:  # CheckpointError is a ValueError
+        print(f"pearlmoe: error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("\npearlmoe: interrupted", file=sys.stderr)
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

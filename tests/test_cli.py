@@ -1,0 +1,196 @@
+"""The `pearlmoe` command and the embedded pair it defaults to: generation end to end (greedy PEARL
+and speculative output equal greedy autoregressive output), bench, info, one-line errors."""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from pearlmoe import cli
+from pearlmoe.model import ModelConfig, from_pretrained
+from pearlmoe.model.config import estimate
+from pearlmoe.train.presets import EMBEDDED, PRESETS, held_out_metrics
+
+TARGET, DRAFT = EMBEDDED / "tiny-target", EMBEDDED / "tiny-draft"
+PROMPT = "def read_config(path):\n    "
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pearlmoe.cli", *args],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+# ---- the embedded pair --------------------------------------------------------------------------
+
+
+def test_embedded_pair_is_small_bf16_and_matches_its_presets():
+    total = sum(f.stat().st_size for d in (TARGET, DRAFT) for f in d.iterdir())
+    assert total < 25 * 2**20, f"embedded pair is {total / 2**20:.1f} MiB"
+    for directory, name in ((TARGET, "tiny-target"), (DRAFT, "tiny-draft")):
+        assert ModelConfig.from_file(directory) == PRESETS[name].config
+        with safe_open(str(directory / "model.safetensors"), "pt") as f:
+            dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118
+            assert "BF16" in dtypes and dtypes <= {"BF16", "F32"}  # F32: the routers
+        report = json.loads((directory / "training.json").read_text())
+        assert report["preset"] == name and report["train"]["steps"] == PRESETS[name].train.steps
+    target, draft = PRESETS["tiny-target"].config, PRESETS["tiny-draft"].config
+    # The target is Hunyuan-Large scaled down; the draft a dense model about a tenth its size.
+    assert target.is_moe and target.shared_intermediate_size and target.use_cla
+    assert target.use_qk_norm and target.num_key_value_heads < target.num_attention_heads
+    assert not draft.is_moe
+    ratio = estimate(draft).total_params / estimate(target).total_params
+    assert 0.05 < ratio < 0.15
+    assert cli.load_tokenizer(TARGET).to_str() == cli.load_tokenizer(DRAFT).to_str()
+
+
+def test_embedded_pair_agrees_and_target_is_better():
+    tokenizer = cli.load_tokenizer(TARGET)
+    target = from_pretrained(TARGET, dtype=torch.float32)
+    draft = from_pretrained(DRAFT, dtype=torch.float32)
+    prompts = cli.held_out_prompts(tokenizer, 4, 129)
+    tokens = torch.tensor([t for p in prompts for t in p])
+    metrics = held_out_metrics(target, tokens, windows=4, seq_len=128, other=draft)
+    draft_nll = held_out_metrics(draft, tokens, windows=4, seq_len=128)["held_out_nll"]
+    assert metrics["greedy_agreement"] > 0.4  # chance is 1/4096
+    assert metrics["held_out_nll"] < draft_nll
+
+
+# ---- generate ---------------------------------------------------------------------------------------
+
+
+def test_greedy_pearl_and_speculative_equal_autoregressive_on_the_embedded_pair():
+    tokenizer = cli.load_tokenizer(TARGET)
+    target = from_pretrained(TARGET, dtype=torch.float32)
+    draft = from_pretrained(DRAFT, dtype=torch.float32)
+    prompt = tokenizer.encode(PROMPT).ids
+    ar, _ = cli.decode("ar", target, None, prompt, 40, None, 0.0, None, 0)
+    for mode in ("speculative", "pearl"):
+        for gamma in (2, 5):
+            out, stats = cli.decode(mode, target, draft, prompt, 40, gamma, 0.0, None, 0)
+            assert out == ar, (mode, gamma)
+            assert stats["mean_accepted_tokens"] > 1.0
+
+
+def test_generate_end_to_end_pearl_output_equals_ar():
+    outputs = {}
+    for mode in ("pearl", "ar"):
+        done = run_cli("generate", PROMPT, "--mode", mode, "--max-new-tokens", "32",
+                       "--gamma", "3", "--device", "cpu")  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        text, _, stats = done.stdout.rpartition("\n\n[")
+        assert text.startswith(PROMPT) and len(text) > len(PROMPT)
+        assert "tokens/s" in stats
+        outputs[mode] = text
+        assert ("tokens per target call" in stats) == (mode == "pearl")
+    assert outputs["pearl"] == outputs["ar"]
+
+
+def test_generate_prints_pearl_statistics(capsys):
+    rc = cli.main(["generate", "import os\n", "--max-new-tokens", "12", "--gamma", "2",
+                   "--device", "cpu"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert re.search(r"\[pearl\] \d+ tokens in [\d.]+ s: [\d.]+ tokens/s, gamma 2,", out)
+    assert "tokens per target call" in out and "acceptance rate" in out
+
+
+def test_sampled_generation_is_reproducible_with_a_seed(capsys):
+    args = ["generate", "class ", "--temperature", "0.8", "--top-p", "0.9", "--seed", "7",
+            "--max-new-tokens", "16", "--mode", "speculative", "--gamma", "3", "--device", "cpu"]  # fmt: skip
+    texts = []
+    for _ in range(2):
+        assert cli.main(args) == 0
+        texts.append(capsys.readouterr().out.rpartition("\n\n[")[0])
+    assert texts[0] == texts[1]
+
+
+# ---- info and bench ---------------------------------------------------------------------------------
+
+
+def test_info_prints_config_and_sizes(capsys):
+    assert cli.main(["info", str(TARGET)]) == 0
+    out = capsys.readouterr().out
+    est = estimate(ModelConfig.from_file(TARGET))
+    assert f"({est.total_params:,})" in out and f"({est.active_params:,})" in out
+    assert f"{est.kv_bytes_per_token:,} bytes" in out and "num_experts" in out
+
+
+def test_bench_writes_json_and_png(tmp_path, capsys):
+    rc = cli.main(["bench", "--prompts", "1", "--prompt-tokens", "16", "--max-new-tokens", "8",
+                   "--gamma", "2", "--device", "cpu", "--out", str(tmp_path)])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    result = json.loads((tmp_path / "pearlmoe_bench.json").read_text())
+    assert set(result["modes"]) == {"ar", "speculative", "pearl"}
+    assert result["greedy_outputs_identical"] is True
+    assert result["modes"]["ar"]["speedup_vs_ar"] == 1.0
+    assert (tmp_path / "pearlmoe_bench.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# ---- errors: one line, non-zero exit, no traceback ----------------------------------------------
+
+
+def _incompatible_draft(tmp_path: Path) -> Path:
+    draft = tmp_path / "draft"
+    shutil.copytree(DRAFT, draft)
+    spec = json.loads((draft / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    a, b = list(vocab)[300:302]
+    vocab[a], vocab[b] = vocab[b], vocab[a]  # two ids swapped: same size, different mapping
+    (draft / "tokenizer.json").write_text(json.dumps(spec))
+    return draft
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["generate", "x", "--target", "/nonexistent/model"],
+            "--target /nonexistent/model: no such",
+        ),
+        (["generate", "x", "--draft", "/nonexistent/d"], "--draft /nonexistent/d: no such"),
+        (["generate", "x", "--gamma", "0"], "--gamma: expected a positive integer"),
+        (["generate", "x", "--temperature", "-1"], "--temperature: expected a number >= 0"),
+        (["generate", "x", "--top-p", "1.5"], "--top-p: expected a probability"),
+        (["generate", "x", "--mode", "beam"], "invalid choice: 'beam'"),
+        (["generate", "x", "--device", "tpu"], "--device"),
+        (["generate"], "required: PROMPT"),
+        (["frob"], "invalid choice: 'frob'"),
+        (["info", "/nonexistent/model"], "/nonexistent/model does not exist"),
+        (["generate", "", "--device", "cpu"], "PROMPT is empty"),
+    ],
+)
+def test_errors_are_one_line(args, message):
+    done = run_cli(*args)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pearlmoe: error:") and message in lines[0]
+
+
+def test_incompatible_tokenizers_and_corrupt_checkpoint_are_one_line(tmp_path):
+    done = run_cli(
+        "generate", "x", "--draft", str(_incompatible_draft(tmp_path)), "--device", "cpu"
+    )
+    assert done.returncode == 2 and "incompatible tokenizers" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    broken = tmp_path / "broken"
+    shutil.copytree(TARGET, broken)
+    (broken / "model.safetensors").write_bytes(b"\x00" * 64)
+    done = run_cli("generate", "x", "--target", str(broken), "--mode", "ar", "--device", "cpu")
+    assert done.returncode == 2 and "not a readable safetensors file" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_cuda_device_refused_cleanly_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    done = run_cli("generate", "x", "--device", "cuda")
+    assert done.returncode == 2 and "CUDA is not available" in done.stderr
