@@ -46,8 +46,9 @@ def hf_tensors(model: Transformer) -> Iterator[tuple[str, Tensor]]:
         if isinstance(mlp, MoE):
             yield p + "mlp.gate.wg.weight", mlp.router
             inter = c.intermediate_size
-            for e in range(c.num_experts):
-                yield from _swiglu(p + f"mlp.experts.{e}.", mlp.w13[e], mlp.w2[e], inter)
+            for e in range(mlp.w13.shape[0]):  # this rank's experts under expert parallelism
+                name = p + f"mlp.experts.{mlp.expert_offset + e}."
+                yield from _swiglu(name, mlp.w13[e], mlp.w2[e], inter)
             if mlp.shared_w13 is not None:
                 yield from _swiglu(p + "mlp.shared_mlp.", mlp.shared_w13, mlp.shared_w2,
                                    c.shared_intermediate_size)  # fmt: skip
@@ -57,6 +58,12 @@ def hf_tensors(model: Transformer) -> Iterator[tuple[str, Tensor]]:
     yield "model.norm.weight", model.norm.weight
     if model.lm_head is not None:
         yield "lm_head.weight", model.lm_head
+
+
+def _expert_index(name: str) -> int | None:
+    """The routed expert a tensor name belongs to (…mlp.experts.{e}.…), else None."""
+    _, sep, rest = name.partition(".mlp.experts.")
+    return int(rest.split(".", 1)[0]) if sep else None
 
 
 def _swiglu(prefix: str, w13: Tensor, w2: Tensor, inter: int) -> Iterator[tuple[str, Tensor]]:
@@ -73,11 +80,8 @@ def _shards(directory: Path) -> dict[str, Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError) as err:
             raise CheckpointError(f"{index}: not a valid safetensors index ({err})") from None
-        files = {name: directory / file for name, file in weight_map.items()}
-        for file in set(files.values()):
-            if not file.exists():
-                raise CheckpointError(f"{index} names {file.name}, which does not exist")
-        return files
+        # Shards are checked when first needed: an expert-parallel rank needs only its own.
+        return {name: directory / file for name, file in weight_map.items()}
     single = directory / SINGLE
     if not single.exists():
         raise CheckpointError(
@@ -95,15 +99,24 @@ def _open(file: Path):
 
 
 def from_pretrained(
-    directory: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"
+    directory: str | Path,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    expert_parallel=None,
 ) -> Transformer:
-    """Load a checkpoint directory (config.json + safetensors) into a Transformer."""
+    """Load a checkpoint directory (config.json + safetensors) into a Transformer. With an
+    ``expert_parallel`` plan (pearlmoe.distributed.ExpertParallel) only this rank's routed
+    experts are built and read; shard files holding none of its tensors are never opened."""
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
     config = ModelConfig.from_file(directory)
     with torch.device("meta"):
         model = Transformer(config, dtype=dtype)
+    if expert_parallel is not None:
+        from ..distributed.expert_parallel import shard_experts
+
+        shard_experts(model, expert_parallel)
     model = model.to_empty(device=device)
 
     files = _shards(directory)
@@ -121,6 +134,10 @@ def from_pretrained(
                 continue
             file = files[name]
             if file not in handles:
+                if not file.exists():
+                    raise CheckpointError(
+                        f"{directory / INDEX} names {file.name}, which does not exist"
+                    )
                 handles[file] = _open(file)
             try:
                 tensor = handles[file].get_tensor(name)
@@ -135,6 +152,9 @@ def from_pretrained(
             used.add(name)
     if config.tie_word_embeddings:
         used.add("lm_head.weight")  # tied checkpoints may still carry it
+    if expert_parallel is not None:  # the other ranks' experts
+        owned = range(expert_parallel.first, expert_parallel.last)
+        used |= {n for n in available if _expert_index(n) not in (None, *owned)}
     unexpected = sorted(n for n in available - used if not n.endswith("rotary_emb.inv_freq"))
     if missing:
         raise CheckpointError(

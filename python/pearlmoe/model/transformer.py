@@ -119,9 +119,15 @@ class MoE(nn.Module):
         self.w2 = _param(e, h, i, dtype=dtype, device=device)  # [E, H, I]
         self.shared_w13 = _param(2 * shared, h, dtype=dtype, device=device) if shared else None
         self.shared_w2 = _param(h, shared, dtype=dtype, device=device) if shared else None
+        # Expert parallelism (pearlmoe.distributed.shard_experts): w13/w2 hold experts
+        # expert_offset.. of this rank only, and the layer exchanges token-slots with the others.
+        self.expert_offset = 0
+        self.expert_parallel = None
 
     def forward(self, x: Tensor, reference_ops: bool) -> Tensor:
         moe_ffn = reference.moe_ffn if reference_ops else ops.moe_ffn
+        if self.expert_parallel is not None:
+            moe_ffn = self.expert_parallel.moe_ffn
         flat = x.reshape(-1, x.shape[-1])  # [B*S, H]
         y = moe_ffn(
             flat, self.router, self.w13, self.w2, self.c.moe_topk, self.shared_w13,
@@ -132,12 +138,18 @@ class MoE(nn.Module):
     def forward_train(self, x: Tensor, routing: dict) -> tuple[Tensor, Tensor]:
         """Training routing (capacity, recycle) through the differentiable op; returns the
         output and this layer's load-balancing loss."""
-        flat = x.reshape(-1, x.shape[-1]).to(self.w13.dtype)  # [B*S, H]
-        # pearlmoe's ops take one dtype for activations and weights: outside autocast.
-        with torch.autocast(x.device.type, enabled=False):
+        # pearlmoe's ops take one dtype for activations and weights, so do autocast's job by
+        # hand: the expert GEMMs in the autocast dtype, the router in fp32 as always.
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        dtype = dtype or self.w13.dtype
+        flat = x.reshape(-1, x.shape[-1]).to(dtype)  # [B*S, H]
+        cast = [None if w is None else w.to(dtype)
+                for w in (self.w13, self.w2, self.shared_w13, self.shared_w2)]  # fmt: skip
+        with torch.autocast(device, enabled=False):
             y, stats = ops.moe_ffn(
-                flat, self.router, self.w13, self.w2, self.c.moe_topk, self.shared_w13,
-                self.shared_w2, self.c.renormalize, return_stats=True, **routing,
+                flat, self.router, cast[0], cast[1], self.c.moe_topk, cast[2], cast[3],
+                self.c.renormalize, return_stats=True, **routing,
             )  # fmt: skip
         return y.to(x.dtype).view_as(x), stats.load_balancing_loss()
 
@@ -180,6 +192,7 @@ class Transformer(nn.Module):
             None if c.tie_word_embeddings
             else _param(c.vocab_size, c.hidden_size, dtype=dtype, device=device)
         )  # fmt: skip
+        self.expert_parallel = None  # set by pearlmoe.distributed.shard_experts
 
     @property
     def device(self) -> torch.device:
@@ -224,6 +237,8 @@ class Transformer(nn.Module):
         """Logits [B, S, V] in fp32 for the S new tokens of every sequence, appended to the
         cache after each sequence's current length (a fresh cache when none is given)."""
         batch, steps = input_ids.shape
+        if self.expert_parallel is not None:
+            self.expert_parallel.announce(self.device)  # idle ranks of the group join this forward
         if cache is None:
             cache = self.new_cache(batch, steps)
         positions = cache.positions(steps)  # [B, S]
@@ -233,3 +248,12 @@ class Transformer(nn.Module):
         cache.advance(steps)
         head = self.embed_tokens if self.lm_head is None else self.lm_head
         return F.linear(self.norm(x), head).float()  # [B, S, V]
+
+    @torch.no_grad()
+    def forward_idle(self) -> None:
+        """An expert-parallel rank without tokens: join every MoE layer's exchange with none,
+        serving the token-slots the other ranks send to this rank's experts."""
+        empty = torch.empty(0, self.config.hidden_size, dtype=self.dtype, device=self.device)
+        for block in self.layers:
+            if isinstance(block.mlp, MoE):
+                block.mlp(empty, reference_ops=False)
