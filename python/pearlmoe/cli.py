@@ -377,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="AR vs speculative vs PEARL on held-out prompts")
     b.add_argument("--prompts", type=_positive, default=8)
     b.add_argument("--prompt-tokens", type=_positive, default=64)
-    b.add_argument("--max-new-tokens", type=_positive, default=64)
+    b.add_argument("--max-new-tokens", type=_positive, default=128)
     b.add_argument("--temperature", type=_non_negative, default=0.0)
     b.add_argument("--out", default="bench/out", help="directory for the JSON and PNG")
     models(b)
