@@ -194,3 +194,18 @@ def test_cuda_device_refused_cleanly_without_cuda():
         pytest.skip("needs a machine without CUDA")
     done = run_cli("generate", "x", "--device", "cuda")
     assert done.returncode == 2 and "CUDA is not available" in done.stderr
+
+
+def test_runtime_errors_are_one_line_unless_debugging(monkeypatch, capsys):
+    def boom(*args, **kwargs):
+        raise RuntimeError("pearlmoe.attention: kv_lens must be <= capacity\nmore detail")
+
+    monkeypatch.setattr(cli, "decode", boom)
+    args = ["generate", "x", "--mode", "ar", "--device", "cpu"]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["pearlmoe: error: pearlmoe.attention: kv_lens must be <= capacity "
+                   "(PEARLMOE_DEBUG=1 shows the traceback)"]  # fmt: skip
+    monkeypatch.setenv("PEARLMOE_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="kv_lens"):
+        cli.main(args)

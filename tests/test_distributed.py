@@ -242,7 +242,7 @@ def _pearl_worker(rank: int, world: int, init: str, root: str) -> None:
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", [2, 3, 4])
 def test_distributed_pearl_greedy_equals_autoregressive(tmp_path, checkpoints, world):
     _spawn(_pearl_worker, world, tmp_path, str(checkpoints))
 

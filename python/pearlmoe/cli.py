@@ -11,6 +11,7 @@ Every error is one line on stderr and exit status 2; never a traceback.
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -85,6 +86,9 @@ def _check_device(device: str) -> str:
         raise UsageError(f"--device {device!r}: expected cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {device}: CUDA is not available on this machine")
+    if dev.type == "cuda" and not torch.ops.pearlmoe.built_with_cuda():
+        raise UsageError(f"--device {device}: this pearlmoe build has no CUDA kernels (rebuild "
+                         "with PEARLMOE_WITH_CUDA=ON against a CUDA torch)")  # fmt: skip
     if dev.type not in ("cpu", "cuda"):
         raise UsageError(f"--device {device}: expected cpu, cuda or cuda:N")
     return device
@@ -443,6 +447,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pearlmoe: error: {err}", file=sys.stderr)
     except (FileNotFoundError, ValueError) as err:  # CheckpointError is a ValueError
         print(f"pearlmoe: error: {err}", file=sys.stderr)
+    except RuntimeError as err:  # an op refusing its input, CUDA out of memory, ...
+        if os.environ.get("PEARLMOE_DEBUG"):
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"pearlmoe: error: {first} (PEARLMOE_DEBUG=1 shows the traceback)", file=sys.stderr)
     except KeyboardInterrupt:
         print("\npearlmoe: interrupted", file=sys.stderr)
         return 130
