@@ -36,3 +36,30 @@ def assert_close_to_oracle(
     err = (out64 - oracle)[~bad].abs().max().item()
     ref_err = (ref64 - oracle)[~bad].abs().max().item()
     assert err <= factor * ref_err + floor, f"error {err:.3g} > {factor} x {ref_err:.3g} + {floor}"
+
+
+def tiny_pair(vocab: int = 64, noise: float = 0.15, seed: int = 0, num_experts: int = 4):
+    """A fp64 MoE + CLA + QK-norm target and a draft that is a noisy copy of it (so it agrees
+    often, not always): the decoding tests' pair."""
+    import copy
+
+    from pearlmoe.model import ModelConfig, Transformer
+
+    torch.manual_seed(seed)
+    config = ModelConfig(
+        vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=48, num_experts=num_experts, moe_topk=1,
+        num_shared_expert=1, use_mixed_mlp_moe=True, use_cla=True, cla_share_factor=2,
+        use_qk_norm=True,
+    )  # fmt: skip
+    target = Transformer(config, dtype=torch.float64).eval()
+    with torch.no_grad():
+        for p in target.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 1.5 * p.shape[-1] ** -0.5)  # peaky, varied predictions
+    draft = copy.deepcopy(target)
+    with torch.no_grad():
+        for p in draft.parameters():
+            if p.dim() >= 2:
+                p.add_(torch.randn_like(p) * p.std() * noise)
+    return target, draft

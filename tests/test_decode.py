@@ -3,12 +3,11 @@ of greedy autoregressive decoding; sampled decoding follows the target's distrib
 statistics are consistent. Models are tiny and float64, so no argmax near-tie can flip between a
 one-token step and a multi-token verification."""
 
-import copy
-
 import pytest
 import torch
 
 import pearlmoe
+from conftest import tiny_pair
 from pearlmoe.decode import auto_gamma, pearl_generate, speculative_generate
 from pearlmoe.model import ModelConfig, Transformer
 
@@ -16,27 +15,7 @@ LOOPS = {"speculative": speculative_generate, "pearl": pearl_generate}
 PROMPTS = [[1, 2, 3, 4], [5, 6, 7, 8, 9, 10], [11, 12, 13]]
 
 
-def _pair(vocab=64, noise=0.15, seed=0):
-    """A MoE + CLA + QK-norm target and a draft that is a noisy copy of it (so it agrees often,
-    not always)."""
-    torch.manual_seed(seed)
-    config = ModelConfig(
-        vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, intermediate_size=48, num_experts=4, moe_topk=1,
-        num_shared_expert=1, use_mixed_mlp_moe=True, use_cla=True, cla_share_factor=2,
-        use_qk_norm=True,
-    )  # fmt: skip
-    target = Transformer(config, dtype=torch.float64).eval()
-    with torch.no_grad():
-        for p in target.parameters():
-            if p.dim() >= 2:
-                p.normal_(0, 1.5 * p.shape[-1] ** -0.5)  # peaky, varied predictions
-    draft = copy.deepcopy(target)
-    with torch.no_grad():
-        for p in draft.parameters():
-            if p.dim() >= 2:
-                p.add_(torch.randn_like(p) * p.std() * noise)
-    return target, draft
+_pair = tiny_pair
 
 
 @pytest.fixture(scope="module")

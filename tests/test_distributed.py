@@ -2,7 +2,6 @@
 by the test, bounded in time. Each rank checks its own results against the single-process ones
 (the same seeded weights, loaded from one checkpoint) and a failure anywhere fails the test."""
 
-import copy
 import datetime
 import time
 from pathlib import Path
@@ -12,10 +11,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from conftest import tiny_pair
 from pearlmoe import ops
 from pearlmoe.decode import generate
 from pearlmoe.distributed import ExpertParallel, distributed_pearl_generate, shard_experts
-from pearlmoe.model import ModelConfig, Transformer, from_pretrained, save_pretrained
+from pearlmoe.model import Transformer, from_pretrained, save_pretrained
 from pearlmoe.model import checkpoint as ckpt
 
 TIMEOUT_S = 240
@@ -42,26 +42,8 @@ def _init(rank: int, world: int, init: str) -> None:
 
 
 def _pair(experts: int = 5, seed: int = 0) -> tuple[Transformer, Transformer]:
-    """A MoE + CLA + QK-norm target (5 experts: uneven splits over 2 and 4 ranks) and a draft
-    that is a noisy copy of it, so it agrees often but not always."""
-    torch.manual_seed(seed)
-    config = ModelConfig(
-        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, intermediate_size=48, num_experts=experts, moe_topk=1,
-        num_shared_expert=1, use_mixed_mlp_moe=True, use_cla=True, cla_share_factor=2,
-        use_qk_norm=True,
-    )  # fmt: skip
-    target = Transformer(config, dtype=torch.float64).eval()
-    with torch.no_grad():
-        for p in target.parameters():
-            if p.dim() >= 2:
-                p.normal_(0, 1.5 * p.shape[-1] ** -0.5)
-    draft = copy.deepcopy(target)
-    with torch.no_grad():
-        for p in draft.parameters():
-            if p.dim() >= 2:
-                p.add_(torch.randn_like(p) * p.std() * 0.15)
-    return target, draft
+    """5 experts: uneven splits over 2 and 4 ranks."""
+    return tiny_pair(seed=seed, num_experts=experts)
 
 
 @pytest.fixture(scope="module")
