@@ -209,3 +209,29 @@ def test_runtime_errors_are_one_line_unless_debugging(monkeypatch, capsys):
     monkeypatch.setenv("PEARLMOE_DEBUG", "1")
     with pytest.raises(RuntimeError, match="kv_lens"):
         cli.main(args)
+
+
+def test_malformed_configs_and_impossible_bench_are_one_line(tmp_path):
+    (tmp_path / "partial.json").write_text('{"model_type": "llama"}')
+    (tmp_path / "list.json").write_text("[1]")
+    (tmp_path / "zero").mkdir()
+    (tmp_path / "zero" / "config.json").write_text(json.dumps({
+        "model_type": "llama", "vocab_size": 8, "hidden_size": 8, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "num_key_value_heads": 0, "intermediate_size": 4,
+    }))  # fmt: skip
+    cases = [
+        (
+            ["plan", str(tmp_path / "partial.json"), "--gpus", "2", "--gpu-mem", "8"],
+            "missing 6 required",
+        ),
+        (["info", str(tmp_path / "list.json")], "must hold a JSON object"),
+        (["info", str(tmp_path / "zero")], "num_key_value_heads must be a positive integer"),
+        (
+            ["bench", "--prompt-tokens", "100000000", "--device", "cpu"],
+            "no held-out file is that long",
+        ),
+    ]
+    for args, message in cases:
+        done = run_cli(*args)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1 and message in lines[0], (args, done.stderr)

@@ -3,6 +3,8 @@ by the test, bounded in time. Each rank checks its own results against the singl
 (the same seeded weights, loaded from one checkpoint) and a failure anywhere fails the test."""
 
 import datetime
+import os
+import socket
 import time
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
 
 from conftest import tiny_pair
 from pearlmoe import ops
@@ -67,6 +70,18 @@ def _op_worker(rank: int, world: int, init: str) -> None:
     shared13 = torch.randn(2 * inter, hidden, generator=g, dtype=torch.float64) * 0.2
     shared2 = torch.randn(hidden, inter, generator=g, dtype=torch.float64) * 0.2
     router = torch.randn(experts, hidden, generator=g, dtype=torch.float64)
+    few = ExpertParallel(3)  # fewer experts than 4 ranks: rank 0 owns none
+    got = few.moe_ffn(
+        x_few := torch.randn(4, hidden, dtype=torch.float64),
+        router[:3],
+        w13[few.first : few.last],
+        w2[few.first : few.last],
+        1,
+        shared13,
+        shared2,
+    )
+    torch.testing.assert_close(got, ops.moe_ffn(x_few, router[:3], w13[:3], w2[:3], 1, shared13,
+                                                shared2), rtol=1e-10, atol=1e-10)  # fmt: skip
     ep = ExpertParallel(experts)
     local13, local2 = w13[ep.first : ep.last], w2[ep.first : ep.last]
     # Uneven token counts, rank 1 with none; every rank uses its own tokens.
@@ -241,3 +256,81 @@ def test_expert_parallel_needs_an_initialised_group():
     assert not dist.is_initialized()
     with pytest.raises(RuntimeError, match="init_process_group"):
         ExpertParallel(4)
+
+
+def _handshake_worker(rank: int, world: int, init: str) -> None:
+    _init(rank, world, init)
+    _, draft = _pair()
+    # The two sides disagree on gamma: both raise, neither hangs.
+    with pytest.raises(ValueError, match=r"disagree: gamma (3 vs 4|4 vs 3)"):
+        distributed_pearl_generate(draft, [1, 2, 3], 8, 3 + rank, ("draft", "target")[rank],
+                                   1 - rank)  # fmt: skip
+    dist.destroy_process_group()
+
+
+def test_distributed_pearl_sides_must_agree(tmp_path):
+    _spawn(_handshake_worker, 2, tmp_path)
+
+
+def _launch_worker(rank: int, world: int, init: str, port: int, out: str, argv: list) -> None:
+    """pearlmoe.distributed's entry point as torchrun would start it."""
+    import contextlib
+
+    from pearlmoe.distributed.__main__ import main
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))  # fmt: skip
+    with open(f"{out}/rank{rank}.txt", "w") as f, contextlib.redirect_stdout(f):
+        assert main([*argv, "--backend", "gloo"]) == 0
+
+
+@pytest.mark.parametrize("mode, world", [("pearl", 3), ("ar", 2)])
+def test_torchrun_entry_point_matches_single_process(tmp_path, mode, world):
+    from pearlmoe import cli
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    prompt = "def main(argv):\n    "
+    argv = [prompt, "--mode", mode, "--gamma", "3", "--max-new-tokens", "24"]
+    _spawn(_launch_worker, world, tmp_path, port, str(tmp_path), argv)
+    printed = (tmp_path / "rank0.txt").read_text()
+    tokenizer = cli.load_tokenizer(cli.TARGET)
+    target = from_pretrained(cli.TARGET, dtype=torch.float32)
+    ids, _ = cli.decode("ar", target, None, tokenizer.encode(prompt).ids, 24, None, 0.0, None, 0)
+    assert printed.startswith(prompt + tokenizer.decode(ids, skip_special_tokens=True) + "\n")
+    assert f"[{mode}, {world} ranks] {len(ids)} tokens" in printed
+
+
+def _sampling_worker(rank: int, world: int, init: str, out: str, n: int) -> None:
+    """n sampled 2-token continuations at temperature 1, draft on rank 0, target on rank 1,
+    with independent generators (seed + rank, as the API asks)."""
+    _init(rank, world, init)
+    target, draft = tiny_pair(vocab=16, noise=0.6, seed=1)
+    model, role = (draft, "draft") if rank == 0 else (target, "target")
+    g = torch.Generator().manual_seed(100 + rank)
+    tokens = [distributed_pearl_generate(model, [1, 2, 3, 4, 5, 6], 2, 2, role, 1 - rank,
+                                         temperature=1.0, generator=g)[0] for _ in range(n)]  # fmt: skip
+    if rank == 0:
+        save_file({"tokens": torch.tensor(tokens)}, f"{out}/tokens.safetensors")
+    dist.destroy_process_group()
+
+
+def test_distributed_pearl_sampling_follows_the_target_distribution(tmp_path):
+    """The marginals of both sampled positions match the exact target distribution (and not
+    the draft's), as for the single-process loops in test_decode."""
+    n = 4000
+    _spawn(_sampling_worker, 2, tmp_path, str(tmp_path), n)
+    tokens = load_file(str(tmp_path / "tokens.safetensors"))["tokens"]  # [n, 2]
+    target, draft = tiny_pair(vocab=16, noise=0.6, seed=1)
+    prompt = [1, 2, 3, 4, 5, 6]
+    with torch.no_grad():
+        p1 = torch.softmax(target(torch.tensor([prompt]))[0, -1], -1)  # [V]
+        nxt = torch.tensor([[*prompt, x] for x in range(16)])
+        p2 = p1 @ torch.softmax(target(nxt)[:, -1], -1)  # [V]
+        q1 = torch.softmax(draft(torch.tensor([prompt]))[0, -1], -1)
+    assert (q1 - p1).abs().sum() > 0.2  # trusting the draft would fail below
+    for i, want in enumerate((p1, p2)):
+        freq = torch.bincount(tokens[:, i], minlength=16).double() / n
+        assert (freq - want).abs().sum() < 0.09, (i, freq, want)

@@ -60,3 +60,15 @@ def test_plan_errors_are_one_line(capsys, args, message):
     assert cli.main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("pearlmoe: error:") and message in err[0]
+
+
+def test_a_plan_with_no_room_for_one_token_does_not_fit():
+    # 16 GB of fp8 weights per GPU under tp; 16 + 4 reserved GB leave nothing for the cache.
+    small = ModelConfig(vocab_size=1000, hidden_size=4096, num_hidden_layers=8,
+                        num_attention_heads=32, num_key_value_heads=8, intermediate_size=8192,
+                        num_experts=8, moe_topk=1)  # fmt: skip
+    weights = parts(small)
+    total = weights.embed + weights.attention + weights.shared + weights.routed
+    gpu_mem = (total / 2 + 1) / 1e9 + 4  # 1 byte of cache room per GPU under tp on 2 GPUs
+    tp = {r.layout: r for r in plan(small, 2, gpu_mem, weight_bytes=1)}["tp"]
+    assert tp.kv_capacity == 0 and tp.longest_context == 0 and not tp.fits

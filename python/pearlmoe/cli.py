@@ -164,6 +164,12 @@ class _Streamer:
         self.out.flush()
         self.printed = len(text)
 
+    def finish(self) -> None:
+        """Print what is still held back (a character cut off at the end of generation)."""
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        self.out.write(text[self.printed :])
+        self.printed = len(text)
+
 
 # ---- commands --------------------------------------------------------------------------------
 
@@ -188,8 +194,10 @@ def cmd_generate(args) -> int:
         raise UsageError("PROMPT is empty: give at least one character of text")
     gamma = args.gamma or (auto_gamma(target, draft) if draft is not None else None)
     print(args.prompt, end="", flush=True)
+    streamer = _Streamer(tokenizer)
     _, stats = decode(args.mode, target, draft, prompt, args.max_new_tokens, gamma,
-                      args.temperature, args.top_p, args.seed, _Streamer(tokenizer))  # fmt: skip
+                      args.temperature, args.top_p, args.seed, streamer)  # fmt: skip
+    streamer.finish()
     line = (f"\n\n[{args.mode}] {stats['tokens']} tokens in {stats['seconds']:.2f} s: "
             f"{stats['tokens_per_second']:.1f} tokens/s")  # fmt: skip
     if args.mode != "ar":
@@ -223,6 +231,10 @@ def cmd_bench(args) -> int:
     target = load_model(args.target, device, dtype)
     draft = load_model(args.draft, device, dtype)
     prompts = held_out_prompts(tokenizer, args.prompts, args.prompt_tokens)
+    if not prompts:
+        raise UsageError(f"--prompt-tokens {args.prompt_tokens}: no held-out file is that long")
+    if len(prompts) < args.prompts:
+        print(f"note: only {len(prompts)} held-out files have {args.prompt_tokens} tokens")
     gamma = args.gamma or auto_gamma(target, draft)  # measured once, outside the timings
     # Warm-up (allocator, thread pools, kernel choice) outside the timings too.
     for mode in MODES:
@@ -352,7 +364,7 @@ def cmd_plan(args) -> int:
     config = ModelConfig.from_file(path)
     print(f"{name}: {config.to_dict()['architectures'][0]}")
     print(format_plan(config, args.gpus, args.gpu_mem, args.batch, WEIGHT_BYTES[args.weights],
-                      args.kv_bytes, args.reserve))  # fmt: skip
+                      args.kv_bytes, args.reserve, args.weights))  # fmt: skip
     return 0
 
 
@@ -445,16 +457,17 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except UsageError as err:
         print(f"pearlmoe: error: {err}", file=sys.stderr)
-    except (FileNotFoundError, ValueError) as err:  # CheckpointError is a ValueError
+    except (OSError, ValueError) as err:  # CheckpointError is a ValueError
         print(f"pearlmoe: error: {err}", file=sys.stderr)
-    except RuntimeError as err:  # an op refusing its input, CUDA out of memory, ...
-        if os.environ.get("PEARLMOE_DEBUG"):
-            raise
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"pearlmoe: error: {first} (PEARLMOE_DEBUG=1 shows the traceback)", file=sys.stderr)
     except KeyboardInterrupt:
         print("\npearlmoe: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # an op refusing its input, CUDA out of memory, ...
+        if os.environ.get("PEARLMOE_DEBUG"):
+            raise
+        text = str(err).strip()
+        first = text.splitlines()[0] if text else type(err).__name__
+        print(f"pearlmoe: error: {first} (PEARLMOE_DEBUG=1 shows the traceback)", file=sys.stderr)
     return 2
 
 

@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(target_ranks) > 1 and not config.is_moe:
         raise SystemExit("pearlmoe.distributed: a dense target has no experts to spread over ranks")
     group = dist.new_group(target_ranks) if len(target_ranks) < world else None
-    generator = torch.Generator(device=device).manual_seed(args.seed)
+    # Independent streams per rank: the target's acceptance draws must not repeat the draft's.
+    generator = torch.Generator(device=device).manual_seed(args.seed + rank)
     start = time.perf_counter()
     out, stats = None, None
     if rank in target_ranks:
@@ -82,16 +83,19 @@ def main(argv: list[str] | None = None) -> int:
         target = from_pretrained(args.target, dtype, device, expert_parallel=ep)
         if rank != target_ranks[0]:
             ep.serve_followers(target)
-        elif args.mode == "ar":
-            out = generate(target, [prompt], args.max_new_tokens, args.temperature,
-                           eos_token_id=eos, generator=generator)[0]  # fmt: skip
         else:
-            out, stats = distributed_pearl_generate(
-                target, prompt, args.max_new_tokens, args.gamma, "target", peer=0,
-                temperature=args.temperature, eos_token_id=eos, generator=generator,
-            )  # fmt: skip
-        if rank == target_ranks[0] and ep is not None:
-            ep.stop_followers(device)
+            try:
+                if args.mode == "ar":
+                    out = generate(target, [prompt], args.max_new_tokens, args.temperature,
+                                   eos_token_id=eos, generator=generator)[0]  # fmt: skip
+                else:
+                    out, stats = distributed_pearl_generate(
+                        target, prompt, args.max_new_tokens, args.gamma, "target", peer=0,
+                        temperature=args.temperature, eos_token_id=eos, generator=generator,
+                    )  # fmt: skip
+            finally:  # release the followers even when decoding failed
+                if ep is not None:
+                    ep.stop_followers(device)
     else:
         draft = from_pretrained(args.draft, dtype, device)
         out, stats = distributed_pearl_generate(

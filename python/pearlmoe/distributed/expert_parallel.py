@@ -12,6 +12,10 @@ feeds its own tokens. An MoE layer then
   5. sends the outputs back along the reverse splits and combines them with the routing
      weights, adding the shared expert, computed locally while the dispatch is in flight.
 
+In fp64/fp32 the result equals moe_ffn's to rounding; in bf16 it differs from the fused
+single-device op by one more rounding (each slot's expert output is rounded to bf16 before the
+combine, and the shared expert runs as plain torch ops).
+
 A rank with no tokens of its own still joins every layer's exchange (``Transformer.forward_idle``),
 which is how the idle ranks of a target group serve the one rank that holds a sequence.
 

@@ -50,7 +50,11 @@ def distributed_pearl_generate(
 ) -> tuple[list[int], DecodeStats]:
     """Called on both ranks: ``role`` "draft" (model = the draft) or "target" (model = the target,
     the leader of its expert-parallel group if it has one); ``peer`` is the other side's global
-    rank. Both return the same new tokens (up to and including EOS) and statistics."""
+    rank. Both return the same new tokens (up to and including EOS) and statistics.
+
+    When sampling, the two sides' generators must be independent streams (seed them differently,
+    e.g. seed + rank): the target's acceptance uniforms must not repeat the draft's draws. The
+    two sides first exchange and compare vocabulary size, γ, greedy flag, budget and prompt."""
     if role not in ("draft", "target"):
         raise ValueError(f"role must be 'draft' or 'target', got {role!r}")
     if gamma < 1:
@@ -65,6 +69,7 @@ def distributed_pearl_generate(
     vocab = model.config.vocab_size
     # gloo moves CPU tensors, NCCL tensors on this rank's GPU.
     comm = model.device if dist.get_backend() == "nccl" else torch.device("cpu")
+    _handshake(role, peer, comm, [vocab, gamma, int(greedy), max_new_tokens, *_digest(prompt)])
     stats = DecodeStats(gamma=gamma, extra={"pre_rounds": 0, "post_rounds": 0})
     start = time.perf_counter()
     side = CachedModel(model, [prompt], len(prompt) + max_new_tokens + 3 * gamma + 4)
@@ -135,3 +140,26 @@ def distributed_pearl_generate(
         side.truncate([keep])
     stats.seconds = time.perf_counter() - start
     return outputs, stats
+
+
+def _digest(prompt: list[int]) -> list[int]:
+    """Length and a position-weighted checksum of the prompt (to catch mismatched prompts)."""
+    return [len(prompt), sum((i + 1) * t for i, t in enumerate(prompt)) % (2**61 - 1)]
+
+
+def _handshake(role: str, peer: int, comm: torch.device, mine: list[int]) -> None:
+    """Swap the settings both sides must share; both raise (neither hangs) on a mismatch."""
+    names = ["vocab_size", "gamma", "greedy", "max_new_tokens", "prompt length", "prompt checksum"]
+    own = torch.tensor(mine, dtype=torch.int64, device=comm)
+    other = torch.empty_like(own)
+    if role == "draft":
+        dist.send(own, peer)
+        dist.recv(other, peer)
+    else:
+        dist.recv(other, peer)
+        dist.send(own, peer)
+    diff = [
+        f"{n} {a} vs {b}" for n, a, b in zip(names, mine, other.tolist(), strict=True) if a != b
+    ]
+    if diff:
+        raise ValueError(f"{role} and its peer (rank {peer}) disagree: " + ", ".join(diff))

@@ -92,7 +92,7 @@ def plan(
         free = budget - weights
         capacity = int(free // kv) if free > 0 else 0
         context = min(capacity // seqs, config.max_position_embeddings)
-        out.append(LayoutPlan(name, weights, kv, seqs, capacity, context, free > 0))
+        out.append(LayoutPlan(name, weights, kv, seqs, capacity, context, context > 0))
     return out
 
 
@@ -104,10 +104,13 @@ def format_plan(
     weight_bytes: float = 2,
     kv_bytes: int = 2,
     reserve_gb: float = 4.0,
+    weight_name: str | None = None,
 ) -> str:
     est = estimate(config, kv_bytes)
     rows = plan(config, gpus, gpu_mem_gb, batch, weight_bytes, kv_bytes, reserve_gb)
-    wname = {2: "bf16", 1: "fp8", 0.5: "int4", 4: "fp32"}.get(weight_bytes, f"{weight_bytes} B")
+    wname = weight_name or {2: "bf16", 1: "fp8", 0.5: "int4", 4: "fp32"}.get(
+        weight_bytes, f"{weight_bytes} B/parameter"
+    )
     lines = [
         f"{est.total_params / 1e9:.1f}B parameters ({est.active_params / 1e9:.1f}B active per "
         f"token), weights {wname}, KV cache {kv_bytes} B/value: {est.kv_bytes_per_token:,} "

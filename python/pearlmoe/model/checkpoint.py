@@ -63,7 +63,8 @@ def hf_tensors(model: Transformer) -> Iterator[tuple[str, Tensor]]:
 def _expert_index(name: str) -> int | None:
     """The routed expert a tensor name belongs to (…mlp.experts.{e}.…), else None."""
     _, sep, rest = name.partition(".mlp.experts.")
-    return int(rest.split(".", 1)[0]) if sep else None
+    index = rest.split(".", 1)[0]
+    return int(index) if sep and index.isdigit() else None
 
 
 def _swiglu(prefix: str, w13: Tensor, w2: Tensor, inter: int) -> Iterator[tuple[str, Tensor]]:
@@ -153,8 +154,10 @@ def from_pretrained(
     if config.tie_word_embeddings:
         used.add("lm_head.weight")  # tied checkpoints may still carry it
     if expert_parallel is not None:  # the other ranks' experts
-        owned = range(expert_parallel.first, expert_parallel.last)
-        used |= {n for n in available if _expert_index(n) not in (None, *owned)}
+        others = set(range(config.num_experts)) - set(
+            range(expert_parallel.first, expert_parallel.last)
+        )
+        used |= {n for n in available if _expert_index(n) in others}
     unexpected = sorted(n for n in available - used if not n.endswith("rotary_emb.inv_freq"))
     if missing:
         raise CheckpointError(

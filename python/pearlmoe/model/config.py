@@ -50,6 +50,19 @@ class ModelConfig:
                 f"unsupported model_type {self.model_type!r}: pearlmoe runs "
                 f"{', '.join(sorted(SUPPORTED))} (Hunyuan-Large, Hunyuan MoE v1, dense Llama)"
             )
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "intermediate_size"):  # fmt: skip
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"config {name} must be a positive integer, got {value!r}")
+        if not isinstance(self.num_experts, int) or self.num_experts < 0:
+            raise ValueError(
+                f"config num_experts must be an integer >= 0, got {self.num_experts!r}"
+            )
+        if self.use_cla and (
+            not isinstance(self.cla_share_factor, int) or self.cla_share_factor < 1
+        ):
+            raise ValueError(f"config cla_share_factor must be >= 1, got {self.cla_share_factor!r}")
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_attention_heads % self.num_key_value_heads:
@@ -103,6 +116,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        if not isinstance(data, dict):
+            raise ValueError(f"config.json must hold a JSON object, got {type(data).__name__}")
         data = dict(data)
         archs = data.pop("architectures", None) or []
         model_type = data.get("model_type")
@@ -116,7 +131,10 @@ class ModelConfig:
         extra = {k: v for k, v in data.items() if k not in names}
         if model_type == "llama":
             known.pop("num_experts", None)
-        return cls(**known, extra=extra)
+        try:
+            return cls(**known, extra=extra)
+        except TypeError as err:  # a required field missing, or a field of the wrong kind
+            raise ValueError(f"config.json ({model_type}): {err}") from None
 
     @classmethod
     def from_file(cls, path: str | Path) -> "ModelConfig":
