@@ -27,6 +27,10 @@ ATTN_CASES = [
     (63, [63, 100], 10, 1, 80),  # CUDA: several row groups of the split-KV kernel
     (64, [64, 300], 10, 1, 80),  # CUDA: the prefill kernel's smallest query length
     (65, [65, 129], 8, 1, 128),
+    # The CPU's direct decode path (≤ 16 query rows per KV head, ≤ 1M multiply-adds):
+    (1, [1, 37, 200], 8, 2, 64),
+    (2, [2, 129], 4, 2, 64),
+    (3, [3, 200, 61], 4, 4, 80),
 ]
 
 

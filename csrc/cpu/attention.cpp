@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_kernels.h"
@@ -18,12 +19,102 @@ constexpr int64_t kQueryBlock = 64;  // query rows per task (times the GQA group
 // blocks and pays the per-step op overhead rarely, while prefill keeps its scores in cache.
 int64_t key_block(int64_t score_rows) { return std::clamp<int64_t>(32768 / score_rows, 256, 4096); }
 
+// Decode and verification (a few query rows): one (sequence, query row, KV head) per task, the
+// GQA group's query heads together so each K and V row is read once for all of them, scores in a
+// local buffer, loops the compiler vectorises (8 partial sums per dot product). The blocked path
+// below spends ~20 ATen calls per task, ~100 us at these sizes (bench/NOTES.md has the numbers).
+// Measured break-even with the blocked path (2-core x86): about 1M multiply-adds per call.
+constexpr int64_t kDirectMaxRows = 16;       // q_len * group at most
+constexpr int64_t kDirectMaxMacs = 1 << 20;  // batch * q_len * heads * longest kv_len * dim
+
+template <typename acc_t, typename scalar_t>
+acc_t dot(const acc_t* a, const scalar_t* b, int64_t n) {
+  acc_t part[8] = {};
+  int64_t d = 0;
+  for (; d + 8 <= n; d += 8)
+    for (int u = 0; u < 8; ++u) part[u] += a[d + u] * static_cast<acc_t>(b[d + u]);
+  acc_t sum =
+      ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+  for (; d < n; ++d) sum += a[d] * static_cast<acc_t>(b[d]);
+  return sum;
+}
+
+template <typename scalar_t>
+void attention_direct(const Tensor& q, const Tensor& k, const Tensor& v, const int32_t* kv_lens,
+                      int64_t longest, double scale, Tensor& o) {
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  const int64_t batch = q.size(0), q_len = q.size(1), dim = q.size(3);
+  const int64_t kv_heads = k.size(2), group = q.size(2) / kv_heads;
+  const scalar_t* qp = q.const_data_ptr<scalar_t>();
+  const scalar_t* kp = k.const_data_ptr<scalar_t>();
+  const scalar_t* vp = v.const_data_ptr<scalar_t>();
+  scalar_t* op = o.mutable_data_ptr<scalar_t>();
+  const int64_t tasks = batch * q_len * kv_heads;
+  // Inline (no thread pool) while the whole call is a few hundred thousand multiply-adds.
+  const int64_t macs = tasks * group * longest * dim;
+  const int64_t grain = macs < (1 << 18) ? tasks : 1;
+  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> qv(group * dim), out(group * dim), p(group * longest), m(group), l(group);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / (q_len * kv_heads), i = task / kv_heads % q_len;
+      const int64_t hk = task % kv_heads;
+      const int64_t keys = kv_lens[b] - q_len + i + 1;  // bottom-right causal
+      for (int64_t g = 0; g < group; ++g) {
+        const scalar_t* qr =
+            qp + b * q.stride(0) + i * q.stride(1) + (hk * group + g) * q.stride(2);
+        for (int64_t d = 0; d < dim; ++d)
+          qv[g * dim + d] = static_cast<acc_t>(qr[d * q.stride(3)]) * static_cast<acc_t>(scale);
+      }
+      const scalar_t* kr = kp + b * k.stride(0) + hk * k.stride(2);
+      const scalar_t* vr = vp + b * v.stride(0) + hk * v.stride(2);
+      std::fill(m.begin(), m.end(), -INFINITY);
+      for (int64_t j = 0; j < keys; ++j) {
+        const scalar_t* kj = kr + j * k.stride(1);
+        for (int64_t g = 0; g < group; ++g) {
+          const acc_t s = dot(&qv[g * dim], kj, dim);
+          p[g * longest + j] = s;
+          m[g] = std::max(m[g], s);
+        }
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        acc_t sum = 0;
+        acc_t* pg = &p[g * longest];
+        for (int64_t j = 0; j < keys; ++j) sum += (pg[j] = std::exp(pg[j] - m[g]));
+        l[g] = sum;
+      }
+      std::fill(out.begin(), out.end(), acc_t(0));
+      for (int64_t j = 0; j < keys; ++j) {
+        const scalar_t* vj = vr + j * v.stride(1);
+        for (int64_t g = 0; g < group; ++g) {
+          const acc_t pj = p[g * longest + j];
+          acc_t* og = &out[g * dim];
+          for (int64_t d = 0; d < dim; ++d) og[d] += pj * static_cast<acc_t>(vj[d]);
+        }
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        scalar_t* orow = op + b * o.stride(0) + i * o.stride(1) + (hk * group + g) * o.stride(2);
+        for (int64_t d = 0; d < dim; ++d)
+          orow[d * o.stride(3)] = static_cast<scalar_t>(out[g * dim + d] / l[g]);
+      }
+    }
+  });
+}
+
 }  // namespace
 
 void attention(const Tensor& q, const Tensor& k, const Tensor& v, const int32_t* kv_lens,
                double scale, Tensor& o) {
   const int64_t batch = q.size(0), q_len = q.size(1), q_heads = q.size(2), dim = q.size(3);
   const int64_t kv_heads = k.size(2), group = q_heads / kv_heads;
+  int64_t longest = 0;
+  for (int64_t b = 0; b < batch; ++b) longest = std::max<int64_t>(longest, kv_lens[b]);
+  if (q_len * group <= kDirectMaxRows &&
+      batch * q_len * q_heads * longest * dim <= kDirectMaxMacs) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kBFloat16, at::kHalf, q.scalar_type(), "attention_cpu",
+        [&] { attention_direct<scalar_t>(q, k, v, kv_lens, longest, scale, o); });
+    return;
+  }
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t q_blocks = (q_len + kQueryBlock - 1) / kQueryBlock;
 

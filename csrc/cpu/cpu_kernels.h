@@ -41,7 +41,8 @@ at::Tensor moe_ffn_routed(const at::Tensor& x, const at::Tensor& topk_weights,
 
 namespace pearlmoe::cpu {
 
-// Causal attention aligned bottom-right, blocked online softmax (never an Sq x Skv matrix):
+// Causal attention aligned bottom-right: small decode calls in direct loops, the rest as a blocked
+// online softmax on BLAS (never an Sq x Skv matrix):
 //   q [B, Sq, Hq, D], k/v [B, C, Hkv, D] (unit last stride), kv_lens host [B] (validated)
 //   -> o [B, Sq, Hq, D] contiguous.
 void attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
