@@ -120,7 +120,9 @@ def test_grouped_gemm_bad_input(a, b, offs, match):
 # ---- moe_ffn_routed / moe_ffn --------------------------------------------------------------------
 
 MOE_GRID = [
-    (t, e, k) for t, e, k in itertools.product([0, 1, 7, 333, 4099], [1, 5, 16], [1, 2]) if k <= e
+    (t, e, k)
+    for t, e, k in itertools.product([0, 1, 4, 7, 333, 4099], [1, 5, 16], [1, 2])
+    if k <= e
 ]
 
 
@@ -151,8 +153,9 @@ def test_moe_ffn_matches_reference(device, dtype, tokens, experts, k):
 
 
 @pytest.mark.parametrize(("device", "dtype"), _dtype_grid())
-def test_moe_ffn_routed_dropped_and_one_expert(device, dtype):
-    tokens, hidden, inter, experts = 257, 32, 16, 5
+@pytest.mark.parametrize("tokens", [257, 3])  # 3: the CPU's decode-sized path
+def test_moe_ffn_routed_dropped_and_one_expert(device, dtype, tokens):
+    hidden, inter, experts = 32, 16, 5
     g = torch.Generator().manual_seed(7)
     x = torch.randn(tokens, hidden, generator=g).to(device, dtype)
     w13, w2, s13, s2 = _weights(experts, hidden, inter, dtype, device, g)

@@ -52,7 +52,8 @@ def generate_stream(
     logits = torch.stack(last)  # [B, V]
     done = [False] * len(prompts)
     for step in range(max_new_tokens):
-        tokens = sample(logits_to_probs(logits, temperature, top_k, top_p), generator)  # [B]
+        probs = logits_to_probs(logits, temperature, top_k, top_p)  # [B, V]
+        tokens = sample(probs, generator, greedy=temperature <= 0)  # [B]
         out: list[int | None] = []
         for b, token in enumerate(tokens.tolist()):
             out.append(None if done[b] else token)

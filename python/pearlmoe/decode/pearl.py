@@ -117,7 +117,7 @@ def pearl_generate(
         qs, xs = [], []
         for i in range(gamma):
             qs.append(logits_to_probs(rows, temperature, top_k, top_p))
-            xs.append(sample(qs[-1], generator))
+            xs.append(sample(qs[-1], generator, greedy))
             if i + 1 < gamma:
                 rows = torch.stack([lg[-1] for lg in drf.feed([[int(x)] for x in xs[-1]])])
         return torch.stack(xs, 1), torch.stack(qs, 1)  # [B, γ], [B, γ, V]

@@ -30,6 +30,9 @@ def logits_to_probs(
     return probs
 
 
-def sample(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """[B, V] probabilities -> [B] int64 tokens (argmax when the row is one-hot)."""
+def sample(probs: Tensor, generator: torch.Generator | None = None, greedy: bool = False) -> Tensor:
+    """[B, V] probabilities -> [B] int64 tokens. greedy=True (one-hot rows, temperature 0) takes
+    the argmax: the same token, without multinomial's cost or its draw from the generator."""
+    if greedy:
+        return probs.argmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -54,7 +54,7 @@ def speculative_generate(
         q, drafts = [], []
         for i in range(gamma):
             q.append(logits_to_probs(rows, temperature, top_k, top_p))  # [B, V]
-            drafts.append(sample(q[-1], generator))  # [B]
+            drafts.append(sample(q[-1], generator, greedy))  # [B]
             if i + 1 < gamma:
                 rows = torch.stack([lg[-1] for lg in drf.feed([[int(d)] for d in drafts[-1]])])
         stats.draft_calls += gamma

@@ -86,7 +86,7 @@ def distributed_pearl_generate(
             xs, qs = [], []
             for i in range(gamma):
                 qs.append(logits_to_probs(row, temperature, top_k, top_p))  # [V]
-                xs.append(int(sample(qs[-1].unsqueeze(0), generator)[0]))
+                xs.append(int(sample(qs[-1].unsqueeze(0), generator, greedy)[0]))
                 if i + 1 < gamma:
                     row = side.feed([[xs[-1]]])[0][-1]
             dist.send(torch.tensor(xs, dtype=torch.int64, device=comm), peer)
