@@ -14,28 +14,17 @@ import argparse
 import datetime
 import os
 import tempfile
-import time
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from common import print_table, write_json
+from common import median_seconds, print_table, write_json
 
 
 def _time(fn, device: torch.device, repeats: int) -> float:
-    fn()  # warm-up: first-call allocations and thread pools
-    times = []
-    for _ in range(repeats):
-        dist.barrier()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return 1e3 * sorted(times)[len(times) // 2]
+    """Median milliseconds, every rank starting each repeat together."""
+    return 1e3 * median_seconds(fn, device, repeats, before=dist.barrier)
 
 
 def _measure(ep, layer, tokens: int, rank: int, world: int, device, dtype, args) -> dict:

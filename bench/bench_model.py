@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from common import device_name, print_table, write_json
+from common import device_name, median_seconds, print_table, write_json
 from pearlmoe.model import ModelConfig, Transformer
 
 SMALL = dict(
@@ -26,21 +26,6 @@ HUNYUAN_SLICE = dict(
     use_mixed_mlp_moe=True, use_cla=True, cla_share_factor=2, use_qk_norm=True,
     rope_scaling={"type": "dynamic", "alpha": 100000.0, "factor": 1.0},
 )  # fmt: skip
-
-
-def timed(fn, device, repeats: int) -> float:
-    """Median seconds of fn() over repeats (after one warm-up)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
 
 
 @torch.inference_mode()
@@ -61,7 +46,7 @@ def run(model: Transformer, device, batch: int, prompt: int, decode_steps: int, 
             torch.cuda.synchronize(device)
         return time.perf_counter() - start
 
-    prefill_s = timed(prefill, device, 3)
+    prefill_s = median_seconds(prefill, device, 3)
     decode_s = sorted(decode() for _ in range(3))[1]
     return batch * prompt / prefill_s, batch * decode_steps / decode_s
 

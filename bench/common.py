@@ -5,6 +5,7 @@ import json
 import os
 import platform
 import statistics
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +17,29 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def median_seconds(
+    fn: Callable[[], object],
+    device: torch.device,
+    repeats: int,
+    before: Callable[[], object] | None = None,
+) -> float:
+    """Median wall seconds of fn() over repeats, after one warm-up call; before() runs untimed
+    ahead of each repeat (a barrier, so that every rank starts together)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if before is not None:
+            before()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, min_time: float = 0.2) -> float:

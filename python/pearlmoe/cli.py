@@ -94,11 +94,6 @@ def _check_device(device: str) -> str:
     return device
 
 
-def _eos(config: ModelConfig) -> list[int]:
-    eos = config.eos_token_id
-    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-
-
 # ---- decoding --------------------------------------------------------------------------------
 
 
@@ -116,7 +111,7 @@ def decode(
 ) -> tuple[list[int], dict]:
     """One prompt in one mode: the new tokens and the run's statistics."""
     generator = torch.Generator(device=target.device).manual_seed(seed)
-    common = dict(temperature=temperature, top_p=top_p, eos_token_id=_eos(target.config),
+    common = dict(temperature=temperature, top_p=top_p, eos_token_id=target.config.eos_token_id,
                   generator=generator)  # fmt: skip
     start = time.perf_counter()
     if mode == "ar":

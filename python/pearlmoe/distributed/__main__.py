@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..cli import DRAFT, TARGET, _eos, check_tokenizers, load_tokenizer
+from ..cli import DRAFT, TARGET, check_tokenizers, load_tokenizer
 from ..decode import generate
 from ..model import ModelConfig, from_pretrained
 from .expert_parallel import ExpertParallel
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = load_tokenizer(args.target)
     prompt = tokenizer.encode(args.prompt).ids
     config = ModelConfig.from_file(args.target)
-    eos = _eos(config)
+    eos = config.eos_token_id
 
     # Every rank creates every group, in the same order (a torch.distributed rule).
     target_ranks = list(range(world)) if args.mode == "ar" else list(range(1, world))

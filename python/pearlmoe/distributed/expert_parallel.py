@@ -31,6 +31,11 @@ from .. import ops, reference
 FORWARD, STOP = 1, 0
 
 
+def comm_device(device: torch.device, group=None) -> torch.device:
+    """Where a message to the group's ranks must live: gloo moves CPU tensors, NCCL GPU tensors."""
+    return device if dist.get_backend(group) == "nccl" else torch.device("cpu")
+
+
 class ExpertParallel:
     """Which experts each rank of ``group`` owns, and the leader/follower protocol of a group
     whose first rank holds the sequences (``leader_announces=True``): before each forward the
@@ -56,8 +61,7 @@ class ExpertParallel:
         return self.last - self.first
 
     def comm_device(self, device: torch.device) -> torch.device:
-        """gloo moves CPU tensors, NCCL GPU tensors."""
-        return device if dist.get_backend(self.group) == "nccl" else torch.device("cpu")
+        return comm_device(device, self.group)
 
     # ---- leader / follower ----------------------------------------------------------------
 

@@ -26,9 +26,11 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import ops
+from ..decode.autoregressive import _eos_set
 from ..decode.common import CachedModel, DecodeStats, emit
 from ..decode.sampling import logits_to_probs, sample
 from ..model.transformer import Transformer
+from .expert_parallel import comm_device
 
 PRE, POST = 0, 1
 
@@ -62,13 +64,10 @@ def distributed_pearl_generate(
     prompt = list(prompt)
     if not prompt:
         raise ValueError("prompt must hold at least one token")
-    eos = set() if eos_token_id is None else (
-        {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
-    )  # fmt: skip
+    eos = _eos_set(eos_token_id)
     greedy = temperature <= 0
     vocab = model.config.vocab_size
-    # gloo moves CPU tensors, NCCL tensors on this rank's GPU.
-    comm = model.device if dist.get_backend() == "nccl" else torch.device("cpu")
+    comm = comm_device(model.device)
     _handshake(role, peer, comm, [vocab, gamma, int(greedy), max_new_tokens, *_digest(prompt)])
     stats = DecodeStats(gamma=gamma, extra={"pre_rounds": 0, "post_rounds": 0})
     start = time.perf_counter()

@@ -186,14 +186,13 @@ def run(
                 f"{name} shares {preset.teacher}'s tokenizer: train it first "
                 f"(python -m pearlmoe.train --preset {preset.teacher}) or pass --teacher DIR"
             )
-        teacher = from_pretrained(teacher_dir, dtype=torch.float32, device=device)
+        if cfg.distill:
+            teacher = from_pretrained(teacher_dir, dtype=torch.float32, device=device)
     started = time.perf_counter()
     tokenizer, train_tokens, eval_tokens = corpus(tokenizer_path)
     torch.manual_seed(cfg.seed)
     model = Transformer(preset.config, dtype=torch.float32, device=device)
     init_for_training(model, cfg.seed)
-    if not cfg.distill:
-        teacher = None
     history = train(
         model, train_tokens, eval_tokens, cfg, work, resume=resume, progress=progress,
         teacher=teacher,

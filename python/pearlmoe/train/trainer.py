@@ -191,9 +191,8 @@ def train(
         window = next(data).to(model.device)
         with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=autocast):
             ce, aux, kl = _losses(model, window, cfg, route_g, teacher)
-            loss = ce + cfg.aux_loss_coef * aux
-            if kl is not None:
-                loss = (1 - cfg.distill) * ce + cfg.distill * kl + cfg.aux_loss_coef * aux
+            loss = ce if kl is None else (1 - cfg.distill) * ce + cfg.distill * kl
+            loss = loss + cfg.aux_loss_coef * aux
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
