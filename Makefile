@@ -56,7 +56,7 @@ format: setup
 # PEARL on the embedded pair (a Hunyuan-style MoE target and a dense draft trained on the stdlib).
 DEMO_PROMPT ?= def parse_args(argv):\n    parser = argparse.ArgumentParser(
 demo: build
-	$(VENV)/bin/pearlmoe generate "$$(printf '$(DEMO_PROMPT)')" --mode pearl --max-new-tokens 96
+	$(VENV)/bin/pearlmoe generate "$$(printf '$(DEMO_PROMPT)')" --mode pearl --max-new-tokens 96 --vs-ar
 
 demo-routing: build
 	$(PY) -m pearlmoe.demo

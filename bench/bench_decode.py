@@ -18,7 +18,8 @@ import torch
 import pearlmoe
 from common import device_name, print_table, write_json
 from pearlmoe.decode import pearl_generate, speculative_generate
-from pearlmoe.decode.common import measure_step_seconds
+from pearlmoe.decode.cost_model import step_seconds
+from pearlmoe.decode.runner import BACKENDS, default_backend
 from pearlmoe.model import ModelConfig, Transformer
 
 
@@ -68,12 +69,17 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--eps", type=float, default=0.05)
+    parser.add_argument("--backend", default="auto", choices=["auto", *BACKENDS])
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
+    backend = default_backend(device) if args.backend == "auto" else args.backend
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     target, draft = make_pair(device, dtype, args.layers, args.eps)
-    t_target, t_draft = measure_step_seconds(target), measure_step_seconds(draft)
+    t_target, t_draft = (
+        step_seconds(target, [1], backend=backend)[0],
+        step_seconds(draft, [1], backend=backend)[0],
+    )
     gamma = args.gamma or max(1, round(t_target / t_draft))
     prompts = [
         [int(t) for t in torch.randint(0, 2048, (16,), generator=torch.Generator().manual_seed(i))]
@@ -89,13 +95,15 @@ def main() -> None:
                 import time
 
                 start = time.perf_counter()
-                out = pearlmoe.generate(target, [prompt], args.tokens)
+                out = pearlmoe.generate(target, [prompt], args.tokens, backend=backend)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 elapsed, stats = time.perf_counter() - start, None
             else:
                 loop = speculative_generate if name == "speculative" else pearl_generate
-                out, stats = loop(target, draft, [prompt], args.tokens, gamma=gamma)
+                out, stats = loop(
+                    target, draft, [prompt], args.tokens, gamma=gamma, backend=backend
+                )
                 elapsed = stats.seconds
             results.setdefault(name, []).append(out[0])
             if i == 0:
@@ -130,9 +138,9 @@ def main() -> None:
     columns = [("method", "s"), ("tok_s", ".1f"), ("speedup", ".2f"), ("predicted", ".2f"),
                ("vs_speculative", ".2f"), ("mean_accepted", ".2f"), ("alpha", ".3f")]  # fmt: skip
     print_table(
-        f"decoding on {device_name(device)}: synthetic pair ({args.layers}-layer MoE target, "
-        f"2-layer draft), gamma={gamma}, c=T_target/T_draft={t_target / t_draft:.2f}, greedy, "
-        f"batch 1, {args.tokens} tokens x {len(prompts) - 1} prompts",
+        f"decoding on {device_name(device)} ({backend}): synthetic pair ({args.layers}-layer MoE "
+        f"target, 2-layer draft), gamma={gamma}, c=T_target/T_draft={t_target / t_draft:.2f}, "
+        f"greedy, batch 1, {args.tokens} tokens x {len(prompts) - 1} prompts",
         rows, columns,
     )  # fmt: skip
     path = write_json(

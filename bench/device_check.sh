@@ -57,8 +57,11 @@ step bench-routing 90 "$PY" bench/bench_routing.py --device cuda --out "$OUT" --
 step bench-moe 150 "$PY" bench/bench_moe.py --device cuda --out "$OUT"
 step bench-attention 120 "$PY" bench/bench_attention.py --device cuda --out "$OUT"
 step bench-model 120 "$PY" bench/bench_model.py --device cuda --out "$OUT"
-step bench-decode 120 "$PY" bench/bench_decode.py --device cuda --out "$OUT"
-step pearlmoe-bench 90 "$PY" -m pearlmoe.cli bench --device cuda --out "$OUT"
+step bench-decode 90 "$PY" bench/bench_decode.py --device cuda --backend cudagraph --out "$OUT"
+step bench-decode-eager 90 "$PY" bench/bench_decode.py --device cuda --backend eager --out "$OUT"
+# AR eager (the baseline row) vs CUDA-graph AR / speculative / PEARL on the embedded pair.
+step pearlmoe-bench 120 "$PY" -m pearlmoe.cli bench --device cuda --backend cudagraph \
+  --dtypes bfloat16 --out "$OUT"
 
 BENCHMARK_DIR=$(ls -d "$CARRY"/benchmark/usr/lib/*/cmake/benchmark 2>/dev/null | head -1)
 if [ -n "$BENCHMARK_DIR" ]; then
@@ -89,5 +92,5 @@ grep -A10 '^moe_ffn on' "$OUT/bench-moe.log" 2>/dev/null
 grep -A12 '^attention on' "$OUT/bench-attention.log" 2>/dev/null
 grep -A5 '^model on' "$OUT/bench-model.log" 2>/dev/null
 grep -A5 '^decoding on' "$OUT/bench-decode.log" 2>/dev/null
-grep -B1 -A5 '^mode ' "$OUT/pearlmoe-bench.log" 2>/dev/null
+grep -B3 -A5 '^dtype ' "$OUT/pearlmoe-bench.log" 2>/dev/null
 exit $failed

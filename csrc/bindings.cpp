@@ -3,6 +3,10 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+
+#include "cpu/cpu_kernels.h"
+
 // `from . import _C` loads this shared library, which runs the registrations below. The module
 // itself is empty: ops are reached through torch.ops.pearlmoe, never through pybind11.
 extern "C" PyObject* PyInit__C(void) {
@@ -43,6 +47,14 @@ TORCH_LIBRARY(pearlmoe, m) {
       "moe_ffn(Tensor x, Tensor router_w, Tensor w13, Tensor w2, int top_k, "
       "Tensor? shared_w13=None, Tensor? shared_w2=None, bool renormalize=False) -> Tensor");
 
+  // A dense projection x · weight^T ([..., K] x [N, K] -> [..., N]): the skinny kernel for a few
+  // rows on the CPU (decode, verification), BLAS above that, cuBLAS on CUDA.
+  m.def("linear(Tensor x, Tensor weight) -> Tensor");
+
+  // RMSNorm over the last dim with Hugging Face's rounding points (normalise in fp32, round,
+  // times weight); each row reduced in a fixed order, whatever else shares the call.
+  m.def("rms_norm(Tensor x, Tensor weight, float eps=1e-05) -> Tensor");
+
   // ---- attention ---------------------------------------------------------------------------
   // Causal attention aligned bottom-right over a (GQA) KV buffer: query i of sequence b sees
   // keys j < kv_lens[b] - Sq + i + 1; prefill, decode and verification in one op.
@@ -54,6 +66,12 @@ TORCH_LIBRARY(pearlmoe, m) {
       "Tensor? k_weight=None, float eps=1e-05, bool normalize=True) -> (Tensor q_out, Tensor "
       "k_hat)");
 
+  // Append the new tokens' K/V to one group of a KV cache in place: k_cache[group, b, positions[b,
+  // s]] = k[b, s] (v likewise). No host work on CUDA (positions outside the cache are skipped).
+  m.def(
+      "kv_cache_write(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, "
+      "Tensor positions, int group=0) -> ()");
+
   // ---- speculative decoding ----------------------------------------------------------------
   // Batched verification: greedy (no draft_probs) or rejection sampling with the given uniforms;
   // tokens = accepted drafts, then the correction or bonus token, then -1.
@@ -64,4 +82,6 @@ TORCH_LIBRARY(pearlmoe, m) {
   // ---- build info --------------------------------------------------------------------------
   // Whether this build compiled the CUDA kernels.
   m.def("built_with_cuda() -> bool", [] { return kBuiltWithCuda; });
+  // The instruction set of the CPU kernels' skinny GEMM on this machine.
+  m.def("cpu_isa() -> str", [] { return std::string(pearlmoe::cpu::skinny_isa()); });
 }

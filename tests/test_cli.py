@@ -125,12 +125,20 @@ def test_info_prints_config_and_sizes(capsys):
 
 def test_bench_writes_json_and_png(tmp_path, capsys):
     rc = cli.main(["bench", "--prompts", "1", "--prompt-tokens", "16", "--max-new-tokens", "8",
-                   "--gamma", "2", "--device", "cpu", "--out", str(tmp_path)])  # fmt: skip
-    assert rc == 0, capsys.readouterr().err
+                   "--batch", "2", "--dtypes", "float32", "--backend", "eager",
+                   "--device", "cpu", "--out", str(tmp_path)])  # fmt: skip
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
     result = json.loads((tmp_path / "pearlmoe_bench.json").read_text())
-    assert set(result["modes"]) == {"ar", "speculative", "pearl"}
-    assert result["greedy_outputs_identical"] is True
-    assert result["modes"]["ar"]["speedup_vs_ar"] == 1.0
+    (run,) = result["runs"]
+    assert set(run["modes"]) == {"ar-eager", "ar", "speculative", "pearl"}
+    assert run["greedy_outputs_identical"] is True and run["compiled_equals_eager"] is True
+    assert run["modes"]["ar"]["speedup_vs_ar"] == 1.0 and result["batch"] == 2
+    assert len(run["cost_curve"]["target_ms"]) == 9 and run["cost_curve"]["draft_ms"] > 0
+    for mode in ("speculative", "pearl"):  # γ chosen from the curve, with a prediction
+        assert run["modes"][mode]["gammas"] and run["modes"][mode]["predicted_tokens_per_second"]
+    assert run["modes"]["pearl"]["overlap"] > 0
+    assert "target step ms by window" in captured.out
     assert (tmp_path / "pearlmoe_bench.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -228,7 +236,7 @@ def test_malformed_configs_and_impossible_bench_are_one_line(tmp_path):
         (["info", str(tmp_path / "zero")], "num_key_value_heads must be a positive integer"),
         (
             ["bench", "--prompt-tokens", "100000000", "--device", "cpu"],
-            "no held-out file is that long",
+            "too few held-out files are that long",
         ),
     ]
     for args, message in cases:

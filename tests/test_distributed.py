@@ -159,7 +159,7 @@ def _model_worker(rank: int, world: int, init: str, root: str) -> None:
         ep.stop_followers(model.device)
         assert out == generate(full, [[3, 1, 4, 1, 5]], 12)
     else:
-        assert ep.serve_followers(model) == 12  # prefill + 11 decode steps
+        assert ep.serve_followers(model) == 13  # the prompt but its last token, 12 steps
     dist.destroy_process_group()
 
 

@@ -30,6 +30,11 @@ def _samples(device: str) -> dict:
     draft_ids = torch.randint(0, 11, (2, 2), device=device)
     uniforms = torch.rand(2, 3, device=device)
 
+    cache = torch.zeros(2, 2, 9, 2, 64, device=device, dtype=dtype)
+    new_kv = torch.randn(2, 3, 2, 64, device=device, dtype=dtype)
+    slots = torch.tensor([[0, 1, 2], [5, 6, 7]], device=device)
+    norm_w = torch.rand(16, device=device, dtype=dtype)
+
     def grad(t):
         return t.clone().requires_grad_()
 
@@ -61,6 +66,12 @@ def _samples(device: str) -> dict:
             _ops.spec_verify,
             (probs, draft_ids, probs[:, :2].contiguous(), uniforms),
         ),
+        "linear": (_ops.linear, (x, w13[0])),
+        "linear-3d": (_ops.linear, (x.view(3, 3, 16), w13[1])),
+        "linear-grad": (_ops.linear, (grad(x), grad(w13[0]))),
+        "rms_norm": (_ops.rms_norm, (x, norm_w, 1e-5)),
+        "rms_norm-grad": (_ops.rms_norm, (grad(x), grad(norm_w), 1e-6)),
+        "kv_cache_write": (_ops.kv_cache_write, (cache, cache.clone(), new_kv, new_kv, slots, 1)),
         "rope-only": (
             _ops.rope_qk_norm,
             (q[0], kv[0, :3], positions, 1e4, None, None, 1e-5, False),

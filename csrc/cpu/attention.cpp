@@ -23,9 +23,11 @@ int64_t key_block(int64_t score_rows) { return std::clamp<int64_t>(32768 / score
 // GQA group's query heads together so each K and V row is read once for all of them, scores in a
 // local buffer, loops the compiler vectorises (8 partial sums per dot product). The blocked path
 // below spends ~20 ATen calls per task, ~100 us at these sizes (bench/NOTES.md has the numbers).
-// Measured break-even with the blocked path (2-core x86): about 1M multiply-adds per call.
-constexpr int64_t kDirectMaxRows = 16;       // q_len * group at most
-constexpr int64_t kDirectMaxMacs = 1 << 20;  // batch * q_len * heads * longest kv_len * dim
+// Every call of up to 16 query rows takes it, whatever the group size and context: each row is
+// computed on its own (an exact softmax over its keys), so a token's output is the same in a
+// decode step and in a verification window of up to 16 tokens, which keeps greedy speculative
+// decoding equal to autoregressive decoding bit for bit.
+constexpr int64_t kDirectMaxQueries = 16;
 
 template <typename acc_t, typename scalar_t>
 acc_t dot(const acc_t* a, const scalar_t* b, int64_t n) {
@@ -108,8 +110,7 @@ void attention(const Tensor& q, const Tensor& k, const Tensor& v, const int32_t*
   const int64_t kv_heads = k.size(2), group = q_heads / kv_heads;
   int64_t longest = 0;
   for (int64_t b = 0; b < batch; ++b) longest = std::max<int64_t>(longest, kv_lens[b]);
-  if (q_len * group <= kDirectMaxRows &&
-      batch * q_len * q_heads * longest * dim <= kDirectMaxMacs) {
+  if (q_len <= kDirectMaxQueries) {
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kBFloat16, at::kHalf, q.scalar_type(), "attention_cpu",
         [&] { attention_direct<scalar_t>(q, k, v, kv_lens, longest, scale, o); });

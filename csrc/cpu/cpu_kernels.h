@@ -21,6 +21,14 @@ int64_t moe_align(const at::Tensor& topk_ids, int64_t num_experts, at::Tensor& s
 
 namespace pearlmoe::cpu {
 
+// out [M, N] = a [M, K] (unit last stride) · b [N, K]^T (b contiguous). A few rows against a large
+// b (decode, verification) stream b once through the skinny kernel, split over N across threads;
+// everything else goes to BLAS.
+void gemm_nt_out(const at::Tensor& a, const at::Tensor& b, at::Tensor& out);
+
+// The name of the skinny kernel's instruction set on this CPU (avx512bf16, avx512 or generic).
+const char* skinny_isa();
+
 // Rows offs[g]:offs[g+1] of a [M, K] times b[g]^T (b [G, N, K]) into c [M, N]; rows at or beyond
 // offs[G] are zeroed. offs is a host array of G + 1 validated offsets.
 void grouped_gemm(const at::Tensor& a, const at::Tensor& b, const int32_t* offs, at::Tensor& c);
@@ -37,6 +45,16 @@ at::Tensor moe_ffn_routed(const at::Tensor& x, const at::Tensor& topk_weights,
                           const std::optional<at::Tensor>& shared_w13,
                           const std::optional<at::Tensor>& shared_w2);
 
+// The whole MoE FFN (fp32 router, softmax top-k, experts, combine) for a decode- or
+// verification-sized call, without ATen calls; each token's router logits and output computed
+// the same way whatever the other tokens of the call. Returns false (y untouched) when the call
+// is not small or its layouts don't fit, and the caller takes the general path.
+bool moe_ffn_small_call(const at::Tensor& x, const at::Tensor& router_w, const at::Tensor& w13,
+                        const at::Tensor& w2, int64_t top_k,
+                        const std::optional<at::Tensor>& shared_w13,
+                        const std::optional<at::Tensor>& shared_w2, bool renormalize,
+                        at::Tensor& y);
+
 }  // namespace pearlmoe::cpu
 
 namespace pearlmoe::cpu {
@@ -47,6 +65,11 @@ namespace pearlmoe::cpu {
 //   -> o [B, Sq, Hq, D] contiguous.
 void attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                const int32_t* kv_lens, double scale, at::Tensor& o);
+
+// k_cache[b, positions[b, s]] = k[b, s] (v likewise): k, v [B, S, Hkv, D] contiguous, the caches
+// one group [B, C, Hkv, D] with a contiguous head dim, positions host [B, S] validated.
+void kv_cache_write(const at::Tensor& k, const at::Tensor& v, const int64_t* positions,
+                    at::Tensor& k_cache, at::Tensor& v_cache);
 
 // NeoX RoPE then (optionally) RMSNorm times weight over x [T, H, D] (unit last stride) at
 // positions (host int64 [T]) -> out [T, H, D] contiguous. weight: fp32 [D] or null; inv_freq:
@@ -63,5 +86,13 @@ void spec_verify(const at::Tensor& target_probs, const at::Tensor& draft_ids,
                  const std::optional<at::Tensor>& draft_probs,
                  const std::optional<at::Tensor>& uniforms, at::Tensor& tokens,
                  at::Tensor& num_accepted);
+
+}  // namespace pearlmoe::cpu
+
+namespace pearlmoe::cpu {
+
+// RMSNorm over the rows of x [rows, H] (unit last stride) into out [rows, H] contiguous, weight [H]
+// contiguous in x's dtype; fp32 accumulation (fp64 for fp64), Hugging Face's rounding points.
+void rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, at::Tensor& out);
 
 }  // namespace pearlmoe::cpu

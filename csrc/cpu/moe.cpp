@@ -35,8 +35,8 @@ void for_each_group(const int32_t* offs, int64_t num_groups, Fn&& fn) {
   }
 }
 
-// out [M, N] = a [M, K] · b [N, K]^T. A few rows against a large b (decode) stream b once through
-// the skinny kernel, split over N across threads; everything else goes to BLAS.
+}  // namespace
+
 void gemm_nt_out(const Tensor& a, const Tensor& b, Tensor& out) {
   const auto dtype = a.scalar_type();
   const bool skinny = a.size(0) <= moe_gemm::kSkinnyMaxRows && a.size(0) > 0 &&
@@ -61,6 +61,10 @@ void gemm_nt_out(const Tensor& a, const Tensor& b, Tensor& out) {
   });
 }
 
+const char* skinny_isa() { return moe_gemm::isa_name(moe_gemm::cpu_isa()); }
+
+namespace {
+
 Tensor gemm_nt(const Tensor& a, const Tensor& b) {
   Tensor out = at::empty({a.size(0), b.size(0)}, a.options());
   gemm_nt_out(a, b, out);
@@ -73,55 +77,83 @@ void silu_and_mul(const Tensor& h, Tensor out) {
   at::mul_out(out, at::silu(h.narrow(1, 0, inter)), h.narrow(1, inter, inter));
 }
 
-// Decode-sized calls (a few tokens, a few million multiply-adds): every expert a token uses, and
-// the shared expert, as straight loops on the skinny kernel in the calling thread. The general
-// path below spends ~25 ATen calls (~75 us) before its arithmetic at these sizes. Same math and
-// rounding points: GEMM outputs and SiLU·up in the input dtype, the combine in fp32.
-constexpr int64_t kSmallTokens = 4;
-constexpr int64_t kSmallMacs = 1 << 21;
+// Decode- and verification-sized calls (a few tokens, a few million multiply-adds): the token-slots
+// grouped by expert, then per used expert one skinny GEMM pair over all of its rows (its weights
+// are read once per call, however many of the tokens chose it), and the shared expert over all
+// rows at once; in the calling thread. The general path below spends ~25 ATen calls (~75 us)
+// before its arithmetic at these sizes. Same math and rounding points: GEMM outputs and SiLU·up in
+// the input dtype, the combine in fp32.
+constexpr int64_t kSmallTokens = 16;
+constexpr int64_t kSmallMacs = 1 << 24;
 
 template <typename T>
 void moe_ffn_small(const Tensor& x, const float* weights, const int64_t* ids, int64_t top_k,
                    const Tensor& w13, const Tensor& w2, const std::optional<Tensor>& shared_w13,
                    const std::optional<Tensor>& shared_w2, Tensor& y) {
   using moe_gemm::skinny_gemm_nt;
+  using moe_gemm::store;
+  using moe_gemm::to_float;
   const int64_t tokens = x.size(0), hidden = x.size(1), inter = w2.size(2);
+  const int64_t num_experts = w13.size(0);
   const int64_t shared = shared_w2.has_value() ? shared_w2->size(1) : 0;
   const int64_t widest = std::max(inter, shared);
-  std::vector<T> h(2 * widest), act(widest), out(hidden);
-  std::vector<float> acc(hidden);
   const T* xp = static_cast<const T*>(x.const_data_ptr());
-  T* yp = static_cast<T*>(y.mutable_data_ptr());
-  // One SwiGLU expert on token row xr: out = w2 · (silu(w13[:I] xr) * (w13[I:] xr)).
-  auto expert = [&](const T* xr, const T* gate_up, const T* down, int64_t width) {
-    skinny_gemm_nt(xr, hidden, 1, hidden, gate_up, 0, 2 * width, h.data(), 2 * width);
-    for (int64_t i = 0; i < width; ++i) {
-      const float g = moe_gemm::to_float(h[i]);
-      T silu;
-      moe_gemm::store(&silu, g / (1.f + std::exp(-g)));
-      moe_gemm::store(&act[i], moe_gemm::to_float(silu) * moe_gemm::to_float(h[width + i]));
+  // An expert can hold every slot (routing given by the caller may repeat an expert per token).
+  const int64_t most = std::max<int64_t>(tokens * top_k, tokens);
+  std::vector<T> rows(most * hidden), h(most * 2 * widest), act(most * widest), out(most * hidden);
+  std::vector<float> acc(tokens * hidden, 0.f);
+
+  // SwiGLU over n rows (row stride hidden): out = w2 · (silu(w13[:I] x) * (w13[I:] x)).
+  auto expert = [&](const T* xr, int64_t n, const T* gate_up, const T* down, int64_t width) {
+    skinny_gemm_nt(xr, hidden, n, hidden, gate_up, 0, 2 * width, h.data(), 2 * width);
+    for (int64_t r = 0; r < n; ++r) {
+      const T* hr = h.data() + r * 2 * width;
+      T* ar = act.data() + r * width;
+      for (int64_t i = 0; i < width; ++i) {
+        const float g = to_float(hr[i]);
+        T silu;
+        store(&silu, g / (1.f + std::exp(-g)));
+        store(&ar[i], to_float(silu) * to_float(hr[width + i]));
+      }
     }
-    skinny_gemm_nt(act.data(), width, 1, width, down, 0, hidden, out.data(), hidden);
+    skinny_gemm_nt(act.data(), width, n, width, down, 0, hidden, out.data(), hidden);
   };
+
+  if (shared) {
+    expert(xp, tokens, static_cast<const T*>(shared_w13->const_data_ptr()),
+           static_cast<const T*>(shared_w2->const_data_ptr()), shared);
+    for (int64_t i = 0; i < tokens * hidden; ++i) acc[i] = to_float(out[i]);
+  }
+  // Slots by expert, in slot order within an expert.
+  const int64_t slots = tokens * top_k;
+  std::vector<int64_t> order;
+  order.reserve(slots);
+  std::vector<char> used(num_experts, 0);
+  for (int64_t s = 0; s < slots; ++s) {
+    if (ids[s] >= 0) used[ids[s]] = 1;  // -1: a dropped slot
+  }
   const T* w13p = static_cast<const T*>(w13.const_data_ptr());
   const T* w2p = static_cast<const T*>(w2.const_data_ptr());
-  for (int64_t t = 0; t < tokens; ++t) {
-    const T* xr = xp + t * hidden;
-    std::fill(acc.begin(), acc.end(), 0.f);
-    if (shared) {
-      expert(xr, static_cast<const T*>(shared_w13->const_data_ptr()),
-             static_cast<const T*>(shared_w2->const_data_ptr()), shared);
-      for (int64_t d = 0; d < hidden; ++d) acc[d] = moe_gemm::to_float(out[d]);
+  for (int64_t e = 0; e < num_experts; ++e) {
+    if (!used[e]) continue;
+    order.clear();
+    for (int64_t s = 0; s < slots; ++s) {
+      if (ids[s] == e) order.push_back(s);
     }
-    for (int64_t j = 0; j < top_k; ++j) {
-      const int64_t e = ids[t * top_k + j];
-      if (e < 0) continue;  // a dropped slot
-      expert(xr, w13p + e * 2 * inter * hidden, w2p + e * hidden * inter, inter);
-      const float w = weights[t * top_k + j];
-      for (int64_t d = 0; d < hidden; ++d) acc[d] += moe_gemm::to_float(out[d]) * w;
+    const int64_t n = static_cast<int64_t>(order.size());
+    for (int64_t r = 0; r < n; ++r) {
+      std::copy_n(xp + (order[r] / top_k) * hidden, hidden, rows.data() + r * hidden);
     }
-    for (int64_t d = 0; d < hidden; ++d) moe_gemm::store(&yp[t * hidden + d], acc[d]);
+    expert(rows.data(), n, w13p + e * 2 * inter * hidden, w2p + e * hidden * inter, inter);
+    for (int64_t r = 0; r < n; ++r) {
+      const float w = weights[order[r]];
+      float* dst = acc.data() + (order[r] / top_k) * hidden;
+      const T* src = out.data() + r * hidden;
+      for (int64_t d = 0; d < hidden; ++d) dst[d] += to_float(src[d]) * w;
+    }
   }
+  T* yp = static_cast<T*>(y.mutable_data_ptr());
+  for (int64_t i = 0; i < tokens * hidden; ++i) store(&yp[i], acc[i]);
 }
 
 }  // namespace
@@ -146,6 +178,49 @@ void grouped_gemm_wgrad(const Tensor& grad_c, const Tensor& a, const int32_t* of
     Tensor out = grad_b[g];
     at::mm_out(out, grad_c.narrow(0, lo, hi - lo).t(), a.narrow(0, lo, hi - lo));
   });
+}
+
+bool moe_ffn_small_call(const Tensor& x, const Tensor& router_w, const Tensor& w13,
+                        const Tensor& w2, int64_t top_k, const std::optional<Tensor>& shared_w13,
+                        const std::optional<Tensor>& shared_w2, bool renormalize, Tensor& y) {
+  const int64_t tokens = x.size(0), hidden = x.size(1), num_experts = w13.size(0);
+  const int64_t inter = w2.size(2), shared = shared_w2.has_value() ? shared_w2->size(1) : 0;
+  const auto dtype = x.scalar_type();
+  const int64_t macs = tokens * (top_k * inter + shared) * 3 * hidden;
+  if (tokens == 0 || tokens > kSmallTokens || macs > kSmallMacs ||
+      (dtype != at::kFloat && dtype != at::kBFloat16) || router_w.scalar_type() != at::kFloat ||
+      !x.is_contiguous() || !router_w.is_contiguous() || !w13.is_contiguous() ||
+      !w2.is_contiguous() ||
+      (shared && (!shared_w13->is_contiguous() || !shared_w2->is_contiguous()))) {
+    return false;
+  }
+  // Router logits in fp32 through the skinny kernel (each token's logits computed alike whatever
+  // the other tokens), then softmax and top-k per token.
+  std::vector<float> x32(tokens * hidden), logits(tokens * num_experts), weights(tokens * top_k);
+  std::vector<int32_t> ids32(tokens * top_k);
+  std::vector<int64_t> ids(tokens * top_k);
+  if (dtype == at::kFloat) {
+    std::copy_n(x.const_data_ptr<float>(), tokens * hidden, x32.data());
+  } else {
+    const auto* xb = static_cast<const moe_gemm::BF16*>(x.const_data_ptr());
+    for (int64_t i = 0; i < tokens * hidden; ++i) x32[i] = moe_gemm::to_float(xb[i]);
+  }
+  moe_gemm::skinny_gemm_nt(x32.data(), hidden, tokens, hidden, router_w.const_data_ptr<float>(), 0,
+                           num_experts, logits.data(), num_experts);
+  for (int64_t t = 0; t < tokens; ++t) {
+    routing::topk_softmax_row(logits.data() + t * num_experts, static_cast<int>(num_experts),
+                              static_cast<int>(top_k), renormalize, weights.data() + t * top_k,
+                              ids32.data() + t * top_k);
+  }
+  std::copy(ids32.begin(), ids32.end(), ids.begin());
+  y = at::empty({tokens, hidden}, x.options());
+  if (dtype == at::kFloat) {
+    moe_ffn_small<float>(x, weights.data(), ids.data(), top_k, w13, w2, shared_w13, shared_w2, y);
+  } else {
+    moe_ffn_small<moe_gemm::BF16>(x, weights.data(), ids.data(), top_k, w13, w2, shared_w13,
+                                  shared_w2, y);
+  }
+  return true;
 }
 
 Tensor moe_ffn_routed(const Tensor& x, const Tensor& topk_weights, const Tensor& topk_ids,

@@ -233,6 +233,10 @@ Tensor moe_ffn_cpu(const Tensor& x, const Tensor& router_w, const Tensor& w13, c
   check_device(x, c10::kCPU, kMoe, "x");
   check_experts(x, w13, w2, shared_w13, shared_w2, kMoe);
   check_router(x, router_w, w13, top_k);
+  Tensor y;
+  if (cpu::moe_ffn_small_call(x, router_w, w13, w2, top_k, shared_w13, shared_w2, renormalize, y)) {
+    return y;
+  }
   auto [weights, ids] = topk_softmax_cpu(router_logits(x, router_w), top_k, renormalize);
   return cpu::moe_ffn_routed(x.contiguous(), weights, ids, w13.contiguous(), w2.contiguous(),
                              contiguous(shared_w13), contiguous(shared_w2));

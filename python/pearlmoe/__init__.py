@@ -18,6 +18,7 @@ from .model import from_pretrained, save_pretrained
 from .ops import (
     attention,
     grouped_gemm,
+    linear,
     moe_align,
     moe_ffn,
     moe_ffn_routed,
@@ -41,6 +42,7 @@ __all__ = [
     "generate",
     "generate_stream",
     "grouped_gemm",
+    "linear",
     "moe_align",
     "moe_ffn",
     "moe_ffn_routed",

@@ -10,7 +10,6 @@ Every error is one line on stderr and exit status 2; never a traceback.
 """
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -19,7 +18,11 @@ from pathlib import Path
 
 import torch
 
-from .decode import auto_gamma, generate, pearl_generate, speculative_generate
+from . import ops
+from .decode import generate, pearl_generate, runner, speculative_generate
+from .decode.common import measured_curve
+from .decode.cost_model import plan
+from .decode.runner import BACKENDS, compile_available, default_backend
 from .model import ModelConfig, Transformer, from_pretrained
 from .model.config import estimate
 from .train.presets import EMBEDDED, TOKENIZER
@@ -45,9 +48,27 @@ def best_device() -> str:
 
 
 def _dtype(name: str, device: str) -> torch.dtype:
-    if name == "auto":  # bf16 where tensor cores are; fp32 on CPUs, where bf16 GEMMs may be slow
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if name == "auto":
+        # bf16 on GPUs, and on CPUs that multiply bf16 natively (AVX512-BF16), where pearlmoe's
+        # kernels run it ~1.5-2x faster than fp32 (bench/NOTES.md); fp32 on other CPUs.
+        if device.startswith("cuda") or ops.cpu_isa() == "avx512bf16":
+            return torch.bfloat16
+        return torch.float32
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def _backend(name: str, device: str) -> str:
+    if name == "auto":
+        return default_backend(device)
+    if name == "cudagraph" and not device.startswith("cuda"):
+        raise UsageError("--backend cudagraph replays CUDA graphs: it needs --device cuda")
+    if name == "compile" and device == "cpu" and not compile_available():
+        raise UsageError("--backend compile needs a C++ compiler (g++) on the CPU")
+    return name
+
+
+def _note(text: str) -> None:
+    print(f"[pearlmoe] {text} ...", file=sys.stderr, flush=True)
 
 
 def load_tokenizer(directory: Path):
@@ -108,15 +129,20 @@ def decode(
     top_p: float | None,
     seed: int,
     on_tokens: Callable[[list[int]], None] | None = None,
+    backend: str = "eager",
 ) -> tuple[list[int], dict]:
-    """One prompt in one mode: the new tokens and the run's statistics."""
+    """One prompt in one mode: the new tokens and the run's statistics. ``seconds`` is decoding
+    only; compiling or capturing the steps is ``warmup_seconds``."""
     generator = torch.Generator(device=target.device).manual_seed(seed)
     common = dict(temperature=temperature, top_p=top_p, eos_token_id=target.config.eos_token_id,
-                  generator=generator)  # fmt: skip
-    start = time.perf_counter()
+                  generator=generator, backend=backend)  # fmt: skip
     if mode == "ar":
+        start = time.perf_counter()
+        first: list[float] = []
 
         def step(tokens: list[int | None]) -> None:
+            if not first:
+                first.append(time.perf_counter())
             if on_tokens is not None and tokens[0] is not None:
                 on_tokens([tokens[0]])
 
@@ -132,7 +158,7 @@ def decode(
 
     outs, stats = run(target, draft, [prompt], max_new_tokens, gamma=gamma, callback=chunk,
                       **common)  # fmt: skip
-    seconds = time.perf_counter() - start
+    seconds = stats.seconds
     return outs[0], {
         "mode": mode, "tokens": len(outs[0]), "seconds": seconds,
         "tokens_per_second": len(outs[0]) / seconds if seconds else 0.0,
@@ -140,6 +166,24 @@ def decode(
         "acceptance_rate": stats.acceptance_rate, "target_calls": stats.target_calls,
         **stats.extra,
     }  # fmt: skip
+
+
+def warm_up(mode: str, target: Transformer, draft: Transformer | None, prompt: list[int],
+            backend: str, gamma: int | None, temperature: float) -> float:  # fmt: skip
+    """Compile or capture the steps a mode uses, and measure the cost curve, before the timed
+    run; returns the seconds it took."""
+    start = time.perf_counter()
+    if backend != "eager" or (mode != "ar" and gamma is None):
+        decode(mode, target, draft, prompt[:8], 4, gamma, temperature, None, 0, backend=backend)
+    return time.perf_counter() - start
+
+
+def choose_mode(target: Transformer, draft: Transformer, backend: str) -> tuple[str, dict]:
+    """--mode auto: the mode (and γ) the cost model predicts fastest at a prior acceptance rate
+    of 0.6; every mode's prediction comes with it."""
+    curve = measured_curve(target, draft, 1, "speculative", backend)
+    best = plan(curve, 0.6)
+    return best.mode, best.predicted
 
 
 class _Streamer:
@@ -176,29 +220,48 @@ def _check_dirs(args, draft: bool) -> None:
 
 
 def cmd_generate(args) -> int:
-    _check_dirs(args, draft=args.mode != "ar")
+    needs_draft = args.mode != "ar"
+    _check_dirs(args, draft=needs_draft)
     device = _check_device(args.device)
     dtype = _dtype(args.dtype, device)
+    backend = _backend(args.backend, device)
     tokenizer = load_tokenizer(args.target)
-    if args.mode != "ar":
+    if needs_draft:
         check_tokenizers(args.target, args.draft)
     target = load_model(args.target, device, dtype)
-    draft = load_model(args.draft, device, dtype) if args.mode != "ar" else None
+    draft = load_model(args.draft, device, dtype) if needs_draft else None
     prompt = tokenizer.encode(args.prompt).ids
     if not prompt:
         raise UsageError("PROMPT is empty: give at least one character of text")
-    gamma = args.gamma or (auto_gamma(target, draft) if draft is not None else None)
+    runner.notify = _note
+    mode = args.mode
+    if mode == "auto":
+        mode, predicted = choose_mode(target, draft, backend)
+        _note("mode auto: predicted tokens/s " + ", ".join(
+            f"{m} {r:.0f}" + (f" (gamma {g})" if g else "") for m, (g, r) in predicted.items()
+        ) + f"; running {mode}")  # fmt: skip
+    warm = warm_up(mode, target, draft, prompt, backend, args.gamma, args.temperature)
     print(args.prompt, end="", flush=True)
     streamer = _Streamer(tokenizer)
-    _, stats = decode(args.mode, target, draft, prompt, args.max_new_tokens, gamma,
-                      args.temperature, args.top_p, args.seed, streamer)  # fmt: skip
+    _, stats = decode(mode, target, draft, prompt, args.max_new_tokens, args.gamma,
+                      args.temperature, args.top_p, args.seed, streamer, backend)  # fmt: skip
     streamer.finish()
-    line = (f"\n\n[{args.mode}] {stats['tokens']} tokens in {stats['seconds']:.2f} s: "
+    line = (f"\n\n[{mode}] {stats['tokens']} tokens in {stats['seconds']:.2f} s: "
             f"{stats['tokens_per_second']:.1f} tokens/s")  # fmt: skip
-    if args.mode != "ar":
-        line += (f", gamma {stats['gamma']}, {stats['mean_accepted_tokens']:.2f} tokens per "
-                 f"target call, acceptance rate {stats['acceptance_rate']:.2f}")  # fmt: skip
-    print(line + f" ({device}, {str(dtype).removeprefix('torch.')})")
+    if mode != "ar":
+        gammas = "->".join(map(str, stats.get("gammas", [stats["gamma"]])))
+        line += (f", gamma {gammas}, {stats['mean_accepted_tokens']:.2f} tokens per target "
+                 f"call, acceptance rate {stats['acceptance_rate']:.2f}")  # fmt: skip
+    line += f" ({device}, {str(dtype).removeprefix('torch.')}, {backend}"
+    print(line + (f"; warm-up {warm:.1f} s)" if warm >= 0.05 else ")"))
+    if args.vs_ar and mode != "ar":
+        warm_up("ar", target, None, prompt, backend, None, args.temperature)
+        _, ar = decode("ar", target, None, prompt, args.max_new_tokens, None, args.temperature,
+                       args.top_p, args.seed, None, backend)  # fmt: skip
+        speedup = stats["tokens_per_second"] / ar["tokens_per_second"]
+        print(f"[ar] {ar['tokens']} tokens in {ar['seconds']:.2f} s: "
+              f"{ar['tokens_per_second']:.1f} tokens/s; same run: {mode} is {speedup:.2f}x "
+              "autoregressive")  # fmt: skip
     return 0
 
 
@@ -218,65 +281,52 @@ def held_out_prompts(tokenizer, count: int, length: int) -> list[list[int]]:
 
 
 def cmd_bench(args) -> int:
+    from . import decode_bench
+
     _check_dirs(args, draft=True)
     device = _check_device(args.device)
-    dtype = _dtype(args.dtype, device)
+    backend = _backend(args.backend, device)
+    names = args.dtypes.split(",")
+    if names == ["auto"]:  # the CLI's default, and fp32 beside it when that default is bf16
+        auto = _dtype("auto", device)
+        dtypes = [auto] + ([torch.float32] if auto != torch.float32 else [])
+    else:
+        bad = [n for n in names if n not in ("bfloat16", "float16", "float32")]
+        if bad:
+            raise UsageError(f"--dtypes: unknown dtype {bad[0]!r} (bfloat16, float16, float32)")
+        dtypes = [_dtype(n, device) for n in names]
     check_tokenizers(args.target, args.draft)
     tokenizer = load_tokenizer(args.target)
-    target = load_model(args.target, device, dtype)
-    draft = load_model(args.draft, device, dtype)
-    prompts = held_out_prompts(tokenizer, args.prompts, args.prompt_tokens)
-    if not prompts:
-        raise UsageError(f"--prompt-tokens {args.prompt_tokens}: no held-out file is that long")
-    if len(prompts) < args.prompts:
+    prompts = held_out_prompts(tokenizer, args.prompts * args.batch, args.prompt_tokens)
+    if len(prompts) < args.batch:
+        raise UsageError(f"--prompt-tokens {args.prompt_tokens}: too few held-out files are "
+                         f"that long for a batch of {args.batch}")  # fmt: skip
+    batches = [prompts[i : i + args.batch] for i in range(0, len(prompts), args.batch)]
+    batches = [b for b in batches if len(b) == args.batch]
+    if len(prompts) < args.prompts * args.batch:
         print(f"note: only {len(prompts)} held-out files have {args.prompt_tokens} tokens")
-    gamma = args.gamma or auto_gamma(target, draft)  # measured once, outside the timings
-    # Warm-up (allocator, thread pools, kernel choice) outside the timings too.
-    for mode in MODES:
-        decode(mode, target, draft, prompts[0], 8, gamma, 0.0, None, 0)
-    rows: dict[str, dict] = {}
-    outputs: dict[str, list[list[int]]] = {}
-    for mode in MODES:
-        tokens, seconds, per_call, accept = 0, 0.0, [], []
-        outputs[mode] = []
-        for i, prompt in enumerate(prompts):
-            out, stats = decode(mode, target, draft, prompt, args.max_new_tokens, gamma,
-                                args.temperature, None, args.seed + i)  # fmt: skip
-            outputs[mode].append(out)
-            tokens += stats["tokens"]
-            seconds += stats["seconds"]
-            if mode != "ar":
-                per_call.append(stats["mean_accepted_tokens"])
-                accept.append(stats["acceptance_rate"])
-        rows[mode] = {"tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds}
-        if per_call:
-            rows[mode] |= {"mean_accepted_tokens": sum(per_call) / len(per_call),
-                           "acceptance_rate": sum(accept) / len(accept)}  # fmt: skip
-    base = rows["ar"]["tokens_per_second"]
-    for row in rows.values():
-        row["speedup_vs_ar"] = row["tokens_per_second"] / base
-    lossless = args.temperature > 0 or all(outputs[m] == outputs["ar"] for m in MODES)
+    runner.notify = _note
     result = {
-        "date": time.strftime("%Y-%m-%d"), "device": _device_name(device),
-        "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
-        "target": str(args.target), "draft": str(args.draft), "prompts": len(prompts),
+        "date": time.strftime("%Y-%m-%d"), "device": _device_name(device), "backend": backend,
+        "threads": torch.get_num_threads(), "cpu_isa": ops.cpu_isa(), "batch": args.batch,
+        "target": str(args.target), "draft": str(args.draft), "prompts": len(batches),
         "prompt_tokens": args.prompt_tokens, "max_new_tokens": args.max_new_tokens,
-        "temperature": args.temperature, "gamma": gamma, "gamma_measured": args.gamma is None,
-        "greedy_outputs_identical": lossless if args.temperature <= 0 else None, "modes": rows,
+        "temperature": args.temperature, "gamma": args.gamma, "runs": [],
     }  # fmt: skip
-    print(f"{'mode':<12}{'tokens/s':>10}{'vs AR':>8}{'tok/call':>10}{'accept':>8}")
-    for mode, row in rows.items():
-        print(f"{mode:<12}{row['tokens_per_second']:>10.1f}{row['speedup_vs_ar']:>7.2f}×"
-              f"{row.get('mean_accepted_tokens', 1.0):>10.2f}"
-              f"{row.get('acceptance_rate', float('nan')):>8.2f}")  # fmt: skip
-    print(f"device {result['device']}, {result['dtype']}; greedy outputs identical: "
-          f"{result['greedy_outputs_identical']}")  # fmt: skip
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "pearlmoe_bench.json").write_text(json.dumps(result, indent=1) + "\n")
-    _plot(result, out / "pearlmoe_bench.png")
-    print(f"wrote {out / 'pearlmoe_bench.json'} and {out / 'pearlmoe_bench.png'}")
-    if not lossless:
+    for dtype in dtypes:
+        target = load_model(args.target, device, dtype)
+        draft = load_model(args.draft, device, dtype)
+        run = decode_bench.bench_dtype(target, draft, batches, args, backend, dtype, args.batch)
+        result["runs"].append(run)
+        decode_bench.print_run(run)
+    print(f"device {result['device']}, backend {backend}, batch {args.batch}; greedy outputs "
+          f"identical across modes: "
+          f"{[r['greedy_outputs_identical'] for r in result['runs']]}")  # fmt: skip
+    try:
+        decode_bench.write(result, Path(args.out))
+    except ImportError:
+        raise UsageError("the plot needs matplotlib: pip install 'pearlmoe[bench]'") from None
+    if any(r["greedy_outputs_identical"] is False for r in result["runs"]):
         print("error: speculative/PEARL greedy output differs from autoregressive", file=sys.stderr)
         return 1
     return 0
@@ -288,30 +338,6 @@ def _device_name(device: str) -> str:
     import platform
 
     return f"CPU {platform.machine()}, {torch.get_num_threads()} threads"
-
-
-def _plot(result: dict, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UsageError("the plot needs matplotlib: pip install 'pearlmoe[bench]'") from None
-    modes = list(result["modes"])
-    speeds = [result["modes"][m]["tokens_per_second"] for m in modes]
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    bars = ax.bar(modes, speeds, color=["#8c8c8c", "#dd8452", "#4c72b0"])
-    for bar, mode in zip(bars, modes, strict=True):
-        ax.annotate(f"{result['modes'][mode]['speedup_vs_ar']:.2f}×",
-                    (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                    ha="center", va="bottom")  # fmt: skip
-    ax.set_ylabel("tokens / s")
-    ax.margins(y=0.15)
-    ax.set_title(f"pearlmoe bench, {result['device']}, {result['dtype']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def _count(n: int) -> str:
@@ -371,18 +397,35 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--target", type=Path, default=TARGET, help="target model directory")
         p.add_argument("--draft", type=Path, default=DRAFT, help="draft model directory")
         p.add_argument("--device", default=best_device())
-        p.add_argument("--dtype", default="auto",
-                       choices=["auto", "bfloat16", "float16", "float32"])  # fmt: skip
-        p.add_argument("--gamma", type=_positive, help="draft length (default: measured)")
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument(
+            "--gamma",
+            type=_positive,
+            help="draft length (default: chosen from the measured cost curve)",
+        )
+        p.add_argument(
+            "--backend",
+            default="auto",
+            choices=["auto", *BACKENDS],
+            help="auto: compile on the CPU, cudagraph on CUDA",
+        )
+        p.add_argument("--seed", type=int, default=0)  # fmt: skip
 
     g = sub.add_parser("generate", help="stream a continuation of PROMPT")
     g.add_argument("prompt", metavar="PROMPT")
-    g.add_argument("--mode", choices=MODES, default="pearl")
+    g.add_argument(
+        "--mode",
+        choices=[*MODES, "auto"],
+        default="pearl",
+        help="auto: the mode the cost model predicts fastest",
+    )
+    g.add_argument("--vs-ar", action="store_true",
+                   help="then decode autoregressively too and print the speed-up")  # fmt: skip
     g.add_argument("--temperature", type=_non_negative, default=0.0)
     g.add_argument("--top-p", type=_probability)
     g.add_argument("--max-new-tokens", type=_positive, default=128)
     models(g)
+    g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                   help="auto: bf16 on GPUs and AVX512-BF16 CPUs, else fp32")  # fmt: skip
     g.set_defaults(fn=cmd_generate)
 
     b = sub.add_parser("bench", help="AR vs speculative vs PEARL on held-out prompts")
@@ -390,8 +433,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prompt-tokens", type=_positive, default=64)
     b.add_argument("--max-new-tokens", type=_positive, default=128)
     b.add_argument("--temperature", type=_non_negative, default=0.0)
+    b.add_argument("--batch", type=_positive, default=1, help="sequences decoded together")
     b.add_argument("--out", default="bench/out", help="directory for the JSON and PNG")
     models(b)
+    b.add_argument("--dtypes", default="auto", help="comma-separated; auto: the CLI's default "
+                   "dtype, and float32 beside it when that is bf16")  # fmt: skip
     b.set_defaults(fn=cmd_bench)
 
     pl = sub.add_parser("plan", help="memory per GPU and longest context, EP and TP layouts")

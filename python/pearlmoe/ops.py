@@ -180,6 +180,59 @@ def moe_ffn(
     return (y, stats) if return_stats else y
 
 
+def linear(x: Tensor, weight: Tensor) -> Tensor:
+    """A dense projection ``x · weight^T`` (no bias), like ``F.linear``.
+
+    It exists for the CPU decode step: a few rows against a large weight go through pearlmoe's
+    skinny kernel (AVX-512; bf16 weights with AVX512-BF16 dot products), which streams the weight
+    once instead of paying BLAS's packing and per-call cost; more rows go to BLAS. On CUDA it is
+    cuBLAS. fp32 accumulation; differentiable.
+
+    Shape:
+        x: [..., K], weight: [N, K] -> [..., N]
+    """
+    return _ops.linear.default(x, weight)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-5) -> Tensor:
+    """RMSNorm over the last dim with Hugging Face's rounding points:
+    ``weight · (x_fp32 · rsqrt(mean(x_fp32²) + eps)).to(x.dtype)``.
+
+    Each row is reduced on its own in a fixed order, so a token's output is bitwise the same
+    whatever other rows share the call: a decode step and a verification window agree, which
+    keeps greedy speculative decoding token-for-token equal to autoregressive decoding, compiled
+    or not. fp32 accumulation (fp64 for fp64 inputs); differentiable.
+
+    Shape:
+        x: [..., H], weight: [H] (x's dtype) -> [..., H]
+    """
+    return _ops.rms_norm.default(x, weight, eps)
+
+
+def cpu_isa() -> str:
+    """The instruction set pearlmoe's CPU GEMM kernels use here: ``avx512bf16``, ``avx512`` or
+    ``generic`` (``PEARLMOE_CPU_ISA`` caps it, read once per process)."""
+    return _ops.cpu_isa.default()
+
+
+@torch.library.register_fake("pearlmoe::rms_norm")
+def _rms_norm_fake(x: Tensor, weight: Tensor, eps: float = 1e-5):
+    torch._check(weight.dim() == 1, lambda: "pearlmoe.rms_norm: weight must be [H]")
+    torch._check(
+        weight.shape[0] == x.shape[-1], lambda: "pearlmoe.rms_norm: weight must be [H=x.size(-1)]"
+    )
+    return torch.empty_like(x, memory_format=torch.contiguous_format)  # [..., H]
+
+
+@torch.library.register_fake("pearlmoe::linear")
+def _linear_fake(x: Tensor, weight: Tensor):
+    torch._check(weight.dim() == 2, lambda: "pearlmoe.linear: weight must be [N, K]")
+    torch._check(
+        x.shape[-1] == weight.shape[1], lambda: "pearlmoe.linear: weight must be [N, K=x.size(-1)]"
+    )
+    return x.new_empty(*x.shape[:-1], weight.shape[0])  # [..., N]
+
+
 # ---- attention -----------------------------------------------------------------------------------
 
 
@@ -227,6 +280,22 @@ def rope_qk_norm(
     return _ops.rope_qk_norm.default(q, k, positions, rope_base, q_weight, k_weight, eps, normalize)
 
 
+def kv_cache_write(
+    k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, positions: Tensor, group: int = 0
+) -> None:
+    """Append new tokens' keys and values to a KV cache, in place:
+    ``k_cache[group, b, positions[b, s]] = k[b, s]`` and ``v_cache`` likewise.
+
+    The decode step's cache write: index writes on the device, no host work, so it compiles
+    into one graph without copying the cache and captures in a CUDA graph. On the CPU a position
+    outside ``[0, C)`` is an error; on CUDA (where checking would cost a sync) it is skipped.
+
+    Shape:
+        k_cache, v_cache: [G, B, C, Hkv, D], k, v: [B, S, Hkv, D], positions: [B, S] int64
+    """
+    _ops.kv_cache_write.default(k_cache, v_cache, k, v, positions, group)
+
+
 def ntk_alpha_rope_base(rope_theta: float, alpha: float, head_dim: int) -> float:
     """Hunyuan-Large's fixed NTK-alpha RoPE base: ``theta · alpha^(D / (D - 2))``
     (1e4 and alpha 1e5 at D = 80 give ≈ 1.343e9)."""
@@ -239,6 +308,15 @@ def _attention_fake(q, k, v, kv_lens, scale=None):
     torch._check(k.shape == v.shape, lambda: "k and v must have the same shape")
     torch._check(q.shape[2] % k.shape[2] == 0, lambda: "Hq must be a multiple of Hkv")
     return torch.empty_like(q, memory_format=torch.contiguous_format)  # [B, Sq, Hq, D]
+
+
+@torch.library.register_fake("pearlmoe::kv_cache_write")
+def _kv_cache_write_fake(k_cache, v_cache, k, v, positions, group=0):
+    torch._check(k_cache.dim() == 5, lambda: "pearlmoe.kv_cache_write: k_cache must be 5-D")
+    torch._check(k.dim() == 4, lambda: "pearlmoe.kv_cache_write: k must be [B, S, Hkv, D]")
+    torch._check(
+        positions.shape == k.shape[:2], lambda: "pearlmoe.kv_cache_write: positions must be [B, S]"
+    )
 
 
 @torch.library.register_fake("pearlmoe::rope_qk_norm")

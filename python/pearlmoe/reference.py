@@ -55,6 +55,18 @@ def grouped_gemm_wgrad(grad_c: Tensor, a: Tensor, group_offsets: Tensor) -> Tens
     return torch.stack(grads)  # [G, N, K]
 
 
+def hf_rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-5) -> Tensor:
+    """Hugging Face's RMSNorm (what ``ops.rms_norm`` computes): normalise in fp32, cast back,
+    then scale."""
+    x32 = x.float()
+    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def linear(x: Tensor, weight: Tensor) -> Tensor:
+    """x [..., K] · weight [N, K]^T -> [..., N]."""
+    return torch.nn.functional.linear(x, weight)
+
+
 def swiglu_mlp(x: Tensor, w13: Tensor, w2: Tensor) -> Tensor:
     """down(silu(gate(x)) * up(x)) with w13 = [gate; up] stacked as [2I, H] and w2 [H, I]."""
     inter = w2.shape[1]
@@ -128,6 +140,15 @@ def attention(
         probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
         out[b] = torch.einsum("hqk,khd->qhd", probs.to(q.dtype), vb)
     return out
+
+
+def kv_cache_write(
+    k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, positions: Tensor, group: int = 0
+) -> None:
+    """k_cache[group, b, positions[b, s]] = k[b, s] (v likewise), in place."""
+    rows = torch.arange(k.shape[0], device=k.device).unsqueeze(1)  # [B, 1]
+    k_cache[group][rows, positions] = k
+    v_cache[group][rows, positions] = v
 
 
 def rope(x: Tensor, positions: Tensor, base: float) -> Tensor:

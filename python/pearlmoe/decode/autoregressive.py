@@ -10,7 +10,8 @@ import torch
 from torch import Tensor
 
 from ..model.transformer import Transformer
-from .sampling import logits_to_probs, sample
+from .runner import Runner, Sampling
+from .sampling import sample
 
 
 def _prompts(input_ids: Tensor | Sequence[Sequence[int]]) -> list[list[int]]:
@@ -38,30 +39,29 @@ def generate_stream(
     top_p: float | None = None,
     eos_token_id: int | Sequence[int] | None = None,
     generator: torch.Generator | None = None,
+    backend: str = "eager",
 ) -> Iterator[list[int | None]]:
     """Yields, per step, each sequence's new token (None once the sequence has stopped)."""
     prompts = _prompts(input_ids)
     eos = _eos_set(eos_token_id)
-    device = model.device
-    cache = model.new_cache(len(prompts), max(map(len, prompts)) + max_new_tokens)
-    # Prompts of different lengths: prefill each sequence on its own row of the cache.
-    last = [
-        model(torch.tensor([p], device=device), cache.sequence(b))[0, -1]
-        for b, p in enumerate(prompts)
-    ]
-    logits = torch.stack(last)  # [B, V]
+    sampling = Sampling(temperature, top_k, top_p)
+    runner = Runner(model, len(prompts), max(map(len, prompts)) + max_new_tokens, backend, sampling)
+    runner.warmup([1])
+    # The cache holds every prompt token but the last, which the first (batched) step feeds.
+    runner.prefill([p[:-1] for p in prompts])
+    tokens = torch.tensor([p[-1] for p in prompts], device=model.device)  # [B]
     done = [False] * len(prompts)
-    for step in range(max_new_tokens):
-        probs = logits_to_probs(logits, temperature, top_k, top_p)  # [B, V]
-        tokens = sample(probs, generator, greedy=temperature <= 0)  # [B]
+    for _ in range(max_new_tokens):
+        probs, greedy = runner(tokens.unsqueeze(1))
+        runner.lens.add_(1)  # finished rows decode on, unused
+        tokens = greedy[:, 0].clone() if greedy is not None else sample(probs[:, 0], generator)
         out: list[int | None] = []
-        for b, token in enumerate(tokens.tolist()):
+        for b, token in enumerate(tokens.tolist()):  # the step's one host sync
             out.append(None if done[b] else token)
             done[b] = done[b] or token in eos
         yield out
-        if all(done) or step + 1 == max_new_tokens:
+        if all(done):
             return
-        logits = model(tokens.unsqueeze(1), cache)[:, -1]  # finished rows decode on, unused
 
 
 def generate(
@@ -74,17 +74,20 @@ def generate(
     eos_token_id: int | Sequence[int] | None = None,
     generator: torch.Generator | None = None,
     callback: Callable[[list[int | None]], None] | None = None,
+    backend: str = "eager",
 ) -> list[list[int]]:
     """Autoregressive decoding: each sequence's new tokens (up to and including its EOS).
 
     ``input_ids``: a [B, S] tensor or B token lists of any lengths. Greedy (temperature 0) is
     deterministic. ``callback`` receives each step's tokens (None for finished sequences), for
-    streaming; ``generate_stream`` is the iterator form.
+    streaming; ``generate_stream`` is the iterator form. ``backend``: "eager", "compile" or
+    "cudagraph" (pearlmoe.decode.runner).
     """
     outputs = [[] for _ in _prompts(input_ids)]
     for step in generate_stream(
-        model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, generator
-    ):
+        model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, generator,
+        backend,
+    ):  # fmt: skip
         if callback is not None:
             callback(step)
         for b, token in enumerate(step):

@@ -5,7 +5,8 @@ Invariant the loops keep for every sequence: the model caches hold everything co
 the last committed token, which is fed at the start of the next step.
 """
 
-import time
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -86,30 +87,63 @@ class CachedModel:
             del cached[n:]
 
 
-@torch.inference_mode()
-def measure_step_seconds(
-    model: Transformer, batch: int = 1, context: int = 64, steps: int = 8
-) -> float:
-    """Median seconds of one decode step (one token per sequence) after a short prefill."""
-    cache = model.new_cache(batch, context + steps + 1)
-    ids = torch.randint(0, model.config.vocab_size, (batch, context), device=model.device)
-    model(ids, cache)
-    times = []
-    for _ in range(steps):
-        if model.device.type == "cuda":
-            torch.cuda.synchronize(model.device)
-        start = time.perf_counter()
-        model(ids[:, -1:], cache)
-        if model.device.type == "cuda":
-            torch.cuda.synchronize(model.device)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+@contextlib.contextmanager
+def num_threads(n: int) -> Iterator[None]:
+    """torch's intra-op thread count for this thread, for the duration of the block."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def side_threads() -> int:
+    """Threads each side of PEARL gets on a CPU: half the cores, so the sides run at once
+    instead of taking turns."""
+    return max(1, torch.get_num_threads() // 2)
+
+
+def measured_curve(
+    target: Transformer, draft: Transformer, batch: int, mode: str, backend: str = "eager"
+):
+    """The cost curve (pearlmoe.decode.cost_model) as this mode runs: PEARL's sides with half
+    the CPU threads each."""
+    from .cost_model import measure
+
+    threads = side_threads() if mode == "pearl" and target.device.type == "cpu" else None
+    with num_threads(threads or torch.get_num_threads()):
+        return measure(target, draft, batch, backend)
+
+
+def gamma_policy(
+    target: Transformer, draft: Transformer, batch: int, mode: str, backend: str,
+    gamma: int | None, max_gamma: int = 8,
+):  # fmt: skip
+    """A fixed γ when given, else one chosen (and re-chosen as acceptance is measured) from the
+    measured cost curve."""
+    from .cost_model import GammaPolicy
+
+    if gamma is not None and gamma < 1:
+        raise ValueError(f"gamma must be >= 1, got {gamma}")
+    curve = None if gamma else measured_curve(target, draft, batch, mode, backend)
+    return GammaPolicy(curve, mode, gamma, max(max_gamma, gamma or 0))
+
+
+def pick_gamma(
+    target: Transformer, draft: Transformer, batch: int, mode: str, backend: str = "eager",
+    alpha: float = 0.6,
+) -> int:  # fmt: skip
+    """The draft length with the highest expected rate for this mode on the measured cost curve,
+    at an acceptance rate alpha."""
+    from .cost_model import best_gamma
+
+    return best_gamma(measured_curve(target, draft, batch, mode, backend), alpha, mode)
 
 
 def auto_gamma(target: Transformer, draft: Transformer, batch: int = 1, max_gamma: int = 8) -> int:
-    """PEARL's Theorem 1: the best window is the cost ratio c = T_target / T_draft, measured."""
-    ratio = measure_step_seconds(target, batch) / measure_step_seconds(draft, batch)
-    return max(1, min(max_gamma, round(ratio)))
+    """PEARL's draft length from the measured cost curve (not just the step-time ratio)."""
+    return min(max_gamma, pick_gamma(target, draft, batch, "pearl"))
 
 
 def emit(tokens: list[int], output: list[int], step: list[int], eos: set[int], budget: int) -> bool:

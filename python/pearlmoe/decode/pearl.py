@@ -1,7 +1,9 @@
 """PEARL: parallel speculative decoding with adaptive draft length (Liu et al., ICLR 2025).
 
-Draft and target run at the same time: two threads (each model's forward releases the GIL), and
-on a GPU each thread on its own CUDA stream. Every sequence of the batch is in one of two modes:
+Draft and target run at the same time: the draft on a worker thread, the target on the calling
+thread; on a CPU each with half the cores (and with the compile backend each side's step runs in
+C++ without the GIL), on a GPU each on its own CUDA stream. Every sequence of the batch is in one
+of two modes:
 
   pre-verify:  the draft drafts e_1..e_γ while the target scores the last committed token,
                which pre-verifies e_1. Reject: emit the correction, roll the draft back, stay.
@@ -12,10 +14,10 @@ on a GPU each thread on its own CUDA stream. Every sequence of the batch is in o
                Rejected at n: commit the n accepted and the correction, roll both back, go to
                pre-verify.
 
-Verification is ``ops.spec_verify`` (greedy, or rejection sampling with the draft probabilities
-kept for the unverified tokens), so the output is lossless; unlike the official code no token ids
-travel through floating point. The caches obey: target = committed[:-1]; draft = committed[:-1]
-(pre) or committed + unverified[:-1] (post). Rollback happens only after both sides have joined.
+Verification is greedy argmax comparison or ``ops.spec_verify``'s rejection sampling with the
+draft probabilities kept for the unverified tokens, so the output is lossless; no token ids travel
+through floating point. The caches obey: target = committed[:-1]; draft = committed[:-1] (pre) or
+committed + unverified[:-1] (post). The state is tensors; the round syncs with the host once.
 
 Shape letters: B sequences, γ window, V vocabulary.
 """
@@ -30,44 +32,69 @@ from torch import Tensor
 from .. import ops
 from ..model.transformer import Transformer
 from .autoregressive import _eos_set, _prompts
-from .common import CachedModel, DecodeStats, auto_gamma, check_pair, emit
-from .sampling import logits_to_probs, sample
+from .common import DecodeStats, check_pair, emit, gamma_policy, num_threads, side_threads
+from .runner import Runner, Sampling
+from .speculative import draft_tokens
 
 PRE, POST = 0, 1
 
 
 class _Side:
-    """Runs one model's work for a round, on its own CUDA stream when the model is on a GPU, and
-    on a CPU with its share of the cores (the thread count is per thread: set in the worker)."""
+    """One side's thread setup: its CUDA stream on a GPU, its share of the cores on a CPU (the
+    thread count is per thread, so it is set in the thread that runs the side)."""
 
     def __init__(self, model: Transformer, cpu_threads: int) -> None:
         self.stream = torch.cuda.Stream(model.device) if model.device.type == "cuda" else None
         self.cpu_threads = cpu_threads
 
-    def run(self, fn: Callable[[], object]) -> object:
-        torch.set_num_threads(self.cpu_threads)
+    def run(self, fn: Callable[[], object]) -> tuple[object, float]:
+        """fn's result and its seconds (the stream synchronised: the join)."""
+        start = time.perf_counter()
         with torch.inference_mode():
             if self.stream is None:
-                return fn()
+                return fn(), time.perf_counter() - start
             with torch.cuda.stream(self.stream):
                 out = fn()
-            self.stream.synchronize()  # the join: results are complete when run() returns
-            return out
+            self.stream.synchronize()
+            return out, time.perf_counter() - start
 
 
-def _verify(
-    p: Tensor, drafts: Tensor, q: Tensor | None, generator
-) -> tuple[list[list[int]], list[int]]:
-    """spec_verify over windows without a bonus token: the last target row is duplicated so the
-    op has its n+1 rows, and a bonus it samples after a full accept is dropped."""
-    rows = torch.cat([p, p[:, -1:]], dim=1)  # [B, n+1, V]
-    q = None if q is None else q.to(p.device)  # the draft may run on another device
-    tokens, accepted = ops.spec_verify(rows, drafts.to(p.device), q, generator)
-    n = drafts.shape[1]
-    out = []
-    for b, a in enumerate(accepted.tolist()):
-        out.append(tokens[b, : a + (a < n)].tolist())
-    return out, accepted.tolist()
+def _verify_windows(
+    mode: Tensor,
+    window: Tensor,
+    p: Tensor | None,
+    target_tokens: Tensor | None,
+    q: Tensor | None,
+    gamma: int,
+    generator: torch.Generator | None,
+) -> tuple[Tensor, Tensor]:
+    """Accepted counts [B] and correction tokens [B] for windows [B, γ] whose sequence b has
+    n_b = 1 (pre-verify) or γ (post-verify) real tokens, scored by target rows [B, ≥n_b].
+    There is no bonus token in PEARL: when all n_b are accepted the correction is unused."""
+    batch = window.shape[0]
+    n = torch.where(mode == POST, gamma, 1)  # [B]
+    if target_tokens is not None:
+        width = target_tokens.shape[1]  # γ, or 1 when every sequence is in pre-verify
+        cols = torch.arange(width, device=window.device)
+        match = (window[:, :width] == target_tokens) & (cols < n.unsqueeze(1))
+        accepted = match.long().cumprod(1).sum(1)  # [B]
+        corr = target_tokens.gather(1, accepted.clamp(max=width - 1).unsqueeze(1)).squeeze(1)
+        return accepted, corr
+    # Sampling: spec_verify over each mode's sequences (their windows have one length); the last
+    # row duplicated gives the op its n+1 rows, and a bonus it samples is dropped.
+    accepted = torch.zeros(batch, dtype=torch.long, device=window.device)
+    corr = torch.zeros(batch, dtype=torch.long, device=window.device)
+    for m, width in ((PRE, 1), (POST, gamma)):
+        idx = (mode == m).nonzero().squeeze(1)
+        if idx.numel() == 0:
+            continue
+        rows = p[idx, :width]  # [b, n, V]
+        tokens, acc = ops.spec_verify(
+            torch.cat([rows, rows[:, -1:]], 1), window[idx, :width], q[idx, :width], generator
+        )
+        accepted[idx] = acc.long()
+        corr[idx] = tokens.gather(1, acc.long().clamp(max=width - 1).unsqueeze(1)).squeeze(1)
+    return accepted, corr
 
 
 @torch.inference_mode()
@@ -83,118 +110,148 @@ def pearl_generate(
     eos_token_id: int | Sequence[int] | None = None,
     generator: torch.Generator | None = None,
     callback: Callable[[list[list[int]]], None] | None = None,
+    backend: str = "eager",
 ) -> tuple[list[list[int]], DecodeStats]:
     """Each sequence's new tokens (up to and including its EOS) and the run's statistics.
-    ``gamma=None`` uses the measured target/draft step-time ratio (Theorem 1: γ = c)."""
+    ``gamma=None`` picks the window from the measured cost curve and the acceptance rate seen so
+    far, and re-picks it between rounds with nothing unverified (pearlmoe.decode.cost_model)."""
     check_pair(target, draft)
     prompts = _prompts(input_ids)
     batch, eos = len(prompts), _eos_set(eos_token_id)
-    gamma = gamma or auto_gamma(target, draft, batch)
-    greedy = temperature <= 0
+    sampling = Sampling(temperature, top_k, top_p)
+    policy = gamma_policy(target, draft, batch, "pearl", backend, gamma)
+    gamma = policy.gamma
+    greedy = sampling.greedy
     stats = DecodeStats(gamma=gamma, extra={"pre_rounds": 0, "post_rounds": 0})
+    round_times = {"wall": 0.0, "draft": 0.0, "target": 0.0, "slower": 0.0}
+    capacity = max(map(len, prompts)) + max_new_tokens + 2 * policy.max_gamma + 2
+    tgt = Runner(target, batch, capacity, backend, sampling)
+    drf = Runner(draft, batch, capacity, backend, sampling)
+    # On a CPU the two sides split the cores: each step's intra-op pool would otherwise take
+    # them all and the sides would only take turns.
+    share = side_threads()
+    with num_threads(share):  # compiled code is specialised to its thread count
+        stats.extra["warmup_seconds"] = tgt.warmup([1, gamma]) + drf.warmup([1])
     start = time.perf_counter()
-    capacity = max(map(len, prompts)) + max_new_tokens + 3 * gamma + 4
-    tgt, drf = CachedModel(target, prompts, capacity), CachedModel(draft, prompts, capacity)
-    # On a CPU the two sides split the cores: each forward's intra-op pool would otherwise take
-    # them all and the two sides would only take turns (measured: 186 vs 238 tok/s on 2 cores).
-    share = max(1, torch.get_num_threads() // 2)
+    tgt.prefill([p[:-1] for p in prompts])
+    drf.prefill([p[:-1] for p in prompts])
     target_side, draft_side = _Side(target, share), _Side(draft, share)
 
-    committed = [list(p) for p in prompts]
-    mode = [PRE] * batch
-    unverified: list[list[int]] = [[] for _ in prompts]  # e_2..e_γ in post mode
-    unverified_q: list[Tensor | None] = [None] * batch  # their draft probabilities [γ-1, V]
+    device = target.device
+    last = torch.tensor([p[-1] for p in prompts], device=device)  # [B] committed[-1]
+    committed = torch.tensor([len(p) for p in prompts], device=device)  # [B] lengths
+    mode = torch.full((batch,), PRE, device=device)  # [B]
+    unverified = torch.zeros(batch, max(gamma - 1, 0), dtype=torch.long, device=device)  # e_2..e_γ
+    unverified_q = None  # [B, γ-1, V]: their draft distributions, when sampling
+    active = torch.ones(batch, dtype=torch.bool, device=device)
+    host_post = [False] * batch  # the mode on the host too: the target's width needs no sync
+    cols = torch.arange(gamma, device=device)
     outputs: list[list[int]] = [[] for _ in prompts]
     done = [max_new_tokens <= 0] * batch
 
-    def draft_round() -> tuple[Tensor, Tensor]:
+    def draft_round() -> tuple[Tensor, Tensor | None]:
         # The draft's cache lacks e_γ (post) or the last committed token (pre, or post at γ=1).
-        first = [
-            [u[-1]] if m == POST and u else [c[-1]]
-            for m, u, c in zip(mode, unverified, committed, strict=True)
-        ]
-        rows = torch.stack([lg[-1] for lg in drf.feed(first)])  # [B, V]
-        qs, xs = [], []
-        for i in range(gamma):
-            qs.append(logits_to_probs(rows, temperature, top_k, top_p))
-            xs.append(sample(qs[-1], generator, greedy))
-            if i + 1 < gamma:
-                rows = torch.stack([lg[-1] for lg in drf.feed([[int(x)] for x in xs[-1]])])
-        return torch.stack(xs, 1), torch.stack(qs, 1)  # [B, γ], [B, γ, V]
+        post = (mode == POST) & (gamma > 1)
+        first = torch.where(post, unverified[:, -1] if gamma > 1 else last, last)
+        return draft_tokens(drf, first.unsqueeze(1).to(drf.device), gamma, generator)
 
-    def target_round() -> list[Tensor]:
-        feeds = [
-            [c[-1], *u] if m == POST else [c[-1]]
-            for m, u, c in zip(mode, unverified, committed, strict=True)
-        ]
-        return [logits_to_probs(lg, temperature, top_k, top_p) for lg in tgt.feed(feeds)]
+    def target_round(width: int) -> tuple[Tensor | None, Tensor | None]:
+        # Post-verify sequences feed [last, e_2..e_γ]; pre-verify ones [last] (right-padded).
+        feed = torch.cat([last.unsqueeze(1), unverified], 1)[:, :width]  # [B, width]
+        return tgt(feed)
 
-    def _run_rounds() -> None:
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            while not all(done):
-                drafted = pool.submit(draft_side.run, draft_round)
-                scored = pool.submit(target_side.run, target_round)
-                (xs, qs), p_rows = drafted.result(), scored.result()
-                stats.draft_calls += gamma
-                stats.target_calls += 1
+    with ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(share,)) as pool, \
+            num_threads(share):  # fmt: skip
+        while not all(done):
+            if policy.gamma != gamma and not any(host_post):
+                # A new window only between rounds with nothing unverified (its buffers are γ-1).
+                gamma = policy.gamma
+                unverified = unverified.new_zeros(batch, gamma - 1)
+                unverified_q, cols = None, torch.arange(gamma, device=device)
+            t0, d0 = tgt.lens.clone(), drf.lens.clone()
+            width = gamma if any(host_post) else 1
+            round_start = time.perf_counter()
+            drafted = pool.submit(draft_side.run, draft_round)
+            (p, target_tokens), t_target = target_side.run(lambda w=width: target_round(w))
+            (xs, qs), t_draft = drafted.result()
+            round_times["wall"] += time.perf_counter() - round_start
+            round_times["draft"] += t_draft
+            round_times["target"] += t_target
+            round_times["slower"] += max(t_draft, t_target)
+            xs = xs.to(device)  # [B, γ]
+            stats.draft_calls += gamma
+            stats.target_calls += 1
 
-                # Verify each mode's sequences together (their windows have one length).
-                emitted: list[list[int]] = [[] for _ in prompts]
-                results: dict[int, tuple[list[int], int]] = {}
-                for m, n in ((PRE, 1), (POST, gamma)):
-                    idx = [b for b in range(batch) if mode[b] == m]
-                    if not idx:
-                        continue
-                    stats.extra["pre_rounds" if m == PRE else "post_rounds"] += 1
-                    window = torch.stack(
-                        [
-                            torch.tensor(unverified[b] + [int(xs[b, 0])], device=xs.device)
-                            if m == POST
-                            else xs[b, :1]
-                            for b in idx
-                        ]
-                    )  # [n_seq, n]
-                    p = torch.stack([p_rows[b][:n] for b in idx])  # [n_seq, n, V]
-                    q = None
-                    if not greedy:
-                        q = torch.stack([
-                            torch.cat([unverified_q[b], qs[b, :1]]) if m == POST else qs[b, :1]
-                            for b in idx
-                        ])  # fmt: skip
-                    tokens, accepted = _verify(p, window, q, generator)
-                    for j, b in enumerate(idx):
-                        results[b] = (tokens[j], accepted[j])
+            # The windows each mode verifies: e_2..e_γ, f_1 (post) or e_1 (pre), padded to γ.
+            post = mode == POST
+            window = torch.where(
+                post.unsqueeze(1),
+                torch.cat([unverified, xs[:, :1]], 1),
+                xs[:, :1].expand(-1, gamma),
+            )  # [B, γ]
+            q = None
+            if not greedy:
+                qs = qs.to(device)
+                first_q = qs[:, :1]
+                pre_q = first_q.expand(-1, gamma, -1)
+                post_q = pre_q if unverified_q is None else torch.cat([unverified_q, first_q], 1)
+                q = torch.where(post.view(-1, 1, 1), post_q, pre_q)  # [B, γ, V]
+            accepted, corr = _verify_windows(mode, window, p, target_tokens, q, gamma, generator)
+            n = torch.where(post, gamma, 1)
+            all_in = accepted == n
 
-                t_lens, d_lens = [], []
-                for b in range(batch):
-                    tokens, a = results[b]
-                    was = mode[b]
-                    n = 1 if was == PRE else gamma
-                    if not done[b]:
-                        stats.proposed += n
-                        stats.accepted += a
-                        done[b] = emit(tokens, outputs[b], emitted[b], eos, max_new_tokens)
-                    committed[b].extend(tokens)
-                    if done[b]:  # finished: reset to pre-verify on what is committed
-                        mode[b], unverified[b], unverified_q[b] = PRE, [], None
-                        t_lens.append(len(committed[b]) - 1)
-                        d_lens.append(len(committed[b]) - 1)
-                    elif a == n:  # all accepted: the drafts after x_1 stay unverified
-                        mode[b] = POST
-                        unverified[b] = xs[b, 1:].tolist()
-                        unverified_q[b] = qs[b, 1:]
-                        t_lens.append(len(tgt.tokens[b]))
-                        d_lens.append(len(drf.tokens[b]))
-                    else:  # rejected: back to pre-verify on the committed tokens
-                        mode[b], unverified[b], unverified_q[b] = PRE, [], None
-                        t_lens.append(len(committed[b]) - 1)
-                        d_lens.append(len(committed[b]) - 1)
-                tgt.truncate(t_lens)
-                drf.truncate(d_lens)
-                stats.emitted += sum(len(e) for e in emitted)
-                if callback is not None:
-                    callback(emitted)
+            # Commit: the accepted window tokens, then the correction unless all were accepted.
+            kept = torch.where(all_in, n, accepted + 1)
+            emitted = torch.where(cols < accepted.unsqueeze(1), window, corr.unsqueeze(1))
+            new_last = torch.where(all_in, window.gather(1, (n - 1).unsqueeze(1)).squeeze(1), corr)
+            new_committed = committed + kept
+            # Target keeps what it fed when all were accepted (its cache = committed[:-1]), else
+            # rolls back to the new committed[:-1]; the draft keeps everything it drafted when
+            # all were accepted (committed + unverified[:-1]), else rolls back likewise.
+            tgt_keep = torch.where(all_in, t0 + n, new_committed - 1)
+            drf_keep = torch.where(
+                all_in.to(drf.device), drf.lens, (new_committed - 1).to(drf.device)
+            )
+            tgt.lens.copy_(torch.where(active, tgt_keep, t0).to(torch.int32))
+            drf.lens.copy_(torch.where(active.to(drf.device), drf_keep, d0).to(torch.int32))
+            go_post = active & all_in
+            stay = ~active
+            if gamma > 1:
+                unverified = torch.where(go_post.unsqueeze(1), xs[:, 1:], unverified)
+                if not greedy:
+                    keep_q = unverified_q if unverified_q is not None else qs[:, 1:]
+                    unverified_q = torch.where(go_post.view(-1, 1, 1), qs[:, 1:], keep_q)
+            last = torch.where(active, new_last, last)
+            committed = torch.where(active, new_committed, committed)
+            mode = torch.where(stay, mode, torch.where(all_in, POST, PRE))
 
-    _run_rounds()
+            # The round's host sync: per sequence its mode, accepted count and emitted tokens.
+            host = torch.cat(
+                [post.long().unsqueeze(1), accepted.unsqueeze(1), kept.unsqueeze(1), emitted], 1
+            ).tolist()
+            step: list[list[int]] = [[] for _ in prompts]
+            proposed, round_accepted = 0, 0
+            for b, (was_post, a, k, *tokens) in enumerate(host):
+                if done[b]:
+                    continue
+                proposed += gamma if was_post else 1
+                round_accepted += a
+                stats.extra["post_rounds" if was_post else "pre_rounds"] += 1
+                done[b] = emit(tokens[:k], outputs[b], step[b], eos, max_new_tokens)
+                host_post[b] = not done[b] and a == (gamma if was_post else 1)
+                if done[b]:  # finished: frozen in pre-verify on what is committed
+                    active[b] = False
+                    mode[b] = PRE
+                    tgt.lens[b] = committed[b] - 1
+                    drf.lens[b] = committed[b] - 1
+            stats.proposed += proposed
+            stats.accepted += round_accepted
+            policy.update(round_accepted, proposed)
+            stats.emitted += sum(len(s) for s in step)
+            if callback is not None:
+                callback(step)
     stats.seconds = time.perf_counter() - start
+    stats.extra["gammas"] = policy.history
+    stats.extra["overlap"] = round_times["wall"] / max(round_times["slower"], 1e-12)
+    stats.extra["round_seconds"] = {k: round(v, 6) for k, v in round_times.items()}
     return outputs, stats

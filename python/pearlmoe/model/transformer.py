@@ -33,10 +33,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = _param(size, dtype=dtype, device=device, std=None)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype)
+    def forward(self, x: Tensor, reference_ops: bool = False) -> Tensor:
+        if reference_ops:
+            return reference.hf_rms_norm(x, self.weight, self.eps)
+        return ops.rms_norm(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -54,14 +54,17 @@ class Attention(nn.Module):
             self.query_layernorm = _param(d, dtype=dtype, device=device, std=None)  # [D]
             self.key_layernorm = _param(d, dtype=dtype, device=device, std=None)  # [D]
 
-    def forward(self, x: Tensor, cache: KVCache, positions: Tensor, reference_ops: bool) -> Tensor:
+    def forward(
+        self, x: Tensor, cache: KVCache, positions: Tensor, kv_lens: Tensor, reference_ops: bool
+    ) -> Tensor:
         c = self.c
         batch, steps, _ = x.shape
         hq, hkv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        q = F.linear(x, self.q_proj).view(batch * steps, hq, d)  # [B*S, Hq, D]
+        linear = reference.linear if reference_ops else ops.linear
+        q = linear(x, self.q_proj).view(batch * steps, hq, d)  # [B*S, Hq, D]
         if self.owns_kv:
-            k = F.linear(x, self.k_proj).view(batch * steps, hkv, d)  # [B*S, Hkv, D]
-            v = F.linear(x, self.v_proj).view(batch, steps, hkv, d)  # [B, S, Hkv, D]
+            k = linear(x, self.k_proj).view(batch * steps, hkv, d)  # [B*S, Hkv, D]
+            v = linear(x, self.v_proj).view(batch, steps, hkv, d)  # [B, S, Hkv, D]
         else:
             k = q[:, :0]  # no key of its own: the group's first layer cached it
         rope = reference.rope_qk_norm if reference_ops else ops.rope_qk_norm
@@ -70,11 +73,11 @@ class Attention(nn.Module):
             q, k, positions.reshape(-1), c.rope_base, *weights, c.rms_norm_eps, c.use_qk_norm
         )
         if self.owns_kv:
-            cache.write(self.layer, k_hat.view(batch, steps, hkv, d), v)
+            cache.write_at(self.layer, k_hat.view(batch, steps, hkv, d), v, positions)
         k_buf, v_buf = cache.buffers(self.layer)  # [B, C, Hkv, D]
         attend = reference.attention if reference_ops else ops.attention
-        o = attend(q.view(batch, steps, hq, d), k_buf, v_buf, cache.kv_lens(steps))
-        return F.linear(o.reshape(batch, steps, hq * d), self.o_proj)  # [B, S, H]
+        o = attend(q.view(batch, steps, hq, d), k_buf, v_buf, kv_lens)  # [B, S, Hq, D]
+        return linear(o.reshape(batch, steps, hq * d), self.o_proj)  # [B, S, H]
 
     def forward_train(self, x: Tensor, shared_kv: list) -> Tensor:
         """Whole sequences, differentiable (torch RoPE / norms and SDPA), Hunyuan's formulation:
@@ -162,7 +165,11 @@ class DenseMLP(nn.Module):
         self.w2 = _param(h, i, dtype=dtype, device=device)  # [H, I]
 
     def forward(self, x: Tensor, reference_ops: bool) -> Tensor:
-        return reference.swiglu_mlp(x.reshape(-1, x.shape[-1]), self.w13, self.w2).view_as(x)
+        if reference_ops:
+            return reference.swiglu_mlp(x.reshape(-1, x.shape[-1]), self.w13, self.w2).view_as(x)
+        h = ops.linear(x, self.w13)  # [..., 2I]
+        gate, up = h.chunk(2, dim=-1)
+        return ops.linear(F.silu(gate) * up, self.w2)  # [..., H]
 
 
 class Block(nn.Module):
@@ -173,9 +180,12 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype, device)
         self.mlp = MoE(c, dtype, device) if c.is_moe else DenseMLP(c, dtype, device)
 
-    def forward(self, x: Tensor, cache: KVCache, positions: Tensor, reference_ops: bool) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cache, positions, reference_ops)
-        return x + self.mlp(self.post_attention_layernorm(x), reference_ops)
+    def forward(
+        self, x: Tensor, cache: KVCache, positions: Tensor, kv_lens: Tensor, reference_ops: bool
+    ) -> Tensor:
+        h = self.input_layernorm(x, reference_ops)
+        x = x + self.self_attn(h, cache, positions, kv_lens, reference_ops)
+        return x + self.mlp(self.post_attention_layernorm(x, reference_ops), reference_ops)
 
 
 class Transformer(nn.Module):
@@ -184,7 +194,6 @@ class Transformer(nn.Module):
     ) -> None:
         super().__init__()
         c = self.config = config
-        self.dtype = dtype
         self.embed_tokens = _param(c.vocab_size, c.hidden_size, dtype=dtype, device=device)
         self.layers = nn.ModuleList(Block(c, i, dtype, device) for i in range(c.num_hidden_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype, device)
@@ -197,6 +206,11 @@ class Transformer(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.embed_tokens.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' (and so the KV cache's) dtype; follows ``model.to(dtype)``."""
+        return self.embed_tokens.dtype
 
     def new_cache(self, batch_size: int, capacity: int) -> KVCache:
         c = self.config
@@ -220,8 +234,9 @@ class Transformer(nn.Module):
         aux = x.new_zeros((), dtype=torch.float32)
         shared_kv: list = []
         for block in self.layers:
-            x = x + block.self_attn.forward_train(block.input_layernorm(x), shared_kv)
-            h = block.post_attention_layernorm(x)
+            h = block.input_layernorm(x, reference_ops=True)
+            x = x + block.self_attn.forward_train(h, shared_kv)
+            h = block.post_attention_layernorm(x, reference_ops=True)
             if isinstance(block.mlp, MoE):
                 y, layer_aux = block.mlp.forward_train(h, routing)
                 aux = aux + layer_aux
@@ -229,25 +244,44 @@ class Transformer(nn.Module):
                 y = block.mlp(h, reference_ops=True)
             x = x + y
         head = self.embed_tokens if self.lm_head is None else self.lm_head
-        return F.linear(self.norm(x), head).float(), aux
+        return F.linear(self.norm(x, reference_ops=True), head).float(), aux
 
     def forward(
         self, input_ids: Tensor, cache: KVCache | None = None, reference_ops: bool = False
     ) -> Tensor:
         """Logits [B, S, V] in fp32 for the S new tokens of every sequence, appended to the
-        cache after each sequence's current length (a fresh cache when none is given)."""
+        cache after each sequence's current length (a fresh cache when none is given); checks
+        the capacity on the host, then runs ``step`` and advances the lengths."""
         batch, steps = input_ids.shape
-        if self.expert_parallel is not None:
-            self.expert_parallel.announce(self.device)  # idle ranks of the group join this forward
         if cache is None:
             cache = self.new_cache(batch, steps)
-        positions = cache.positions(steps)  # [B, S]
+        cache._check_room([steps] * batch)
+        logits = self.step(input_ids, cache, reference_ops)
+        cache.advance(steps)
+        return logits
+
+    def step(self, input_ids: Tensor, cache: KVCache, reference_ops: bool = False) -> Tensor:
+        """The static decode / verification step: fp32 logits [B, S, V] for S new tokens per
+        sequence, whose K/V go to positions ``cache.lens[b] + 0..S-1``.
+
+        No host work: no checks, no ``.item()``, lengths and positions stay on the device, and
+        the lengths are not advanced (the caller moves ``cache.lens``, by as many tokens as it
+        keeps). So it traces into one graph (``torch.compile(fullgraph=True)``) and replays as a
+        CUDA graph. A sequence may use fewer than its S rows (right padding): the rows after its
+        real tokens see only earlier keys, their outputs are ignored, and the K/V they write past
+        the sequence's end are overwritten later. The caller keeps ``lens + S <= capacity``.
+        """
+        steps = input_ids.shape[1]
+        if self.expert_parallel is not None:
+            self.expert_parallel.announce(self.device)  # idle ranks of the group join this forward
+        positions = cache.lens.long().unsqueeze(1) + torch.arange(steps, device=self.device)
+        kv_lens = cache.lens + steps  # [B] int32: keys each sequence's last row sees
         x = F.embedding(input_ids, self.embed_tokens)  # [B, S, H]
         for block in self.layers:
-            x = block(x, cache, positions, reference_ops)
-        cache.advance(steps)
+            x = block(x, cache, positions, kv_lens, reference_ops)
         head = self.embed_tokens if self.lm_head is None else self.lm_head
-        return F.linear(self.norm(x), head).float()  # [B, S, V]
+        linear = reference.linear if reference_ops else ops.linear
+        return linear(self.norm(x, reference_ops), head).float()  # [B, S, V]
 
     @torch.no_grad()
     def forward_idle(self) -> None:

@@ -1,0 +1,128 @@
+// The x86 body of the skinny GEMM (skinny_gemm_cpu.h). No include guard on purpose: that header
+// includes this file twice, inside `#pragma GCC target` regions for AVX-512 and AVX-512 + BF16,
+// each time in its own namespace, so one source yields both instruction sets.
+// Needs <immintrin.h>, BF16, to_float and store from skinny_gemm_cpu.h, and PM_SKINNY_BF16_DOT.
+
+// The four sums of four 16-lane accumulators.
+inline __m128 reduce4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+  const __m512 t0 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
+  const __m512 t1 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
+  const __m512d lo = _mm512_unpacklo_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t1));
+  const __m512d hi = _mm512_unpackhi_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t1));
+  const __m512 u = _mm512_add_ps(_mm512_castpd_ps(lo), _mm512_castpd_ps(hi));  // 4 x [s0..s3]
+  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(u),
+                                 _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(u), 1)));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+// How a path loads kStep elements of an a row and of a b row and multiply-adds them into 16 fp32
+// lanes; Mask is the tail mask type of a kStep-element load.
+struct Fp32Fma {  // a fp32, b fp32
+  using A = float;
+  using B = float;
+  using Mask = __mmask16;
+  static constexpr int kStep = 16;
+  static __m512 load_a(const float* p, Mask m) { return _mm512_maskz_loadu_ps(m, p); }
+  static __m512 load_b(const float* p, Mask m) { return _mm512_maskz_loadu_ps(m, p); }
+  static __m512 madd(__m512 acc, __m512 a, __m512 b) { return _mm512_fmadd_ps(a, b, acc); }
+};
+
+struct Bf16Widen {  // a fp32 (widened once by the caller), b bf16 widened on load
+  using A = float;
+  using B = uint16_t;
+  using Mask = __mmask16;
+  static constexpr int kStep = 16;
+  static __m512 load_a(const float* p, Mask m) { return _mm512_maskz_loadu_ps(m, p); }
+  static __m512 load_b(const uint16_t* p, Mask m) {
+    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+  }
+  static __m512 madd(__m512 acc, __m512 a, __m512 b) { return _mm512_fmadd_ps(a, b, acc); }
+};
+
+#if PM_SKINNY_BF16_DOT
+struct Bf16Dot {  // a bf16, b bf16: VDPBF16PS adds a pair of exact products to each fp32 lane
+  using A = uint16_t;
+  using B = uint16_t;
+  using Mask = __mmask32;
+  static constexpr int kStep = 32;
+  static __m512i load_a(const uint16_t* p, Mask m) { return _mm512_maskz_loadu_epi16(m, p); }
+  static __m512i load_b(const uint16_t* p, Mask m) { return _mm512_maskz_loadu_epi16(m, p); }
+  static __m512 madd(__m512 acc, __m512i a, __m512i b) {
+    return _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh>(a), reinterpret_cast<__m512bh>(b));
+  }
+};
+#endif
+
+template <typename P>
+inline typename P::Mask tail_mask(int64_t remaining) {
+  using Mask = typename P::Mask;
+  if (remaining >= P::kStep) return static_cast<Mask>(~Mask(0));
+  return static_cast<Mask>((uint64_t(1) << remaining) - 1);
+}
+
+// out[r * 4 + j] = (a row r) · (b row j) over all of K, for MB rows of a and NB (4 or 1) rows of
+// b: MB x NB independent accumulators keep the FMA pipes busy while b streams from memory.
+template <typename P, int MB, int NB>
+inline void block(const typename P::A* a, int64_t lda, int64_t k, const typename P::B* b,
+                  int64_t ldb, float* out) {
+  __m512 acc[MB][NB];
+#pragma GCC unroll 4
+  for (int r = 0; r < MB; ++r) {
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; ++j) acc[r][j] = _mm512_setzero_ps();
+  }
+  for (int64_t i = 0; i < k; i += P::kStep) {
+    const typename P::Mask m = tail_mask<P>(k - i);
+    decltype(P::load_b(b, m)) bv[NB];
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; ++j) bv[j] = P::load_b(b + j * ldb + i, m);
+#pragma GCC unroll 4
+    for (int r = 0; r < MB; ++r) {
+      const auto av = P::load_a(a + r * lda + i, m);
+#pragma GCC unroll 4
+      for (int j = 0; j < NB; ++j) acc[r][j] = P::madd(acc[r][j], av, bv[j]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < MB; ++r) {
+    if constexpr (NB == 4) {
+      _mm_storeu_ps(out + r * 4, reduce4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]));
+    } else {
+      out[r * 4] = _mm512_reduce_add_ps(acc[r][0]);
+    }
+  }
+}
+
+// Rows n_begin..n_end of c [M, N] (ldc) for a [M, K] (lda) in P's a type and b [N, K] in P's b
+// type; c is float or BF16 (rounded once, from the fp32 sums).
+template <typename P, int NB, typename T>
+inline void column_block(const typename P::A* a, int64_t lda, int64_t rows, int64_t k,
+                         const typename P::B* b, int64_t n, T* c, int64_t ldc) {
+  float out[4 * 4];
+  for (int64_t r0 = 0; r0 < rows; r0 += 4) {
+    const int64_t mb = rows - r0 < 4 ? rows - r0 : 4;
+    const typename P::A* ar = a + r0 * lda;
+    const typename P::B* bn = b + n * k;
+    if (mb == 4) {
+      block<P, 4, NB>(ar, lda, k, bn, k, out);
+    } else if (mb == 3) {
+      block<P, 3, NB>(ar, lda, k, bn, k, out);
+    } else if (mb == 2) {
+      block<P, 2, NB>(ar, lda, k, bn, k, out);
+    } else {
+      block<P, 1, NB>(ar, lda, k, bn, k, out);
+    }
+    for (int64_t r = 0; r < mb; ++r) {
+      for (int j = 0; j < NB; ++j) store(c + (r0 + r) * ldc + n + j, out[r * 4 + j]);
+    }
+  }
+}
+
+template <typename P, typename T>
+void kernel_rows(const typename P::A* a, int64_t lda, int64_t rows, int64_t k,
+                 const typename P::B* b, int64_t n_begin, int64_t n_end, T* c, int64_t ldc) {
+  int64_t n = n_begin;
+  for (; n + 4 <= n_end; n += 4) column_block<P, 4>(a, lda, rows, k, b, n, c, ldc);
+  for (; n < n_end; ++n) column_block<P, 1>(a, lda, rows, k, b, n, c, ldc);
+}

@@ -1,0 +1,210 @@
+"""Choosing the draft length (and whether to speculate at all) from measured costs.
+
+PEARL's Theorem 1 (γ = c, the target/draft step-time ratio) assumes that verifying a window
+costs one target step. For a MoE target it does not: a window's tokens route to different
+experts, each of whose weights is read (at batch 1 on Hunyuan-Large every extra distinct expert
+is ~22.5 B parameters), and on a CPU a window is also more arithmetic. So the target's cost is a
+curve over the window width, measured, and γ maximises the expected tokens per second:
+
+  autoregressive  1 token per T(1)
+  speculative     E = (1 − α^(γ+1)) / (1 − α) tokens per γ·t_d + T(γ+1)      (Leviathan et al.)
+  PEARL           a two-state chain per round, each round max(γ·t_d, T(window)):
+                    pre-verify   window 1: always 1 token; to post-verify with probability α
+                    post-verify  window γ: (1 − α^γ) / (1 − α) tokens on average; stays in
+                                 post-verify with probability α^γ
+                  (its tokens per round reduce to pearl.md's (1−α^γ)/((1−α)(1+α−α^γ)))
+
+with α the per-token acceptance rate (re-estimated as decoding goes) and t_d the draft's time
+per token. ``pearlmoe bench`` prints the curve and the choice.
+"""
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..model.transformer import Transformer
+
+MODES = ("ar", "speculative", "pearl")
+
+
+@dataclass
+class CostCurve:
+    """Measured step times in seconds: ``target[n - 1]`` for a window of n tokens per sequence,
+    ``draft`` per drafted token (a one-token draft step), at ``batch`` sequences."""
+
+    target: list[float]
+    draft: float
+    batch: int = 1
+    extra: dict = field(default_factory=dict)
+
+    def target_time(self, width: int) -> float:
+        """T(width), extrapolated linearly past the measured widths."""
+        if width <= len(self.target):
+            return self.target[width - 1]
+        slope = self.target[-1] - self.target[-2] if len(self.target) > 1 else self.target[-1]
+        return self.target[-1] + slope * (width - len(self.target))
+
+
+def speculative_rate(curve: CostCurve, alpha: float, gamma: int) -> float:
+    """Expected tokens per second (per sequence) of vanilla speculative decoding."""
+    tokens = (gamma + 1) if alpha >= 1 else (1 - alpha ** (gamma + 1)) / (1 - alpha)
+    return tokens / (gamma * curve.draft + curve.target_time(gamma + 1))
+
+
+def pearl_rate(curve: CostCurve, alpha: float, gamma: int) -> float:
+    """Expected tokens per second (per sequence) of PEARL's pre/post-verify chain, each side's
+    round cost the slower of γ draft steps and the target's window."""
+    drafting = gamma * curve.draft
+    pre_cost = max(drafting, curve.target_time(1))
+    post_cost = max(drafting, curve.target_time(gamma))
+    if alpha >= 1:
+        return gamma / post_cost
+    stay_post = alpha**gamma
+    post_tokens = (1 - stay_post) / (1 - alpha)
+    pre_share, post_share = 1 - stay_post, alpha  # stationary weights, unnormalised
+    tokens = pre_share * 1 + post_share * post_tokens
+    return tokens / (pre_share * pre_cost + post_share * post_cost)
+
+
+def ar_rate(curve: CostCurve) -> float:
+    return 1 / curve.target_time(1)
+
+
+def rate(curve: CostCurve, alpha: float, mode: str, gamma: int) -> float:
+    if mode == "ar":
+        return ar_rate(curve)
+    return (speculative_rate if mode == "speculative" else pearl_rate)(curve, alpha, gamma)
+
+
+def best_gamma(curve: CostCurve, alpha: float, mode: str, max_gamma: int = 8) -> int:
+    """The γ in 1..max_gamma with the highest expected rate for this mode."""
+    return max(range(1, max_gamma + 1), key=lambda g: rate(curve, alpha, mode, g))
+
+
+@dataclass
+class Plan:
+    """The fastest mode and its γ, with every mode's predicted tokens/s (at its best γ)."""
+
+    mode: str
+    gamma: int
+    predicted: dict[str, tuple[int, float]]  # mode -> (γ, tokens/s)
+
+
+def plan(curve: CostCurve, alpha: float, max_gamma: int = 8) -> Plan:
+    predicted = {"ar": (0, ar_rate(curve))}
+    for mode in ("speculative", "pearl"):
+        g = best_gamma(curve, alpha, mode, max_gamma)
+        predicted[mode] = (g, rate(curve, alpha, mode, g))
+    mode = max(predicted, key=lambda m: predicted[m][1])
+    return Plan(mode, predicted[mode][0], predicted)
+
+
+class AcceptanceEstimate:
+    """A running per-token acceptance rate: a prior worth ``weight`` tokens, then what decoding
+    accepts (an exponential moving average over about ``window`` proposed tokens)."""
+
+    def __init__(self, prior: float = 0.6, weight: float = 8.0, window: float = 256.0) -> None:
+        self.accepted, self.proposed, self.window = prior * weight, weight, window
+
+    def update(self, accepted: int, proposed: int) -> None:
+        if self.proposed + proposed > self.window:
+            keep = max(0.0, (self.window - proposed) / self.proposed)
+            self.accepted, self.proposed = self.accepted * keep, self.proposed * keep
+        self.accepted += accepted
+        self.proposed += proposed
+
+    @property
+    def alpha(self) -> float:
+        return min(0.99, max(0.01, self.accepted / self.proposed)) if self.proposed else 0.5
+
+
+class GammaPolicy:
+    """A loop's draft length: fixed when the caller gave one; otherwise the best γ on the measured
+    cost curve at the running acceptance estimate, chosen again every ``every`` rounds."""
+
+    def __init__(
+        self, curve: CostCurve | None, mode: str, gamma: int | None = None, max_gamma: int = 8,
+        every: int = 8,
+    ) -> None:  # fmt: skip
+        if gamma is None and curve is None:
+            raise ValueError("GammaPolicy: give a gamma or a cost curve to choose it from")
+        self.curve, self.mode, self.max_gamma, self.every = curve, mode, max_gamma, every
+        self.fixed = gamma is not None
+        self.estimate = AcceptanceEstimate()
+        self.gamma = gamma if gamma is not None else best_gamma(curve, self.estimate.alpha, mode,
+                                                                max_gamma)  # fmt: skip
+        self.history = [self.gamma]
+        self._rounds = 0
+
+    def update(self, accepted: int, proposed: int) -> int:
+        """Record a round's acceptance; returns the γ for the next rounds."""
+        self.estimate.update(accepted, proposed)
+        self._rounds += 1
+        if not self.fixed and self._rounds % self.every == 0:
+            best = best_gamma(self.curve, self.estimate.alpha, self.mode, self.max_gamma)
+            if best != self.gamma:
+                self.gamma = best
+                self.history.append(best)
+        return self.gamma
+
+
+# ---- measuring ---------------------------------------------------------------------------------
+
+_curves: dict[tuple, CostCurve] = {}
+
+
+def _median_seconds(fn, device: torch.device, repeats: int) -> float:
+    times = []
+    for _ in range(repeats + 2):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    times = sorted(times[2:])  # the first two warm up
+    return times[len(times) // 2]
+
+
+@torch.inference_mode()
+def step_seconds(
+    model: Transformer,
+    widths: list[int],
+    batch: int = 1,
+    backend: str = "eager",
+    context: int = 64,
+    repeats: int = 7,
+) -> list[float]:
+    """Median seconds of one step of each window width, after a context of random tokens (fixed
+    seed: windows route to experts as varied text does, the conservative case for a MoE)."""
+    from .runner import Runner
+
+    runner = Runner(model, batch, context + max(widths) + 1, backend)
+    g = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    runner.prefill(torch.randint(0, vocab, (batch, context), generator=g).tolist())
+    out = []
+    for width in widths:
+        ids = torch.randint(0, vocab, (batch, width), generator=g).to(model.device)
+        out.append(_median_seconds(lambda ids=ids: runner(ids), model.device, repeats))
+    return out
+
+
+def measure(
+    target: Transformer,
+    draft: Transformer,
+    batch: int = 1,
+    backend: str = "eager",
+    max_width: int = 9,
+) -> CostCurve:
+    """The target's cost curve over widths 1..max_width and the draft's step time, with this
+    thread's torch thread count (cached per pair of models, batch, backend and thread count)."""
+    threads = torch.get_num_threads()
+    key = (id(target), id(draft), batch, backend, max_width, threads)
+    if key not in _curves:
+        target_times = step_seconds(target, list(range(1, max_width + 1)), batch, backend)
+        draft_time = step_seconds(draft, [1], batch, backend)[0]
+        _curves[key] = CostCurve(target_times, draft_time, batch, {"threads": threads})
+    return _curves[key]

@@ -1,0 +1,211 @@
+"""One model's side of a decode: its static KV cache and its step, run eagerly, compiled, or
+replayed from CUDA graphs.
+
+A step takes S new tokens per sequence, writes their K/V after each sequence's current length
+(``runner.lens``, on the device) and returns what the decode loop needs of their logits: the greedy
+tokens, or the sampling distributions. It does no host work (``Transformer.step``): the loops move
+the lengths with tensor ops and sync with the host once per round.
+
+Backends:
+  eager      the ops one by one (the baseline; the fallback where nothing else works).
+  compile    ``torch.compile(fullgraph=True)``: on the CPU inductor's C++ wrapper, which runs the
+             whole step in C++ without the GIL (so PEARL's two sides really run at once); the
+             pearlmoe ops enter the graph through their fake kernels. One graph for S = 1 and one
+             for every S > 1 (dynamic), reused for any cache capacity; inductor caches the
+             compiled code on disk, so a second run compiles in seconds.
+  cudagraph  CUDA only: the eager step captured once per window width and replayed, as vLLM and
+             gpt-fast do: a small model's forward is launch-bound.
+
+Shape letters: B sequences, S tokens per step, V vocabulary.
+"""
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..model.transformer import Transformer
+from .sampling import logits_to_probs
+
+BACKENDS = ("eager", "compile", "cudagraph")
+
+# Called with a one-line note when a step is about to be compiled or captured (the CLI prints
+# it, so a first run does not look hung).
+notify: Callable[[str], None] | None = None
+_built: set[tuple] = set()
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How logits become a distribution; temperature 0 is greedy (argmax, no distribution)."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+
+def default_backend(device: torch.device | str) -> str:
+    """cudagraph on CUDA, compile on the CPU (eager where torch.compile cannot run)."""
+    if torch.device(device).type == "cuda":
+        return "cudagraph"
+    return "compile" if compile_available() else "eager"
+
+
+_compile_ok: bool | None = None
+
+
+def compile_available() -> bool:
+    """Whether torch.compile can build CPU code here (it needs a C++ compiler)."""
+    global _compile_ok
+    if _compile_ok is None:
+        import shutil
+
+        _compile_ok = shutil.which("g++") is not None or shutil.which("c++") is not None
+    return _compile_ok
+
+
+def _step(
+    model: Transformer, ids: Tensor, cache, sampling: Sampling
+) -> tuple[Tensor | None, Tensor | None]:
+    """The whole step, as one function for torch.compile and CUDA-graph capture: (probs [B, S, V]
+    or None, greedy tokens [B, S] or None)."""
+    logits = model.step(ids, cache)  # [B, S, V] fp32
+    if sampling.greedy:
+        return None, logits.argmax(-1)
+    return logits_to_probs(logits, sampling.temperature, sampling.top_k, sampling.top_p), None
+
+
+class Runner:
+    """A model with a static KV cache for ``batch`` sequences of up to ``capacity`` tokens.
+
+    ``runner(ids)`` runs a step over ids [B, S] at ``runner.lens`` without advancing them; the
+    caller adds what it keeps (``runner.lens += n``). With the cudagraph backend the outputs live
+    in the graph's static buffers until the next step of the same width: clone to keep them.
+    """
+
+    def __init__(
+        self,
+        model: Transformer,
+        batch: int,
+        capacity: int,
+        backend: str = "eager",
+        sampling: Sampling = Sampling(),
+    ) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "cudagraph" and model.device.type != "cuda":
+            raise ValueError("the cudagraph backend needs a model on a CUDA device")
+        self.model, self.backend, self.sampling = model, backend, sampling
+        self.cache = model.new_cache(batch, capacity)
+        self.device = model.device
+        self._graphs: dict[int, tuple] = {}  # cudagraph: width -> (graph, ids buffer, outputs)
+        self._compiled = None
+        self._warm: set[int] = set()  # widths this runner has run through the compiled step
+        if backend == "compile":
+            # Any capacity, one graph: the cache's length dimension is symbolic.
+            torch._dynamo.mark_dynamic(self.cache.k, 2)
+            torch._dynamo.mark_dynamic(self.cache.v, 2)
+            self._compiled = _compiled_step(model.device.type)
+
+    @property
+    def lens(self) -> Tensor:
+        """Each sequence's cached tokens, [B] int32 on the model's device."""
+        return self.cache.lens
+
+    @property
+    def batch(self) -> int:
+        return self.cache.batch_size
+
+    @torch.inference_mode()
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> None:
+        """Cache each sequence's tokens (ragged: one sequence at a time, eagerly; an empty one is
+        skipped)."""
+        if len(prompts) != self.batch:
+            raise ValueError(f"prefill: {len(prompts)} prompts for a batch of {self.batch}")
+        for b, tokens in enumerate(prompts):
+            if tokens:
+                ids = torch.tensor([list(tokens)], device=self.device)
+                self.model(ids, self.cache.sequence(b))
+
+    @torch.inference_mode()
+    def __call__(self, ids: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """(probs [B, S, V] or None, greedy tokens [B, S] or None) for ids [B, S]."""
+        if self.backend == "eager":
+            return _step(self.model, ids, self.cache, self.sampling)
+        if self.backend == "compile":
+            ids = ids.reshape(-1).view(ids.shape)  # row-major strides, which the graph guards
+            if ids.shape[1] > 1 and ids.shape[1] not in self._warm:
+                torch._dynamo.mark_dynamic(ids, 1)  # one graph for every window width > 1
+                self._warm.add(ids.shape[1])
+            return self._compiled(self.model, ids, self.cache, self.sampling)
+        return self._replay(ids)
+
+    def warmup(self, widths: Sequence[int]) -> float:
+        """Build the steps for these window widths now (compile or capture), on scratch tokens
+        past the cached ones (the lengths are restored; the scratch K/V lie past them); returns
+        the seconds it took. Nothing to do for the eager backend."""
+        if self.backend == "eager":
+            return 0.0
+        start = time.perf_counter()
+        # Width classes that are new to this process (S = 1, S > 1), for the progress note.
+        classes = {(id(self.model), self.backend, self.sampling, torch.get_num_threads(),
+                    self.batch, min(w, 2)) for w in widths}  # fmt: skip
+        if notify is not None and not classes <= _built:
+            what = "compiling" if self.backend == "compile" else "capturing CUDA graphs of"
+            notify(f"{what} the {self.model.config.model_type} decode step "
+                   f"(widths {sorted(set(widths))}, batch {self.batch})")  # fmt: skip
+        _built.update(classes)
+        lens = self.lens.clone()
+        with torch.inference_mode():
+            for width in sorted(set(widths)):
+                if int(lens.max()) + width <= self.cache.capacity:
+                    self(torch.zeros(self.batch, width, dtype=torch.long, device=self.device))
+            self.lens.copy_(lens)
+        return time.perf_counter() - start
+
+    def _replay(self, ids: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        width = ids.shape[1]
+        if width not in self._graphs:
+            self._capture(width)
+        graph, ids_buf, outputs = self._graphs[width]
+        ids_buf.copy_(ids, non_blocking=True)
+        graph.replay()
+        return outputs
+
+    def _capture(self, width: int) -> None:
+        ids_buf = torch.zeros(self.batch, width, dtype=torch.long, device=self.device)
+        lens = self.lens.clone()
+        # Warm up on a side stream (allocator pools, lazy inits) as torch.cuda.graphs advises.
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                _step(self.model, ids_buf, self.cache, self.sampling)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs = _step(self.model, ids_buf, self.cache, self.sampling)
+        self.lens.copy_(lens)
+        self._graphs[width] = (graph, ids_buf, outputs)
+
+
+_compiled_steps: dict[str, Callable] = {}
+
+
+def _compiled_step(device_type: str) -> Callable:
+    """One torch.compile of _step per device type; dynamo keeps a graph per model, sampling
+    setting and width class under it."""
+    if device_type not in _compiled_steps:
+        # A draft and a target, greedy and sampled, S = 1 and S > 1, a few batch sizes.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        options = {"cpp_wrapper": True} if device_type == "cpu" else {}
+        _compiled_steps[device_type] = torch.compile(
+            _step, fullgraph=True, dynamic=False, options=options
+        )
+    return _compiled_steps[device_type]

@@ -1,0 +1,156 @@
+"""``pearlmoe bench``: autoregressive (eager, the baseline, and with the chosen backend) vs
+speculative vs PEARL on held-out prompts, in one run, per dtype: tokens/s, the ratios, tokens per
+target call, acceptance, γ, PEARL's overlap, and the cost model's curve with its predictions next
+to what was measured. Greedy outputs are checked identical across modes. JSON + PNG.
+"""
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from .decode import generate, pearl_generate, speculative_generate
+from .decode.common import measured_curve
+from .decode.cost_model import CostCurve, best_gamma, rate
+
+MODES = ("ar", "speculative", "pearl")
+EAGER_AR = "ar-eager"
+
+
+def run_mode(
+    mode: str, target, draft, batches: list[list[list[int]]], max_new_tokens: int,
+    gamma: int | None, temperature: float, seed: int, backend: str,
+) -> tuple[dict, list[list[int]]]:  # fmt: skip
+    """Decode every batch of prompts in one mode: the row of the table and the outputs."""
+    tokens, seconds, stats_list, outputs = 0, 0.0, [], []
+    for i, batch in enumerate(batches):
+        generator = torch.Generator(device=target.device).manual_seed(seed + i)
+        common = dict(temperature=temperature, eos_token_id=target.config.eos_token_id,
+                      generator=generator, backend=backend)  # fmt: skip
+        start = time.perf_counter()
+        if mode == "ar":
+            outs = generate(target, batch, max_new_tokens, **common)
+            took = time.perf_counter() - start
+        else:
+            loop = pearl_generate if mode == "pearl" else speculative_generate
+            outs, stats = loop(target, draft, batch, max_new_tokens, gamma=gamma, **common)
+            took = time.perf_counter() - start - stats.extra.get("warmup_seconds", 0.0)
+            stats_list.append(stats)
+        outputs.extend(outs)
+        tokens += sum(map(len, outs))
+        seconds += took
+    row = {"tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds}
+    if stats_list:
+        proposed = sum(s.proposed for s in stats_list)
+        row |= {
+            "mean_accepted_tokens": sum(s.emitted for s in stats_list)
+            / sum(s.target_calls for s in stats_list),
+            "acceptance_rate": sum(s.accepted for s in stats_list) / proposed if proposed else 0,
+            "gammas": sorted({g for s in stats_list for g in s.extra.get("gammas", [s.gamma])}),
+        }
+        if mode == "pearl":
+            wall = sum(s.extra["round_seconds"]["wall"] for s in stats_list)
+            slower = sum(s.extra["round_seconds"]["slower"] for s in stats_list)
+            row["overlap"] = wall / slower  # round wall time / the slower side alone
+    return row, outputs
+
+
+def bench_dtype(
+    target, draft, batches, args, backend: str, dtype: torch.dtype, batch: int
+) -> dict:  # fmt: skip
+    """Every mode on one dtype: the cost curves, the rows and whether outputs agree."""
+    curves = {m: measured_curve(target, draft, batch, m, backend) for m in ("speculative", "pearl")}
+    # Warm-up outside the timings: compile/capture, allocator, thread pools.
+    for mode in (EAGER_AR, *MODES):
+        run_mode(mode.removesuffix("-eager"), target, draft, batches[:1], 8, args.gamma,
+                 args.temperature, 0, "eager" if mode == EAGER_AR else backend)  # fmt: skip
+    rows, outputs = {}, {}
+    for mode in (EAGER_AR, *MODES):
+        rows[mode], outputs[mode] = run_mode(
+            mode.removesuffix("-eager"), target, draft, batches, args.max_new_tokens,
+            args.gamma, args.temperature, args.seed, "eager" if mode == EAGER_AR else backend,
+        )  # fmt: skip
+    base, eager = rows["ar"]["tokens_per_second"], rows[EAGER_AR]["tokens_per_second"]
+    for mode, row in rows.items():
+        row["speedup_vs_ar"] = row["tokens_per_second"] / base
+        row["speedup_vs_eager_ar"] = row["tokens_per_second"] / eager
+        if mode in ("speculative", "pearl"):
+            curve, alpha = curves[mode], row["acceptance_rate"]
+            g = row["gammas"][-1]
+            row["predicted_tokens_per_second"] = batch * rate(curve, alpha, mode, g)
+            row["best_gamma_at_measured_alpha"] = best_gamma(curve, alpha, mode)
+    rows["ar"]["predicted_tokens_per_second"] = batch * rate(curves["speculative"], 0, "ar", 0)
+    greedy = args.temperature <= 0
+    return {
+        "dtype": str(dtype).removeprefix("torch."),
+        "cost_curve": _curve_json(curves["speculative"]),
+        "cost_curve_pearl_threads": _curve_json(curves["pearl"]),
+        "modes": rows,
+        "greedy_outputs_identical": all(outputs[m] == outputs["ar"] for m in MODES)
+        if greedy else None,
+        "compiled_equals_eager": outputs["ar"] == outputs[EAGER_AR] if greedy else None,
+    }  # fmt: skip
+
+
+def _curve_json(curve: CostCurve) -> dict:
+    return {"target_ms": [round(t * 1e3, 4) for t in curve.target],
+            "draft_ms": round(curve.draft * 1e3, 4), **curve.extra}  # fmt: skip
+
+
+def print_run(run: dict) -> None:
+    curve = run["cost_curve"]
+    widths = "  ".join(f"{n}:{t:.3f}" for n, t in enumerate(curve["target_ms"], 1))
+    print(f"[{run['dtype']}] target step ms by window  {widths}")
+    print(f"[{run['dtype']}] draft step {curve['draft_ms']:.3f} ms "
+          f"(PEARL's sides, {run['cost_curve_pearl_threads']['threads']} thread(s) each: target "
+          f"{run['cost_curve_pearl_threads']['target_ms'][0]:.3f}, draft "
+          f"{run['cost_curve_pearl_threads']['draft_ms']:.3f} ms)")  # fmt: skip
+    head = (f"{'dtype':<9}{'mode':<12}{'tok/s':>9}{'vs AR':>8}{'vs eager':>9}{'tok/call':>9}"
+            f"{'accept':>7}{'gamma':>8}{'overlap':>8}{'predicted':>10}")  # fmt: skip
+    print(head)
+    for mode, row in run["modes"].items():
+        gammas = "->".join(map(str, row.get("gammas", []))) or "-"
+        overlap = f"{row['overlap']:.2f}" if "overlap" in row else "-"
+        predicted = row.get("predicted_tokens_per_second")
+        predicted = "-" if predicted is None else f"{predicted:.0f}"
+        print(f"{run['dtype']:<9}{mode:<12}{row['tokens_per_second']:>9.1f}"
+              f"{row['speedup_vs_ar']:>7.2f}x{row['speedup_vs_eager_ar']:>8.2f}x"
+              f"{row.get('mean_accepted_tokens', 1.0):>9.2f}"
+              f"{row.get('acceptance_rate', float('nan')):>7.2f}{gammas:>8}{overlap:>8}"
+              f"{predicted:>10}")  # fmt: skip
+
+
+def write(result: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "pearlmoe_bench.json").write_text(json.dumps(result, indent=1) + "\n")
+    plot(result, out / "pearlmoe_bench.png")
+    print(f"wrote {out / 'pearlmoe_bench.json'} and {out / 'pearlmoe_bench.png'}")
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, speeds, ratios = [], [], []
+    for run in result["runs"]:
+        for mode, row in run["modes"].items():
+            labels.append(f"{mode}\n{run['dtype']}")
+            speeds.append(row["tokens_per_second"])
+            ratios.append(row["speedup_vs_eager_ar"])
+    fig, ax = plt.subplots(figsize=(1.1 * len(labels) + 1, 3.4))
+    colors = {"ar-eager": "#bbbbbb", "ar": "#8c8c8c", "speculative": "#dd8452", "pearl": "#4c72b0"}
+    bars = ax.bar(range(len(labels)), speeds, color=[colors[lb.split("\n")[0]] for lb in labels])
+    for bar, ratio in zip(bars, ratios, strict=True):
+        ax.annotate(f"{ratio:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center", va="bottom", fontsize=8)  # fmt: skip
+    ax.set_xticks(range(len(labels)), labels, fontsize=7)
+    ax.set_ylabel("tokens / s")
+    ax.margins(y=0.15)
+    ax.set_title(f"pearlmoe bench, {result['device']}, batch {result['batch']}, "
+                 f"{result['backend']} (ratios vs eager AR)", fontsize=8)  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,222 @@
+"""The static decode step and what rests on it: a step is window-invariant (a token's logits are
+bitwise the same in a one-token step and in a verification window, eager and compiled), compiles
+to one graph with no break, and the decode loops emit the same greedy tokens with every backend,
+at batch 1 and 4, with ragged prompts and EOS inside a window. Also the KV cache's checks and the
+cost model behind the choice of γ."""
+
+import copy
+
+import pytest
+import torch
+
+import pearlmoe
+from pearlmoe.decode import cost_model, pearl_generate, speculative_generate
+from pearlmoe.decode.runner import Runner, Sampling, _step
+from pearlmoe.model import KVCache, ModelConfig, Transformer
+
+
+def _pair(dtype: torch.dtype, seed: int = 0, noise: float = 0.2):
+    """A MoE + CLA + QK-norm target (top-2 of 4 experts, so windows route to several experts)
+    and a dense-MLP draft of another shape sharing its vocabulary."""
+    torch.manual_seed(seed)
+    config = ModelConfig(
+        vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=48, num_experts=4, moe_topk=2,
+        num_shared_expert=1, use_mixed_mlp_moe=True, use_cla=True, cla_share_factor=2,
+        use_qk_norm=True, head_dim=16,
+    )  # fmt: skip
+    target = Transformer(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in target.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 1.5 * p.shape[-1] ** -0.5)
+    draft = copy.deepcopy(target)
+    with torch.no_grad():
+        for p in draft.parameters():
+            if p.dim() >= 2:
+                p.add_(torch.randn_like(p) * p.std() * noise)
+    return target.to(dtype), draft.to(dtype)
+
+
+@pytest.fixture(scope="module")
+def pair32():
+    return _pair(torch.float32)
+
+
+def _window_probs(model, backend, prompt, width, total):
+    """Next-token distributions (temperature 1: the softmax of the logits) of prompt[4:4+total],
+    computed `width` tokens per step."""
+    runner = Runner(model, 1, 64, backend, Sampling(temperature=1.0))
+    runner.prefill([prompt[:4]])
+    rows = []
+    for start in range(4, 4 + total, width):
+        probs, _ = runner(torch.tensor([prompt[start : start + width]]))
+        rows.append(probs.clone())
+        with torch.inference_mode():
+            runner.lens.add_(probs.shape[1])
+    return torch.cat(rows, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["eager", "compile"])
+def test_step_is_window_invariant(dtype, backend):
+    target, _ = _pair(dtype)
+    prompt = torch.randint(0, 96, (40,), generator=torch.Generator().manual_seed(3)).tolist()
+    one = _window_probs(target, backend, prompt, 1, 30)
+    for width in (2, 5, 6, 10):
+        windowed = _window_probs(target, backend, prompt, width, 30)
+        assert torch.equal(one, windowed), f"width {width}: {(one - windowed).abs().max()}"
+
+
+def test_compiled_step_has_no_graph_break(pair32):
+    target, _ = pair32
+    runner = Runner(target, 2, 32)
+    runner.prefill([[1, 2, 3], [4, 5]])
+    for width, sampling in ((1, Sampling()), (3, Sampling(0.8, top_k=5, top_p=0.9))):
+        ids = torch.zeros(2, width, dtype=torch.long)
+        explained = torch._dynamo.explain(_step)(target, ids, runner.cache, sampling)
+        assert explained.graph_break_count == 0, explained.break_reasons
+        assert explained.graph_count == 1
+
+
+PROMPTS4 = [[1, 2, 3, 4], [5, 6, 7, 8, 9, 10, 11], [12], [13, 14, 15]]
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_every_backend_emits_the_autoregressive_tokens(pair32, batch):
+    target, draft = pair32
+    prompts = PROMPTS4[:batch]
+    want = pearlmoe.generate(target, prompts, 24)
+    assert pearlmoe.generate(target, prompts, 24, backend="compile") == want
+    for loop in (speculative_generate, pearl_generate):
+        for gamma in (1, 3, 5):
+            for backend in ("eager", "compile"):
+                got, stats = loop(target, draft, prompts, 24, gamma=gamma, backend=backend)
+                assert got == want, (loop.__name__, gamma, backend)
+                assert 0 < stats.acceptance_rate < 1
+
+
+def test_eos_inside_a_window_compiled(pair32):
+    target, draft = pair32
+    free = pearlmoe.generate(target, PROMPTS4, 24)
+    eos = free[1][6]
+    want = pearlmoe.generate(target, PROMPTS4, 24, eos_token_id=eos)
+    assert want[1][-1] == eos and len(want[1]) == 7
+    for loop in (speculative_generate, pearl_generate):
+        got, _ = loop(target, draft, PROMPTS4, 24, gamma=4, eos_token_id=eos, backend="compile")
+        assert got == want
+
+
+def test_pearl_reports_its_overlap(pair32):
+    target, draft = pair32
+    _, stats = pearl_generate(target, draft, [[1, 2, 3]], 16, gamma=3)
+    times = stats.extra["round_seconds"]
+    assert times["slower"] <= times["wall"] + 1e-9
+    assert stats.extra["overlap"] >= 1.0 - 1e-9
+
+
+def test_runner_checks_and_warmup(pair32):
+    target, _ = pair32
+    with pytest.raises(ValueError, match="backend must be one of"):
+        Runner(target, 1, 8, "turbo")
+    with pytest.raises(ValueError, match="cudagraph backend needs a model on a CUDA device"):
+        Runner(target, 1, 8, "cudagraph")
+    runner = Runner(target, 2, 16)
+    runner.prefill([[1, 2, 3], []])
+    assert runner.lens.tolist() == [3, 0]
+    runner.warmup([1, 4])
+    assert runner.lens.tolist() == [3, 0]
+    with pytest.raises(ValueError, match="prefill: 1 prompts for a batch of 2"):
+        runner.prefill([[1]])
+
+
+# ---- KV cache checks -----------------------------------------------------------------------------
+
+
+def test_kv_cache_rejects_bad_counts_and_shapes():
+    cache = KVCache(num_layers=2, batch_size=2, capacity=6, kv_heads=1, head_dim=4,
+                    dtype=torch.float32)  # fmt: skip
+    with pytest.raises(ValueError, match=r"KVCache: num_new must give 0..6 new tokens"):
+        cache.advance(-1)
+    k = torch.zeros(2, 3, 1, 4)
+    with pytest.raises(ValueError, match=r"KVCache: num_new must give 0..3 new tokens"):
+        cache.write(0, k, k, num_new=4)
+    with pytest.raises(TypeError, match=r"KVCache: num_new must be an int, a list or a tensor"):
+        cache.advance(1.5)
+    with pytest.raises(ValueError, match=r"KVCache: k_hat and v must both be \[B=2, S, Hkv, D\]"):
+        cache.write(0, torch.zeros(1, 3, 1, 4), torch.zeros(1, 3, 1, 4))
+    with pytest.raises(ValueError, match=r"KVCache: k_hat and v must have 1 heads of 4"):
+        cache.write(0, torch.zeros(2, 3, 2, 4), torch.zeros(2, 3, 2, 4))
+    with pytest.raises(ValueError, match=r"KVCache: every size must be a positive int"):
+        KVCache(num_layers=2, batch_size=0, capacity=6, kv_heads=1, head_dim=4)
+    assert cache.seq_lens() == [0, 0]  # nothing moved
+
+
+def test_kv_cache_device_lengths_and_host_copy():
+    cache = KVCache(num_layers=1, batch_size=2, capacity=8, kv_heads=1, head_dim=2,
+                    dtype=torch.float32)  # fmt: skip
+    cache.advance([2, 3])
+    cache.set_lens(torch.tensor([5, 1], dtype=torch.int32))  # device update: host copy dropped
+    assert cache.seq_lens() == [5, 1]
+    with pytest.raises(RuntimeError, match="sequence 0 would hold 9 tokens"):
+        cache.advance([4, 0])
+    view = cache.sequence(1)
+    view.advance(2)
+    assert cache.seq_lens() == [5, 3] and cache.lens.tolist() == [5, 3]
+
+
+# ---- cost model ----------------------------------------------------------------------------------
+
+
+def _curve(target_ms: list[float], draft_ms: float) -> cost_model.CostCurve:
+    return cost_model.CostCurve([t / 1e3 for t in target_ms], draft_ms / 1e3)
+
+
+FLAT = _curve([1.0] * 12, 0.1)  # a dense target on a GPU: verifying a window costs one step
+RISING = _curve([1.0 + 0.35 * n for n in range(12)], 0.1)  # a MoE target: more experts per window
+
+
+def test_gamma_follows_the_cost_curve():
+    for mode in ("speculative", "pearl"):
+        flat = cost_model.best_gamma(FLAT, 0.8, mode, max_gamma=10)
+        rising = cost_model.best_gamma(RISING, 0.8, mode, max_gamma=10)
+        assert flat > rising, mode
+    # Theorem 1's regime: a flat curve puts PEARL's window at about c = T_target / T_draft.
+    assert cost_model.best_gamma(FLAT, 0.9, "pearl", max_gamma=12) in (9, 10, 11)
+
+
+def test_plan_falls_back_to_autoregressive_when_speculation_cannot_win():
+    assert cost_model.plan(RISING, 0.05).mode == "ar"
+    good = cost_model.plan(FLAT, 0.8)
+    assert good.mode == "pearl" and good.predicted["pearl"][1] > good.predicted["speculative"][1]
+    assert good.predicted["speculative"][1] > good.predicted["ar"][1]
+
+
+@pytest.mark.parametrize("alpha", [0.3, 0.6, 0.9])
+@pytest.mark.parametrize("gamma", [1, 2, 5])
+def test_pearl_chain_matches_the_closed_form(alpha, gamma):
+    # With a flat curve and drafting no slower than the target, each round costs one target
+    # step, so the rate is pearl.md's tokens-per-round (1-α^γ)/((1-α)(1+α-α^γ)) per step.
+    curve = _curve([1.0] * 8, 1.0 / gamma)
+    closed = (1 - alpha**gamma) / ((1 - alpha) * (1 + alpha - alpha**gamma))
+    assert cost_model.pearl_rate(curve, alpha, gamma) * 1e-3 == pytest.approx(closed)
+    leviathan = (1 - alpha ** (gamma + 1)) / (1 - alpha)
+    spec = cost_model.speculative_rate(curve, alpha, gamma) * 1e-3 * 2  # γ·t_d + T = 2 steps
+    assert spec == pytest.approx(leviathan)
+
+
+def test_acceptance_estimate_tracks_recent_rounds():
+    est = cost_model.AcceptanceEstimate(prior=0.5, weight=8, window=64)
+    for _ in range(100):
+        est.update(accepted=9, proposed=10)
+    assert est.alpha == pytest.approx(0.9, abs=0.02)
+    for _ in range(100):
+        est.update(accepted=2, proposed=10)
+    assert est.alpha == pytest.approx(0.2, abs=0.02)
+
+
+def test_measured_curve_has_every_width(pair32):
+    target, draft = pair32
+    curve = cost_model.measure(target, draft, batch=1, max_width=4)
+    assert len(curve.target) == 4 and all(t > 0 for t in curve.target) and curve.draft > 0
+    assert curve.target_time(6) > 0
