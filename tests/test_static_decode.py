@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import pearlmoe
+from conftest import requires_cuda
 from pearlmoe.decode import cost_model, pearl_generate, speculative_generate
 from pearlmoe.decode.runner import Runner, Sampling, _step
 from pearlmoe.model import KVCache, ModelConfig, Transformer
@@ -220,3 +221,60 @@ def test_measured_curve_has_every_width(pair32):
     curve = cost_model.measure(target, draft, batch=1, max_width=4)
     assert len(curve.target) == 4 and all(t > 0 for t in curve.target) and curve.draft > 0
     assert curve.target_time(6) > 0
+
+
+# ---- CUDA (run by bench/device_check.sh on a lent GPU; skipped elsewhere) ------------------------
+
+
+@pytest.fixture(scope="module")
+def cuda_pair():
+    target, draft = _pair(torch.float32)
+    return target.to("cuda", torch.bfloat16), draft.to("cuda", torch.bfloat16)
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_cuda_step_needs_no_host_sync(cuda_pair):
+    target, _ = cuda_pair
+    runner = Runner(target, 2, 32)
+    runner.prefill([[1, 2, 3], [4, 5]])
+    ids = torch.zeros(2, 4, dtype=torch.long, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any sync inside the step raises
+    try:
+        for width in (1, 4):
+            runner(ids[:, :width])
+            runner.lens.add_(width)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_cuda_graph_backend_emits_the_eager_tokens(cuda_pair):
+    # Graph replay runs the very kernels of the eager step: the same tokens, loop by loop. (On
+    # CUDA cuBLAS may pick another kernel for another row count, so a window's logits are not
+    # bitwise a step's as on the CPU: speculative == AR is checked by pearlmoe bench instead.)
+    target, draft = cuda_pair
+    want = pearlmoe.generate(target, PROMPTS4, 20)
+    assert pearlmoe.generate(target, PROMPTS4, 20, backend="cudagraph") == want
+    for loop in (speculative_generate, pearl_generate):
+        eager, _ = loop(target, draft, PROMPTS4, 20, gamma=3)
+        graph, _ = loop(target, draft, PROMPTS4, 20, gamma=3, backend="cudagraph")
+        assert graph == eager, loop.__name__
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_cuda_graph_replays_with_moving_lengths(cuda_pair):
+    target, _ = cuda_pair
+    graph = Runner(target, 1, 64, "cudagraph")
+    eager = Runner(target, 1, 64)
+    for runner in (graph, eager):
+        runner.prefill([[1, 2, 3, 4, 5]])
+    for token in (6, 7, 8, 9):
+        ids = torch.tensor([[token]], device="cuda")
+        got, want = graph(ids)[1].clone(), eager(ids)[1]
+        assert torch.equal(got, want)
+        graph.lens.add_(1)
+        eager.lens.add_(1)
