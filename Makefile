@@ -17,7 +17,7 @@ else
 TORCH_SPEC ?= torch==2.14.1
 endif
 CUTLASS_SPEC := nvidia-cutlass==4.2.0.0
-CPP_SOURCES := $(shell find csrc bench/cpp -name '*.h' -o -name '*.cuh' -o -name '*.cpp' -o -name '*.cu')
+CPP_SOURCES := $(shell find csrc bench/cpp tests/emu -name '*.h' -o -name '*.cuh' -o -name '*.cpp' -o -name '*.cu')
 BENCH_CPP_BUILD := build/bench-cpp
 
 .PHONY: all setup build test test-cuda lint format demo demo-routing bench bench-cpp carry clean

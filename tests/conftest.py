@@ -63,3 +63,12 @@ def tiny_pair(vocab: int = 64, noise: float = 0.15, seed: int = 0, num_experts: 
             if p.dim() >= 2:
                 p.add_(torch.randn_like(p) * p.std() * noise)
     return target, draft
+
+
+def pytest_collection_finish(session):
+    """Compile the emulated-kernel drivers up front, two at a time (tests/emulation.py caches
+    them by source hash, so this is free when nothing changed)."""
+    if any(item.module.__name__.startswith("test_emu_") for item in session.items):
+        import emulation
+
+        emulation.build_all()

@@ -121,8 +121,7 @@ cudaError_t launch_prefill(const KernelArgs& a, cudaStream_t stream) {
   PM_CUDA_TRY(set_smem(kernel, Cfg::kSmemBytes));
   const dim3 grid(static_cast<unsigned>(a.q_heads), static_cast<unsigned>(m_tiles),
                   static_cast<unsigned>(a.batch));
-  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(a);
-  return cudaGetLastError();
+  return launch_kernel(kernel, grid, Cfg::kThreads, Cfg::kSmemBytes, stream, a);
 }
 
 template <typename T, int D, int kWarpsM, int kWarpsK>
@@ -134,14 +133,11 @@ cudaError_t launch_split_kv(const KernelArgs& a, const Plan& plan, cudaStream_t 
   if (blocks_x > std::numeric_limits<int32_t>::max()) return cudaErrorInvalidValue;
   const dim3 grid(static_cast<unsigned>(blocks_x), static_cast<unsigned>(a.kv_heads),
                   static_cast<unsigned>(a.batch));
-  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(a);
-  if (plan.splits > 1) {
-    PM_CUDA_TRY(cudaGetLastError());
-    const int64_t rows = int64_t{a.batch} * a.q_len * a.q_heads;
-    split_kv_combine_kernel<T, D><<<static_cast<unsigned>(ceil_div(rows, 4)), 128, 0, stream>>>(
-        a.partial, a.lse, static_cast<T*>(a.o), rows, plan.splits);
-  }
-  return cudaGetLastError();
+  PM_CUDA_TRY(launch_kernel(kernel, grid, Cfg::kThreads, Cfg::kSmemBytes, stream, a));
+  if (plan.splits == 1) return cudaSuccess;
+  const int64_t rows = int64_t{a.batch} * a.q_len * a.q_heads;
+  return launch_kernel(&split_kv_combine_kernel<T, D>, static_cast<unsigned>(ceil_div(rows, 4)),
+                       128, 0, stream, a.partial, a.lse, static_cast<T*>(a.o), rows, plan.splits);
 }
 
 template <typename T, int D>

@@ -1,5 +1,5 @@
 // Device pieces shared by the prefill and split-KV kernels of attention.cu (the only file that
-// includes this header): PTX wrappers, the padded shared-memory tile layout, the K/V tile loader
+// includes this header): the padded shared-memory tile layout, the K/V tile loader
 // and the per-warp online-softmax attention step on mma.sync m16n8k16.
 //
 // Fragment conventions (PTX ISA, mma.m16n8k16 with 16-bit inputs; g = lane / 4, t = lane % 4):
@@ -19,13 +19,14 @@
 #include <limits>
 #include <type_traits>
 
-#include "../mma_sm80.cuh"
+#include "../launch.cuh"
+#include "../ptx.cuh"
 
 namespace pearlmoe::attention {
 namespace {
 
-using sm80::cp_async_16, sm80::cp_async_commit, sm80::cp_async_wait, sm80::ldmatrix_x4;
-using sm80::mma_16816, sm80::smem_u32;
+using ptx::cp_async_16, ptx::cp_async_commit, ptx::cp_async_wait, ptx::ex2, ptx::ldmatrix_x4;
+using ptx::ldmatrix_x4_trans, ptx::mma_16816, ptx::smem_u32;
 
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -35,15 +36,6 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr int kKeyTile = 64;
 
 // ------------------------------------------------------------------------------------------------
-// PTX wrappers beyond the shared ones in ../mma_sm80.cuh.
-
-// As ldmatrix_x4, transposed: lane receives (rows 2t, 2t + 1; column g) of each stored matrix.
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
 // Two floats as a packed pair of T: lo in the low half (the lower column of a fragment pair).
 template <typename T>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
@@ -54,13 +46,6 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
     const __half2 v = __floats2half2_rn(lo, hi);
     return *reinterpret_cast<const uint32_t*>(&v);
   }
-}
-
-// 2^x on the SFU. ex2.approx(-inf) = +0, which the masked softmax relies on.
-__device__ __forceinline__ float ex2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ __global__ void __launch_bounds__(PrefillConfig<D>::kThreads, PrefillConfig<D>::
   const int n_end = diag + min(m0 + Cfg::kRows, sq);  // <= kv_len: keys the block needs
   const int n_tiles = n_end > 0 ? (n_end + kKeyTile - 1) / kKeyTile : 0;
 
-  extern __shared__ __align__(128) uint8_t smem[];
+  PM_DYNAMIC_SMEM(uint8_t, smem);
   const uint32_t s0 = smem_u32(smem);
   const auto stage = [&](int s) { return s0 + static_cast<uint32_t>(s * kStageBytes<D>); };
 

@@ -6,6 +6,7 @@
 
 #include <type_traits>
 
+#include "../launch.cuh"
 #include "rope_norm.h"
 
 namespace pearlmoe::attention {
@@ -81,11 +82,10 @@ cudaError_t rope_norm_cuda(const RopeNormParams& p, cudaStream_t stream) {
   const unsigned blocks = static_cast<unsigned>((rows + kWarpsPerBlock - 1) / kWarpsPerBlock);
   auto launch = [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    rope_norm_kernel<T><<<blocks, kWarpsPerBlock * 32, 0, stream>>>(
-        static_cast<const T*>(p.x), static_cast<T*>(p.out), p.positions, p.weight, p.inv_freq,
-        p.tokens, p.heads, static_cast<int>(p.head_dim), p.token_stride, p.head_stride, p.eps,
-        p.normalize);
-    return cudaGetLastError();
+    return launch_kernel(&rope_norm_kernel<T>, blocks, kWarpsPerBlock * 32, 0, stream,
+                         static_cast<const T*>(p.x), static_cast<T*>(p.out), p.positions, p.weight,
+                         p.inv_freq, p.tokens, p.heads, static_cast<int>(p.head_dim),
+                         p.token_stride, p.head_stride, p.eps, p.normalize);
   };
   switch (p.dtype) {
     case RopeDType::kF32:

@@ -76,7 +76,7 @@ __global__ void __launch_bounds__(DecodeConfig<D, kWarpsM, kWarpsK>::kThreads, 1
   const int key_end = min(c0 + a.chunk, diag + (r_end - 1) / group + 1);
   const int n_tiles = key_end > c0 ? (key_end - c0 + kKeyTile - 1) / kKeyTile : 0;
 
-  extern __shared__ __align__(128) uint8_t smem[];
+  PM_DYNAMIC_SMEM(uint8_t, smem);
   const uint32_t s0 = smem_u32(smem);
   const auto stage = [&](int s) { return s0 + static_cast<uint32_t>(s * kStageBytes<D>); };
   const uint32_t sq_tile = s0 + Cfg::kUnionBytes;

@@ -5,6 +5,7 @@
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 
+#include "../launch.cuh"
 #include "spec_verify.h"
 
 namespace pearlmoe::spec_decode {
@@ -146,8 +147,7 @@ __global__ void __launch_bounds__(kThreads) spec_verify_kernel(SpecVerifyParams 
 cudaError_t spec_verify_cuda(const SpecVerifyParams& p, cudaStream_t stream) {
   if (p.batch == 0) return cudaSuccess;
   if (p.vocab < 1) return cudaErrorInvalidValue;
-  spec_verify_kernel<<<static_cast<unsigned>(p.batch), kThreads, 0, stream>>>(p);
-  return cudaGetLastError();
+  return launch_kernel(&spec_verify_kernel, static_cast<unsigned>(p.batch), kThreads, 0, stream, p);
 }
 
 }  // namespace pearlmoe::spec_decode
