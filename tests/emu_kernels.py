@@ -157,7 +157,7 @@ def spec_verify(target_probs, draft_ids, draft_probs=None, uniforms=None, **kw) 
     batch, rows, vocab = target_probs.shape
     return emulation.run(
         "spec_verify",
-        dict(batch=batch, num_drafts=rows - 1, vocab=vocab),
+        dict(batch=batch, num_drafts=rows - 1, vocab=vocab, sampling=draft_probs is not None),
         dict(
             target_probs=target_probs.contiguous(),
             draft_ids=draft_ids.long().contiguous(),

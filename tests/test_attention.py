@@ -260,3 +260,20 @@ def test_kv_cache_lengths_rollback_and_capacity():
         cache.write(0, k, k, num_new=[4, 1])
     with pytest.raises(IndexError, match=r"layer 2 out of range"):
         cache.group(2)
+
+
+def test_attention_kv_lens_views_are_checked_as_read():
+    """Issue 13 item 8: kv_lens given as a strided or expanded view is checked element for
+    element as the kernel reads it (the check used to index the raw storage)."""
+    q, k, v, _ = _qkv(3, [9, 5], 4, 2, 64, torch.float32, "cpu", seed=4)  # capacity 12
+    want = reference.attention(q, k, v, torch.tensor([9, 5], dtype=torch.int32))
+    strided = torch.tensor([9, 0, 5, 0], dtype=torch.int32)[::2]  # valid; the raw [9, 0] is not
+    torch.testing.assert_close(pearlmoe.attention(q, k, v, strided), want)
+    same = torch.tensor([5], dtype=torch.int32).expand(2)
+    torch.testing.assert_close(
+        pearlmoe.attention(q, k, v, same),
+        reference.attention(q, k, v, torch.tensor([5, 5], dtype=torch.int32)),
+    )
+    bad = torch.tensor([5, 9, 100, 9], dtype=torch.int32)[::2]  # [5, 100]; the raw [5, 9] is fine
+    with pytest.raises(RuntimeError, match=r"kv_lens\[1\] = 100 exceeds the K/V buffer length 12"):
+        pearlmoe.attention(q, k, v, bad)

@@ -379,3 +379,25 @@ def test_grouped_gemm_wgrad_bad_input():
         pearlmoe.ops.grouped_gemm_wgrad(
             torch.randn(4, 5), torch.randn(4, 6), torch.tensor([0, 2, 5], dtype=torch.int32)
         )
+
+
+def test_group_offsets_views_are_checked_as_read():
+    """Issue 13 item 8: group_offsets as a strided or expanded view is checked (and used) element
+    for element; the check used to read the raw storage, so valid views were rejected and
+    invalid ones reached the kernel."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(8, 16, generator=g), torch.randn(2, 4, 16, generator=g)
+    want = reference.grouped_gemm(a, b, torch.tensor([0, 3, 8], dtype=torch.int32))
+    strided = torch.tensor([0, 99, 3, 99, 8], dtype=torch.int32)[::2]
+    torch.testing.assert_close(pearlmoe.grouped_gemm(a, b, strided), want)
+    empty = torch.zeros(1, dtype=torch.int32).expand(3)  # every group empty: all rows zero
+    assert (pearlmoe.grouped_gemm(a, b, empty) == 0).all()
+    bad = torch.tensor([0, 1, 3, 2, 999], dtype=torch.int32)[::2]  # [0, 3, 999]; raw [0, 1, 3] ok
+    with pytest.raises(RuntimeError, match=r"grouped_gemm: group_offsets\[G\] = 999 exceeds the 8"):
+        pearlmoe.grouped_gemm(a, b, bad)
+    with pytest.raises(RuntimeError, match=r"grouped_gemm_wgrad: group_offsets\[G\] = 999 exceeds"):
+        torch.ops.pearlmoe.grouped_gemm_wgrad(torch.randn(8, 4), a, bad)
+    torch.testing.assert_close(
+        torch.ops.pearlmoe.grouped_gemm_wgrad(a[:, :4].contiguous(), a, strided),
+        reference.grouped_gemm_wgrad(a[:, :4], a, torch.tensor([0, 3, 8], dtype=torch.int32)),
+    )

@@ -69,7 +69,7 @@ void check_kv_lens(const Tensor& kv_lens, int64_t q_len, int64_t capacity) {
 #ifdef PEARLMOE_WITH_CUDA
   if (kv_lens.is_cuda() && stream_is_capturing()) return;
 #endif
-  const Tensor host = kv_lens.cpu();
+  const Tensor host = host_values(kv_lens);
   const int32_t* lens = host.const_data_ptr<int32_t>();
   for (int64_t b = 0; b < host.size(0); ++b) {
     PM_CHECK(lens[b] <= capacity, kAttn, "kv_lens[", b, "] = ", lens[b],

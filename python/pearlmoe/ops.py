@@ -266,8 +266,11 @@ def spec_verify(
     accept ``x_i`` iff ``u_i <= p_i(x_i) / q_i(x_i)``; the first rejection emits a sample of
     ``normalise(max(p_i - q_i, 0))`` and stops; when all are accepted a bonus token is sampled from
     the last target row. This keeps the output distributed exactly as the target's (lossless).
-    The uniforms come from ``generator``, so runs are reproducible. NaN or negative
-    probabilities raise an error.
+    The uniforms come from ``generator``, so runs are reproducible. Every probability row must be
+    a distribution (finite, >= 0, not all zero) and every draft id in [0, V), else the error names
+    the argument and the row; the check reads the values back once (one device sync on CUDA,
+    skipped under CUDA-graph capture, where out-of-range ids are rejected and rows without mass
+    give token 0).
 
     Shape:
         target_probs: [B, n+1, V] float32, draft_ids: [B, n] int, draft_probs: [B, n, V] float32

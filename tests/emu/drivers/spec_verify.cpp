@@ -1,5 +1,5 @@
 // Emulated spec_verify_cuda: target_probs [B, n+1, V], draft_ids [B, n] int64, draft_probs
-// [B, n, V] and uniforms [B, n+1] (sampling) -> tokens [B, n+1] int64, num_accepted [B] int32.
+// [B, n, V] and uniforms [B, n+1] (sampling = 1) -> tokens [B, n+1] int64, num_accepted [B] int32.
 #include "kernels/spec_decode/spec_verify.cu"
 
 #include "driver.h"
@@ -16,6 +16,7 @@ int main(int argc, char** argv) {
                            c.out<int32_t>("num_accepted"),
                            c.i64("batch"),
                            c.i64("num_drafts"),
-                           c.i64("vocab")};
+                           c.i64("vocab"),
+                           c.i64("sampling") != 0};
   return c.finish(spec_verify_cuda(p, nullptr));
 }
