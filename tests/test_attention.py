@@ -155,6 +155,15 @@ def test_rope_qk_norm_matches_reference(device, dtype, normalize):
         assert_close_to_oracle(got, lo, want, floor=1e-5)
 
 
+def test_rope_qk_norm_bad_base():
+    q, k, pos = torch.randn(4, 2, 8), torch.randn(4, 1, 8), torch.arange(4)
+    for base in (0.0, -1e4, float("nan"), float("inf")):
+        with pytest.raises(
+            RuntimeError, match=r"rope_qk_norm: rope_base must be a positive finite"
+        ):
+            pearlmoe.rope_qk_norm(q, k, pos, base)
+
+
 def test_rope_qk_norm_bad_input():
     q, k, pos = torch.randn(4, 2, 8), torch.randn(4, 1, 8), torch.arange(4)
     with pytest.raises(RuntimeError, match=r"rope_qk_norm: positions must have T = 4 entries"):
@@ -277,3 +286,59 @@ def test_attention_kv_lens_views_are_checked_as_read():
     bad = torch.tensor([5, 9, 100, 9], dtype=torch.int32)[::2]  # [5, 100]; the raw [5, 9] is fine
     with pytest.raises(RuntimeError, match=r"kv_lens\[1\] = 100 exceeds the K/V buffer length 12"):
         pearlmoe.attention(q, k, v, bad)
+
+
+# ---- CUDA: the decode step's calls neither sync nor copy, and replay in a CUDA graph ------------
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (none present)")
+def test_attention_and_rope_without_sync_and_in_a_cuda_graph():
+    """Issue 13 items 2 and 3: device kv_lens are not read by the host and rope_qk_norm builds
+    no table per call, so neither syncs (sync debug mode raises on any) and both capture; the
+    graph replays with lengths changed on the device."""
+    dev, dtype = "cuda", torch.bfloat16
+    q, k, v, lens = _qkv(1, [300, 40], 10, 1, 80, dtype, dev, seed=7)
+    qr, kr = (
+        torch.randn(2, 10, 80, device=dev, dtype=dtype),
+        torch.randn(2, 1, 80, device=dev, dtype=dtype),
+    )
+    pos = torch.tensor([299, 39], device=dev)
+    w = torch.rand(80, device=dev) + 0.5
+    pearlmoe.rope_qk_norm(qr, kr, pos, 1e6, w, w)  # builds the (base, D) table once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        pearlmoe.attention(q, k, v, lens)
+        pearlmoe.rope_qk_norm(qr, kr, pos, 1e6, w, w)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        pearlmoe.attention(q, k, v, lens)  # warm-up outside the graph
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.cuda.graph(graph):
+        out = pearlmoe.attention(q, k, v, lens)
+        q_out, _ = pearlmoe.rope_qk_norm(qr, kr, pos, 1e6, w, w)
+    for new in ([300, 40], [17, 3], [1, 299]):
+        lens.copy_(torch.tensor(new, dtype=torch.int32))
+        graph.replay()
+        torch.cuda.synchronize()
+        cpu = [t.cpu().float() for t in (q, k, v)]
+        want = reference.attention(*cpu, lens.cpu())
+        torch.testing.assert_close(out.cpu().float(), want, rtol=3e-2, atol=3e-2)
+    want_q, _ = reference.rope_qk_norm(qr.cpu(), kr.cpu(), pos.cpu(), 1e6, w.cpu(), w.cpu())
+    torch.testing.assert_close(q_out.cpu().float(), want_q.float(), rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (none present)")
+def test_attention_cpu_kv_lens_refused_under_capture():
+    q, k, v, lens = _qkv(1, [30, 40], 4, 1, 64, torch.bfloat16, "cuda", seed=8)
+    pearlmoe.attention(q, k, v, lens.cpu())  # eager: checked on the host, copied without a sync
+    graph = torch.cuda.CUDAGraph()
+    match = r"kv_lens on the CPU cannot be used under CUDA-graph capture"
+    with pytest.raises(RuntimeError, match=match), torch.cuda.graph(graph):
+        pearlmoe.attention(q, k, v, lens.cpu())

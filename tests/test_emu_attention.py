@@ -111,3 +111,17 @@ def test_attention_invalid_lengths_stay_in_bounds(case):
 def test_attention_scale():
     q, k, v, kv_lens = make_inputs(2, 3, 4, 2, 64, 40, [9, 40], BF, seed=2)
     check(q, k, v, kv_lens, seed=0, num_sms=4, scale=0.3)
+
+
+def test_attention_size1_dims_take_any_stride():
+    """Issue 13 item 4: the op passes views whose size-1 dimensions have strides that are not
+    multiples of 8 (its ready() waives them); the launcher used to reject them."""
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2 * 4 * 64 + 8, generator=g).to(BF).as_strided((2, 1, 4, 64), (256, 3, 64, 1))
+    kv = [
+        torch.randn(2 * 40 * 64 + 8, generator=g)
+        .to(BF)
+        .as_strided((2, 40, 1, 64), (2560, 64, 5, 1))
+        for _ in range(2)
+    ]
+    check(q, *kv, torch.tensor([17, 40], dtype=torch.int32), seed=0, num_sms=4)

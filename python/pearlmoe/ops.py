@@ -196,9 +196,18 @@ def attention(
     Softmax and accumulation in fp32. CUDA: bf16/fp16, head_dim 64, 80 or 128. CPU: any float
     dtype; blocked online softmax, never an Sq×Skv matrix.
 
+    Checks: shapes, dtypes and devices always, on the host. ``kv_lens`` values:
+      * on the CPU (with q on any device): checked on the host, free, to be in [Sq, Skv]; for a
+        CUDA q they are then copied from pinned memory without a sync (not allowed under CUDA-graph
+        capture, which would replay the lengths of the capture);
+      * on q's CUDA device: never read by the host (no sync, no copy; capturable, so the lengths can
+        change between graph replays). Values outside [Sq, Skv] are not reported: the kernels
+        clamp each length into [0, Skv], so nothing outside k and v is read, and a query row that
+        then sees no key comes out as zeros.
+
     Shape:
         q: [B, Sq, Hq, D], k, v: [B, Skv, Hkv, D], kv_lens: [B] int32 (on q's device, or on the
-        CPU: then they are checked without a device sync) -> [B, Sq, Hq, D]
+        CPU) -> [B, Sq, Hq, D]
     """
     return _ops.attention.default(q, k, v, kv_lens, scale)
 
@@ -218,7 +227,9 @@ def rope_qk_norm(
     Returns the query to attend with, ``rms_norm(rope(q)) * q_weight * k_weight``, and the key to
     cache, ``rope(k) / rms(rope(k))`` without any weight. The key-norm weight is folded into the
     query (``q·(w⊙k̂) = (q⊙w)·k̂``), so the two layers of a CLA pair, which differ only in their
-    key-norm weights, share one cached key. ``normalize=False`` applies RoPE alone.
+    key-norm weights, share one cached key. ``normalize=False`` applies RoPE alone. The angle table
+    ``1 / rope_base^(2i/D)`` is built once per (rope_base, D) on the CPU, as HF builds it, and a
+    CUDA call passes it to the kernel by value: no per-call copy or sync, capturable.
 
     Shape:
         q: [T, Hq, D], k: [T, Hkv, D], positions: [T] int, q_weight, k_weight: [D]

@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <utility>
 
 #include "../common.h"
 #include "attention_common.cuh"
@@ -190,10 +191,14 @@ cudaError_t attention_cuda(const AttentionParams& p, void* workspace, size_t wor
       reinterpret_cast<uintptr_t>(p.kv_lens) % alignof(int32_t) != 0) {
     return cudaErrorInvalidValue;
   }
-  // 16-byte rows: every stride a multiple of 8 elements.
-  for (const int64_t s : {p.q_batch_stride, p.q_row_stride, p.q_head_stride, p.kv_batch_stride,
-                          p.kv_row_stride, p.kv_head_stride}) {
-    if (s % 8 != 0) return cudaErrorInvalidValue;
+  // 16-byte rows: the stride of every dimension longer than 1 a multiple of 8 elements (a size-1
+  // dimension's stride only ever multiplies index 0, so views may carry any).
+  const std::pair<int64_t, int64_t> strides[] = {
+      {p.q_batch_stride, p.batch},      {p.q_row_stride, p.q_len},
+      {p.q_head_stride, p.q_heads},     {p.kv_batch_stride, p.batch},
+      {p.kv_row_stride, p.kv_capacity}, {p.kv_head_stride, p.kv_heads}};
+  for (const auto& [stride, size] : strides) {
+    if (size > 1 && stride % 8 != 0) return cudaErrorInvalidValue;
   }
 
   const Plan plan = make_plan(p, num_sms);

@@ -5,9 +5,10 @@
 //     o[b, i, h, :] = softmax_j( scale · q[b, i, h, :] · k[b, j, h_kv, :] ) · v[b, j, h_kv, :]
 // over keys j < kv_lens[b] - Sq + i + 1 (causal, aligned bottom-right), which serves prefill
 // (Sq = prompt), decode (Sq = 1) and speculative verification (Sq = draft length + 1) alike.
-// Softmax and accumulation in fp32; q, k, v, o in bf16 or fp16. Requires 1 <= kv_lens[b] - Sq + 1
-// (every query sees at least one key) and kv_lens[b] <= kv_capacity; the host does not read
-// kv_lens (CUDA-graph capturable), so the caller validates them.
+// Softmax and accumulation in fp32; q, k, v, o in bf16 or fp16. Valid lengths are
+// Sq <= kv_lens[b] <= kv_capacity (every query sees a key). The host never reads kv_lens (no sync;
+// CUDA-graph capturable); the kernels clamp each into [0, kv_capacity], so no value reads out of
+// bounds, and a query row that then sees no key comes out as zeros.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -25,7 +26,8 @@ struct AttentionParams {
   const void* v;                                           // [B, kv_capacity, Hkv, D]
   void* o;                                                 // [B, Sq, Hq, D] contiguous
   const int32_t* kv_lens;                                  // [B] device
-  int64_t q_batch_stride, q_row_stride, q_head_stride;     // head dim contiguous
+  int64_t q_batch_stride, q_row_stride, q_head_stride;     // head dim contiguous; strides of
+                                                           // dims > 1 multiples of 8
   int64_t kv_batch_stride, kv_row_stride, kv_head_stride;  // same strides for k and v
   int batch, q_len, q_heads, kv_heads, head_dim;           // head_dim in {64, 80, 128}
   int64_t kv_capacity;

@@ -13,6 +13,7 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __align__(n) alignas(n)
+#define __grid_constant__
 // A __shared__ local is one object per block; blocks run one at a time, so a static is that object.
 #define __shared__ static
 
