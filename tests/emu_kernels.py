@@ -197,3 +197,53 @@ def attention(q, k, v, kv_lens, scale=None, num_sms=8, **kw) -> Result:
         dict(o=((batch, q_len, q_heads, dim), q.dtype)),
         **kw,
     )
+
+
+def attention_plan(batch, q_len, q_heads, kv_heads, head_dim, capacity, num_sms, lens=()) -> dict:
+    """attention_plan for a shape (nothing launched), and for each length in `lens` how many of
+    the plan's splits split_tiles keeps busy and the most key tiles one takes."""
+    r = emulation.run(
+        "attention",
+        dict(
+            q_batch_stride=0,
+            q_row_stride=0,
+            q_head_stride=0,
+            kv_batch_stride=0,
+            kv_row_stride=0,
+            kv_head_stride=0,
+            batch=batch,
+            q_len=q_len,
+            q_heads=q_heads,
+            kv_heads=kv_heads,
+            head_dim=head_dim,
+            kv_capacity=capacity,
+            scale=1.0,
+            dtype=0,
+            num_sms=num_sms,
+            plan_only=1,
+            plan_lens=",".join(map(str, lens)) or "0",
+        ),
+        {},
+        {},
+    ).check()
+    plan, spread = {}, {}
+    for line in r.stdout.splitlines():
+        kind, *f = line.split()
+        if kind == "plan":
+            keys = (
+                "prefill",
+                "splits",
+                "warps_m",
+                "m_groups",
+                "min_split_tiles",
+                "gx",
+                "gy",
+                "gz",
+                "workspace",
+            )
+            plan = dict(zip(keys, map(int, f), strict=True))
+        elif kind == "spread":
+            spread[int(f[0])] = (int(f[1]), int(f[2]))
+    plan["grid"] = (plan.pop("gx"), plan.pop("gy"), plan.pop("gz"))
+    plan["spread"] = spread
+    return plan

@@ -125,3 +125,61 @@ def test_attention_size1_dims_take_any_stride():
         for _ in range(2)
     ]
     check(q, *kv, torch.tensor([17, 40], dtype=torch.int32), seed=0, num_sms=4)
+
+
+# ---- issue 13 item 5: key ranges from the lengths on the device, a length-independent grid ------
+
+
+def test_plan_spreads_a_short_context_over_the_splits():
+    """The issue's example: batch 1, 8 KV heads, capacity 131,072, 2,000 keys, 132 SMs. The
+    grid still has 33 splits per KV head (from the capacity), but the 2,000 keys are dealt out
+    on the device: 16 splits of 2 tiles are busy (128 of 264 blocks), where a capacity-sized
+    chunk put all of them in one split (8 busy blocks of 4,032 keys)."""
+    plan = emu_kernels.attention_plan(1, 1, 80, 8, 128, 131072, 132, lens=[2000, 131072, 1])
+    assert not plan["prefill"] and plan["splits"] == 33 and plan["grid"] == (33, 8, 1)
+    assert plan["spread"][2000] == (16, 2)
+    assert plan["spread"][131072] == (33, 63)  # the full cache: every split, 63 tiles at most
+    assert plan["spread"][1] == (1, 1)
+
+
+@pytest.mark.parametrize("dim", [128, 80])
+def test_plan_splits_a_long_prefill(dim):
+    """Sq = 128 over 131,072 keys with 80 heads was 80 blocks on 132 SMs, each reading the whole
+    context. Now the keys split in 3 ranges: 240 blocks, at most 2 per SM, each a third of the
+    work (2/3 of the unsplit time, within 15% of the best any split count gives: 80/132)."""
+    plan = emu_kernels.attention_plan(1, 128, 80, 8, dim, 131072, 132, lens=[131072, 500])
+    assert plan["prefill"] and plan["splits"] == 3 and plan["grid"] == (80, 3, 1)
+    assert plan["spread"][131072] == (3, 683)
+    assert plan["spread"][500] == (1, 8)  # a short prompt in the same cache: one busy range
+    assert emu_kernels.attention_plan(8, 4096, 80, 8, dim, 8192, 132)["splits"] == 1  # full grid
+
+
+SPLIT_PREFILL = [
+    ("split-prefill-long-kv", 1, 70, 2, 1, 80, 2000, [2000], BF, 8),
+    ("split-prefill-short-len", 1, 70, 2, 1, 80, 2000, [300], BF, 8),
+    ("split-prefill-tails-batch2", 2, 130, 2, 1, 128, 1500, [130, 1400], HF, 16),
+    ("split-prefill-D64-gqa", 1, 64, 4, 2, 64, 1200, [1100], BF, 8),
+]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("case", SPLIT_PREFILL, ids=[c[0] for c in SPLIT_PREFILL])
+def test_split_prefill(case, seed):
+    _, batch, q_len, q_heads, kv_heads, dim, cap, lens, dtype, sms = case
+    plan = emu_kernels.attention_plan(batch, q_len, q_heads, kv_heads, dim, cap, sms)
+    assert plan["prefill"] and plan["splits"] > 1  # the case exercises the split path
+    q, k, v, kv_lens = make_inputs(batch, q_len, q_heads, kv_heads, dim, cap, lens, dtype, seed=dim)
+    check(q, k, v, kv_lens, seed, sms)
+
+
+@pytest.mark.parametrize(
+    ("q_len", "sms"), [(1, 8), (5, 8), (70, 16)], ids=["decode", "verify", "prefill"]
+)
+def test_grid_does_not_depend_on_lengths(q_len, sms):
+    """What CUDA-graph replay needs: the same launches for any kv_lens (including invalid ones,
+    which the device clamps), each computing the right answer."""
+    launches = set()
+    for lens in ([1500, 90], [q_len, q_len], [90, 1500], [-4, 4000]):
+        q, k, v, kv_lens = make_inputs(2, q_len, 4, 1, 64, 1500, lens, BF, seed=q_len)
+        launches.add(tuple(check(q, k, v, kv_lens, seed=1, num_sms=sms).launches))
+    assert len(launches) == 1 and len(next(iter(launches))) == 2  # main kernel + combine

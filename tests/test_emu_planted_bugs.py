@@ -1,7 +1,7 @@
 """The emulated kernel tests can fail: each case plants one bug in a copy of csrc/kernels (a
-missing cp.async wait, a missing barrier, a missing warp sync, swapped MMA operands), builds the
-driver from the copy, and requires the same check the kernel tests use to fail on it, after the
-clean build has passed it."""
+missing cp.async wait, missing barriers, a missing warp sync, swapped MMA operands, key ranges
+that lose a tile), builds the driver from the copy, and requires the same check the kernel tests
+use to fail on it, after the clean build has passed it."""
 
 import shutil
 
@@ -24,6 +24,11 @@ def attention_decode(exe):
 def attention_prefill(exe):
     check_attention(*make_inputs(2, 130, 4, 2, 80, 200, [130, 197], BF, seed=2), seed=0,
                     num_sms=8, exe=exe)  # fmt: skip
+
+
+def attention_split_prefill(exe):  # 31 key tiles over 3 of 4 ranges: one range takes 11
+    check_attention(*make_inputs(1, 70, 2, 1, 80, 2000, [1950], BF, seed=3), seed=0, num_sms=8,
+                    exe=exe)  # fmt: skip
 
 
 def gemm(exe):
@@ -56,6 +61,9 @@ BUGS = [
     ("swapped-pv-operand-lanes", "attention/attention_common.cuh",
      "mma_16816<T>(o[2 * dp], a, r[0], r[1]);", "mma_16816<T>(o[2 * dp], a, r[1], r[0]);",
      "attention", attention_decode),
+    ("split-ranges-drop-a-tile", "attention/attention.h",
+     "*end = *begin + base + (split < extra ? 1 : 0);", "*end = *begin + base;", "attention",
+     attention_split_prefill),
     ("gemm-missing-syncthreads", "moe_gemm/grouped_gemm_sm80.cu",
      "    __syncthreads();                    // ... everyone's, and stage t % kStages is free\n",
      "", "grouped_gemm", gemm),

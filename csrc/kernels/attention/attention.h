@@ -16,7 +16,11 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "../common.h"
+
 namespace pearlmoe::attention {
+
+constexpr int kKeyTile = 64;  // keys per K/V tile in both kernels
 
 enum class DType { kBF16, kFP16 };
 
@@ -35,13 +39,46 @@ struct AttentionParams {
   DType dtype;
 };
 
-// Scratch for split-KV (long contexts at small batch): fp32 partial outputs and log-sum-exps.
+// How attention_cuda runs a problem: a flash-attention kernel for long query blocks (prefill),
+// and for short ones (decode, verification) a split-KV kernel whose blocks take all query heads of
+// one KV head; both split the keys into `splits` ranges when the grid would not fill the GPU,
+// followed by a combine pass. Fixed by the shapes and the SM count, never by kv_lens, so a CUDA
+// graph's grid is right for any lengths: each block finds its key range on the device with
+// split_tiles() from its sequence's actual length.
+struct AttentionPlan {
+  bool prefill;         // flash-prefill kernel (Sq >= 64), else split-KV
+  int splits;           // key ranges per query block (1: no workspace, no combine)
+  int warps_m;          // split-KV: warps along the (row, head) pairs: 1, 2, 4 or 8
+  int m_groups;         // split-KV: row groups of 16 warps_m pairs
+  int min_split_tiles;  // a busy split takes at least this many key tiles
+  unsigned grid[3];     // the main kernel's grid
+  size_t workspace_bytes;
+};
+
+// The plan for a valid, non-empty problem (attention_cuda's checks); all zeros otherwise.
+AttentionPlan attention_plan(const AttentionParams& p, int num_sms);
+
+// Scratch for the split paths: fp32 partial outputs and log-sum-exps (the plan's).
 size_t attention_workspace_bytes(const AttentionParams& p, int num_sms);
 
-// Picks the tiling from the shape: a flash-attention kernel for long query blocks (prefill), and
-// for short ones (decode, verification) a split-KV kernel whose blocks each take a KV chunk and
-// all query heads of one KV head, followed by a combine pass.
 cudaError_t attention_cuda(const AttentionParams& p, void* workspace, size_t workspace_bytes,
                            int num_sms, cudaStream_t stream);
+
+// Key tiles [*begin, *end) of split `split` (of `splits`) for a block whose rows need keys
+// [0, key_end): the tiles are dealt out evenly over as many splits as give each at least
+// min_tiles, so a short context keeps fewer splits busy and leaves the rest empty (they then
+// contribute nothing).
+PM_HD void split_tiles(int key_end, int split, int splits, int min_tiles, int* begin, int* end) {
+  const int tiles = key_end > 0 ? (key_end + kKeyTile - 1) / kKeyTile : 0;
+  const int fit = tiles / min_tiles;
+  const int used = fit < 1 ? 1 : (fit < splits ? fit : splits);
+  const int base = tiles / used, extra = tiles % used;  // the first `extra` splits take one more
+  if (split >= used) {
+    *begin = *end = tiles;
+    return;
+  }
+  *begin = split * base + (split < extra ? split : extra);
+  *end = *begin + base + (split < extra ? 1 : 0);
+}
 
 }  // namespace pearlmoe::attention

@@ -32,8 +32,7 @@ constexpr unsigned kFullMask = 0xffffffffu;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kLog2e = 1.4426950408889634f;
 
-// Keys per K/V tile, both kernels. One pipeline stage holds the K tile and then the V tile.
-constexpr int kKeyTile = 64;
+// One pipeline stage of either kernel holds a K tile and then a V tile of kKeyTile keys.
 
 // ------------------------------------------------------------------------------------------------
 // Two floats as a packed pair of T: lo in the low half (the lower column of a fragment pair).
@@ -267,14 +266,14 @@ struct KernelArgs {
   int64_t q_batch_stride, q_row_stride, q_head_stride;
   int64_t kv_batch_stride, kv_row_stride, kv_head_stride;
   int batch, q_len, q_heads, kv_heads;
-  int group;         // q_heads / kv_heads
-  int kv_capacity;   // host-checked to fit in int
-  float scale_log2;  // scale · log2(e)
-  // Split-KV only.
-  int chunk;       // keys per split, a multiple of kKeyTile
-  int m_groups;    // blocks along the (query row, head) dimension
-  float* partial;  // [splits, B, Sq, Hq, D] fp32 split outputs, or nullptr: write o directly
-  float* lse;      // [splits, B, Sq, Hq] log2-domain log-sum-exp of each split
+  int group;            // q_heads / kv_heads
+  int kv_capacity;      // host-checked to fit in int
+  float scale_log2;     // scale · log2(e)
+  int splits;           // key ranges per query block (split_tiles: from kv_lens, on the device)
+  int min_split_tiles;  // split_tiles' min_tiles
+  int m_groups;         // split-KV: blocks along the (query row, head) dimension
+  float* partial;       // [splits, B, Sq, Hq, D] fp32 split outputs, or nullptr: write o directly
+  float* lse;           // [splits, B, Sq, Hq] log2-domain log-sum-exp of each split
 };
 
 // kv_lens[b] clamped into [0, kv_capacity], so bad lengths cannot read out of bounds.

@@ -80,6 +80,7 @@ class Case {
   }
 
   bool has(const std::string& name) const { return scalars_.count(name) != 0; }
+  const std::string& text(const std::string& name) const { return get(name); }
   int64_t i64(const std::string& name) const { return static_cast<int64_t>(std::stoll(get(name))); }
   double f64(const std::string& name) const { return std::stod(get(name)); }
 
