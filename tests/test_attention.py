@@ -342,3 +342,18 @@ def test_attention_cpu_kv_lens_refused_under_capture():
     match = r"kv_lens on the CPU cannot be used under CUDA-graph capture"
     with pytest.raises(RuntimeError, match=match), torch.cuda.graph(graph):
         pearlmoe.attention(q, k, v, lens.cpu())
+
+
+def test_attention_cpu_prefill_leading_block_of_minus_inf_scores():
+    """Issue 13 item 11: when every score of a leading key block is -inf (q·k overflows), the
+    CPU's blocked path shifted by m = -inf and returned NaN; the reference and the decode path
+    stay finite, since later keys are visible."""
+    q_len, keys, dim = 64, 600, 8
+    q = torch.ones(1, q_len, 1, dim)
+    k = torch.randn(1, keys, 1, dim, generator=torch.Generator().manual_seed(0))
+    k[:, :512] = -3e38  # the first key block (512 keys at 64 rows) scores -inf in fp32
+    v = torch.randn(1, keys, 1, dim, generator=torch.Generator().manual_seed(1))
+    lens = torch.tensor([keys], dtype=torch.int32)
+    want = reference.attention(q, k, v, lens)
+    assert want.isfinite().all()
+    torch.testing.assert_close(pearlmoe.attention(q, k, v, lens), want, rtol=1e-4, atol=1e-5)

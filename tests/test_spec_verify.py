@@ -258,3 +258,19 @@ def test_strided_inputs_are_checked_as_read():
     storage[1, 4] = 0  # a row of the view
     with pytest.raises(RuntimeError, match=r"target_probs\[1, 2\] has no probability mass"):
         pearlmoe.spec_verify(storage[:, ::2], torch.tensor([[0, 1], [2, 3]]))
+
+
+@pytest.mark.parametrize(
+    ("target", "drafts", "match"),
+    [
+        (torch.rand(4), torch.tensor([[1]]), r"target_probs must be 3-D, got shape \[4\]"),
+        (torch.rand(1, 2, 4), torch.tensor([1]), r"draft_ids must be 2-D, got shape \[1\]"),
+        (torch.rand(1, 3, 4), torch.tensor([[1]]), r"target_probs must be \[B, n\+1, V\]"),
+    ],
+    ids=["1-D-target", "1-D-drafts", "rows"],
+)
+def test_wrapper_checks_before_drawing_uniforms(target, drafts, match):
+    """Issue 13 item 10: the wrapper unpacked target_probs' shape before any check (a 1-D input
+    gave 'not enough values to unpack')."""
+    with pytest.raises(RuntimeError, match=r"pearlmoe\.spec_verify: " + match):
+        pearlmoe.spec_verify(target, drafts, torch.rand(1, 1, 4), torch.Generator().manual_seed(0))

@@ -149,10 +149,12 @@ void attention(const Tensor& q, const Tensor& k, const Tensor& v, const int32_t*
           const Tensor key = at::arange(j0, j0 + n, at::kLong).unsqueeze(0);  // [1, n]
           s.masked_fill_(key >= limit, -INFINITY);
         }
-        // Every row sees key 0, so m is finite after the first block and exp() never sees inf-inf.
+        // A row whose keys so far all score -inf (overflowing q·k) keeps m = -inf: shift it by 0
+        // instead, so exp() gives 0 rather than exp(-inf + inf) = NaN (the CUDA kernels' rule).
         const Tensor m_new = at::maximum(m, std::get<0>(s.max(1, /*keepdim=*/true)));
-        const Tensor p = (s - m_new).exp_();
-        const Tensor correction = (m - m_new).exp_();
+        const Tensor m_use = at::where(m_new.isneginf(), at::zeros_like(m_new), m_new);
+        const Tensor p = (s - m_use).exp_();
+        const Tensor correction = (m - m_use).exp_();
         l.mul_(correction).add_(p.sum(1, /*keepdim=*/true));
         out.mul_(correction).addmm_(p, vb);
         m = m_new;
