@@ -156,11 +156,12 @@ const InvFreq& inv_freq_table(double base, int64_t dim) {
   return it->second;
 }
 
-// The query's weight times the key's (folded: q·(w⊙k̂) = (q⊙w)·k̂), fp32, or undefined.
-Tensor folded_weight(const OptTensor& q_w, const OptTensor& k_w) {
+// The query's weight times the key's (folded: q·(w⊙k̂) = (q⊙w)·k̂) in `acc` (fp32, or fp64 for
+// fp64 inputs, which the reference computes in fp64), or undefined.
+Tensor folded_weight(const OptTensor& q_w, const OptTensor& k_w, at::ScalarType acc) {
   Tensor w;
-  if (q_w.has_value()) w = q_w->to(at::kFloat);
-  if (k_w.has_value()) w = w.defined() ? w * k_w->to(at::kFloat) : k_w->to(at::kFloat);
+  if (q_w.has_value()) w = q_w->to(acc);
+  if (k_w.has_value()) w = w.defined() ? w * k_w->to(acc) : k_w->to(acc);
   return w.defined() ? w.contiguous() : w;
 }
 
@@ -172,13 +173,13 @@ std::tuple<Tensor, Tensor> rope_qk_norm_cpu(const Tensor& q, const Tensor& k,
   check_rope(q, k, positions, q_weight, k_weight, normalize);
   check_rope_base(rope_base);
   const Tensor pos = positions.to(at::kLong).contiguous();
-  const Tensor w = folded_weight(q_weight, k_weight);
+  const Tensor w =
+      folded_weight(q_weight, k_weight, q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
   const InvFreq& inv_freq = inv_freq_table(rope_base, q.size(2));
   Tensor q_out = at::empty(q.sizes(), q.options()), k_hat = at::empty(k.sizes(), k.options());
-  cpu::rope_norm(unit_last_stride(q), pos.const_data_ptr<int64_t>(),
-                 w.defined() ? w.const_data_ptr<float>() : nullptr, inv_freq.data(), eps, normalize,
-                 q_out);
-  cpu::rope_norm(unit_last_stride(k), pos.const_data_ptr<int64_t>(), nullptr, inv_freq.data(), eps,
+  cpu::rope_norm(unit_last_stride(q), pos.const_data_ptr<int64_t>(), w, inv_freq.data(), eps,
+                 normalize, q_out);
+  cpu::rope_norm(unit_last_stride(k), pos.const_data_ptr<int64_t>(), Tensor(), inv_freq.data(), eps,
                  normalize, k_hat);
   return {q_out, k_hat};
 }
@@ -274,7 +275,7 @@ std::tuple<Tensor, Tensor> rope_qk_norm_cuda(const Tensor& q_in, const Tensor& k
   const c10::cuda::CUDAGuard guard(q_in.device());
   const Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in);
   const Tensor pos = positions.to(at::kLong).contiguous();
-  const Tensor w = folded_weight(q_weight, k_weight);
+  const Tensor w = folded_weight(q_weight, k_weight, at::kFloat);
   Tensor q_out = at::empty(q.sizes(), q.options()), k_hat = at::empty(k.sizes(), k.options());
   const auto stream = c10::cuda::getCurrentCUDAStream().stream();
   attention::RopeInvFreq inv_freq{};
