@@ -10,6 +10,8 @@ import emu_kernels
 from conftest import assert_close_to_oracle
 from pearlmoe import reference
 
+pytestmark = pytest.mark.emu  # bench/device_check.sh skips these: the GPU runs the kernels
+
 SEEDS = [0, 7]
 BF, HF = torch.bfloat16, torch.float16
 

@@ -9,6 +9,8 @@ import emu_kernels
 from conftest import assert_close_to_oracle
 from pearlmoe import reference
 
+pytestmark = pytest.mark.emu  # bench/device_check.sh skips these: the GPU runs the kernels
+
 SEEDS = [0, 5]
 UNWRITTEN = {torch.bfloat16: -1, torch.float16: -1}  # outputs start as 0xFFFF bits
 

@@ -13,6 +13,8 @@ import emulation
 from test_emu_attention import check as check_attention
 from test_emu_attention import make_inputs
 
+pytestmark = pytest.mark.emu  # bench/device_check.sh skips these: the GPU runs the kernels
+
 BF = torch.bfloat16
 
 

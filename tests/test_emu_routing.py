@@ -8,6 +8,8 @@ import torch
 import emu_kernels
 from pearlmoe import reference
 
+pytestmark = pytest.mark.emu  # bench/device_check.sh skips these: the GPU runs the kernels
+
 SEEDS = [0, 3]
 
 
