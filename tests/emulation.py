@@ -43,7 +43,8 @@ def _compiler_id() -> str:
 
 
 def _tree_hash(h, root: Path) -> None:
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+    sources = (".h", ".cuh", ".cpp", ".cu")  # what the compiler reads (not the README)
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in sources):
         h.update(str(path.relative_to(root)).encode())
         h.update(path.read_bytes())
 
