@@ -17,10 +17,10 @@ else
 TORCH_SPEC ?= torch==2.14.1
 endif
 CUTLASS_SPEC := nvidia-cutlass==4.2.0.0
-CPP_SOURCES := $(shell find csrc bench/cpp -name '*.h' -o -name '*.cuh' -o -name '*.cpp' -o -name '*.cu')
+CPP_SOURCES := $(shell find csrc bench/cpp tests/emu -name '*.h' -o -name '*.cuh' -o -name '*.cpp' -o -name '*.cu')
 BENCH_CPP_BUILD := build/bench-cpp
 
-.PHONY: all setup build test test-cuda lint format demo demo-routing bench bench-cpp carry clean
+.PHONY: all setup build test test-cuda fuzz lint format demo demo-routing bench bench-cpp carry clean
 
 all: test
 
@@ -38,6 +38,11 @@ build: setup
 
 test: lint build
 	$(PY) -m pytest -q tests
+
+# The property-based fuzz test with its long profile (CI runs a bounded, derandomized one);
+# a failure prints its seed: SEED=<n> replays it.
+fuzz: build
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q tests/test_fuzz.py $(if $(SEED),--hypothesis-seed=$(SEED))
 
 # On a machine with a GPU: only the CUDA tests.
 test-cuda: build

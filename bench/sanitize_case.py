@@ -43,10 +43,12 @@ def main() -> None:
         got = pearlmoe.grouped_gemm(x, w13, offs)
         want = reference.grouped_gemm(x.cpu().float(), w13.cpu().float(), offs.cpu())
         torch.testing.assert_close(got.cpu().float(), want, rtol=3e-2, atol=3e-2)
-    # Attention: decode (split-KV), verification and prefill shapes, GQA 10, head_dim 80.
-    for q_len, lens in [(1, [1, 700]), (4, [4, 300]), (70, [70, 129])]:
+    # Attention: decode (split-KV), verification and prefill shapes, GQA 10, head_dim 80; a short
+    # context in a long cache (device-side key ranges) and a long prefill (the split prefill path).
+    for q_len, lens, capacity in [(1, [1, 700], 705), (4, [4, 300], 305), (70, [70, 129], 134),
+                                  (1, [90, 2000], 16384), (64, [64, 3000], 4096)]:  # fmt: skip
         q = torch.randn(2, q_len, 10, 80, device="cuda", dtype=torch.bfloat16)
-        k = torch.randn(2, max(lens) + 5, 1, 80, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(2, capacity, 1, 80, device="cuda", dtype=torch.bfloat16)
         v = torch.randn_like(k)
         kv_lens = torch.tensor(lens, dtype=torch.int32, device="cuda")
         got = pearlmoe.attention(q, k, v, kv_lens)

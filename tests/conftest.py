@@ -9,10 +9,21 @@ Tolerance rule (by op kind):
 CUDA tests run only where a GPU is present; elsewhere they are skipped with that reason.
 """
 
+import os
+
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 import pearlmoe  # noqa: F401  (registers the ops)
+
+# tests/test_fuzz.py: "ci" is bounded and derandomized (the same cases every run); `make fuzz`
+# selects "fuzz", many more cases from a random seed (printed on failure; replay with SEED=).
+settings.register_profile("ci", max_examples=150, derandomize=True, deadline=None, database=None,
+                          suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
+settings.register_profile("fuzz", max_examples=5000, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)] if HAS_CUDA else ["cpu"]
@@ -63,3 +74,12 @@ def tiny_pair(vocab: int = 64, noise: float = 0.15, seed: int = 0, num_experts: 
             if p.dim() >= 2:
                 p.add_(torch.randn_like(p) * p.std() * noise)
     return target, draft
+
+
+def pytest_collection_finish(session):
+    """Compile the emulated-kernel drivers up front, two at a time (tests/emulation.py caches
+    them by source hash, so this is free when nothing changed)."""
+    if any(item.get_closest_marker("emu") for item in session.items):
+        import emulation
+
+        emulation.build_all()

@@ -155,6 +155,15 @@ def test_rope_qk_norm_matches_reference(device, dtype, normalize):
         assert_close_to_oracle(got, lo, want, floor=1e-5)
 
 
+def test_rope_qk_norm_bad_base():
+    q, k, pos = torch.randn(4, 2, 8), torch.randn(4, 1, 8), torch.arange(4)
+    for base in (0.0, -1e4, float("nan"), float("inf")):
+        with pytest.raises(
+            RuntimeError, match=r"rope_qk_norm: rope_base must be a positive finite"
+        ):
+            pearlmoe.rope_qk_norm(q, k, pos, base)
+
+
 def test_rope_qk_norm_bad_input():
     q, k, pos = torch.randn(4, 2, 8), torch.randn(4, 1, 8), torch.arange(4)
     with pytest.raises(RuntimeError, match=r"rope_qk_norm: positions must have T = 4 entries"):
@@ -260,3 +269,91 @@ def test_kv_cache_lengths_rollback_and_capacity():
         cache.write(0, k, k, num_new=[4, 1])
     with pytest.raises(IndexError, match=r"layer 2 out of range"):
         cache.group(2)
+
+
+def test_attention_kv_lens_views_are_checked_as_read():
+    """Issue 13 item 8: kv_lens given as a strided or expanded view is checked element for
+    element as the kernel reads it (the check used to index the raw storage)."""
+    q, k, v, _ = _qkv(3, [9, 5], 4, 2, 64, torch.float32, "cpu", seed=4)  # capacity 12
+    want = reference.attention(q, k, v, torch.tensor([9, 5], dtype=torch.int32))
+    strided = torch.tensor([9, 0, 5, 0], dtype=torch.int32)[::2]  # valid; the raw [9, 0] is not
+    torch.testing.assert_close(pearlmoe.attention(q, k, v, strided), want)
+    same = torch.tensor([5], dtype=torch.int32).expand(2)
+    torch.testing.assert_close(
+        pearlmoe.attention(q, k, v, same),
+        reference.attention(q, k, v, torch.tensor([5, 5], dtype=torch.int32)),
+    )
+    bad = torch.tensor([5, 9, 100, 9], dtype=torch.int32)[::2]  # [5, 100]; the raw [5, 9] is fine
+    with pytest.raises(RuntimeError, match=r"kv_lens\[1\] = 100 exceeds the K/V buffer length 12"):
+        pearlmoe.attention(q, k, v, bad)
+
+
+# ---- CUDA: the decode step's calls neither sync nor copy, and replay in a CUDA graph ------------
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (none present)")
+def test_attention_and_rope_without_sync_and_in_a_cuda_graph():
+    """Issue 13 items 2 and 3: device kv_lens are not read by the host and rope_qk_norm builds
+    no table per call, so neither syncs (sync debug mode raises on any) and both capture; the
+    graph replays with lengths changed on the device."""
+    dev, dtype = "cuda", torch.bfloat16
+    q, k, v, lens = _qkv(1, [300, 300], 10, 1, 80, dtype, dev, seed=7)  # no NaN below 300
+    qr, kr = (
+        torch.randn(2, 10, 80, device=dev, dtype=dtype),
+        torch.randn(2, 1, 80, device=dev, dtype=dtype),
+    )
+    pos = torch.tensor([299, 39], device=dev)
+    w = torch.rand(80, device=dev) + 0.5
+    pearlmoe.rope_qk_norm(qr, kr, pos, 1e6, w, w)  # builds the (base, D) table once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        pearlmoe.attention(q, k, v, lens)
+        pearlmoe.rope_qk_norm(qr, kr, pos, 1e6, w, w)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        pearlmoe.attention(q, k, v, lens)  # warm-up outside the graph
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.cuda.graph(graph):
+        out = pearlmoe.attention(q, k, v, lens)
+        q_out, _ = pearlmoe.rope_qk_norm(qr, kr, pos, 1e6, w, w)
+    for new in ([300, 40], [17, 3], [1, 299]):
+        lens.copy_(torch.tensor(new, dtype=torch.int32))
+        graph.replay()
+        torch.cuda.synchronize()
+        cpu = [t.cpu().float() for t in (q, k, v)]
+        want = reference.attention(*cpu, lens.cpu())
+        torch.testing.assert_close(out.cpu().float(), want, rtol=3e-2, atol=3e-2)
+    want_q, _ = reference.rope_qk_norm(qr.cpu(), kr.cpu(), pos.cpu(), 1e6, w.cpu(), w.cpu())
+    torch.testing.assert_close(q_out.cpu().float(), want_q.float(), rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (none present)")
+def test_attention_cpu_kv_lens_refused_under_capture():
+    q, k, v, lens = _qkv(1, [30, 40], 4, 1, 64, torch.bfloat16, "cuda", seed=8)
+    pearlmoe.attention(q, k, v, lens.cpu())  # eager: checked on the host, copied without a sync
+    graph = torch.cuda.CUDAGraph()
+    match = r"kv_lens on the CPU cannot be used under CUDA-graph capture"
+    with pytest.raises(RuntimeError, match=match), torch.cuda.graph(graph):
+        pearlmoe.attention(q, k, v, lens.cpu())
+
+
+def test_attention_cpu_prefill_leading_block_of_minus_inf_scores():
+    """Issue 13 item 11: when every score of a leading key block is -inf (q·k overflows), the
+    CPU's blocked path shifted by m = -inf and returned NaN; the reference and the decode path
+    stay finite, since later keys are visible."""
+    q_len, keys, dim = 64, 600, 8
+    q = torch.ones(1, q_len, 1, dim)
+    k = torch.randn(1, keys, 1, dim, generator=torch.Generator().manual_seed(0))
+    k[:, :512] = -3e38  # the first key block (512 keys at 64 rows) scores -inf in fp32
+    v = torch.randn(1, keys, 1, dim, generator=torch.Generator().manual_seed(1))
+    lens = torch.tensor([keys], dtype=torch.int32)
+    want = reference.attention(q, k, v, lens)
+    assert want.isfinite().all()
+    torch.testing.assert_close(pearlmoe.attention(q, k, v, lens), want, rtol=1e-4, atol=1e-5)

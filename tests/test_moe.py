@@ -379,3 +379,102 @@ def test_grouped_gemm_wgrad_bad_input():
         pearlmoe.ops.grouped_gemm_wgrad(
             torch.randn(4, 5), torch.randn(4, 6), torch.tensor([0, 2, 5], dtype=torch.int32)
         )
+
+
+def test_group_offsets_views_are_checked_as_read():
+    """Issue 13 item 8: group_offsets as a strided or expanded view is checked (and used) element
+    for element; the check used to read the raw storage, so valid views were rejected and
+    invalid ones reached the kernel."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(8, 16, generator=g), torch.randn(2, 4, 16, generator=g)
+    want = reference.grouped_gemm(a, b, torch.tensor([0, 3, 8], dtype=torch.int32))
+    strided = torch.tensor([0, 99, 3, 99, 8], dtype=torch.int32)[::2]
+    torch.testing.assert_close(pearlmoe.grouped_gemm(a, b, strided), want)
+    empty = torch.zeros(1, dtype=torch.int32).expand(3)  # every group empty: all rows zero
+    assert (pearlmoe.grouped_gemm(a, b, empty) == 0).all()
+    bad = torch.tensor([0, 1, 3, 2, 999], dtype=torch.int32)[::2]  # [0, 3, 999]; raw [0, 1, 3] ok
+    with pytest.raises(RuntimeError, match=r"grouped_gemm: group_offsets\[G\] = 999 exceeds the 8"):
+        pearlmoe.grouped_gemm(a, b, bad)
+    with pytest.raises(RuntimeError, match=r"grouped_gemm_wgrad: group_offsets\[G\] = 999 exceeds"):
+        torch.ops.pearlmoe.grouped_gemm_wgrad(torch.randn(8, 4), a, bad)
+    torch.testing.assert_close(
+        torch.ops.pearlmoe.grouped_gemm_wgrad(a[:, :4].contiguous(), a, strided),
+        reference.grouped_gemm_wgrad(a[:, :4], a, torch.tensor([0, 3, 8], dtype=torch.int32)),
+    )
+
+
+# ---- issue 13 items 10 and 11 ---------------------------------------------------------------------
+
+
+def test_dropped_slot_weight_is_ignored_under_autograd():
+    """Item 11: a NaN/inf weight on a dropped (-1) slot made the differentiable path's token output
+    NaN (0 x NaN); the fused path and the reference ignore it, and so does autograd now."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 16, generator=g)
+    w13, w2, s13, s2 = _weights(3, 16, 8, torch.float32, "cpu", g)
+    ids = torch.tensor([[0, -1], [1, 2], [-1, -1], [2, 0], [1, -1]])
+    weights = torch.rand(5, 2, generator=g)
+    weights[ids < 0] = torch.tensor([float("nan"), float("inf"), -float("inf"), float("nan")])
+    want = reference.moe_ffn_routed(x, weights.masked_fill(ids < 0, 0), ids, w13, w2, s13, s2)
+    no_grad = pearlmoe.moe_ffn_routed(x, weights, ids, w13, w2, s13, s2)
+    xg, wg = x.clone().requires_grad_(), weights.clone().requires_grad_()
+    y = pearlmoe.moe_ffn_routed(xg, wg, ids, w13, w2, s13, s2)
+    torch.testing.assert_close(no_grad, want)
+    torch.testing.assert_close(y, want)
+    y.sum().backward()
+    assert xg.grad.isfinite().all() and wg.grad.isfinite().all()
+    assert (wg.grad[ids < 0] == 0).all()
+
+
+def _moe_layer(g, experts=4, hidden=16, inter=8, tokens=6):
+    x = torch.randn(tokens, hidden, generator=g)
+    router_w = torch.randn(experts, hidden, generator=g)
+    w13, w2, _, _ = _weights(experts, hidden, inter, torch.float32, "cpu", g, shared=False)
+    return x, router_w, w13, w2
+
+
+@pytest.mark.parametrize("factor", [float("nan"), float("inf"), -1.0, 0.0, True, "2"])
+def test_moe_ffn_bad_capacity_factor(factor):
+    """Item 10: the Python routing path checked nothing; now the error names the op and
+    argument instead of math.ceil's or a matmul's."""
+    x, router_w, w13, w2 = _moe_layer(torch.Generator().manual_seed(1))
+    with pytest.raises(
+        RuntimeError, match=r"pearlmoe\.moe_ffn: capacity_factor must be a positive finite number"
+    ):
+        pearlmoe.moe_ffn(x, router_w, w13, w2, 2, capacity_factor=factor)
+
+
+def test_moe_ffn_absurd_capacity_factor_is_bounded():
+    """Item 10: a factor of 1e12 with recycling used to size recycle routing's tables from the
+    capacity (~100 GB); capacity is at most T, which already drops nothing."""
+    x, router_w, w13, w2 = _moe_layer(torch.Generator().manual_seed(2))
+    y, stats = pearlmoe.moe_ffn(x, router_w, w13, w2, 2, capacity_factor=1e12, recycle=True,
+                                generator=torch.Generator().manual_seed(0), return_stats=True)  # fmt: skip
+    assert capacity(6, 2, 4, 1e12) == 6 and stats.dropped == 0
+    torch.testing.assert_close(y, pearlmoe.moe_ffn(x, router_w, w13, w2, 2))
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (dict(router_w=torch.randn(4, 15)), r"router_w must be \[E, H\] = \[4, 16\]"),
+        (dict(router_w=torch.randn(5, 16)), r"router_w must be \[E, H\] = \[4, 16\]"),
+        (dict(top_k=5), r"top_k must be in \[1, E=4\], got 5"),
+        (
+            dict(x=torch.randn(6, 16, dtype=torch.float64)),
+            r"w13 must have x's dtype Double, got Float",
+        ),
+    ],
+    ids=["router-H", "router-E", "top_k", "dtype"],
+)
+@pytest.mark.parametrize(
+    "python_path", [dict(capacity_factor=1.0), dict(return_stats=True)], ids=["capacity", "stats"]
+)
+def test_moe_ffn_python_path_checks_like_the_op(change, match, python_path):
+    x, router_w, w13, w2 = _moe_layer(torch.Generator().manual_seed(3))
+    args = dict(x=x, router_w=router_w, w13=w13, w2=w2, top_k=2)
+    args.update(change)
+    with pytest.raises(RuntimeError, match=r"pearlmoe\.moe_ffn: " + match):
+        pearlmoe.moe_ffn(**args, **python_path)
+    with pytest.raises(RuntimeError, match=r"pearlmoe\.moe_ffn: " + match):  # the op, same words
+        pearlmoe.moe_ffn(**args)

@@ -87,3 +87,35 @@ NAMES = list(_samples("cpu"))
 def test_opcheck(device, name):
     op, args = _samples(device)[name]
     torch.library.opcheck(op.default, args)
+
+
+def _meta(args):
+    return tuple(a.to("meta") if isinstance(a, torch.Tensor) else a for a in args)
+
+
+# (op, arguments the real kernel rejects before reading any value, the argument named)
+REJECTED = [
+    ("attention", (torch.randn(2, 3, 4, 8), torch.randn(2, 5, 2, 8), torch.randn(2, 5, 2, 8), torch.tensor([5, 5]), None), "kv_lens must be Int"),
+    ("attention", (torch.randn(2, 3, 4, 8), torch.randn(2, 5, 2, 8), torch.randn(2, 5, 2, 8), torch.tensor([5], dtype=torch.int32), None), "kv_lens must have B = 2"),
+    ("grouped_gemm", (torch.randn(4, 8), torch.randn(2, 3, 8), torch.tensor([0, 1, 4])), "group_offsets must be Int"),
+    ("grouped_gemm", (torch.randn(4, 8), torch.randn(2, 3, 8).double(), torch.tensor([0, 1, 4], dtype=torch.int32)), "b must have a's dtype"),
+    ("moe_ffn", (torch.randn(3, 8), torch.randn(4, 7), torch.randn(4, 6, 8), torch.randn(4, 8, 3), 1, None, None, False), "router_w must be"),
+    ("moe_ffn_routed", (torch.randn(3, 8), torch.rand(3, 2), torch.zeros(3, 2, dtype=torch.int64), torch.randn(4, 6, 8), torch.randn(4, 8, 2), None, None), "w2 must be"),
+    ("topk_softmax", (torch.randn(3, 4).double(), 2, False), "router_logits must be Float"),
+    ("moe_align", (torch.zeros(3, 2, dtype=torch.int64), 0), "num_experts must be in"),
+    ("rope_qk_norm", (torch.randn(3, 2, 8), torch.randn(3, 1, 8), torch.arange(3), float("nan"), None, None, 1e-5, True), "rope_base must be a positive finite"),
+    ("spec_verify", (torch.rand(2, 3, 4), torch.zeros(2, 2, dtype=torch.int64), torch.rand(2, 2, 4), None), r"sampling \(draft_probs given\) needs uniforms"),
+    ("grouped_gemm_wgrad", (torch.randn(4, 3), torch.randn(5, 8), torch.tensor([0, 4], dtype=torch.int32)), "grad_c and a must have the same rows"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("name", "args", "match"), REJECTED, ids=[f"{r[0]}-{i}" for i, r in enumerate(REJECTED)]
+)
+def test_fake_kernels_reject_what_the_kernels_reject(name, args, match):
+    """Issue 13 item 10: the fake (meta) kernels accepted shapes and dtypes the kernels reject,
+    and their messages did not name the op; both now raise the op's words."""
+    op = getattr(torch.ops.pearlmoe, name).default
+    for tensors in (args, _meta(args)):
+        with pytest.raises(RuntimeError, match=rf"pearlmoe\.{name}: {match}"):
+            op(*tensors)

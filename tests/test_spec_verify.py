@@ -147,3 +147,130 @@ def test_bad_input(change, match):
     args.update(change)
     with pytest.raises(RuntimeError, match=r"pearlmoe\.spec_verify: " + match):
         pearlmoe.spec_verify(args["target"], args["drafts"], args["draft"])
+
+
+# ---- issue 13: rows without mass (items 1, 6), zero drafts (7), value checks ---------------------
+
+
+@pytest.mark.parametrize(
+    ("where", "greedy"),
+    [("target-rejected-row", True), ("target-bonus-row", True), ("target-rejected-row", False),
+     ("target-bonus-row", False), ("draft-row", False)],
+)  # fmt: skip
+def test_rows_without_mass_are_an_error(where, greedy):
+    """Item 1: a row without mass used to pass the checks (the CPU twin then recursed forever on
+    it, the GPU returned token 0); now the op names the argument and the row."""
+    target, draft = torch.full((2, 3, 4), 0.25), torch.full((2, 2, 4), 0.25)
+    rows = {"target-rejected-row": ("target_probs", target, (1, 0)),
+            "target-bonus-row": ("target_probs", target, (0, 2)), "draft-row": ("draft_probs", draft, (1, 1))}  # fmt: skip
+    name, t, (b, i) = rows[where]
+    t[b, i] = 0
+    with pytest.raises(
+        RuntimeError, match=rf"pearlmoe\.spec_verify: {name}\[{b}, {i}\] has no probability mass"
+    ):
+        pearlmoe.spec_verify(
+            target,
+            torch.tensor([[1, 2], [3, 0]]),
+            None if greedy else draft,
+            torch.Generator().manual_seed(0),
+        )
+
+
+def test_issue_hang_case_returns_an_error():
+    """Item 6's reproduction hung forever (the CPU twin recursed on a zero-mass row); in a
+    subprocess with a timeout, so a regression fails instead of hanging the suite."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, pearlmoe\n"
+        "try:\n"
+        "    pearlmoe.spec_verify(torch.zeros(1, 2, 4), torch.tensor([[1]]), torch.full((1, 1, 4), 0.25),"
+        " generator=torch.Generator().manual_seed(0))\n"
+        "except RuntimeError as e:\n"
+        "    print(e)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "pearlmoe.spec_verify: target_probs[0, 0] has no probability mass" in done.stdout
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_zero_drafts_with_draft_probs_sample_the_bonus(device):
+    """Item 7: with n = 0 and draft_probs given, the bonus token is sampled (an empty
+    draft_probs used to be read as greedy and return the argmax)."""
+    target = torch.tensor([[[0.1, 0.9]], [[0.6, 0.4]]], device=device)
+    draft = torch.empty(2, 0, 2, device=device)
+    uniforms = torch.tensor([[0.05], [0.99]], device=device)  # inverse CDF: token 0, token 1
+    tokens, accepted = torch.ops.pearlmoe.spec_verify(
+        target, torch.empty(2, 0, dtype=torch.long, device=device), draft, uniforms
+    )
+    assert tokens.tolist() == [[0], [1]] and accepted.tolist() == [0, 0]  # argmax would be 1, 0
+    want = reference.spec_verify(
+        target.cpu(), torch.empty(2, 0, dtype=torch.long), draft.cpu(), uniforms.cpu()
+    )
+    assert torch.equal(tokens.cpu(), want[0])
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (
+            dict(target=torch.full((2, 3, 4), float("inf"))),
+            r"target_probs contains inf \(row \[0, 0\]\)",
+        ),
+        (
+            dict(uniforms=torch.tensor([[0.1, 0.2, 1.0], [0.0, 0.5, 0.5]])),
+            r"uniforms must be in \[0, 1\), got uniforms\[0, 2\] = 1",
+        ),
+        (
+            dict(uniforms=torch.tensor([[0.1, 0.2, 0.3], [0.0, float("nan"), 0.5]])),
+            r"uniforms must be in \[0, 1\), got uniforms\[1, 1\] = nan",
+        ),
+        (
+            dict(drafts=torch.tensor([[0, 1], [-1, 1]])),
+            r"draft_ids must be in \[0, V=4\), got draft_ids\[1, 0\] = -1",
+        ),
+        (dict(draft=None), r"uniforms given without draft_probs"),
+    ],
+    ids=["inf", "u=1", "u-nan", "id=-1", "uniforms-greedy"],
+)
+def test_bad_values_name_the_argument(change, match):
+    args = dict(
+        target=torch.full((2, 3, 4), 0.25),
+        drafts=torch.tensor([[0, 1], [2, 3]]),
+        draft=torch.full((2, 2, 4), 0.25),
+        uniforms=torch.rand(2, 3),
+    )
+    args.update(change)
+    with pytest.raises(RuntimeError, match=r"pearlmoe\.spec_verify: " + match):
+        torch.ops.pearlmoe.spec_verify(
+            args["target"], args["drafts"], args["draft"], args["uniforms"]
+        )
+
+
+def test_strided_inputs_are_checked_as_read():
+    """Item 8's class: the values checked are those of the view, not of its storage."""
+    storage = torch.full((2, 6, 4), 0.25)
+    storage[:, 1::2] = float("nan")  # between the rows of the view: never read
+    tokens, _ = pearlmoe.spec_verify(storage[:, ::2], torch.tensor([[0, 1], [2, 3]]))
+    assert tokens.shape == (2, 3)
+    storage[1, 4] = 0  # a row of the view
+    with pytest.raises(RuntimeError, match=r"target_probs\[1, 2\] has no probability mass"):
+        pearlmoe.spec_verify(storage[:, ::2], torch.tensor([[0, 1], [2, 3]]))
+
+
+@pytest.mark.parametrize(
+    ("target", "drafts", "match"),
+    [
+        (torch.rand(4), torch.tensor([[1]]), r"target_probs must be 3-D, got shape \[4\]"),
+        (torch.rand(1, 2, 4), torch.tensor([1]), r"draft_ids must be 2-D, got shape \[1\]"),
+        (torch.rand(1, 3, 4), torch.tensor([[1]]), r"target_probs must be \[B, n\+1, V\]"),
+    ],
+    ids=["1-D-target", "1-D-drafts", "rows"],
+)
+def test_wrapper_checks_before_drawing_uniforms(target, drafts, match):
+    """Issue 13 item 10: the wrapper unpacked target_probs' shape before any check (a 1-D input
+    gave 'not enough values to unpack')."""
+    with pytest.raises(RuntimeError, match=r"pearlmoe\.spec_verify: " + match):
+        pearlmoe.spec_verify(target, drafts, torch.rand(1, 1, 4), torch.Generator().manual_seed(0))

@@ -150,10 +150,12 @@ void attention(const Tensor& q, const Tensor& k, const Tensor& v, const int32_t*
           const Tensor key = at::arange(j0, j0 + n, at::kLong).unsqueeze(0);  // [1, n]
           s.masked_fill_(key >= limit, -INFINITY);
         }
-        // Every row sees key 0, so m is finite after the first block and exp() never sees inf-inf.
+        // A row whose keys so far all score -inf (overflowing q·k) keeps m = -inf: shift it by 0
+        // instead, so exp() gives 0 rather than exp(-inf + inf) = NaN (the CUDA kernels' rule).
         const Tensor m_new = at::maximum(m, std::get<0>(s.max(1, /*keepdim=*/true)));
-        const Tensor p = (s - m_new).exp_();
-        const Tensor correction = (m - m_new).exp_();
+        const Tensor m_use = at::where(m_new.isneginf(), at::zeros_like(m_new), m_new);
+        const Tensor p = (s - m_use).exp_();
+        const Tensor correction = (m - m_use).exp_();
         l.mul_(correction).add_(p.sum(1, /*keepdim=*/true));
         out.mul_(correction).addmm_(p, vb);
         m = m_new;
@@ -166,13 +168,14 @@ void attention(const Tensor& q, const Tensor& k, const Tensor& v, const int32_t*
   });
 }
 
-void rope_norm(const Tensor& x, const int64_t* positions, const float* weight,
+void rope_norm(const Tensor& x, const int64_t* positions, const Tensor& weight,
                const float* inv_freq, double eps, bool normalize, Tensor& out) {
   const int64_t tokens = x.size(0), heads = x.size(1), dim = x.size(2), half = dim / 2;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rope_norm_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const scalar_t* src = x.const_data_ptr<scalar_t>();
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    const acc_t* w_ptr = weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr;
     const int64_t ts = x.stride(0), hs = x.stride(1);
     at::parallel_for(0, tokens * heads, 256, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> r(dim);
@@ -183,7 +186,9 @@ void rope_norm(const Tensor& x, const int64_t* positions, const float* weight,
         acc_t sum_sq = 0;
         for (int64_t i = 0; i < half; ++i) {
           const float angle = pos * inv_freq[i];  // fp32, as HF's tables hold it
-          const acc_t c = std::cos(angle), s = std::sin(angle);
+          // fp64 rotates in fp64 (the reference does), from the same fp32 angle.
+          const acc_t c = std::cos(static_cast<acc_t>(angle)),
+                      s = std::sin(static_cast<acc_t>(angle));
           const acc_t a = static_cast<acc_t>(xr[i]), b = static_cast<acc_t>(xr[i + half]);
           r[i] = a * c - b * s;
           r[i + half] = b * c + a * s;
@@ -191,7 +196,7 @@ void rope_norm(const Tensor& x, const int64_t* positions, const float* weight,
         }
         const acc_t inv_rms = normalize ? 1 / std::sqrt(sum_sq / dim + static_cast<acc_t>(eps)) : 1;
         for (int64_t i = 0; i < dim; ++i) {
-          const acc_t w = weight != nullptr ? weight[i] : 1;
+          const acc_t w = w_ptr != nullptr ? w_ptr[i] : 1;
           dst[row * dim + i] = static_cast<scalar_t>(r[i] * inv_rms * w);
         }
       }

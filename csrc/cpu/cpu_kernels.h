@@ -72,9 +72,9 @@ void kv_cache_write(const at::Tensor& k, const at::Tensor& v, const int64_t* pos
                     at::Tensor& k_cache, at::Tensor& v_cache);
 
 // NeoX RoPE then (optionally) RMSNorm times weight over x [T, H, D] (unit last stride) at
-// positions (host int64 [T]) -> out [T, H, D] contiguous. weight: fp32 [D] or null; inv_freq:
-// fp32 [D/2].
-void rope_norm(const at::Tensor& x, const int64_t* positions, const float* weight,
+// positions (host int64 [T]) -> out [T, H, D] contiguous. weight: [D] contiguous in the
+// accumulation dtype (fp64 for fp64 x, else fp32) or undefined; inv_freq: fp32 [D/2].
+void rope_norm(const at::Tensor& x, const int64_t* positions, const at::Tensor& weight,
                const float* inv_freq, double eps, bool normalize, at::Tensor& out);
 
 }  // namespace pearlmoe::cpu

@@ -9,6 +9,7 @@ void spec_verify(const at::Tensor& target_probs, const at::Tensor& draft_ids,
                  const std::optional<at::Tensor>& draft_probs,
                  const std::optional<at::Tensor>& uniforms, at::Tensor& tokens,
                  at::Tensor& num_accepted) {
+  const bool sampling = draft_probs.has_value();
   const int64_t batch = target_probs.size(0), n = draft_ids.size(1), vocab = target_probs.size(2);
   const float* target = target_probs.const_data_ptr<float>();
   const int64_t* drafts = draft_ids.const_data_ptr<int64_t>();
@@ -21,7 +22,7 @@ void spec_verify(const at::Tensor& target_probs, const at::Tensor& draft_ids,
       accepted[b] = spec_decode::spec_verify_sequence(
           target + b * (n + 1) * vocab, drafts + b * n,
           draft == nullptr ? nullptr : draft + b * n * vocab,
-          u == nullptr ? nullptr : u + b * (n + 1), n, vocab, out + b * (n + 1));
+          u == nullptr ? nullptr : u + b * (n + 1), n, vocab, sampling, out + b * (n + 1));
     }
   });
 }

@@ -2,7 +2,11 @@
 // rope_qk_norm (NeoX RoPE, QK RMSNorm with the key-norm weight folded into the query).
 #include <torch/library.h>
 
+#include <array>
 #include <cmath>
+#include <cstring>
+#include <map>
+#include <mutex>
 #include <optional>
 
 #include "../cpu/cpu_kernels.h"
@@ -62,14 +66,10 @@ void check_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Te
   PM_CHECK(dim >= 1, kAttn, "head_dim must be positive");
 }
 
-// Every sequence's queries must each see a key: q_len <= kv_lens[b] <= Skv. Free for kv_lens on
-// the CPU (the KV cache passes them so); one host sync for CUDA kv_lens, skipped while a CUDA
-// graph is being captured.
-void check_kv_lens(const Tensor& kv_lens, int64_t q_len, int64_t capacity) {
-#ifdef PEARLMOE_WITH_CUDA
-  if (kv_lens.is_cuda() && stream_is_capturing()) return;
-#endif
-  const Tensor host = kv_lens.cpu();
+// kv_lens on the CPU: every sequence's queries must each see a key, q_len <= kv_lens[b] <= Skv.
+// Returns the checked values (contiguous, on the CPU), which the caller then uses.
+Tensor check_kv_lens(const Tensor& kv_lens, int64_t q_len, int64_t capacity) {
+  const Tensor host = host_values(kv_lens);
   const int32_t* lens = host.const_data_ptr<int32_t>();
   for (int64_t b = 0; b < host.size(0); ++b) {
     PM_CHECK(lens[b] <= capacity, kAttn, "kv_lens[", b, "] = ", lens[b],
@@ -78,6 +78,7 @@ void check_kv_lens(const Tensor& kv_lens, int64_t q_len, int64_t capacity) {
              " is smaller than Sq = ", q_len,
              ": the first query would see no key (kv_lens counts the queries' own keys)");
   }
+  return host;
 }
 
 Tensor unit_last_stride(const Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
@@ -90,10 +91,9 @@ Tensor attention_cpu(const Tensor& q, const Tensor& k, const Tensor& v, const Te
                      std::optional<double> scale) {
   check_device(q, c10::kCPU, kAttn, "q");
   check_attention(q, k, v, kv_lens);
-  check_kv_lens(kv_lens, q.size(1), k.size(1));
+  const Tensor lens = check_kv_lens(kv_lens, q.size(1), k.size(1));
   Tensor o = at::empty(q.sizes(), q.options());
   if (o.numel() == 0) return o;
-  const Tensor lens = kv_lens.contiguous();
   cpu::attention(q, unit_last_stride(k), unit_last_stride(v), lens.const_data_ptr<int32_t>(),
                  default_scale(q, scale), o);
   return o;
@@ -130,18 +130,38 @@ void check_rope(const Tensor& q, const Tensor& k, const Tensor& positions, const
   }
 }
 
-// inv_freq[i] = 1 / base^(2i/D) in fp32, computed exactly as HF (and reference.rope) do, on the
-// CPU, so every device rotates by bit-identical angles.
-Tensor inv_freq_table(double base, int64_t dim, c10::Device device) {
-  const Tensor exponent = at::arange(0, dim, 2, at::kFloat) / static_cast<double>(dim);
-  return at::pow(base, exponent).reciprocal().to(device);
+void check_rope_base(double base) {
+  PM_CHECK(std::isfinite(base) && base > 0, kRope,
+           "rope_base must be a positive finite number, got ", base);
 }
 
-// The query's weight times the key's (folded: q·(w⊙k̂) = (q⊙w)·k̂), fp32, or undefined.
-Tensor folded_weight(const OptTensor& q_w, const OptTensor& k_w) {
+using InvFreq = std::array<float, 64>;  // [D/2] used; D <= 128
+
+// inv_freq[i] = 1 / base^(2i/D) in fp32, computed exactly as HF (and reference.rope) do, on the
+// CPU, once per (base, D) for the process: every device rotates by bit-identical angles, and a
+// call neither builds nor copies a table (CUDA takes it by value in the kernel's parameters).
+const InvFreq& inv_freq_table(double base, int64_t dim) {
+  static std::mutex mutex;
+  static std::map<std::pair<uint64_t, int64_t>, InvFreq> tables;  // stable references
+  uint64_t bits;
+  std::memcpy(&bits, &base, sizeof bits);
+  const std::lock_guard<std::mutex> lock(mutex);
+  auto [it, inserted] = tables.try_emplace({bits, dim});
+  if (inserted) {
+    const Tensor exponent = at::arange(0, dim, 2, at::kFloat) / static_cast<double>(dim);
+    const Tensor table = at::pow(base, exponent).reciprocal().contiguous();
+    it->second.fill(0.f);
+    std::memcpy(it->second.data(), table.const_data_ptr<float>(), table.numel() * sizeof(float));
+  }
+  return it->second;
+}
+
+// The query's weight times the key's (folded: q·(w⊙k̂) = (q⊙w)·k̂) in `acc` (fp32, or fp64 for
+// fp64 inputs, which the reference computes in fp64), or undefined.
+Tensor folded_weight(const OptTensor& q_w, const OptTensor& k_w, at::ScalarType acc) {
   Tensor w;
-  if (q_w.has_value()) w = q_w->to(at::kFloat);
-  if (k_w.has_value()) w = w.defined() ? w * k_w->to(at::kFloat) : k_w->to(at::kFloat);
+  if (q_w.has_value()) w = q_w->to(acc);
+  if (k_w.has_value()) w = w.defined() ? w * k_w->to(acc) : k_w->to(acc);
   return w.defined() ? w.contiguous() : w;
 }
 
@@ -151,15 +171,16 @@ std::tuple<Tensor, Tensor> rope_qk_norm_cpu(const Tensor& q, const Tensor& k,
                                             double eps, bool normalize) {
   check_device(q, c10::kCPU, kRope, "q");
   check_rope(q, k, positions, q_weight, k_weight, normalize);
+  check_rope_base(rope_base);
   const Tensor pos = positions.to(at::kLong).contiguous();
-  const Tensor w = folded_weight(q_weight, k_weight);
-  const Tensor inv_freq = inv_freq_table(rope_base, q.size(2), q.device());
+  const Tensor w =
+      folded_weight(q_weight, k_weight, q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  const InvFreq& inv_freq = inv_freq_table(rope_base, q.size(2));
   Tensor q_out = at::empty(q.sizes(), q.options()), k_hat = at::empty(k.sizes(), k.options());
-  cpu::rope_norm(unit_last_stride(q), pos.const_data_ptr<int64_t>(),
-                 w.defined() ? w.const_data_ptr<float>() : nullptr,
-                 inv_freq.const_data_ptr<float>(), eps, normalize, q_out);
-  cpu::rope_norm(unit_last_stride(k), pos.const_data_ptr<int64_t>(), nullptr,
-                 inv_freq.const_data_ptr<float>(), eps, normalize, k_hat);
+  cpu::rope_norm(unit_last_stride(q), pos.const_data_ptr<int64_t>(), w, inv_freq.data(), eps,
+                 normalize, q_out);
+  cpu::rope_norm(unit_last_stride(k), pos.const_data_ptr<int64_t>(), Tensor(), inv_freq.data(), eps,
+                 normalize, k_hat);
   return {q_out, k_hat};
 }
 
@@ -181,7 +202,20 @@ Tensor attention_cuda(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in
   PM_CHECK(dim == 64 || dim == 80 || dim == 128, kAttn,
            "head_dim must be 64, 80 or 128 on CUDA, got ", dim);
   const c10::cuda::CUDAGuard guard(q_in.device());
-  check_kv_lens(kv_lens, q_in.size(1), k_in.size(1));
+  // kv_lens on q's device are read only by the kernels, which clamp them into [0, Skv]: no host
+  // sync, no copy, capturable. On the CPU they are checked here (free) and copied to the device
+  // from pinned memory without a sync, which a CUDA graph would replay with stale lengths.
+  Tensor lens;
+  if (kv_lens.is_cuda()) {
+    lens = kv_lens.contiguous();
+  } else {
+    PM_CHECK(!stream_is_capturing(), kAttn,
+             "kv_lens on the CPU cannot be used under CUDA-graph capture (the graph would replay "
+             "the lengths of the capture); pass kv_lens on q's device");
+    lens = check_kv_lens(kv_lens, q_in.size(1), k_in.size(1))
+               .pin_memory()
+               .to(q_in.device(), /*non_blocking=*/true);
+  }
   // The kernels load 16-byte chunks: unit last stride, other strides (of dimensions longer than
   // 1) multiples of 8 elements, 16-byte aligned data; anything else is copied once.
   auto ready = [](const Tensor& t) {
@@ -195,7 +229,6 @@ Tensor attention_cuda(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in
   const Tensor k = kv_ready ? k_in : fix(k_in), v = kv_ready ? v_in : fix(v_in);
   Tensor o = at::empty(q.sizes(), q.options());
   if (o.numel() == 0) return o;
-  const Tensor lens = kv_lens.to(q.device(), /*non_blocking=*/true).contiguous();
   attention::AttentionParams p{
       q.const_data_ptr(),
       k.const_data_ptr(),
@@ -237,14 +270,17 @@ std::tuple<Tensor, Tensor> rope_qk_norm_cuda(const Tensor& q_in, const Tensor& k
                                              double eps, bool normalize) {
   check_device(q_in, c10::kCUDA, kRope, "q");
   check_rope(q_in, k_in, positions, q_weight, k_weight, normalize);
+  check_rope_base(rope_base);
   PM_CHECK(q_in.scalar_type() != at::kDouble, kRope, "float64 runs on the CPU only");
   const c10::cuda::CUDAGuard guard(q_in.device());
   const Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in);
   const Tensor pos = positions.to(at::kLong).contiguous();
-  const Tensor w = folded_weight(q_weight, k_weight);
+  const Tensor w = folded_weight(q_weight, k_weight, at::kFloat);
   Tensor q_out = at::empty(q.sizes(), q.options()), k_hat = at::empty(k.sizes(), k.options());
   const auto stream = c10::cuda::getCurrentCUDAStream().stream();
-  const Tensor inv_freq = inv_freq_table(rope_base, q.size(2), q.device());
+  attention::RopeInvFreq inv_freq{};
+  const InvFreq& table = inv_freq_table(rope_base, q.size(2));
+  std::copy(table.begin(), table.end(), inv_freq.v);
   for (auto [x, out, weight] :
        {std::tuple{&q, &q_out, w.defined() ? w.const_data_ptr<float>() : nullptr},
         std::tuple{&k, &k_hat, static_cast<const float*>(nullptr)}}) {
@@ -252,7 +288,7 @@ std::tuple<Tensor, Tensor> rope_qk_norm_cuda(const Tensor& q_in, const Tensor& k
                                 out->mutable_data_ptr(),
                                 pos.const_data_ptr<int64_t>(),
                                 weight,
-                                inv_freq.const_data_ptr<float>(),
+                                inv_freq,
                                 x->size(0),
                                 x->size(1),
                                 x->size(2),

@@ -145,7 +145,8 @@ bool has_symbolic_sizes(const Tensor& t) {
 int64_t concrete(const c10::SymInt& v) { return v.guard_int(__FILE__, __LINE__); }
 
 // moe_ffn_routed from differentiable ops; rows of dropped slots come out of grouped_gemm as zeros
-// and so add nothing (and receive no gradient).
+// and, with their weights zeroed too (a NaN weight times a zero row is NaN), add nothing and
+// receive no gradient, as in the fused kernels.
 Tensor moe_ffn_routed_composite(const Tensor& x, const Tensor& topk_weights, const Tensor& topk_ids,
                                 const Tensor& w13, const Tensor& w2, const OptTensor& shared_w13,
                                 const OptTensor& shared_w2) {
@@ -156,7 +157,10 @@ Tensor moe_ffn_routed_composite(const Tensor& x, const Tensor& topk_weights, con
   const Tensor h = call_grouped_gemm(x.index_select(0, token), w13, offs);  // [N, 2I]
   const Tensor expert_out = call_grouped_gemm(swiglu(h), w2, offs);         // [N, H]
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const Tensor slot_weight = topk_weights.reshape({-1}).index_select(0, slot).to(acc);  // [N]
+  // moe_align drops ids outside [0, E) (only -1 gets here unchecked), so their weights count not.
+  const Tensor dropped = topk_ids.lt(0).logical_or_(topk_ids.ge(w13.sym_size(0)));
+  const Tensor slot_weight =
+      topk_weights.masked_fill(dropped, 0).reshape({-1}).index_select(0, slot).to(acc);  // [N]
   Tensor y = at::zeros_like(x, x.options().dtype(acc))
                  .index_add(0, token, expert_out.to(acc) * slot_weight.unsqueeze(1));  // [T, H]
   if (shared_w13.has_value()) y = y + at::mm(swiglu(at::mm(x, shared_w13->t())), shared_w2->t());

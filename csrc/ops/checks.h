@@ -21,6 +21,14 @@ inline void check_int_dtype(const at::Tensor& t, const char* op, const char* nam
            " must be int32 or int64, got ", t.scalar_type());
 }
 
+// The values of t for a check that reads them: a contiguous CPU tensor, made with one copy (one
+// device sync for a CUDA tensor) and none for a contiguous CPU tensor. Every value check goes
+// through this, so a strided, expanded or offset view is checked element for element as the
+// kernels, which take t.contiguous(), will read it.
+inline at::Tensor host_values(const at::Tensor& t) {
+  return t.is_cpu() ? t.contiguous() : t.contiguous().cpu();
+}
+
 // Kernels run on the device the inputs live on; a CUDA launcher given a CPU tensor (or the
 // reverse) would read garbage, so each launcher states which device type it serves.
 inline void check_device(const at::Tensor& t, c10::DeviceType type, const char* op,

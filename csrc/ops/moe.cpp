@@ -68,12 +68,9 @@ void check_grouped_gemm(const Tensor& a, const Tensor& b, const Tensor& offs, co
   PM_CHECK(a.size(0) < INT_MAX, op, "a has ", a.size(0), " rows; at most INT_MAX - 1 supported");
 }
 
-// offs[0] == 0, nondecreasing, offs[G] <= rows. On CUDA: one host sync, skipped while capturing.
-void check_offsets(const Tensor& offs, int64_t rows, const char* op) {
-#ifdef PEARLMOE_WITH_CUDA
-  if (offs.is_cuda() && stream_is_capturing()) return;
-#endif
-  const Tensor host = offs.cpu();
+// offs[0] == 0, nondecreasing, offs[G] <= rows, on the offsets' host_values (which the CPU
+// kernels then read: one read of the values).
+void check_offset_values(const Tensor& host, int64_t rows, const char* op) {
   const int32_t* o = host.const_data_ptr<int32_t>();
   const int64_t groups = host.size(0) - 1;
   PM_CHECK(o[0] == 0, op, "group_offsets[0] must be 0, got ", o[0]);
@@ -85,11 +82,21 @@ void check_offsets(const Tensor& offs, int64_t rows, const char* op) {
            " rows of a");
 }
 
+// check_offset_values for offsets a CUDA kernel reads on the device: one host sync, skipped while
+// a CUDA graph is being captured (the kernels clamp the offsets then).
+void check_offsets(const Tensor& offs, int64_t rows, const char* op) {
+#ifdef PEARLMOE_WITH_CUDA
+  if (offs.is_cuda() && stream_is_capturing()) return;
+#endif
+  check_offset_values(host_values(offs), rows, op);
+}
+
 Tensor grouped_gemm_cpu(const Tensor& a_in, const Tensor& b_in, const Tensor& offs_in) {
   check_device(a_in, c10::kCPU, kGemm, "a");
   check_grouped_gemm(a_in, b_in, offs_in, kGemm);
-  check_offsets(offs_in, a_in.size(0), kGemm);
-  const Tensor a = a_in.contiguous(), b = b_in.contiguous(), offs = offs_in.contiguous();
+  const Tensor offs = host_values(offs_in);
+  check_offset_values(offs, a_in.size(0), kGemm);
+  const Tensor a = a_in.contiguous(), b = b_in.contiguous();
   Tensor c = at::empty({a.size(0), b.size(1)}, a.options());  // [M, N]
   cpu::grouped_gemm(a, b, offs.const_data_ptr<int32_t>(), c);
   return c;
@@ -108,13 +115,14 @@ void check_wgrad(const Tensor& grad_c, const Tensor& a, const Tensor& offs) {
   PM_CHECK(grad_c.size(0) == a.size(0), kWgrad, "grad_c and a must have the same rows, got ",
            grad_c.sizes(), " and ", a.sizes());
   PM_CHECK(offs.size(0) >= 2, kWgrad, "group_offsets needs at least 2 entries, got ", offs.size(0));
-  check_offsets(offs, a.size(0), kWgrad);
 }
 
 Tensor grouped_gemm_wgrad_cpu(const Tensor& grad_c_in, const Tensor& a_in, const Tensor& offs_in) {
   check_device(a_in, c10::kCPU, kWgrad, "a");
   check_wgrad(grad_c_in, a_in, offs_in);
-  const Tensor grad_c = grad_c_in.contiguous(), a = a_in.contiguous(), offs = offs_in.contiguous();
+  const Tensor offs = host_values(offs_in);
+  check_offset_values(offs, a_in.size(0), kWgrad);
+  const Tensor grad_c = grad_c_in.contiguous(), a = a_in.contiguous();
   Tensor grad_b = at::empty({offs.size(0) - 1, grad_c.size(1), a.size(1)}, a.options());
   cpu::grouped_gemm_wgrad(grad_c, a, offs.const_data_ptr<int32_t>(), grad_b);
   return grad_b;
@@ -324,7 +332,8 @@ Tensor grouped_gemm_wgrad_cuda(const Tensor& grad_c, const Tensor& a, const Tens
   const c10::cuda::CUDAGuard guard(a.device());
   PM_CHECK(!stream_is_capturing(), kWgrad,
            "cannot run under CUDA-graph capture (it reads the group offsets on the host)");
-  const Tensor host_offs = offs.cpu();
+  const Tensor host_offs = host_values(offs);
+  check_offset_values(host_offs, a.size(0), kWgrad);
   const int32_t* o = host_offs.const_data_ptr<int32_t>();
   Tensor grad_b = at::empty({offs.size(0) - 1, grad_c.size(1), a.size(1)}, a.options());
   for (int64_t g = 0; g + 1 < offs.size(0); ++g) {

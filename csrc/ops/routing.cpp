@@ -98,10 +98,13 @@ void check_expert_ids(const Tensor& topk_ids, int64_t num_experts, const char* o
 #ifdef PEARLMOE_WITH_CUDA
   if (topk_ids.is_cuda() && stream_is_capturing()) return;
 #endif
-  const Tensor bad = (topk_ids < -1).logical_or_(topk_ids >= num_experts).reshape(-1);
-  if (bad.any().item<bool>()) {
-    fail_bad_id(topk_ids.cpu(), bad.nonzero()[0][0].item<int64_t>(), num_experts, op);
-  }
+  const Tensor ids = host_values(topk_ids);
+  AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "check_expert_ids", [&] {
+    const index_t* id = ids.const_data_ptr<index_t>();
+    for (int64_t s = 0; s < ids.numel(); ++s) {
+      if (id[s] < -1 || id[s] >= num_experts) fail_bad_id(ids, s, num_experts, op);
+    }
+  });
 }
 
 std::tuple<Tensor, Tensor, Tensor> moe_align_cpu(const Tensor& topk_ids_in, int64_t num_experts) {

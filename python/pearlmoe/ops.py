@@ -9,10 +9,13 @@ H hidden size, I expert width, Is shared-expert width, G groups, M rows, K reduc
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+from . import op_checks
 
 if TYPE_CHECKING:
     from .routing import RouterStats
@@ -59,10 +62,7 @@ def moe_align(topk_ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tenso
 
 @torch.library.register_fake("pearlmoe::topk_softmax")
 def _topk_softmax_fake(router_logits: Tensor, k: int, renormalize: bool = False):
-    torch._check(router_logits.dim() == 2, lambda: "router_logits must be 2-D")
-    torch._check(router_logits.dtype == torch.float32, lambda: "router_logits must be float32")
-    torch._check(k >= 1, lambda: f"k must be >= 1, got {k}")
-    torch._check(k <= router_logits.shape[1], lambda: "k must be <= num_experts")
+    op_checks.topk_softmax(router_logits, k)
     num_tokens = router_logits.shape[0]
     weights = router_logits.new_empty(num_tokens, k)  # [T, k]
     ids = router_logits.new_empty(num_tokens, k, dtype=torch.int32)  # [T, k]
@@ -71,9 +71,7 @@ def _topk_softmax_fake(router_logits: Tensor, k: int, renormalize: bool = False)
 
 @torch.library.register_fake("pearlmoe::moe_align")
 def _moe_align_fake(topk_ids: Tensor, num_experts: int):
-    torch._check(topk_ids.dim() == 2, lambda: "topk_ids must be 2-D")
-    torch._check(topk_ids.dtype in (torch.int32, torch.int64), lambda: "topk_ids must be int")
-    torch._check(num_experts >= 1, lambda: "num_experts must be >= 1")
+    op_checks.moe_align(topk_ids, num_experts)
     n = topk_ids.numel()
     sorted_slots = topk_ids.new_empty(n, dtype=torch.int32)  # [N]
     slot_to_row = topk_ids.new_empty(n, dtype=torch.int32)  # [N]
@@ -165,6 +163,17 @@ def moe_ffn(
     """
     if capacity_factor is None and not return_stats:
         return _ops.moe_ffn.default(x, router_w, w13, w2, top_k, shared_w13, shared_w2, renormalize)
+    # The op's checks come first here too: this path routes in Python before reaching an op.
+    op_checks.moe_ffn(x, router_w, w13, w2, top_k, shared_w13, shared_w2)
+    if capacity_factor is not None:
+        valid = isinstance(capacity_factor, (int, float)) and not isinstance(capacity_factor, bool)
+        torch._check(
+            valid and math.isfinite(capacity_factor) and capacity_factor > 0,
+            lambda: (
+                f"pearlmoe.moe_ffn: capacity_factor must be a positive finite number, got "
+                f"{capacity_factor!r}"
+            ),
+        )
     from .routing import route
 
     logits = x.float() @ router_w.float().t()  # [T, E]
@@ -249,9 +258,18 @@ def attention(
     Softmax and accumulation in fp32. CUDA: bf16/fp16, head_dim 64, 80 or 128. CPU: any float
     dtype; blocked online softmax, never an Sq×Skv matrix.
 
+    Checks: shapes, dtypes and devices always, on the host. ``kv_lens`` values:
+      * on the CPU (with q on any device): checked on the host, free, to be in [Sq, Skv]; for a
+        CUDA q they are then copied from pinned memory without a sync (not allowed under CUDA-graph
+        capture, which would replay the lengths of the capture);
+      * on q's CUDA device: never read by the host (no sync, no copy; capturable, so the lengths can
+        change between graph replays). Values outside [Sq, Skv] are not reported: the kernels
+        clamp each length into [0, Skv], so nothing outside k and v is read, and a query row that
+        then sees no key comes out as zeros.
+
     Shape:
         q: [B, Sq, Hq, D], k, v: [B, Skv, Hkv, D], kv_lens: [B] int32 (on q's device, or on the
-        CPU: then they are checked without a device sync) -> [B, Sq, Hq, D]
+        CPU) -> [B, Sq, Hq, D]
     """
     return _ops.attention.default(q, k, v, kv_lens, scale)
 
@@ -271,7 +289,9 @@ def rope_qk_norm(
     Returns the query to attend with, ``rms_norm(rope(q)) * q_weight * k_weight``, and the key to
     cache, ``rope(k) / rms(rope(k))`` without any weight. The key-norm weight is folded into the
     query (``q·(w⊙k̂) = (q⊙w)·k̂``), so the two layers of a CLA pair, which differ only in their
-    key-norm weights, share one cached key. ``normalize=False`` applies RoPE alone.
+    key-norm weights, share one cached key. ``normalize=False`` applies RoPE alone. The angle table
+    ``1 / rope_base^(2i/D)`` is built once per (rope_base, D) on the CPU, as HF builds it, and a
+    CUDA call passes it to the kernel by value: no per-call copy or sync, capturable.
 
     Shape:
         q: [T, Hq, D], k: [T, Hkv, D], positions: [T] int, q_weight, k_weight: [D]
@@ -304,9 +324,7 @@ def ntk_alpha_rope_base(rope_theta: float, alpha: float, head_dim: int) -> float
 
 @torch.library.register_fake("pearlmoe::attention")
 def _attention_fake(q, k, v, kv_lens, scale=None):
-    torch._check(q.dim() == 4 and k.dim() == 4, lambda: "q and k must be 4-D")
-    torch._check(k.shape == v.shape, lambda: "k and v must have the same shape")
-    torch._check(q.shape[2] % k.shape[2] == 0, lambda: "Hq must be a multiple of Hkv")
+    op_checks.attention(q, k, v, kv_lens)
     return torch.empty_like(q, memory_format=torch.contiguous_format)  # [B, Sq, Hq, D]
 
 
@@ -322,8 +340,7 @@ def _kv_cache_write_fake(k_cache, v_cache, k, v, positions, group=0):
 @torch.library.register_fake("pearlmoe::rope_qk_norm")
 def _rope_qk_norm_fake(q, k, positions, rope_base, q_weight=None, k_weight=None, eps=1e-5,
                        normalize=True):  # fmt: skip
-    torch._check(q.dim() == 3 and k.dim() == 3, lambda: "q and k must be 3-D")
-    torch._check(positions.shape[0] == q.shape[0], lambda: "positions must be [T]")
+    op_checks.rope_qk_norm(q, k, positions, rope_base, q_weight, k_weight, normalize)
     q_out = torch.empty_like(q, memory_format=torch.contiguous_format)
     k_hat = torch.empty_like(k, memory_format=torch.contiguous_format)
     return q_out, k_hat
@@ -344,14 +361,18 @@ def spec_verify(
     accept ``x_i`` iff ``u_i <= p_i(x_i) / q_i(x_i)``; the first rejection emits a sample of
     ``normalise(max(p_i - q_i, 0))`` and stops; when all are accepted a bonus token is sampled from
     the last target row. This keeps the output distributed exactly as the target's (lossless).
-    The uniforms come from ``generator``, so runs are reproducible. NaN or negative
-    probabilities raise an error.
+    The uniforms come from ``generator``, so runs are reproducible. Every probability row must be
+    a distribution (finite, >= 0, not all zero) and every draft id in [0, V), else the error names
+    the argument and the row; the check reads the values back once (one device sync on CUDA,
+    skipped under CUDA-graph capture, where out-of-range ids are rejected and rows without mass
+    give token 0).
 
     Shape:
         target_probs: [B, n+1, V] float32, draft_ids: [B, n] int, draft_probs: [B, n, V] float32
         -> tokens [B, n+1] int64 (accepted drafts, then the correction or bonus token, then -1),
            num_accepted [B] int32
     """
+    op_checks.spec_verify(target_probs, draft_ids, draft_probs, drawn=True)
     uniforms = None
     if draft_probs is not None:
         batch, rows = target_probs.shape[:2]
@@ -363,8 +384,7 @@ def spec_verify(
 
 @torch.library.register_fake("pearlmoe::spec_verify")
 def _spec_verify_fake(target_probs, draft_ids, draft_probs=None, uniforms=None):
-    torch._check(target_probs.dim() == 3 and draft_ids.dim() == 2, lambda: "bad ranks")
-    torch._check(target_probs.shape[1] == draft_ids.shape[1] + 1, lambda: "need n+1 rows")
+    op_checks.spec_verify(target_probs, draft_ids, draft_probs, uniforms)
     batch, rows = target_probs.shape[:2]
     tokens = target_probs.new_empty(batch, rows, dtype=torch.int64)  # [B, n+1]
     num_accepted = target_probs.new_empty(batch, dtype=torch.int32)  # [B]
@@ -373,29 +393,23 @@ def _spec_verify_fake(target_probs, draft_ids, draft_probs=None, uniforms=None):
 
 @torch.library.register_fake("pearlmoe::grouped_gemm")
 def _grouped_gemm_fake(a: Tensor, b: Tensor, group_offsets: Tensor):
-    torch._check(a.dim() == 2 and b.dim() == 3, lambda: "a must be 2-D and b 3-D")
-    torch._check(b.shape[2] == a.shape[1], lambda: "b must be [G, N, K] with K = a.size(1)")
-    torch._check(group_offsets.shape[0] == b.shape[0] + 1, lambda: "group_offsets needs G + 1")
+    op_checks.grouped_gemm(a, b, group_offsets)
     return a.new_empty(a.shape[0], b.shape[1])  # [M, N]
 
 
 @torch.library.register_fake("pearlmoe::grouped_gemm_wgrad")
 def _grouped_gemm_wgrad_fake(grad_c: Tensor, a: Tensor, group_offsets: Tensor):
-    torch._check(grad_c.shape[0] == a.shape[0], lambda: "grad_c and a must share rows")
+    op_checks.grouped_gemm_wgrad(grad_c, a, group_offsets)
     return a.new_empty(group_offsets.shape[0] - 1, grad_c.shape[1], a.shape[1])  # [G, N, K]
 
 
 @torch.library.register_fake("pearlmoe::moe_ffn_routed")
 def _moe_ffn_routed_fake(x, topk_weights, topk_ids, w13, w2, shared_w13=None, shared_w2=None):
-    torch._check(x.dim() == 2, lambda: "x must be 2-D")
-    torch._check(topk_ids.shape[0] == x.shape[0], lambda: "topk_ids must be [T, k]")
-    torch._check(w13.shape[2] == x.shape[1], lambda: "w13 must be [E, 2I, H]")
+    op_checks.moe_ffn_routed(x, topk_weights, topk_ids, w13, w2, shared_w13, shared_w2)
     return x.new_empty(x.shape)  # [T, H]
 
 
 @torch.library.register_fake("pearlmoe::moe_ffn")
 def _moe_ffn_fake(x, router_w, w13, w2, top_k, shared_w13=None, shared_w2=None, renormalize=False):
-    torch._check(x.dim() == 2, lambda: "x must be 2-D")
-    torch._check(w13.shape[2] == x.shape[1], lambda: "w13 must be [E, 2I, H]")
-    torch._check(top_k >= 1, lambda: "top_k must be >= 1")
+    op_checks.moe_ffn(x, router_w, w13, w2, top_k, shared_w13, shared_w2)
     return x.new_empty(x.shape)  # [T, H]

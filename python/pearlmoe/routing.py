@@ -35,8 +35,12 @@ class RouterStats:
 
 
 def capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
-    """Slots each expert may take: ``ceil(capacity_factor · T · k / E)``."""
-    return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
+    """Slots each expert may take: ``ceil(capacity_factor · T · k / E)``, at most T (an expert
+    gets at most one slot per token, so a larger capacity drops nothing either; the cap keeps an
+    absurd factor from sizing recycle routing's tables)."""
+    if not (math.isfinite(capacity_factor) and capacity_factor > 0):
+        raise ValueError(f"capacity_factor must be a positive finite number, got {capacity_factor}")
+    return min(math.ceil(capacity_factor * num_tokens * top_k / num_experts), num_tokens)
 
 
 def route(

@@ -7,13 +7,16 @@
 //   * Sq >= 64, prefill: flash_prefill.cuh. FlashAttention-2: 128 query rows of one head per block,
 //     8 warps x 16 rows, 64-key K/V tiles through a 3-stage cp.async pipeline, online softmax in
 //     registers, causal tile skipping and diagonal masking (bottom-right aligned per kv_lens[b]).
-//   * Sq < 64, decode and verification: split_kv_decode.cuh. FlashDecoding: blocks take (KV chunk,
-//     KV head, batch) and all Hq/Hkv query heads x Sq rows of that KV head in the MMA's M, so the
-//     cache is read once; each split writes fp32 partials and a log-sum-exp to the workspace and a
-//     combine kernel merges them. The split count fills the GPU at small batch from kv_capacity
-//     and num_sms; splits past a sequence's causal limit write lse = -inf and zeros.
-// The device code shared by both is in attention_common.cuh. The .cuh files are included here so
-// that attention.cu stays the single translation unit of the build.
+//   * Sq < 64, decode and verification: split_kv_decode.cuh. FlashDecoding: blocks take (key
+//     range, KV head, batch) and all Hq/Hkv query heads x Sq rows of that KV head in the MMA's M,
+//     so the cache is read once.
+// When the grid of query blocks alone would not fill the GPU (small batch, long context), both
+// split the keys into ranges: the number of ranges comes from the shape, kv_capacity and num_sms;
+// which keys a range holds comes from the sequence's length, on the device (split_tiles), so a
+// short context in a long cache still spreads over the splits. Each range writes fp32 partials
+// and a log-sum-exp to the workspace and a combine kernel merges them; empty ranges write
+// lse = -inf and zeros. The device code shared by both is in attention_common.cuh. The .cuh files
+// are included here so that attention.cu stays the single translation unit of the build.
 #include "attention.h"
 
 #include <cuda_bf16.h>
@@ -23,6 +26,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <utility>
 
 #include "../common.h"
 #include "attention_common.cuh"
@@ -34,18 +38,10 @@ namespace {
 
 constexpr int kPrefillMinQLen = 64;   // shorter query blocks take the split-KV path
 constexpr int kMaxSplits = 128;       // bounds the workspace and the combine's loop
-constexpr int kMinTilesPerSplit = 2;  // a split amortises its Q load and partial write over >= 2
-constexpr int kBlocksPerSm = 2;       // split-KV target: ~2 blocks resident per SM
+constexpr int kMinTilesPerSplit = 2;  // a split-KV range amortises its Q load and partial write
+constexpr int kMinPrefillTilesPerSplit = 8;   // likewise for 128 query rows per block
+constexpr int kBlocksPerSm = 2;               // split-KV target: ~2 blocks resident per SM
 constexpr int64_t kMaxKv = int64_t{1} << 30;  // keys and query rows are int on the device
-
-struct Plan {
-  bool prefill = false;
-  // Split-KV only.
-  int warps_m = 1;   // warps along the rows: 1, 2, 4 or 8 (x 4, 2, 1, 1 along the keys)
-  int m_groups = 1;  // row groups of 16 warps_m (row, head) pairs
-  int splits = 1;
-  int chunk = 0;  // keys per split
-};
 
 bool supported_head_dim(int d) { return d == 64 || d == 80 || d == 128; }
 
@@ -72,37 +68,71 @@ bool negative(const AttentionParams& p) {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-Plan make_plan(const AttentionParams& p, int num_sms) {
-  Plan plan;
-  plan.prefill = p.q_len >= kPrefillMinQLen;
-  if (plan.prefill) return plan;
-  const int64_t m = int64_t{p.q_heads / p.kv_heads} * p.q_len;  // (row, head) pairs per KV head
-  plan.warps_m = m <= 16 ? 1 : m <= 32 ? 2 : m <= 64 ? 4 : 8;
-  plan.m_groups = static_cast<int>(ceil_div(m, 16 * plan.warps_m));
-  // Enough splits that B · Hkv · row groups · splits fills ~kBlocksPerSm blocks per SM, but no
-  // split shorter than kMinTilesPerSplit tiles of kv_capacity (actual lengths are unknown here;
-  // splits past a sequence's length exit after writing -inf).
-  const int64_t base = int64_t{p.batch} * p.kv_heads * plan.m_groups;
+// Key ranges for `blocks` prefill blocks on `sms` SMs. Prefill is bound by tensor-core throughput,
+// which blocks sharing an SM share, so s ranges take ceil(blocks · s / sms) / s of the unsplit
+// time: the fewest splits within 15% of the best up to max_splits (each split costs a partial
+// write, its share of the combine and a pipeline start).
+int64_t prefill_splits(int64_t blocks, int64_t sms, int64_t max_splits) {
+  auto waves = [&](int64_t s) { return ceil_div(blocks * s, sms); };
+  int64_t best = 1;  // minimises waves(s) / s
+  for (int64_t s = 2; s <= max_splits; ++s) {
+    if (waves(s) * best < waves(best) * s) best = s;
+  }
+  for (int64_t s = 1;; ++s) {
+    if (waves(s) * best * 100 <= waves(best) * s * 115) return s;
+  }
+}
+
+// Partials [splits, B, Sq, Hq, D] fp32, then lse [splits, B, Sq, Hq] fp32.
+int64_t partial_floats(const AttentionParams& p, int splits) {
+  return int64_t{splits} * p.batch * p.q_len * p.q_heads * p.head_dim;
+}
+
+size_t workspace_for(const AttentionParams& p, int splits) {
+  if (splits == 1) return 0;
+  const int64_t rows = int64_t{splits} * p.batch * p.q_len * p.q_heads;
+  return static_cast<size_t>(partial_floats(p, splits) + rows) * sizeof(float);
+}
+
+AttentionPlan make_plan(const AttentionParams& p, int num_sms) {
+  AttentionPlan plan{};
   const int64_t kv_tiles = std::max<int64_t>(ceil_div(p.kv_capacity, kKeyTile), 1);
-  const int64_t target = int64_t{kBlocksPerSm} * std::max(num_sms, 1);
-  int64_t splits = ceil_div(target, base);
-  splits = std::min<int64_t>({splits, kMaxSplits, ceil_div(kv_tiles, kMinTilesPerSplit)});
-  splits = std::max<int64_t>(splits, 1);
-  const int64_t tiles_per_split = ceil_div(kv_tiles, splits);
-  plan.splits = static_cast<int>(ceil_div(kv_tiles, tiles_per_split));  // no empty tail splits
-  plan.chunk = static_cast<int>(tiles_per_split * kKeyTile);
+  plan.prefill = p.q_len >= kPrefillMinQLen;
+  plan.warps_m = 1;
+  plan.m_groups = 1;
+  if (plan.prefill) {
+    const int64_t m_tiles = ceil_div(p.q_len, PrefillConfig<64>::kRows);
+    const int64_t blocks = int64_t{p.q_heads} * m_tiles * p.batch;
+    const int64_t sms = std::max(num_sms, 1);
+    const int64_t max_splits =
+        std::min<int64_t>({kMaxSplits, kv_tiles / kMinPrefillTilesPerSplit, 65535 / m_tiles});
+    // Only a grid that leaves SMs idle splits: a long context at small batch and few heads.
+    const int64_t splits =
+        blocks < sms && max_splits > 1 ? prefill_splits(blocks, sms, max_splits) : 1;
+    plan.splits = static_cast<int>(splits);
+    plan.min_split_tiles = kMinPrefillTilesPerSplit;
+    plan.grid[0] = static_cast<unsigned>(p.q_heads);
+    plan.grid[1] = static_cast<unsigned>(m_tiles * splits);
+    plan.grid[2] = static_cast<unsigned>(p.batch);
+  } else {
+    const int64_t m = int64_t{p.q_heads / p.kv_heads} * p.q_len;  // (row, head) pairs per KV head
+    plan.warps_m = m <= 16 ? 1 : m <= 32 ? 2 : m <= 64 ? 4 : 8;
+    plan.m_groups = static_cast<int>(ceil_div(m, 16 * plan.warps_m));
+    // Enough splits that B · Hkv · row groups · splits fills ~kBlocksPerSm blocks per SM, none
+    // shorter than kMinTilesPerSplit tiles of the capacity (the lengths are dealt out on the
+    // device).
+    const int64_t blocks = int64_t{p.batch} * p.kv_heads * plan.m_groups;
+    const int64_t target = int64_t{kBlocksPerSm} * std::max(num_sms, 1);
+    const int64_t splits =
+        std::min<int64_t>({ceil_div(target, blocks), kMaxSplits, kv_tiles / kMinTilesPerSplit});
+    plan.splits = static_cast<int>(std::max<int64_t>(splits, 1));
+    plan.min_split_tiles = kMinTilesPerSplit;
+    plan.grid[0] = static_cast<unsigned>(int64_t{plan.m_groups} * plan.splits);
+    plan.grid[1] = static_cast<unsigned>(p.kv_heads);
+    plan.grid[2] = static_cast<unsigned>(p.batch);
+  }
+  plan.workspace_bytes = workspace_for(p, plan.splits);
   return plan;
-}
-
-// Workspace layout: partial [splits, B, Sq, Hq, D] fp32, then lse [splits, B, Sq, Hq] fp32.
-int64_t partial_floats(const AttentionParams& p, const Plan& plan) {
-  return int64_t{plan.splits} * p.batch * p.q_len * p.q_heads * p.head_dim;
-}
-
-size_t workspace_bytes(const AttentionParams& p, const Plan& plan) {
-  if (plan.prefill || plan.splits == 1) return 0;
-  const int64_t rows = int64_t{plan.splits} * p.batch * p.q_len * p.q_heads;
-  return static_cast<size_t>(partial_floats(p, plan) + rows) * sizeof(float);
 }
 
 template <class Kernel>
@@ -113,40 +143,36 @@ cudaError_t set_smem(Kernel* kernel, int bytes) {
 }
 
 template <typename T, int D>
-cudaError_t launch_prefill(const KernelArgs& a, cudaStream_t stream) {
-  using Cfg = PrefillConfig<D>;
-  const int64_t m_tiles = ceil_div(a.q_len, Cfg::kRows);
-  if (m_tiles > 65535) return cudaErrorInvalidValue;
-  auto* kernel = &flash_prefill_kernel<T, D>;
-  PM_CUDA_TRY(set_smem(kernel, Cfg::kSmemBytes));
-  const dim3 grid(static_cast<unsigned>(a.q_heads), static_cast<unsigned>(m_tiles),
-                  static_cast<unsigned>(a.batch));
-  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(a);
-  return cudaGetLastError();
-}
-
-template <typename T, int D, int kWarpsM, int kWarpsK>
-cudaError_t launch_split_kv(const KernelArgs& a, const Plan& plan, cudaStream_t stream) {
-  using Cfg = DecodeConfig<D, kWarpsM, kWarpsK>;
-  auto* kernel = &split_kv_kernel<T, D, kWarpsM, kWarpsK>;
-  PM_CUDA_TRY(set_smem(kernel, Cfg::kSmemBytes));
-  const int64_t blocks_x = int64_t{plan.m_groups} * plan.splits;
-  if (blocks_x > std::numeric_limits<int32_t>::max()) return cudaErrorInvalidValue;
-  const dim3 grid(static_cast<unsigned>(blocks_x), static_cast<unsigned>(a.kv_heads),
-                  static_cast<unsigned>(a.batch));
-  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(a);
-  if (plan.splits > 1) {
-    PM_CUDA_TRY(cudaGetLastError());
-    const int64_t rows = int64_t{a.batch} * a.q_len * a.q_heads;
-    split_kv_combine_kernel<T, D><<<static_cast<unsigned>(ceil_div(rows, 4)), 128, 0, stream>>>(
-        a.partial, a.lse, static_cast<T*>(a.o), rows, plan.splits);
-  }
-  return cudaGetLastError();
+cudaError_t launch_combine(const KernelArgs& a, int splits, cudaStream_t stream) {
+  const int64_t rows = int64_t{a.batch} * a.q_len * a.q_heads;
+  return launch_kernel(&split_kv_combine_kernel<T, D>, static_cast<unsigned>(ceil_div(rows, 4)),
+                       128, 0, stream, a.partial, a.lse, static_cast<T*>(a.o), rows, splits);
 }
 
 template <typename T, int D>
-cudaError_t dispatch(const KernelArgs& a, const Plan& plan, cudaStream_t stream) {
-  if (plan.prefill) return launch_prefill<T, D>(a, stream);
+cudaError_t launch_prefill(const KernelArgs& a, const AttentionPlan& plan, cudaStream_t stream) {
+  using Cfg = PrefillConfig<D>;
+  if (plan.grid[1] > 65535) return cudaErrorInvalidValue;
+  auto* kernel = &flash_prefill_kernel<T, D>;
+  PM_CUDA_TRY(set_smem(kernel, Cfg::kSmemBytes));
+  const dim3 grid(plan.grid[0], plan.grid[1], plan.grid[2]);
+  PM_CUDA_TRY(launch_kernel(kernel, grid, Cfg::kThreads, Cfg::kSmemBytes, stream, a));
+  return plan.splits == 1 ? cudaSuccess : launch_combine<T, D>(a, plan.splits, stream);
+}
+
+template <typename T, int D, int kWarpsM, int kWarpsK>
+cudaError_t launch_split_kv(const KernelArgs& a, const AttentionPlan& plan, cudaStream_t stream) {
+  using Cfg = DecodeConfig<D, kWarpsM, kWarpsK>;
+  auto* kernel = &split_kv_kernel<T, D, kWarpsM, kWarpsK>;
+  PM_CUDA_TRY(set_smem(kernel, Cfg::kSmemBytes));
+  const dim3 grid(plan.grid[0], plan.grid[1], plan.grid[2]);
+  PM_CUDA_TRY(launch_kernel(kernel, grid, Cfg::kThreads, Cfg::kSmemBytes, stream, a));
+  return plan.splits == 1 ? cudaSuccess : launch_combine<T, D>(a, plan.splits, stream);
+}
+
+template <typename T, int D>
+cudaError_t dispatch(const KernelArgs& a, const AttentionPlan& plan, cudaStream_t stream) {
+  if (plan.prefill) return launch_prefill<T, D>(a, plan, stream);
   switch (plan.warps_m) {
     case 1:
       return launch_split_kv<T, D, 1, 4>(a, plan, stream);
@@ -160,7 +186,7 @@ cudaError_t dispatch(const KernelArgs& a, const Plan& plan, cudaStream_t stream)
 }
 
 template <typename T>
-cudaError_t dispatch_head_dim(const KernelArgs& a, const Plan& plan, int head_dim,
+cudaError_t dispatch_head_dim(const KernelArgs& a, const AttentionPlan& plan, int head_dim,
                               cudaStream_t stream) {
   switch (head_dim) {
     case 64:
@@ -176,9 +202,13 @@ cudaError_t dispatch_head_dim(const KernelArgs& a, const Plan& plan, int head_di
 
 }  // namespace
 
+AttentionPlan attention_plan(const AttentionParams& p, int num_sms) {
+  if (negative(p) || empty(p) || !shape_ok(p)) return AttentionPlan{};
+  return make_plan(p, num_sms);
+}
+
 size_t attention_workspace_bytes(const AttentionParams& p, int num_sms) {
-  if (negative(p) || empty(p) || !shape_ok(p)) return 0;
-  return workspace_bytes(p, make_plan(p, num_sms));
+  return attention_plan(p, num_sms).workspace_bytes;
 }
 
 cudaError_t attention_cuda(const AttentionParams& p, void* workspace, size_t workspace_bytes_,
@@ -194,14 +224,18 @@ cudaError_t attention_cuda(const AttentionParams& p, void* workspace, size_t wor
       reinterpret_cast<uintptr_t>(p.kv_lens) % alignof(int32_t) != 0) {
     return cudaErrorInvalidValue;
   }
-  // 16-byte rows: every stride a multiple of 8 elements.
-  for (const int64_t s : {p.q_batch_stride, p.q_row_stride, p.q_head_stride, p.kv_batch_stride,
-                          p.kv_row_stride, p.kv_head_stride}) {
-    if (s % 8 != 0) return cudaErrorInvalidValue;
+  // 16-byte rows: the stride of every dimension longer than 1 a multiple of 8 elements (a size-1
+  // dimension's stride only ever multiplies index 0, so views may carry any).
+  const std::pair<int64_t, int64_t> strides[] = {
+      {p.q_batch_stride, p.batch},      {p.q_row_stride, p.q_len},
+      {p.q_head_stride, p.q_heads},     {p.kv_batch_stride, p.batch},
+      {p.kv_row_stride, p.kv_capacity}, {p.kv_head_stride, p.kv_heads}};
+  for (const auto& [stride, size] : strides) {
+    if (size > 1 && stride % 8 != 0) return cudaErrorInvalidValue;
   }
 
-  const Plan plan = make_plan(p, num_sms);
-  const size_t need = workspace_bytes(p, plan);
+  const AttentionPlan plan = make_plan(p, num_sms);
+  const size_t need = plan.workspace_bytes;
   if (need > 0 && (workspace == nullptr || !aligned16(workspace) || workspace_bytes_ < need)) {
     return cudaErrorInvalidValue;
   }
@@ -225,11 +259,12 @@ cudaError_t attention_cuda(const AttentionParams& p, void* workspace, size_t wor
   a.group = p.q_heads / p.kv_heads;
   a.kv_capacity = static_cast<int>(p.kv_capacity);
   a.scale_log2 = p.scale * kLog2e;
-  a.chunk = plan.chunk;
+  a.splits = plan.splits;
+  a.min_split_tiles = plan.min_split_tiles;
   a.m_groups = plan.m_groups;
   if (need > 0) {
     a.partial = static_cast<float*>(workspace);
-    a.lse = a.partial + partial_floats(p, plan);
+    a.lse = a.partial + partial_floats(p, plan.splits);
   }
 
   switch (p.dtype) {

@@ -1,5 +1,5 @@
 // Device pieces shared by the prefill and split-KV kernels of attention.cu (the only file that
-// includes this header): PTX wrappers, the padded shared-memory tile layout, the K/V tile loader
+// includes this header): the padded shared-memory tile layout, the K/V tile loader
 // and the per-warp online-softmax attention step on mma.sync m16n8k16.
 //
 // Fragment conventions (PTX ISA, mma.m16n8k16 with 16-bit inputs; g = lane / 4, t = lane % 4):
@@ -19,31 +19,22 @@
 #include <limits>
 #include <type_traits>
 
-#include "../mma_sm80.cuh"
+#include "../launch.cuh"
+#include "../ptx.cuh"
 
 namespace pearlmoe::attention {
 namespace {
 
-using sm80::cp_async_16, sm80::cp_async_commit, sm80::cp_async_wait, sm80::ldmatrix_x4;
-using sm80::mma_16816, sm80::smem_u32;
+using ptx::cp_async_16, ptx::cp_async_commit, ptx::cp_async_wait, ptx::ex2, ptx::ldmatrix_x4;
+using ptx::ldmatrix_x4_trans, ptx::mma_16816, ptx::smem_u32;
 
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kLog2e = 1.4426950408889634f;
 
-// Keys per K/V tile, both kernels. One pipeline stage holds the K tile and then the V tile.
-constexpr int kKeyTile = 64;
+// One pipeline stage of either kernel holds a K tile and then a V tile of kKeyTile keys.
 
 // ------------------------------------------------------------------------------------------------
-// PTX wrappers beyond the shared ones in ../mma_sm80.cuh.
-
-// As ldmatrix_x4, transposed: lane receives (rows 2t, 2t + 1; column g) of each stored matrix.
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
 // Two floats as a packed pair of T: lo in the low half (the lower column of a fragment pair).
 template <typename T>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
@@ -54,13 +45,6 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
     const __half2 v = __floats2half2_rn(lo, hi);
     return *reinterpret_cast<const uint32_t*>(&v);
   }
-}
-
-// 2^x on the SFU. ex2.approx(-inf) = +0, which the masked softmax relies on.
-__device__ __forceinline__ float ex2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -282,14 +266,14 @@ struct KernelArgs {
   int64_t q_batch_stride, q_row_stride, q_head_stride;
   int64_t kv_batch_stride, kv_row_stride, kv_head_stride;
   int batch, q_len, q_heads, kv_heads;
-  int group;         // q_heads / kv_heads
-  int kv_capacity;   // host-checked to fit in int
-  float scale_log2;  // scale · log2(e)
-  // Split-KV only.
-  int chunk;       // keys per split, a multiple of kKeyTile
-  int m_groups;    // blocks along the (query row, head) dimension
-  float* partial;  // [splits, B, Sq, Hq, D] fp32 split outputs, or nullptr: write o directly
-  float* lse;      // [splits, B, Sq, Hq] log2-domain log-sum-exp of each split
+  int group;            // q_heads / kv_heads
+  int kv_capacity;      // host-checked to fit in int
+  float scale_log2;     // scale · log2(e)
+  int splits;           // key ranges per query block (split_tiles: from kv_lens, on the device)
+  int min_split_tiles;  // split_tiles' min_tiles
+  int m_groups;         // split-KV: blocks along the (query row, head) dimension
+  float* partial;       // [splits, B, Sq, Hq, D] fp32 split outputs, or nullptr: write o directly
+  float* lse;           // [splits, B, Sq, Hq] log2-domain log-sum-exp of each split
 };
 
 // kv_lens[b] clamped into [0, kv_capacity], so bad lengths cannot read out of bounds.

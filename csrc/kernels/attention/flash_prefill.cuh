@@ -1,10 +1,14 @@
 // FlashAttention-2 style prefill kernel (long query blocks); included only by attention.cu.
 //
 // Block = 128 query rows of one query head, 8 warps of 16 rows each; grid (x = query head,
-// y = row tile, heaviest first, z = batch). One head per block rather than the GQA group packed
-// into M: rows of one head share one causal limit per row, the K/V tile in shared memory is reused
-// by 8 warps, and the Hq / Hkv heads that read the same K/V are adjacent in x, so they run together
-// and take it from L2 (prefill is bound by tensor-core throughput, not by HBM).
+// y = row tile (heaviest first) x key range, z = batch). With one key range per row tile (the
+// usual case) a block writes o; with more (a long context whose grid would not fill the GPU) each
+// block takes the range split_tiles deals out from kv_lens on the device and writes fp32 partials
+// and log-sum-exps for split_kv_combine_kernel, as the split-KV path does. One head per block
+// rather than the GQA group packed into M: rows of one head share one causal limit per row, the K/V
+// tile in shared memory is reused by 8 warps, and the Hq / Hkv heads that read the same K/V are
+// adjacent in x, so they run together and take it from L2 (prefill is bound by tensor-core
+// throughput, not by HBM).
 //
 // Pipeline: kStages stages of (K tile, V tile), 64 keys each, filled by cp.async with exactly one
 // commit per step, as in the grouped GEMM. The Q tile (128 rows) has exactly the size of a stage
@@ -43,20 +47,24 @@ __global__ void __launch_bounds__(PrefillConfig<D>::kThreads, PrefillConfig<D>::
   constexpr int kStages = Cfg::kStages;
 
   const int h = static_cast<int>(blockIdx.x);
-  const int m0 = static_cast<int>(gridDim.y - 1 - blockIdx.y) * Cfg::kRows;  // longest first
+  const int split = static_cast<int>(blockIdx.y) % a.splits;
+  const int m_tiles = static_cast<int>(gridDim.y) / a.splits;
+  const int m0 = (m_tiles - 1 - static_cast<int>(blockIdx.y) / a.splits) * Cfg::kRows;  // longest
   const int b = static_cast<int>(blockIdx.z);
   const int hk = h / a.group;
   const int warp = static_cast<int>(threadIdx.x) / 32;
   const int lane = static_cast<int>(threadIdx.x) % 32;
   const int sq = a.q_len;
 
-  // Query row i sees keys j < diag + i + 1.
+  // Query row i sees keys j < diag + i + 1; this block takes key tiles [t0, t0 + n_tiles).
   const int kv_len = load_kv_len(a, b);
   const int diag = kv_len - sq;
-  const int n_end = diag + min(m0 + Cfg::kRows, sq);  // <= kv_len: keys the block needs
-  const int n_tiles = n_end > 0 ? (n_end + kKeyTile - 1) / kKeyTile : 0;
+  const int n_end = diag + min(m0 + Cfg::kRows, sq);  // <= kv_len: keys the block's rows need
+  int t0, t_end;
+  split_tiles(n_end, split, a.splits, a.min_split_tiles, &t0, &t_end);
+  const int n_tiles = t_end - t0;
 
-  extern __shared__ __align__(128) uint8_t smem[];
+  PM_DYNAMIC_SMEM(uint8_t, smem);
   const uint32_t s0 = smem_u32(smem);
   const auto stage = [&](int s) { return s0 + static_cast<uint32_t>(s * kStageBytes<D>); };
 
@@ -85,7 +93,7 @@ __global__ void __launch_bounds__(PrefillConfig<D>::kThreads, PrefillConfig<D>::
   // Prologue: Q joins tile 0 in group 0; KV tile t lives in stage t % kStages.
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < n_tiles) loader.load(stage(s), s * kKeyTile);
+    if (s < n_tiles) loader.load(stage(s), (t0 + s) * kKeyTile);
     cp_async_commit();
   }
   cp_async_wait<kStages - 2>();
@@ -107,7 +115,7 @@ __global__ void __launch_bounds__(PrefillConfig<D>::kThreads, PrefillConfig<D>::
   for (int t = 0; t < n_tiles; ++t) {
     // Refill the stage computed in step t - 1 (the barrier ending that step made it free).
     const int next = t + kStages - 1;
-    if (next < n_tiles) loader.load(stage(next % kStages), next * kKeyTile);
+    if (next < n_tiles) loader.load(stage(next % kStages), (t0 + next) * kKeyTile);
     cp_async_commit();
 
     const uint32_t sk = stage(t % kStages);
@@ -115,7 +123,7 @@ __global__ void __launch_bounds__(PrefillConfig<D>::kThreads, PrefillConfig<D>::
 #pragma unroll
     for (int sub = 0; sub < kKeyTile / Cfg::kKeysPerStep; ++sub) {
       const int krow0 = sub * Cfg::kKeysPerStep;
-      const int n0 = t * kKeyTile + krow0;
+      const int n0 = (t0 + t) * kKeyTile + krow0;
       if (n0 < warp_key_end) {  // warp-uniform
         if (n0 + Cfg::kKeysPerStep > mask_from) {
           att.template step<true>(sk, sv, krow0, n0, lim, scale_log2);
@@ -129,13 +137,30 @@ __global__ void __launch_bounds__(PrefillConfig<D>::kThreads, PrefillConfig<D>::
   }
   cp_async_wait<0>();  // only empty groups remain; leave nothing in flight
 
-  // Epilogue. Every warp is past its last shared-memory read (the last barrier above), so each
-  // warp stages its normalised 16 x D rows in rows [16 warp, +16) of stage 0, then stores them
-  // as 16-byte chunks. Rows that saw no key (invalid kv_lens) come out as zeros.
+  // Epilogue. Rows that saw no key (an empty key range, invalid kv_lens) come out as zeros.
   att.finish();
   float inv[2];
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) inv[hh] = att.l[hh] > 0.0f ? 1.0f / att.l[hh] : 0.0f;
+  if (a.partial != nullptr) {  // a key range of several: normalised fp32 partials and lse
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const int i = row_lo + (lane >> 2) + 8 * hh;
+      if (i >= sq) continue;
+      const int64_t orow = ((static_cast<int64_t>(split) * a.batch + b) * sq + i) * a.q_heads + h;
+      float* dst = a.partial + orow * D + 2 * (lane & 3);
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        *reinterpret_cast<float2*>(dst + 8 * n) =
+            make_float2(att.o[n][2 * hh] * inv[hh], att.o[n][2 * hh + 1] * inv[hh]);
+      }
+      if ((lane & 3) == 0) a.lse[orow] = att.l[hh] > 0.0f ? att.m[hh] + log2f(att.l[hh]) : kNegInf;
+    }
+    return;
+  }
+  // Every warp is past its last shared-memory read (the last barrier above), so each warp stages
+  // its normalised 16 x D rows in rows [16 warp, +16) of stage 0, then stores them as 16-byte
+  // chunks.
   uint8_t* so = smem;  // stage 0, generic address
 #pragma unroll
   for (int n = 0; n < D / 8; ++n) {

@@ -6,13 +6,14 @@
 
 #include <type_traits>
 
+#include "../launch.cuh"
 #include "rope_norm.h"
 
 namespace pearlmoe::attention {
 namespace {
 
 constexpr int kWarpsPerBlock = 4;
-constexpr int kMaxPairsPerLane = 2;  // D/2 <= 64
+constexpr int kMaxPairsPerLane = kRopeMaxHeadDim / 64;  // D/2 <= 64 pairs over 32 lanes
 
 __device__ __forceinline__ float load(const float* p) { return *p; }
 __device__ __forceinline__ float load(const __nv_bfloat16* p) { return __bfloat162float(*p); }
@@ -25,9 +26,9 @@ template <typename T>
 __global__ void rope_norm_kernel(const T* __restrict__ x, T* __restrict__ out,
                                  const int64_t* __restrict__ positions,
                                  const float* __restrict__ weight,
-                                 const float* __restrict__ inv_freq, int64_t tokens, int64_t heads,
-                                 int head_dim, int64_t token_stride, int64_t head_stride, float eps,
-                                 bool normalize) {
+                                 const __grid_constant__ RopeInvFreq inv_freq, int64_t tokens,
+                                 int64_t heads, int head_dim, int64_t token_stride,
+                                 int64_t head_stride, float eps, bool normalize) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (row >= tokens * heads) return;
@@ -45,7 +46,7 @@ __global__ void rope_norm_kernel(const T* __restrict__ x, T* __restrict__ out,
     lo[s] = hi[s] = 0.f;
     if (i < half) {
       float sin_a, cos_a;
-      sincosf(pos * inv_freq[i], &sin_a, &cos_a);  // the fp32 angle, as HF's tables hold it
+      sincosf(pos * inv_freq.v[i], &sin_a, &cos_a);  // the fp32 angle, as HF's tables hold it
       const float a = load(src + i), b = load(src + i + half);
       lo[s] = a * cos_a - b * sin_a;
       hi[s] = b * cos_a + a * sin_a;
@@ -75,17 +76,16 @@ __global__ void rope_norm_kernel(const T* __restrict__ x, T* __restrict__ out,
 }  // namespace
 
 cudaError_t rope_norm_cuda(const RopeNormParams& p, cudaStream_t stream) {
-  if (p.head_dim % 2 != 0 || p.head_dim > 2 * 32 * kMaxPairsPerLane) return cudaErrorInvalidValue;
+  if (p.head_dim % 2 != 0 || p.head_dim > kRopeMaxHeadDim) return cudaErrorInvalidValue;
   const int64_t rows = p.tokens * p.heads;
   if (rows == 0) return cudaSuccess;
   const unsigned blocks = static_cast<unsigned>((rows + kWarpsPerBlock - 1) / kWarpsPerBlock);
   auto launch = [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    rope_norm_kernel<T><<<blocks, kWarpsPerBlock * 32, 0, stream>>>(
-        static_cast<const T*>(p.x), static_cast<T*>(p.out), p.positions, p.weight, p.inv_freq,
-        p.tokens, p.heads, static_cast<int>(p.head_dim), p.token_stride, p.head_stride, p.eps,
-        p.normalize);
-    return cudaGetLastError();
+    return launch_kernel(&rope_norm_kernel<T>, blocks, kWarpsPerBlock * 32, 0, stream,
+                         static_cast<const T*>(p.x), static_cast<T*>(p.out), p.positions, p.weight,
+                         p.inv_freq, p.tokens, p.heads, static_cast<int>(p.head_dim),
+                         p.token_stride, p.head_stride, p.eps, p.normalize);
   };
   switch (p.dtype) {
     case RopeDType::kF32:

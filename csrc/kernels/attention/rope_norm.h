@@ -16,12 +16,20 @@ namespace pearlmoe::attention {
 
 enum class RopeDType { kF32, kBF16, kF16 };
 
+constexpr int kRopeMaxHeadDim = 128;
+
+// The table travels by value in the kernel's parameters: a call reads no host table and copies
+// nothing to the device, so it can be captured in a CUDA graph.
+struct RopeInvFreq {
+  float v[kRopeMaxHeadDim / 2];  // [D/2] used
+};
+
 struct RopeNormParams {
   const void* x;             // [T, H, D] with row stride (per token) and head stride, unit last
   void* out;                 // [T, H, D] contiguous
   const int64_t* positions;  // [T] device
   const float* weight;       // [D] fp32 or null (the query's weight times the folded key weight)
-  const float* inv_freq;     // [D/2] fp32
+  RopeInvFreq inv_freq;
   int64_t tokens, heads, head_dim, token_stride, head_stride;
   float eps;
   bool normalize;

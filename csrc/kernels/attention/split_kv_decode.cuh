@@ -8,12 +8,15 @@
 // verification, i.e. up to ~M FLOP per cache byte, which fp32 FMA cannot keep up with at HBM
 // speed on H100 (67 TFLOP/s FMA vs 3.35 TB/s); tensor cores make the kernel purely bandwidth-bound.
 //
-// Block = (KV chunk `split`, row group `mg`) x KV head x batch. Warps form kWarpsM x kWarpsK:
-// warp (wm, wk) owns rows [16 wm, +16) of the row group and keys [wk · 64 / kWarpsK, +64 / kWarpsK)
-// of every 64-key tile, with its own online-softmax state; the kWarpsK partial states of a row are
-// merged through shared memory at the end. Small M uses the warps along the keys (1 x 4: decode),
-// large M along the rows (8 x 1, 128 rows); M > 128 takes several row groups (K/V then comes from
-// L2 for the second and later groups, which run alongside the first).
+// Block = (key range `split`, row group `mg`) x KV head x batch. The grid is fixed by the shape;
+// the block's keys are the split-th of the ranges split_tiles deals out from the keys its rows
+// actually need (from kv_lens, on the device), so short contexts keep fewer, fuller splits busy.
+// Warps form kWarpsM x kWarpsK: warp (wm, wk) owns rows [16 wm, +16) of the row group and keys [wk
+// · 64 / kWarpsK, +64 / kWarpsK) of every 64-key tile, with its own online-softmax state; the
+// kWarpsK partial states of a row are merged through shared memory at the end. Small M uses the
+// warps along the keys (1 x 4: decode), large M along the rows (8 x 1, 128 rows); M > 128 takes
+// several row groups (K/V then comes from L2 for the second and later groups, which run alongside
+// the first).
 //
 // K/V tiles stream through a 3-stage cp.async pipeline of 16-byte copies from all threads (two
 // tiles, 36-70 KB, in flight per block while one is consumed). Keys past the split's end or the
@@ -69,14 +72,18 @@ __global__ void __launch_bounds__(DecodeConfig<D, kWarpsM, kWarpsK>::kThreads, 1
   const int r0 = mg * Cfg::kRows;  // first row of the block
   const int r_end = min(r0 + Cfg::kRows, m_rows);
 
-  // Keys of this split: [c0, key_end), capped by the causal limit of the block's last query row.
+  // Keys of this split: [c0, key_end), its share of the keys up to the causal limit of the block's
+  // last query row.
   const int kv_len = load_kv_len(a, b);
-  const int diag = kv_len - sq;  // row i sees keys j < diag + i + 1
-  const int c0 = split * a.chunk;
-  const int key_end = min(c0 + a.chunk, diag + (r_end - 1) / group + 1);
-  const int n_tiles = key_end > c0 ? (key_end - c0 + kKeyTile - 1) / kKeyTile : 0;
+  const int diag = kv_len - sq;                             // row i sees keys j < diag + i + 1
+  const int rows_key_end = diag + (r_end - 1) / group + 1;  // <= kv_len
+  int t_begin, t_end;
+  split_tiles(rows_key_end, split, a.splits, a.min_split_tiles, &t_begin, &t_end);
+  const int c0 = t_begin * kKeyTile;
+  const int key_end = min(t_end * kKeyTile, rows_key_end);
+  const int n_tiles = t_end - t_begin;
 
-  extern __shared__ __align__(128) uint8_t smem[];
+  PM_DYNAMIC_SMEM(uint8_t, smem);
   const uint32_t s0 = smem_u32(smem);
   const auto stage = [&](int s) { return s0 + static_cast<uint32_t>(s * kStageBytes<D>); };
   const uint32_t sq_tile = s0 + Cfg::kUnionBytes;

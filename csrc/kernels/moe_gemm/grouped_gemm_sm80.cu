@@ -25,14 +25,15 @@
 #include <type_traits>
 
 #include "../common.h"
-#include "../mma_sm80.cuh"
+#include "../launch.cuh"
+#include "../ptx.cuh"
 #include "grouped_gemm.h"
 
 namespace pearlmoe::moe_gemm {
 namespace {
 
-using sm80::cp_async_16, sm80::cp_async_commit, sm80::cp_async_wait, sm80::ldmatrix_x4;
-using sm80::mma_16816, sm80::smem_u32;
+using ptx::cp_async_16, ptx::cp_async_commit, ptx::cp_async_wait, ptx::ldmatrix_x4;
+using ptx::mma_16816, ptx::smem_u32;
 
 constexpr unsigned kFullMask = 0xffffffffu;
 
@@ -77,7 +78,7 @@ using DecodeTile = TileConfig<16, 64, 128, 1, 4, 4, 2>;
 using PrefillTile = TileConfig<128, 128, 32, 2, 4, 4, 2>;
 
 // ------------------------------------------------------------------------------------------------
-// Epilogue helpers (the PTX wrappers are in ../mma_sm80.cuh).
+// Epilogue helpers (the PTX wrappers are in ../ptx.cuh).
 
 // Stores two adjacent outputs (dst is 4-byte aligned).
 template <typename T>
@@ -366,7 +367,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
   const int n_out = kSwiGLU ? n / 2 : n;
   const int n0 = static_cast<int>(blockIdx.y) * kOutCols;
 
-  extern __shared__ __align__(128) uint8_t smem[];
+  PM_DYNAMIC_SMEM(uint8_t, smem);
   const uint32_t sa0 = smem_u32(smem);                          // [kStages][BM][BK], swizzled
   const uint32_t sb0 = sa0 + Cfg::kStages * Cfg::kStageBytesA;  // [kStages][BN][BK], swizzled
 
@@ -423,11 +424,10 @@ cudaError_t launch(const GroupedGemmParams& p, cudaStream_t stream) {
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
   }
   const dim3 grid(static_cast<unsigned>(m_slots), static_cast<unsigned>(n_tiles));
-  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(
-      static_cast<const T*>(p.a), p.lda, p.a_rows, static_cast<const T*>(p.b), p.group_offsets,
-      static_cast<T*>(p.c), static_cast<int>(p.m), static_cast<int>(p.n), static_cast<int>(p.k),
-      p.num_groups);
-  return cudaGetLastError();
+  return launch_kernel(kernel, grid, Cfg::kThreads, Cfg::kSmemBytes, stream,
+                       static_cast<const T*>(p.a), p.lda, p.a_rows, static_cast<const T*>(p.b),
+                       p.group_offsets, static_cast<T*>(p.c), static_cast<int>(p.m),
+                       static_cast<int>(p.n), static_cast<int>(p.k), p.num_groups);
 }
 
 template <typename T>

@@ -3,6 +3,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "../launch.cuh"
 #include "moe_elementwise.h"
 
 namespace pearlmoe::moe_gemm {
@@ -87,9 +88,8 @@ cudaError_t silu_and_mul(const void* h, void* out, int64_t rows, int64_t inter,
   if (rows * inter == 0) return cudaSuccess;
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
-    silu_and_mul_kernel<T><<<grid_for(rows * inter), kThreads, 0, stream>>>(
-        static_cast<const T*>(h), static_cast<T*>(out), rows, inter, routed_rows);
-    return cudaGetLastError();
+    return launch_kernel(&silu_and_mul_kernel<T>, grid_for(rows * inter), kThreads, 0, stream,
+                         static_cast<const T*>(h), static_cast<T*>(out), rows, inter, routed_rows);
   });
 }
 
@@ -100,10 +100,10 @@ cudaError_t moe_combine(const void* expert_out, const float* weights, const int3
   if (tokens * hidden == 0) return cudaSuccess;
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
-    combine_kernel<T><<<grid_for(tokens * hidden), kThreads, 0, stream>>>(
-        static_cast<const T*>(expert_out), weights, slot_to_row, group_offsets + num_groups,
-        static_cast<const T*>(shared), static_cast<T*>(y), tokens, top_k, hidden);
-    return cudaGetLastError();
+    return launch_kernel(&combine_kernel<T>, grid_for(tokens * hidden), kThreads, 0, stream,
+                         static_cast<const T*>(expert_out), weights, slot_to_row,
+                         group_offsets + num_groups, static_cast<const T*>(shared),
+                         static_cast<T*>(y), tokens, top_k, hidden);
   });
 }
 
@@ -113,9 +113,8 @@ cudaError_t zero_tail_rows(void* c, int64_t m, int64_t cols, const int32_t* grou
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
     // Sized for the worst case (nothing routed); threads past the real tail exit at once.
-    zero_tail_kernel<T><<<grid_for(m * cols), kThreads, 0, stream>>>(static_cast<T*>(c), m, cols,
-                                                                     group_offsets + num_groups);
-    return cudaGetLastError();
+    return launch_kernel(&zero_tail_kernel<T>, grid_for(m * cols), kThreads, 0, stream,
+                         static_cast<T*>(c), m, cols, group_offsets + num_groups);
   });
 }
 

@@ -7,6 +7,7 @@
 // is identical run to run; slots keep their order within an expert (stable).
 #include <cub/block/block_scan.cuh>
 
+#include "../launch.cuh"
 #include "routing.h"
 #include "routing_common.h"
 
@@ -23,7 +24,7 @@ int64_t num_chunks(int64_t num_slots) { return (num_slots + kChunk - 1) / kChunk
 template <typename IdT>
 __global__ void count_kernel(const IdT* __restrict__ ids, int64_t num_slots, int num_experts,
                              int32_t* __restrict__ counts) {
-  extern __shared__ int32_t bucket_count[];  // [E+1]
+  PM_DYNAMIC_SMEM(int32_t, bucket_count);  // [E+1]
   const int num_buckets = num_experts + 1;
   const int lane = threadIdx.x;
   for (int b = lane; b < num_buckets; b += 32) bucket_count[b] = 0;
@@ -77,7 +78,7 @@ __global__ void scatter_kernel(const IdT* __restrict__ ids, int64_t num_slots, i
                                const int32_t* __restrict__ starts,
                                int32_t* __restrict__ sorted_slots,
                                int32_t* __restrict__ slot_to_row) {
-  extern __shared__ int32_t next_row[];  // [E+1]
+  PM_DYNAMIC_SMEM(int32_t, next_row);  // [E+1]
   const int num_buckets = num_experts + 1;
   const int lane = threadIdx.x;
   const int32_t* chunk_starts = starts + static_cast<int64_t>(blockIdx.x) * num_buckets;
@@ -117,16 +118,14 @@ cudaError_t moe_align_cuda(const IdT* topk_ids, int64_t num_slots, int num_exper
   // At most kMoeAlignMaxExperts + 1 counters: 32 KiB, inside the default 48 KiB limit.
   const size_t smem = static_cast<size_t>(num_experts + 1) * sizeof(int32_t);
   if (chunks > 0) {
-    count_kernel<IdT><<<static_cast<unsigned>(chunks), 32, smem, stream>>>(topk_ids, num_slots,
-                                                                           num_experts, counts);
-    PM_CUDA_TRY(cudaGetLastError());
+    PM_CUDA_TRY(launch_kernel(&count_kernel<IdT>, static_cast<unsigned>(chunks), 32, smem, stream,
+                              topk_ids, num_slots, num_experts, counts));
   }
-  scan_kernel<<<1, kScanThreads, 0, stream>>>(counts, chunks, num_experts, expert_offsets);
-  PM_CUDA_TRY(cudaGetLastError());
+  PM_CUDA_TRY(launch_kernel(&scan_kernel, 1, kScanThreads, 0, stream, counts, chunks, num_experts,
+                            expert_offsets));
   if (chunks > 0) {
-    scatter_kernel<IdT><<<static_cast<unsigned>(chunks), 32, smem, stream>>>(
-        topk_ids, num_slots, num_experts, counts, sorted_slots, slot_to_row);
-    PM_CUDA_TRY(cudaGetLastError());
+    PM_CUDA_TRY(launch_kernel(&scatter_kernel<IdT>, static_cast<unsigned>(chunks), 32, smem, stream,
+                              topk_ids, num_slots, num_experts, counts, sorted_slots, slot_to_row));
   }
   return cudaSuccess;
 }

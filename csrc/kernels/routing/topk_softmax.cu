@@ -1,6 +1,7 @@
 // Fused router softmax + top-k: one warp per token row.
 #include <cmath>
 
+#include "../launch.cuh"
 #include "routing.h"
 #include "routing_common.h"
 
@@ -85,9 +86,9 @@ cudaError_t topk_softmax_cuda(const float* router_logits, int64_t row_stride, in
                               int32_t* ids, cudaStream_t stream) {
   if (num_tokens == 0) return cudaSuccess;
   const int64_t blocks = (num_tokens + kWarpsPerBlock - 1) / kWarpsPerBlock;
-  topk_softmax_kernel<<<static_cast<unsigned>(blocks), kWarpsPerBlock * 32, 0, stream>>>(
-      router_logits, row_stride, num_tokens, num_experts, k, renormalize, weights, ids);
-  return cudaGetLastError();
+  return launch_kernel(&topk_softmax_kernel, static_cast<unsigned>(blocks), kWarpsPerBlock * 32, 0,
+                       stream, router_logits, row_stride, num_tokens, num_experts, k, renormalize,
+                       weights, ids);
 }
 
 }  // namespace pearlmoe::routing

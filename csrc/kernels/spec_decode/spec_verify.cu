@@ -1,10 +1,13 @@
 // Speculative-decoding verification on the GPU: one block per sequence walks its drafts in order
-// (the first rejection ends the walk). Per row it needs either an argmax over the vocabulary
-// (greedy) or two probabilities; only the rejected (or bonus) row is swept for sampling, with a
-// block-wide inverse CDF. Deterministic: fixed reduction order, no atomics.
+// (the first rejection ends the walk). Per row it needs either one argmax over the vocabulary
+// (greedy: it decides acceptance and is the correction) or two probabilities; only the rejected
+// (or bonus) row is swept for sampling, with a block-wide inverse CDF. Deterministic: fixed
+// reduction order, no atomics. Total like the CPU twin (spec_verify_cpu.h): out-of-range draft
+// ids are rejected unread, rows without mass give token 0.
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 
+#include "../launch.cuh"
 #include "spec_verify.h"
 
 namespace pearlmoe::spec_decode {
@@ -116,20 +119,20 @@ __global__ void __launch_bounds__(kThreads) spec_verify_kernel(SpecVerifyParams 
   for (int64_t i = 0; i <= n; ++i) {
     const float* row = target + i * vocab;
     const bool bonus = i == n;
+    // Greedy: the row's argmax decides acceptance and is the correction if the draft is rejected.
+    const int64_t best = p.sampling ? -1 : block_argmax(row, vocab, storage, broadcast);
     bool accept = false;
     if (!bonus) {
       const int64_t x = drafts[i];
-      accept = draft == nullptr ? x == block_argmax(row, vocab, storage, broadcast)
-                                : u[i] * draft[i * vocab + x] <= row[x];
+      accept =
+          x >= 0 && x < vocab && (p.sampling ? u[i] * draft[i * vocab + x] <= row[x] : x == best);
     }
     if (accept) {
       if (threadIdx.x == 0) tokens[i] = drafts[i];
       continue;
     }
-    int64_t token;
-    if (draft == nullptr) {
-      token = block_argmax(row, vocab, storage, broadcast);
-    } else {
+    int64_t token = best;
+    if (p.sampling) {
       token =
           block_sample(row, bonus ? nullptr : draft + i * vocab, vocab, u[n], storage, broadcast);
     }
@@ -146,8 +149,7 @@ __global__ void __launch_bounds__(kThreads) spec_verify_kernel(SpecVerifyParams 
 cudaError_t spec_verify_cuda(const SpecVerifyParams& p, cudaStream_t stream) {
   if (p.batch == 0) return cudaSuccess;
   if (p.vocab < 1) return cudaErrorInvalidValue;
-  spec_verify_kernel<<<static_cast<unsigned>(p.batch), kThreads, 0, stream>>>(p);
-  return cudaGetLastError();
+  return launch_kernel(&spec_verify_kernel, static_cast<unsigned>(p.batch), kThreads, 0, stream, p);
 }
 
 }  // namespace pearlmoe::spec_decode

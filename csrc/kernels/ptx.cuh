@@ -1,5 +1,9 @@
-// PTX wrappers for sm_80+ tensor-core kernels (cp.async, ldmatrix, mma.sync m16n8k16), shared by
-// the grouped GEMM and the attention kernels. Torch-free; include from .cu files only.
+// Every inline PTX instruction of the hand-written kernels (cp.async, ldmatrix, mma.sync
+// m16n8k16, ex2.approx), sm_80 and newer. Torch-free; include from .cu files only.
+//
+// With PEARLMOE_EMULATE the same functions come from the CPU emulator the test suite runs the
+// kernels on (tests/emu/include/emu/ptx.h), so the kernels keep a single source. Keep any new PTX
+// here, with its emulated twin there (tests/test_emu_sources.py enforces it).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -9,7 +13,11 @@
 #include <cstdint>
 #include <type_traits>
 
-namespace pearlmoe::sm80 {
+#if defined(PEARLMOE_EMULATE)
+#include <emu/ptx.h>
+#else
+
+namespace pearlmoe::ptx {
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -38,6 +46,13 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
                : "r"(addr));
 }
 
+// As ldmatrix_x4, transposed: lane receives (rows 2t, 2t + 1; column g) of each stored matrix.
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
 // d += a (16x16, row-major) * b (16x8, "col": B stored N x K), fp32 accumulate.
 template <typename T>
 __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
@@ -57,4 +72,13 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
   }
 }
 
-}  // namespace pearlmoe::sm80
+// 2^x on the SFU. ex2.approx(-inf) = +0, which the masked softmaxes rely on.
+__device__ __forceinline__ float ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+}  // namespace pearlmoe::ptx
+
+#endif  // PEARLMOE_EMULATE
