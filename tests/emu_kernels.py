@@ -247,3 +247,54 @@ def attention_plan(batch, q_len, q_heads, kv_heads, head_dim, capacity, num_sms,
     plan["grid"] = (plan.pop("gx"), plan.pop("gy"), plan.pop("gz"))
     plan["spread"] = spread
     return plan
+
+
+def kv_cache_write(k_cache, v_cache, k, v, positions, group: int = 0, **kw) -> Result:
+    """kv_cache_write_cuda into group `group` of k_cache/v_cache [G, B, C, H, D] (contiguous, as
+    the KV cache holds them), k/v [B, S, H, D] with their strides, positions [B, S] int64
+    -> the whole caches as written."""
+    batch, steps, heads, dim = k.shape
+    assert k.stride() == v.stride() and k.stride(3) == 1 and k_cache.is_contiguous()
+    group_k, group_v = k_cache[group], v_cache[group]  # [B, C, H, D]
+    return emulation.run(
+        "kv_cache_write",
+        dict(
+            cache_bytes=group_k.numel() * group_k.element_size(),
+            cache_batch_stride=group_k.stride(0),
+            cache_row_stride=group_k.stride(1),
+            cache_head_stride=group_k.stride(2),
+            new_batch_stride=k.stride(0),
+            new_row_stride=k.stride(1),
+            new_head_stride=k.stride(2),
+            batch=batch,
+            steps=steps,
+            heads=heads,
+            head_dim=dim,
+            capacity=group_k.shape[1],
+            element_bytes=k.element_size(),
+        ),
+        dict(
+            k_cache_in=group_k.contiguous(),
+            v_cache_in=group_v.contiguous(),
+            k=k,
+            v=v,
+            positions=positions.long().contiguous(),
+        ),
+        dict(k_cache=(tuple(group_k.shape), k.dtype), v_cache=(tuple(group_v.shape), k.dtype)),
+        **kw,
+    )
+
+
+def rms_norm(x, weight, eps: float = 1e-5, **kw) -> Result:
+    """rms_norm_cuda: x [rows, H] (unit last stride), weight [H] -> out [rows, H]."""
+    rows, hidden = x.shape
+    assert x.stride(1) == 1
+    return emulation.run(
+        "rms_norm",
+        dict(
+            rows=rows, hidden=hidden, row_stride=x.stride(0), eps=eps, dtype=_ROPE_DTYPES[x.dtype]
+        ),
+        dict(x=x, weight=weight.contiguous()),
+        dict(out=((rows, hidden), x.dtype)),
+        **kw,
+    )

@@ -27,7 +27,7 @@ CACHE = ROOT / "build" / "emu"
 CXX = os.environ.get("CXX", "g++")
 FLAGS = ["-std=c++20", "-O1", "-g0", "-w", "-U_FORTIFY_SOURCE", "-DPEARLMOE_EMULATE", "-x", "c++"]
 DRIVERS = ["topk_softmax", "moe_align", "grouped_gemm", "moe_elementwise", "rope_norm",
-           "attention", "spec_verify"]  # fmt: skip
+           "attention", "spec_verify", "kv_cache_write", "rms_norm"]  # fmt: skip
 
 
 class EmulatorError(AssertionError):

@@ -2,6 +2,8 @@
 // in 4-byte words (D * element size is a multiple of 4 for every supported head dim).
 #include "kv_cache_write.h"
 
+#include "../launch.cuh"
+
 namespace pearlmoe::attention {
 namespace {
 
@@ -37,8 +39,7 @@ cudaError_t kv_cache_write_cuda(const KvWriteParams& p, cudaStream_t stream) {
   const int64_t rows = static_cast<int64_t>(p.batch) * p.steps * p.heads;
   if (rows == 0) return cudaSuccess;
   if (rows > 0x7fffffff || (p.head_dim * p.element_bytes) % 4 != 0) return cudaErrorInvalidValue;
-  kv_cache_write_kernel<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(p);
-  return cudaGetLastError();
+  return launch_kernel(&kv_cache_write_kernel, static_cast<unsigned>(rows), kThreads, 0, stream, p);
 }
 
 }  // namespace pearlmoe::attention

@@ -7,6 +7,8 @@
 
 #include "rms_norm.h"
 
+#include "../launch.cuh"
+
 namespace pearlmoe::norm {
 namespace {
 
@@ -63,10 +65,9 @@ cudaError_t rms_norm_cuda(const RmsNormParams& p, cudaStream_t stream) {
   if (p.rows > 0x7fffffff || p.hidden <= 0) return cudaErrorInvalidValue;
   auto launch = [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    rms_norm_kernel<T><<<static_cast<unsigned>(p.rows), kThreads, 0, stream>>>(
-        static_cast<const T*>(p.x), static_cast<const T*>(p.weight), static_cast<T*>(p.out),
-        p.hidden, p.x_row_stride, p.eps);
-    return cudaGetLastError();
+    return launch_kernel(&rms_norm_kernel<T>, static_cast<unsigned>(p.rows), kThreads, 0, stream,
+                         static_cast<const T*>(p.x), static_cast<const T*>(p.weight),
+                         static_cast<T*>(p.out), p.hidden, p.x_row_stride, p.eps);
   };
   switch (p.dtype) {
     case DType::kF32:
