@@ -6,6 +6,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../kernels/attention/attention_rows_cpu.h"
 #include "cpu_kernels.h"
 
 namespace pearlmoe::cpu {
@@ -55,12 +56,35 @@ void attention_direct(const Tensor& q, const Tensor& k, const Tensor& v, const i
   // Inline (no thread pool) while the whole call is a few hundred thousand multiply-adds.
   const int64_t macs = tasks * group * longest * dim;
   const int64_t grain = macs < (1 << 18) ? tasks : 1;
+  // The AVX-512 row kernel (attention_rows_cpu.h) for fp32 and bf16 with contiguous head dims.
+  using Simd = std::conditional_t<
+      std::is_same_v<scalar_t, float>, float,
+      std::conditional_t<std::is_same_v<scalar_t, c10::BFloat16>, moe_gemm::BF16, void>>;
+  const bool simd = !std::is_void_v<Simd> && q.stride(3) == 1 && k.stride(3) == 1 &&
+                    v.stride(3) == 1 && k.stride(1) == v.stride(1) && o.stride(3) == 1;
   at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> qv(group * dim), out(group * dim), p(group * longest), m(group), l(group);
+    std::vector<float> scratch(simd ? group * (longest + dim) : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / (q_len * kv_heads), i = task / kv_heads % q_len;
       const int64_t hk = task % kv_heads;
       const int64_t keys = kv_lens[b] - q_len + i + 1;  // bottom-right causal
+      if constexpr (!std::is_void_v<Simd>) {
+        if (simd) {
+          const auto* qr = reinterpret_cast<const Simd*>(qp + b * q.stride(0) + i * q.stride(1) +
+                                                         hk * group * q.stride(2));
+          const auto* kr = reinterpret_cast<const Simd*>(kp + b * k.stride(0) + hk * k.stride(2));
+          const auto* vr = reinterpret_cast<const Simd*>(vp + b * v.stride(0) + hk * v.stride(2));
+          auto* orow = reinterpret_cast<Simd*>(op + b * o.stride(0) + i * o.stride(1) +
+                                               hk * group * o.stride(2));
+          if (attention_cpu::attend_group(qr, q.stride(2), static_cast<int>(group),
+                                          static_cast<int>(dim), kr, vr, k.stride(1), keys,
+                                          static_cast<float>(scale), scratch.data(), orow,
+                                          o.stride(2))) {
+            continue;
+          }
+        }
+      }
       for (int64_t g = 0; g < group; ++g) {
         const scalar_t* qr =
             qp + b * q.stride(0) + i * q.stride(1) + (hk * group + g) * q.stride(2);
@@ -168,36 +192,53 @@ void attention(const Tensor& q, const Tensor& k, const Tensor& v, const int32_t*
   });
 }
 
-void rope_norm(const Tensor& x, const int64_t* positions, const Tensor& weight,
-               const float* inv_freq, double eps, bool normalize, Tensor& out) {
+void rope_norm(const Tensor& x, const int64_t* positions, const Tensor& q_weight,
+               const Tensor& k_weight, const float* inv_freq, double eps, bool normalize,
+               Tensor& out) {
   const int64_t tokens = x.size(0), heads = x.size(1), dim = x.size(2), half = dim / 2;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rope_norm_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const scalar_t* src = x.const_data_ptr<scalar_t>();
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
-    const acc_t* w_ptr = weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr;
     const int64_t ts = x.stride(0), hs = x.stride(1);
-    at::parallel_for(0, tokens * heads, 256, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> r(dim);
-      for (int64_t row = begin; row < end; ++row) {
-        const int64_t t = row / heads, h = row % heads;
-        const scalar_t* xr = src + t * ts + h * hs;
+    // The folded weight q_w ⊙ k_w, each converted to acc_t first (what the reference computes).
+    std::vector<acc_t> w;
+    for (const Tensor* t : {&q_weight, &k_weight}) {
+      if (!t->defined()) continue;
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t->scalar_type(), "rope_w", [&] {
+        const scalar_t* p = t->const_data_ptr<scalar_t>();
+        if (w.empty()) {
+          w.assign(dim, acc_t(1));
+        }
+        for (int64_t i = 0; i < dim; ++i) w[i] *= static_cast<acc_t>(p[i]);
+      });
+    }
+    // One task per token: its angles' cos/sin once, for every head.
+    at::parallel_for(0, tokens, std::max<int64_t>(1, 256 / heads), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> r(dim), cs(half), sn(half);
+      for (int64_t t = begin; t < end; ++t) {
         const float pos = static_cast<float>(positions[t]);
-        acc_t sum_sq = 0;
         for (int64_t i = 0; i < half; ++i) {
           const float angle = pos * inv_freq[i];  // fp32, as HF's tables hold it
           // fp64 rotates in fp64 (the reference does), from the same fp32 angle.
-          const acc_t c = std::cos(static_cast<acc_t>(angle)),
-                      s = std::sin(static_cast<acc_t>(angle));
-          const acc_t a = static_cast<acc_t>(xr[i]), b = static_cast<acc_t>(xr[i + half]);
-          r[i] = a * c - b * s;
-          r[i + half] = b * c + a * s;
-          sum_sq += r[i] * r[i] + r[i + half] * r[i + half];
+          cs[i] = std::cos(static_cast<acc_t>(angle));
+          sn[i] = std::sin(static_cast<acc_t>(angle));
         }
-        const acc_t inv_rms = normalize ? 1 / std::sqrt(sum_sq / dim + static_cast<acc_t>(eps)) : 1;
-        for (int64_t i = 0; i < dim; ++i) {
-          const acc_t w = w_ptr != nullptr ? w_ptr[i] : 1;
-          dst[row * dim + i] = static_cast<scalar_t>(r[i] * inv_rms * w);
+        for (int64_t h = 0; h < heads; ++h) {
+          const scalar_t* xr = src + t * ts + h * hs;
+          acc_t sum_sq = 0;
+          for (int64_t i = 0; i < half; ++i) {
+            const acc_t a = static_cast<acc_t>(xr[i]), b = static_cast<acc_t>(xr[i + half]);
+            r[i] = a * cs[i] - b * sn[i];
+            r[i + half] = b * cs[i] + a * sn[i];
+            sum_sq += r[i] * r[i] + r[i + half] * r[i + half];
+          }
+          const acc_t inv_rms =
+              normalize ? 1 / std::sqrt(sum_sq / dim + static_cast<acc_t>(eps)) : acc_t(1);
+          scalar_t* o = dst + (t * heads + h) * dim;
+          for (int64_t i = 0; i < dim; ++i) {
+            o[i] = static_cast<scalar_t>(w.empty() ? r[i] * inv_rms : r[i] * inv_rms * w[i]);
+          }
         }
       }
     });

@@ -71,11 +71,14 @@ void attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 void kv_cache_write(const at::Tensor& k, const at::Tensor& v, const int64_t* positions,
                     at::Tensor& k_cache, at::Tensor& v_cache);
 
-// NeoX RoPE then (optionally) RMSNorm times weight over x [T, H, D] (unit last stride) at
-// positions (host int64 [T]) -> out [T, H, D] contiguous. weight: [D] contiguous in the
-// accumulation dtype (fp64 for fp64 x, else fp32) or undefined; inv_freq: fp32 [D/2].
-void rope_norm(const at::Tensor& x, const int64_t* positions, const at::Tensor& weight,
-               const float* inv_freq, double eps, bool normalize, at::Tensor& out);
+// NeoX RoPE then (optionally) RMSNorm times q_weight ⊙ k_weight over x [T, H, D] (unit last
+// stride) at positions (host int64 [T]) -> out [T, H, D] contiguous. The weights: [D]
+// contiguous, any float dtype, each undefined when absent (folded in the accumulation dtype,
+// fp64 for fp64 x, else fp32); inv_freq: fp32 [D/2]. Each token's angles are taken once for all
+// its heads.
+void rope_norm(const at::Tensor& x, const int64_t* positions, const at::Tensor& q_weight,
+               const at::Tensor& k_weight, const float* inv_freq, double eps, bool normalize,
+               at::Tensor& out);
 
 }  // namespace pearlmoe::cpu
 

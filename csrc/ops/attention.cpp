@@ -156,6 +156,32 @@ const InvFreq& inv_freq_table(double base, int64_t dim) {
   return it->second;
 }
 
+std::tuple<Tensor, Tensor> rope_qk_norm_cpu(const Tensor& q, const Tensor& k,
+                                            const Tensor& positions, double rope_base,
+                                            const OptTensor& q_weight, const OptTensor& k_weight,
+                                            double eps, bool normalize) {
+  check_device(q, c10::kCPU, kRope, "q");
+  check_rope(q, k, positions, q_weight, k_weight, normalize);
+  check_rope_base(rope_base);
+  const Tensor pos = positions.scalar_type() == at::kLong ? positions.contiguous()
+                                                          : positions.to(at::kLong).contiguous();
+  const Tensor q_w = q_weight.has_value() ? q_weight->contiguous() : Tensor();
+  const Tensor k_w = k_weight.has_value() ? k_weight->contiguous() : Tensor();
+  const InvFreq& inv_freq = inv_freq_table(rope_base, q.size(2));
+  Tensor q_out = at::empty(q.sizes(), q.options()), k_hat = at::empty(k.sizes(), k.options());
+  cpu::rope_norm(unit_last_stride(q), pos.const_data_ptr<int64_t>(), q_w, k_w, inv_freq.data(), eps,
+                 normalize, q_out);
+  if (k.numel() > 0) {
+    cpu::rope_norm(unit_last_stride(k), pos.const_data_ptr<int64_t>(), Tensor(), Tensor(),
+                   inv_freq.data(), eps, normalize, k_hat);
+  }
+  return {q_out, k_hat};
+}
+
+// ---- CUDA --------------------------------------------------------------------------------------
+
+#ifdef PEARLMOE_WITH_CUDA
+
 // The query's weight times the key's (folded: q·(w⊙k̂) = (q⊙w)·k̂) in `acc` (fp32, or fp64 for
 // fp64 inputs, which the reference computes in fp64), or undefined.
 Tensor folded_weight(const OptTensor& q_w, const OptTensor& k_w, at::ScalarType acc) {
@@ -164,29 +190,6 @@ Tensor folded_weight(const OptTensor& q_w, const OptTensor& k_w, at::ScalarType 
   if (k_w.has_value()) w = w.defined() ? w * k_w->to(acc) : k_w->to(acc);
   return w.defined() ? w.contiguous() : w;
 }
-
-std::tuple<Tensor, Tensor> rope_qk_norm_cpu(const Tensor& q, const Tensor& k,
-                                            const Tensor& positions, double rope_base,
-                                            const OptTensor& q_weight, const OptTensor& k_weight,
-                                            double eps, bool normalize) {
-  check_device(q, c10::kCPU, kRope, "q");
-  check_rope(q, k, positions, q_weight, k_weight, normalize);
-  check_rope_base(rope_base);
-  const Tensor pos = positions.to(at::kLong).contiguous();
-  const Tensor w =
-      folded_weight(q_weight, k_weight, q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
-  const InvFreq& inv_freq = inv_freq_table(rope_base, q.size(2));
-  Tensor q_out = at::empty(q.sizes(), q.options()), k_hat = at::empty(k.sizes(), k.options());
-  cpu::rope_norm(unit_last_stride(q), pos.const_data_ptr<int64_t>(), w, inv_freq.data(), eps,
-                 normalize, q_out);
-  cpu::rope_norm(unit_last_stride(k), pos.const_data_ptr<int64_t>(), Tensor(), inv_freq.data(), eps,
-                 normalize, k_hat);
-  return {q_out, k_hat};
-}
-
-// ---- CUDA --------------------------------------------------------------------------------------
-
-#ifdef PEARLMOE_WITH_CUDA
 
 int sm_count(const Tensor& t) {
   int sms = 0;

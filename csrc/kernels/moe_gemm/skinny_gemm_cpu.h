@@ -100,11 +100,11 @@ namespace detail {
 
 // Portable path: rows n_begin..n_end of c, with a already in fp32 ([M, K], contiguous). 16
 // independent partial sums per dot product let the compiler vectorise without reassociating.
-template <typename T>
-PM_SIMD_CLONES void skinny_rows(const float* a, int64_t rows, int64_t k, const T* b,
-                                int64_t n_begin, int64_t n_end, T* c, int64_t ldc, float* b_row) {
+template <typename T, typename Out>
+PM_SIMD_CLONES void skinny_rows(const float* a, int64_t rows, int64_t k, const T* b, int64_t ldb,
+                                int64_t n_begin, int64_t n_end, Out* c, int64_t ldc, float* b_row) {
   for (int64_t n = n_begin; n < n_end; ++n) {
-    const T* src = b + n * k;
+    const T* src = b + n * ldb;
     const float* row = b_row;
     if constexpr (std::is_same_v<T, float>) {
       row = src;  // already fp32: read it in place
@@ -149,25 +149,26 @@ namespace detail::avx512bf16 {
 #pragma GCC pop_options
 #endif  // PM_X86_SIMD
 
-// c [M, N] (row stride ldc) = a [M, K] (row stride lda) · b [N, K]^T for rows n_begin..n_end of b;
-// any M (it is meant for M <= kSkinnyMaxRows). T is float or BF16.
-template <typename T>
-void skinny_gemm_nt(const T* a, int64_t lda, int64_t rows, int64_t k, const T* b, int64_t n_begin,
-                    int64_t n_end, T* c, int64_t ldc) {
+// c [M, N] (row stride ldc) = a [M, K] (row stride lda) · b [N, K]^T (row stride ldb) for rows
+// n_begin..n_end of b; any M (it is meant for M <= kSkinnyMaxRows). T is float or BF16; the output
+// Out is T or float (fp32 sums, unrounded).
+template <typename T, typename Out>
+void skinny_gemm_nt_ld(const T* a, int64_t lda, int64_t rows, int64_t k, const T* b, int64_t ldb,
+                       int64_t n_begin, int64_t n_end, Out* c, int64_t ldc) {
   if (rows <= 0 || n_end <= n_begin) return;
   const CpuIsa isa = cpu_isa();
 #if defined(PM_X86_SIMD)
   if constexpr (std::is_same_v<T, float>) {
     if (isa != CpuIsa::kGeneric) {
-      detail::avx512::kernel_rows<detail::avx512::Fp32Fma>(a, lda, rows, k, b, n_begin, n_end, c,
-                                                           ldc);
+      detail::avx512::kernel_rows<detail::avx512::Fp32Fma>(a, lda, rows, k, b, ldb, n_begin, n_end,
+                                                           c, ldc);
       return;
     }
   } else {
     const auto* bb = reinterpret_cast<const uint16_t*>(b);
     if (isa == CpuIsa::kAvx512Bf16) {
       detail::avx512bf16::kernel_rows<detail::avx512bf16::Bf16Dot>(
-          reinterpret_cast<const uint16_t*>(a), lda, rows, k, bb, n_begin, n_end, c, ldc);
+          reinterpret_cast<const uint16_t*>(a), lda, rows, k, bb, ldb, n_begin, n_end, c, ldc);
       return;
     }
     if (isa == CpuIsa::kAvx512) {
@@ -175,8 +176,8 @@ void skinny_gemm_nt(const T* a, int64_t lda, int64_t rows, int64_t k, const T* b
       for (int64_t r = 0; r < rows; ++r) {
         for (int64_t i = 0; i < k; ++i) a32[r * k + i] = to_float(a[r * lda + i]);
       }
-      detail::avx512::kernel_rows<detail::avx512::Bf16Widen>(a32.data(), k, rows, k, bb, n_begin,
-                                                             n_end, c, ldc);
+      detail::avx512::kernel_rows<detail::avx512::Bf16Widen>(a32.data(), k, rows, k, bb, ldb,
+                                                             n_begin, n_end, c, ldc);
       return;
     }
   }
@@ -186,7 +187,14 @@ void skinny_gemm_nt(const T* a, int64_t lda, int64_t rows, int64_t k, const T* b
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t i = 0; i < k; ++i) a32[r * k + i] = to_float(a[r * lda + i]);
   }
-  detail::skinny_rows(a32.data(), rows, k, b, n_begin, n_end, c, ldc, b_row.data());
+  detail::skinny_rows(a32.data(), rows, k, b, ldb, n_begin, n_end, c, ldc, b_row.data());
+}
+
+// The usual case: b [N, K] contiguous, c in a's type.
+template <typename T>
+void skinny_gemm_nt(const T* a, int64_t lda, int64_t rows, int64_t k, const T* b, int64_t n_begin,
+                    int64_t n_end, T* c, int64_t ldc) {
+  skinny_gemm_nt_ld(a, lda, rows, k, b, k, n_begin, n_end, c, ldc);
 }
 
 }  // namespace pearlmoe::moe_gemm

@@ -94,24 +94,24 @@ inline void block(const typename P::A* a, int64_t lda, int64_t k, const typename
   }
 }
 
-// Rows n_begin..n_end of c [M, N] (ldc) for a [M, K] (lda) in P's a type and b [N, K] in P's b
-// type; c is float or BF16 (rounded once, from the fp32 sums).
+// Rows n_begin..n_end of c [M, N] (ldc) for a [M, K] (lda) in P's a type and b [N, K] (ldb) in
+// P's b type; c is float or BF16 (rounded once, from the fp32 sums).
 template <typename P, int NB, typename T>
 inline void column_block(const typename P::A* a, int64_t lda, int64_t rows, int64_t k,
-                         const typename P::B* b, int64_t n, T* c, int64_t ldc) {
+                         const typename P::B* b, int64_t ldb, int64_t n, T* c, int64_t ldc) {
   float out[4 * 4];
   for (int64_t r0 = 0; r0 < rows; r0 += 4) {
     const int64_t mb = rows - r0 < 4 ? rows - r0 : 4;
     const typename P::A* ar = a + r0 * lda;
-    const typename P::B* bn = b + n * k;
+    const typename P::B* bn = b + n * ldb;
     if (mb == 4) {
-      block<P, 4, NB>(ar, lda, k, bn, k, out);
+      block<P, 4, NB>(ar, lda, k, bn, ldb, out);
     } else if (mb == 3) {
-      block<P, 3, NB>(ar, lda, k, bn, k, out);
+      block<P, 3, NB>(ar, lda, k, bn, ldb, out);
     } else if (mb == 2) {
-      block<P, 2, NB>(ar, lda, k, bn, k, out);
+      block<P, 2, NB>(ar, lda, k, bn, ldb, out);
     } else {
-      block<P, 1, NB>(ar, lda, k, bn, k, out);
+      block<P, 1, NB>(ar, lda, k, bn, ldb, out);
     }
     for (int64_t r = 0; r < mb; ++r) {
       for (int j = 0; j < NB; ++j) store(c + (r0 + r) * ldc + n + j, out[r * 4 + j]);
@@ -121,8 +121,9 @@ inline void column_block(const typename P::A* a, int64_t lda, int64_t rows, int6
 
 template <typename P, typename T>
 void kernel_rows(const typename P::A* a, int64_t lda, int64_t rows, int64_t k,
-                 const typename P::B* b, int64_t n_begin, int64_t n_end, T* c, int64_t ldc) {
+                 const typename P::B* b, int64_t ldb, int64_t n_begin, int64_t n_end, T* c,
+                 int64_t ldc) {
   int64_t n = n_begin;
-  for (; n + 4 <= n_end; n += 4) column_block<P, 4>(a, lda, rows, k, b, n, c, ldc);
-  for (; n < n_end; ++n) column_block<P, 1>(a, lda, rows, k, b, n, c, ldc);
+  for (; n + 4 <= n_end; n += 4) column_block<P, 4>(a, lda, rows, k, b, ldb, n, c, ldc);
+  for (; n < n_end; ++n) column_block<P, 1>(a, lda, rows, k, b, ldb, n, c, ldc);
 }

@@ -20,6 +20,8 @@ Shape letters: B sequences, S tokens per step, V vocabulary.
 """
 
 import time
+import types
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -111,7 +113,7 @@ class Runner:
             # Any capacity, one graph: the cache's length dimension is symbolic.
             torch._dynamo.mark_dynamic(self.cache.k, 2)
             torch._dynamo.mark_dynamic(self.cache.v, 2)
-            self._compiled = _compiled_step(model.device.type)
+            self._compiled = _compiled_step(model)
 
     @property
     def lens(self) -> Tensor:
@@ -195,27 +197,39 @@ class Runner:
         self._graphs[width] = (graph, ids_buf, outputs)
 
 
-_compiled_steps: dict[str, Callable] = {}
+_compiled_steps: "weakref.WeakKeyDictionary[Transformer, Callable]" = weakref.WeakKeyDictionary()
 
 
-def _compiled_step(device_type: str) -> Callable:
-    """One torch.compile of _step per device type; dynamo keeps a graph per model, sampling
-    setting and width class under it."""
-    if device_type not in _compiled_steps:
-        # A draft and a target, greedy and sampled, S = 1 and S > 1, a few batch sizes.
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        options = {"cpp_wrapper": True} if device_type == "cpu" else {}
+def _compiled_step(model: Transformer) -> Callable:
+    """torch.compile of _step for one model. Each model gets its own copy of the function's code:
+    dynamo keeps its compiled graphs per code object and tries them in turn, so a shared one
+    would make the draft's step check the target's guards first (~100 us a call measured)."""
+    if model not in _compiled_steps:
+        # A few graphs per model: S = 1 and S > 1, greedy and sampled, a few batch sizes.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
+        code = _step.__code__.replace(co_name=f"_step_{len(_compiled_steps)}")
+        fn = types.FunctionType(code, _step.__globals__, code.co_name)
+        options = {"cpp_wrapper": True} if model.device.type == "cpu" else {}
         options["guard_filter_fn"] = _skip_weight_guards
-        _compiled_steps[device_type] = torch.compile(_step, fullgraph=True, options=options)
-    return _compiled_steps[device_type]
+        _compiled_steps[model] = torch.compile(fn, fullgraph=True, options=options)
+    return _compiled_steps[model]
+
+
+# Guards that re-check the model's own structure on every call: the hooks dicts of every module,
+# the absence of instance attributes, tensor aliasing among the weights, the types inside
+# _modules and _parameters. A model's structure follows from its config, which the kept guards
+# pin (CONSTANT_MATCH on its values, DICT_KEYS_MATCH on the layer list), as the KV cache's tensors
+# pin its dtype and device; hooks added after the first call are not seen by the compiled step.
+_STRUCTURE_GUARDS = {"EMPTY_NN_MODULE_HOOKS_DICT", "NOT_PRESENT_IN_GENERIC_DICT", "DUPLICATE_INPUT"}
 
 
 def _skip_weight_guards(entries) -> list[bool]:
-    """Every guard but the shape/dtype/stride check of each weight (~50 us a step on the
-    embedded target): a model's weights follow from its config, dtype and device, which the
-    remaining guards pin (the config's values, the KV cache's tensors). The weights are still read
-    from the model at every call, so another model of the same shape runs with its own."""
-    return [
-        not (e.guard_type == "TENSOR_MATCH" and isinstance(e.value, torch.nn.Parameter))
-        for e in entries
-    ]
+    """Every guard but the per-weight shape/dtype/stride checks and the module-structure checks
+    (~250 guards on the embedded draft, ~60 us a call): the weights are still read from the model
+    at every call, so another model of the same config runs with its own."""
+    keep = []
+    for e in entries:
+        weight = e.guard_type == "TENSOR_MATCH" and isinstance(e.value, torch.nn.Parameter)
+        internals = e.guard_type == "TYPE_MATCH" and ("._modules" in e.name or "._param" in e.name)
+        keep.append(not (weight or internals or e.guard_type in _STRUCTURE_GUARDS))
+    return keep
