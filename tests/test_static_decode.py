@@ -116,6 +116,39 @@ def test_pearl_reports_its_overlap(pair32):
     assert stats.extra["overlap"] >= 1.0 - 1e-9
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_pearl_with_the_draft_in_a_child_process(pair32, batch):
+    target, draft = pair32
+    prompts = PROMPTS4[:batch]
+    want = pearlmoe.generate(target, prompts, 20)
+    for gamma in (1, 3):
+        got, stats = pearl_generate(target, draft, prompts, 20, gamma=gamma, draft_process=True)
+        assert got == want and stats.extra["draft_process"] is True
+        assert stats.extra["post_rounds"] > 0 and 0 < stats.acceptance_rate < 1
+    # Sampling: the child draws from its own generator, seeded from the caller's, so a seeded
+    # run repeats exactly.
+    runs = [
+        pearl_generate(target, draft, prompts, 16, gamma=2, temperature=1.0, draft_process=True,
+                       generator=torch.Generator().manual_seed(5))[0]
+        for _ in range(2)
+    ]  # fmt: skip
+    assert runs[0] == runs[1]
+
+
+def test_draft_process_reports_the_childs_errors(pair32):
+    from pearlmoe.decode.draft_process import DraftProcess
+
+    _, draft = pair32
+    worker = DraftProcess.get(draft, 1)
+    with pytest.raises(RuntimeError, match=r"(?s)PEARL draft process failed:.*past the cache"):
+        worker.start(1, 4, "eager", Sampling(), [[1, 2, 3, 4, 5, 6]], 0, 3, 96)  # capacity 4
+    worker.start(1, 16, "eager", Sampling(), [[1, 2, 3]], 0, 3, 96)  # the child still serves
+    worker.submit(torch.tensor([4]), 3)
+    xs, qs, seconds = worker.result()
+    assert xs.shape == (1, 3) and qs is None and seconds > 0
+    assert worker.lens.tolist() == [3 + 1 + 2]
+
+
 def test_runner_checks_and_warmup(pair32):
     target, _ = pair32
     with pytest.raises(ValueError, match="backend must be one of"):

@@ -32,7 +32,16 @@ from torch import Tensor
 from .. import ops
 from ..model.transformer import Transformer
 from .autoregressive import _eos_set, _prompts
-from .common import DecodeStats, check_pair, emit, gamma_policy, num_threads, side_threads
+from .common import (
+    DecodeStats,
+    check_pair,
+    compiled_helper,
+    emit,
+    gamma_policy,
+    num_threads,
+    side_threads,
+)
+from .draft_process import DraftProcess
 from .runner import Runner, Sampling
 from .speculative import draft_tokens
 
@@ -57,6 +66,26 @@ class _Side:
                 out = fn()
             self.stream.synchronize()
             return out, time.perf_counter() - start
+
+
+class _ThreadDraft:
+    """The draft side on a worker thread (a GPU or another device, or eager CPU runs): the same
+    submit / result interface as DraftProcess."""
+
+    def __init__(self, runner: Runner, side: _Side, pool: ThreadPoolExecutor, generator) -> None:
+        self.runner, self.side, self.pool, self.generator = runner, side, pool, generator
+        self.lens, self.device = runner.lens, runner.device
+        self._future = None
+
+    def submit(self, first: Tensor, gamma: int) -> None:
+        feed = first.unsqueeze(1).to(self.device)
+        self._future = self.pool.submit(
+            self.side.run, lambda: draft_tokens(self.runner, feed, gamma, self.generator)
+        )
+
+    def result(self) -> tuple[Tensor, Tensor | None, float]:
+        (xs, qs), seconds = self._future.result()
+        return xs, qs, seconds
 
 
 def _verify_windows(
@@ -97,6 +126,57 @@ def _verify_windows(
     return accepted, corr
 
 
+def _windows(mode: Tensor, unverified: Tensor, xs: Tensor, gamma: int) -> Tensor:
+    """The tokens each sequence's round verifies, [B, γ]: e_2..e_γ, f_1 (post-verify) or e_1
+    (pre-verify, repeated as padding)."""
+    post = (mode == POST).unsqueeze(1)
+    return torch.where(post, torch.cat([unverified, xs[:, :1]], 1), xs[:, :1].expand(-1, gamma))
+
+
+def _commit(
+    mode: Tensor, unverified: Tensor, last: Tensor, committed: Tensor, active: Tensor,
+    window: Tensor, xs: Tensor, accepted: Tensor, corr: Tensor, t0: Tensor, d_now: Tensor,
+    d0: Tensor, gamma: int,
+) -> tuple[Tensor, ...]:  # fmt: skip
+    """A verified round's new state: mode, unverified, last, committed [B], both sides' cache
+    lengths [B] int32, and the rows the host reads, [B, 3 + γ]: was-post, accepted, tokens kept,
+    emitted tokens. Sequences not active keep their state."""
+    post = mode == POST
+    n = torch.where(post, gamma, 1)
+    all_in = accepted == n
+    # Commit the accepted window tokens, then the correction unless all were accepted.
+    kept = torch.where(all_in, n, accepted + 1)
+    cols = torch.arange(gamma, device=window.device)
+    emitted = torch.where(cols < accepted.unsqueeze(1), window, corr.unsqueeze(1))
+    new_last = torch.where(all_in, window.gather(1, (n - 1).unsqueeze(1)).squeeze(1), corr)
+    new_committed = committed + kept
+    # All accepted: the target keeps what it fed (its cache = committed[:-1]) and the draft all
+    # it drafted (committed + unverified[:-1]); else both roll back to the new committed[:-1].
+    t_lens = torch.where(active & all_in, t0 + n, torch.where(active, new_committed - 1, t0))
+    d_lens = torch.where(active & all_in, d_now, torch.where(active, new_committed - 1, d0))
+    if gamma > 1:
+        unverified = torch.where((active & all_in).unsqueeze(1), xs[:, 1:], unverified)
+    last = torch.where(active, new_last, last)
+    committed = torch.where(active, new_committed, committed)
+    mode = torch.where(active, torch.where(all_in, POST, PRE), mode)
+    host = torch.cat(
+        [post.long().unsqueeze(1), accepted.unsqueeze(1), kept.unsqueeze(1), emitted], 1
+    )
+    return mode, unverified, last, committed, t_lens.int(), d_lens.int(), host
+
+
+def _greedy_bookkeeping(
+    mode: Tensor, unverified: Tensor, last: Tensor, committed: Tensor, active: Tensor,
+    xs: Tensor, target_tokens: Tensor, t0: Tensor, d_now: Tensor, d0: Tensor, gamma: int,
+) -> tuple[Tensor, ...]:  # fmt: skip
+    """Greedy verification and commit of a round: one function, so the compile backend runs it
+    as one call (~60 eager ops otherwise, a third of a round's time on the embedded pair)."""
+    window = _windows(mode, unverified, xs, gamma)
+    accepted, corr = _verify_windows(mode, window, None, target_tokens, None, gamma, None)
+    return _commit(mode, unverified, last, committed, active, window, xs, accepted, corr, t0,
+                   d_now, d0, gamma)  # fmt: skip
+
+
 @torch.inference_mode()
 def pearl_generate(
     target: Transformer,
@@ -111,10 +191,13 @@ def pearl_generate(
     generator: torch.Generator | None = None,
     callback: Callable[[list[list[int]]], None] | None = None,
     backend: str = "eager",
+    draft_process: bool | None = None,
 ) -> tuple[list[list[int]], DecodeStats]:
     """Each sequence's new tokens (up to and including its EOS) and the run's statistics.
     ``gamma=None`` picks the window from the measured cost curve and the acceptance rate seen so
-    far, and re-picks it between rounds with nothing unverified (pearlmoe.decode.cost_model)."""
+    far, and re-picks it between rounds with nothing unverified (pearlmoe.decode.cost_model).
+    ``draft_process``: draft in a child process (pearlmoe.decode.draft_process) instead of a
+    thread; by default when both models are on the CPU with the compile backend."""
     check_pair(target, draft)
     prompts = _prompts(input_ids)
     batch, eos = len(prompts), _eos_set(eos_token_id)
@@ -123,19 +206,36 @@ def pearl_generate(
     gamma = policy.gamma
     greedy = sampling.greedy
     stats = DecodeStats(gamma=gamma, extra={"pre_rounds": 0, "post_rounds": 0})
-    round_times = {"wall": 0.0, "draft": 0.0, "target": 0.0, "slower": 0.0}
+    round_times = {"wall": 0.0, "draft": 0.0, "target": 0.0, "slower": 0.0, "alone": 0.0}
     capacity = max(map(len, prompts)) + max_new_tokens + 2 * policy.max_gamma + 2
     tgt = Runner(target, batch, capacity, backend, sampling)
-    drf = Runner(draft, batch, capacity, backend, sampling)
     # On a CPU the two sides split the cores: each step's intra-op pool would otherwise take
     # them all and the sides would only take turns.
     share = side_threads()
+    if draft_process is None:  # a child process where the GIL would make the sides take turns
+        draft_process = target.device.type == draft.device.type == "cpu" and backend == "compile"
+    pool = ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(share,))
     with num_threads(share):  # compiled code is specialised to its thread count
-        stats.extra["warmup_seconds"] = tgt.warmup([1, gamma]) + drf.warmup([1])
+        stats.extra["warmup_seconds"] = tgt.warmup([1, gamma])
+        if draft_process:
+            drf = DraftProcess.get(draft, share)
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))\
+                if generator is not None else 0  # fmt: skip
+            began = time.perf_counter()
+            drf.start(batch, capacity, backend, sampling, [p[:-1] for p in prompts], seed,
+                      policy.max_gamma, draft.config.vocab_size)  # fmt: skip
+            stats.extra["warmup_seconds"] += time.perf_counter() - began
+        else:
+            runner = Runner(draft, batch, capacity, backend, sampling)
+            stats.extra["warmup_seconds"] += runner.warmup([1])
+            runner.prefill([p[:-1] for p in prompts])
+            drf = _ThreadDraft(runner, _Side(draft, share), pool, generator)
+    stats.extra["draft_process"] = bool(draft_process)
+    bookkeep = compiled_helper(_greedy_bookkeeping, target.device) if backend == "compile" \
+        else _greedy_bookkeeping  # fmt: skip
     start = time.perf_counter()
     tgt.prefill([p[:-1] for p in prompts])
-    drf.prefill([p[:-1] for p in prompts])
-    target_side, draft_side = _Side(target, share), _Side(draft, share)
+    target_side = _Side(target, share)
 
     device = target.device
     last = torch.tensor([p[-1] for p in prompts], device=device)  # [B] committed[-1]
@@ -145,90 +245,67 @@ def pearl_generate(
     unverified_q = None  # [B, γ-1, V]: their draft distributions, when sampling
     active = torch.ones(batch, dtype=torch.bool, device=device)
     host_post = [False] * batch  # the mode on the host too: the target's width needs no sync
-    cols = torch.arange(gamma, device=device)
     outputs: list[list[int]] = [[] for _ in prompts]
     done = [max_new_tokens <= 0] * batch
 
-    def draft_round() -> tuple[Tensor, Tensor | None]:
+    def draft_first() -> Tensor:
         # The draft's cache lacks e_γ (post) or the last committed token (pre, or post at γ=1).
         post = (mode == POST) & (gamma > 1)
-        first = torch.where(post, unverified[:, -1] if gamma > 1 else last, last)
-        return draft_tokens(drf, first.unsqueeze(1).to(drf.device), gamma, generator)
+        return torch.where(post, unverified[:, -1] if gamma > 1 else last, last)  # [B]
 
     def target_round(width: int) -> tuple[Tensor | None, Tensor | None]:
         # Post-verify sequences feed [last, e_2..e_γ]; pre-verify ones [last] (right-padded).
         feed = torch.cat([last.unsqueeze(1), unverified], 1)[:, :width]  # [B, width]
         return tgt(feed)
 
-    with ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(share,)) as pool, \
-            num_threads(share):  # fmt: skip
+    with pool, num_threads(share):
         while not all(done):
             if policy.gamma != gamma and not any(host_post):
                 # A new window only between rounds with nothing unverified (its buffers are γ-1).
                 gamma = policy.gamma
                 unverified = unverified.new_zeros(batch, gamma - 1)
-                unverified_q, cols = None, torch.arange(gamma, device=device)
+                unverified_q = None
             t0, d0 = tgt.lens.clone(), drf.lens.clone()
             width = gamma if any(host_post) else 1
             round_start = time.perf_counter()
-            drafted = pool.submit(draft_side.run, draft_round)
+            drf.submit(draft_first(), gamma)
             (p, target_tokens), t_target = target_side.run(lambda w=width: target_round(w))
-            (xs, qs), t_draft = drafted.result()
+            xs, qs, t_draft = drf.result()
             round_times["wall"] += time.perf_counter() - round_start
             round_times["draft"] += t_draft
             round_times["target"] += t_target
             round_times["slower"] += max(t_draft, t_target)
+            if policy.curve is not None:  # the sides as fast as each runs alone
+                curve = policy.curve
+                round_times["alone"] += max(gamma * curve.draft, curve.target_time(width))
             xs = xs.to(device)  # [B, γ]
             stats.draft_calls += gamma
             stats.target_calls += 1
-
-            # The windows each mode verifies: e_2..e_γ, f_1 (post) or e_1 (pre), padded to γ.
-            post = mode == POST
-            window = torch.where(
-                post.unsqueeze(1),
-                torch.cat([unverified, xs[:, :1]], 1),
-                xs[:, :1].expand(-1, gamma),
-            )  # [B, γ]
-            q = None
-            if not greedy:
+            d_now, d0 = drf.lens.to(device), d0.to(device)
+            if greedy:
+                mode, unverified, last, committed, t_lens, d_lens, host = bookkeep(
+                    mode, unverified, last, committed, active, xs, target_tokens, t0, d_now, d0,
+                    gamma,
+                )  # fmt: skip
+            else:
+                window = _windows(mode, unverified, xs, gamma)
                 qs = qs.to(device)
                 first_q = qs[:, :1]
                 pre_q = first_q.expand(-1, gamma, -1)
                 post_q = pre_q if unverified_q is None else torch.cat([unverified_q, first_q], 1)
-                q = torch.where(post.view(-1, 1, 1), post_q, pre_q)  # [B, γ, V]
-            accepted, corr = _verify_windows(mode, window, p, target_tokens, q, gamma, generator)
-            n = torch.where(post, gamma, 1)
-            all_in = accepted == n
-
-            # Commit: the accepted window tokens, then the correction unless all were accepted.
-            kept = torch.where(all_in, n, accepted + 1)
-            emitted = torch.where(cols < accepted.unsqueeze(1), window, corr.unsqueeze(1))
-            new_last = torch.where(all_in, window.gather(1, (n - 1).unsqueeze(1)).squeeze(1), corr)
-            new_committed = committed + kept
-            # Target keeps what it fed when all were accepted (its cache = committed[:-1]), else
-            # rolls back to the new committed[:-1]; the draft keeps everything it drafted when
-            # all were accepted (committed + unverified[:-1]), else rolls back likewise.
-            tgt_keep = torch.where(all_in, t0 + n, new_committed - 1)
-            drf_keep = torch.where(
-                all_in.to(drf.device), drf.lens, (new_committed - 1).to(drf.device)
-            )
-            tgt.lens.copy_(torch.where(active, tgt_keep, t0).to(torch.int32))
-            drf.lens.copy_(torch.where(active.to(drf.device), drf_keep, d0).to(torch.int32))
-            go_post = active & all_in
-            stay = ~active
-            if gamma > 1:
-                unverified = torch.where(go_post.unsqueeze(1), xs[:, 1:], unverified)
-                if not greedy:
+                q = torch.where((mode == POST).view(-1, 1, 1), post_q, pre_q)  # [B, γ, V]
+                accepted, corr = _verify_windows(mode, window, p, None, q, gamma, generator)
+                go_post = active & (accepted == torch.where(mode == POST, gamma, 1))
+                if gamma > 1:
                     keep_q = unverified_q if unverified_q is not None else qs[:, 1:]
                     unverified_q = torch.where(go_post.view(-1, 1, 1), qs[:, 1:], keep_q)
-            last = torch.where(active, new_last, last)
-            committed = torch.where(active, new_committed, committed)
-            mode = torch.where(stay, mode, torch.where(all_in, POST, PRE))
-
-            # The round's host sync: per sequence its mode, accepted count and emitted tokens.
-            host = torch.cat(
-                [post.long().unsqueeze(1), accepted.unsqueeze(1), kept.unsqueeze(1), emitted], 1
-            ).tolist()
+                mode, unverified, last, committed, t_lens, d_lens, host = _commit(
+                    mode, unverified, last, committed, active, window, xs, accepted, corr, t0,
+                    d_now, d0, gamma,
+                )  # fmt: skip
+            tgt.lens.copy_(t_lens)
+            drf.lens.copy_(d_lens.to(drf.device))
+            host = host.tolist()  # the round's one host sync: modes, counts, emitted tokens
             step: list[list[int]] = [[] for _ in prompts]
             proposed, round_accepted = 0, 0
             for b, (was_post, a, k, *tokens) in enumerate(host):
@@ -253,5 +330,7 @@ def pearl_generate(
     stats.seconds = time.perf_counter() - start
     stats.extra["gammas"] = policy.history
     stats.extra["overlap"] = round_times["wall"] / max(round_times["slower"], 1e-12)
+    if round_times["alone"]:  # against the measured cost curve: what contention costs the sides
+        stats.extra["overlap_vs_alone"] = round_times["wall"] / round_times["alone"]
     stats.extra["round_seconds"] = {k: round(v, 6) for k, v in round_times.items()}
     return outputs, stats
