@@ -100,6 +100,8 @@ def _outputs(out):
 
 
 def _names_it(message: str, op: str, arg: str) -> bool:
+    if op == "KVCache":  # the Python cache object names itself
+        return message.startswith("KVCache:")
     return (f"pearlmoe.{op}:" in message or f"pearlmoe::{op}()" in message) and arg in message
 
 
@@ -121,7 +123,8 @@ def run(spec: dict) -> dict:
     except Exception as e:
         if case.invalid is None:
             return {"ok": False, "detail": f"rejected valid input: {type(e).__name__}: {e}"}
-        if not isinstance(e, RuntimeError) or not _names_it(str(e), case.op, case.invalid):
+        accepted = (ValueError, TypeError, RuntimeError) if case.op == "KVCache" else RuntimeError
+        if not isinstance(e, accepted) or not _names_it(str(e), case.op, case.invalid):
             return {
                 "ok": False,
                 "detail": f"error does not name pearlmoe.{case.op} and "
@@ -860,6 +863,223 @@ def build_verify(spec):
     return Case("spec_verify", call, args, invalid, structural, check, fake)
 
 
+# ---- linear, rms_norm, kv_cache_write (the decode step's ops) --------------------------------
+
+LINEAR_MUTATIONS = ["weight-rank", "k-mismatch", "weight-dtype", "int", "x-0d"]
+LINEAR = _spec(
+    "linear",
+    LINEAR_MUTATIONS,
+    rows=st.sampled_from([0, 1, 3, 4, 5, 16, 17, 31]),
+    n=st.sampled_from([1, 3, 4, 17, 64]),
+    k=st.sampled_from([0, 1, 7, 16, 33, 100]),
+    lead=st.booleans(),
+    dtype=FLOATS,
+    layout=st.sampled_from(VIEWS),
+    special=st.sampled_from(["none", "nan", "inf", "huge"]),
+)
+
+
+def build_linear(spec):
+    m, dtype, g = spec["mutation"], DTYPES[spec["dtype"]], _gen(spec)
+    x = torch.randn(spec["rows"], spec["k"], generator=g)
+    if spec["special"] != "none" and x.numel():
+        x = _poke(x, {"nan": float("nan"), "inf": float("inf"), "huge": 1e30}[spec["special"]], g)
+    x = view(x.to(dtype), spec["layout"])
+    if spec["lead"]:
+        x = x.unsqueeze(0)
+    w = view(torch.randn(spec["n"], spec["k"], generator=g).to(dtype), spec["layout"])
+    invalid = None
+    if m == "weight-rank":
+        w, invalid = w.reshape(-1), "weight"
+    elif m == "k-mismatch":
+        w, invalid = torch.randn(spec["n"], spec["k"] + 1).to(dtype), "weight"
+    elif m == "weight-dtype":
+        w, invalid = w.double() if dtype != torch.float64 else w.float(), "weight"
+    elif m == "int":
+        x, w, invalid = x.long(), w.long(), "x"
+    elif m == "x-0d":
+        x, invalid = torch.tensor(1.0, dtype=dtype), "x"
+
+    def check(out):
+        low = reference.linear(x.float(), w.float()).to(dtype) if dtype != torch.float64 else None
+        oracle = reference.linear(x.double(), w.double())
+        _close(out, low if low is not None else oracle.to(dtype), oracle, dtype)
+
+    fake = _ops.linear.default
+    return Case("linear", _ops.linear.default, (x, w), invalid, True, check, fake)
+
+
+NORM_MUTATIONS = ["weight-len", "weight-rank", "weight-dtype", "eps-nan", "eps-neg", "int"]
+NORM = _spec(
+    "rms_norm",
+    NORM_MUTATIONS,
+    rows=st.sampled_from([0, 1, 2, 7, 31]),
+    hidden=st.sampled_from([1, 2, 15, 16, 17, 257]),
+    lead=st.booleans(),
+    dtype=FLOATS,
+    layout=st.sampled_from(VIEWS),
+    special=st.sampled_from(["none", "nan", "inf", "zeros", "huge"]),
+)
+
+
+def build_norm(spec):
+    m, dtype, g = spec["mutation"], DTYPES[spec["dtype"]], _gen(spec)
+    x = torch.randn(spec["rows"], spec["hidden"], generator=g) * 3
+    if spec["special"] == "zeros":
+        x = torch.zeros_like(x)
+    elif spec["special"] != "none" and x.numel():
+        x = _poke(x, {"nan": float("nan"), "inf": float("inf"), "huge": 1e18}[spec["special"]], g)
+    x = view(x.to(dtype), spec["layout"])
+    if spec["lead"]:
+        x = x.unsqueeze(1)
+    w = (torch.rand(spec["hidden"], generator=g) + 0.5).to(dtype)
+    eps, invalid, structural = 1e-5, None, True
+    if m == "weight-len":
+        w, invalid = torch.rand(spec["hidden"] + 1).to(dtype), "weight"
+    elif m == "weight-rank":
+        w, invalid = w.unsqueeze(0), "weight"
+    elif m == "weight-dtype":
+        w, invalid = w.double() if dtype != torch.float64 else w.float(), "weight"
+    elif m in ("eps-nan", "eps-neg"):
+        eps, invalid, structural = float("nan") if m == "eps-nan" else -1.0, "eps", False
+    elif m == "int":
+        x, w, invalid = x.long(), w.long(), "x"
+
+    def check(out):
+        low = reference.hf_rms_norm(x, w, eps)
+        oracle = reference.hf_rms_norm(x.double(), w.double(), eps)
+        _close(out, low, oracle, dtype)
+
+    return Case("rms_norm", _ops.rms_norm.default, (x, w, eps), invalid, structural, check,
+                _ops.rms_norm.default)  # fmt: skip
+
+
+WRITE_MUTATIONS = ["pos-range", "pos-negative", "pos-int32", "pos-shape", "group", "k-heads",
+                   "k-dtype", "v-shape", "cache-rank"]  # fmt: skip
+WRITE = _spec(
+    "kv_cache_write",
+    WRITE_MUTATIONS,
+    groups=st.integers(1, 3),
+    batch=st.sampled_from([0, 1, 3]),
+    steps=st.sampled_from([0, 1, 2, 5]),
+    heads=st.sampled_from([1, 2, 3]),
+    dim=st.sampled_from([1, 8, 64, 80]),
+    capacity=st.sampled_from([5, 8, 17]),
+    dtype=FLOATS,
+    layout=st.sampled_from(VIEWS),
+)
+
+
+def build_write(spec):
+    m, dtype, g = spec["mutation"], DTYPES[spec["dtype"]], _gen(spec)
+    groups, b, s, h, d, cap = (spec[k] for k in ("groups", "batch", "steps", "heads", "dim",
+                                                  "capacity"))  # fmt: skip
+    k_cache = torch.randn(groups, b, cap, h, d, generator=g).to(dtype)
+    v_cache = torch.randn(groups, b, cap, h, d, generator=g).to(dtype)
+    k = view(torch.randn(b, s, h, d, generator=g).to(dtype), spec["layout"])
+    v = view(torch.randn(b, s, h, d, generator=g).to(dtype), spec["layout"])
+    positions = torch.stack([torch.randperm(cap, generator=g)[:s] for _ in range(b)]) \
+        if b else torch.zeros(0, s, dtype=torch.long)  # fmt: skip
+    group = int(torch.randint(0, groups, (1,), generator=g))
+    invalid, structural = None, True
+    if m == "pos-range" and b and s:
+        positions, invalid, structural = _poke(positions, cap, g), "positions", False
+    elif m == "pos-negative" and b and s:
+        positions, invalid, structural = _poke(positions, -1, g), "positions", False
+    elif m == "pos-int32":
+        positions, invalid = positions.int(), "positions"
+    elif m == "pos-shape":
+        positions, invalid = positions.reshape(-1), "positions"
+    elif m == "group":
+        group, invalid = groups, "group"
+    elif m == "k-heads":
+        k = v = torch.randn(b, s, h + 1, d).to(dtype)
+        invalid = "k"
+    elif m == "k-dtype":
+        k = k.double() if dtype != torch.float64 else k.float()
+        invalid = "k"
+    elif m == "v-shape":
+        v, invalid = torch.randn(b, s + 1, h, d).to(dtype), "v"
+    elif m == "cache-rank":
+        k_cache, v_cache, invalid = k_cache[0], v_cache[0], "k_cache"
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    if invalid is None:
+        reference.kv_cache_write(want_k, want_v, k, v, positions, group)
+
+    def call(kc, vc, kk, vv, pos, grp):
+        _ops.kv_cache_write.default(kc, vc, kk, vv, pos, grp)
+        return kc, vc
+
+    def check(out):
+        assert torch.equal(out[0], want_k) and torch.equal(out[1], want_v), "caches differ"
+
+    def fake(kc, vc, kk, vv, pos, grp):
+        _ops.kv_cache_write.default(kc, vc, kk, vv, pos, grp)
+        return kc, vc
+
+    return Case("kv_cache_write", call, (k_cache, v_cache, k, v, positions, group), invalid,
+                structural, check, fake)  # fmt: skip
+
+
+# ---- KVCache (the Python cache object) ----------------------------------------------------------
+
+CACHE_MUTATIONS = ["advance-negative", "advance-too-many", "write-too-many", "num-new-float",
+                   "truncate-longer", "write-shape", "past-capacity"]  # fmt: skip
+CACHE = _spec(
+    "KVCache",
+    CACHE_MUTATIONS,
+    batch=st.integers(1, 3),
+    capacity=st.sampled_from([1, 4, 9]),
+    steps=st.sampled_from([1, 2, 3]),
+    ragged=st.booleans(),
+)
+
+
+def build_cache(spec):
+    """A write / advance / truncate sequence on a KVCache: valid ones keep the lengths the host
+    copy and the device agree on and the rows where the reference puts them; bad ones raise an
+    error naming KVCache (and leave the lengths alone)."""
+    from pearlmoe.model import KVCache
+
+    m, g = spec["mutation"], _gen(spec)
+    b, cap, s = spec["batch"], spec["capacity"], min(spec["steps"], spec["capacity"])
+    cache = KVCache(num_layers=2, batch_size=b, capacity=cap, kv_heads=1, head_dim=4,
+                    dtype=torch.float32)  # fmt: skip
+    counts = [int(c) for c in torch.randint(0, s + 1, (b,), generator=g)] if spec["ragged"] \
+        else [s] * b  # fmt: skip
+    k = torch.randn(b, s, 1, 4, generator=g)
+    invalid = None
+
+    def call():
+        cache.write(0, k, k, num_new=counts)
+        cache.advance(counts)
+        if m == "advance-negative":
+            cache.advance(-1)
+        elif m == "advance-too-many":
+            cache.advance(cap + 1)
+        elif m == "write-too-many":
+            cache.write(0, k, k, num_new=s + 1)
+        elif m == "num-new-float":
+            cache.advance(0.5)
+        elif m == "truncate-longer":
+            cache.truncate([n + 1 for n in counts])
+        elif m == "write-shape":
+            cache.write(0, k[:, :, :, :3], k[:, :, :, :3])
+        elif m == "past-capacity":  # one past the capacity for every sequence
+            cache.advance([cap - n + 1 for n in counts])
+        return cache
+
+    if m is not None:
+        invalid = "KVCache"
+
+    def check(out):
+        assert out.seq_lens() == counts and out.lens.tolist() == counts, "lengths"
+        for i, n in enumerate(counts):
+            assert torch.equal(out.k[0, i, :n], k[i, s - n :]), "rows"
+
+    return Case("KVCache", call, (), invalid, False, check)
+
+
 BUILDERS = {
     "topk_softmax": build_topk,
     "moe_align": build_align,
@@ -868,6 +1088,10 @@ BUILDERS = {
     "attention": build_attention,
     "rope_qk_norm": build_rope,
     "spec_verify": build_verify,
+    "linear": build_linear,
+    "rms_norm": build_norm,
+    "kv_cache_write": build_write,
+    "KVCache": build_cache,
 }
 STRATEGIES = {
     "topk_softmax": TOPK,
@@ -877,4 +1101,8 @@ STRATEGIES = {
     "attention": ATTN,
     "rope_qk_norm": ROPE,
     "spec_verify": VERIFY,
+    "linear": LINEAR,
+    "rms_norm": NORM,
+    "kv_cache_write": WRITE,
+    "KVCache": CACHE,
 }

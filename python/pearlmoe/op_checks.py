@@ -397,3 +397,59 @@ def spec_verify(
         f"uniforms must be [B, n+1] = [{batch}, {n + 1}]",
     )
     _same_device(op, uniforms, target_probs, "uniforms", "target_probs")
+
+
+# ---- the decode step's ops ---------------------------------------------------------------------
+
+
+def linear(x: Tensor, weight: Tensor) -> None:
+    op = "linear"
+    _check(op, x.dim() >= 1, "x must be [..., K], got a 0-D tensor")
+    _dim(op, weight, 2, "weight")
+    _check(op, x.dtype.is_floating_point, f"x must be floating point, got {_name(x.dtype)}")
+    _check(op, weight.dtype == x.dtype,
+           f"weight must have x's dtype {_name(x.dtype)}, got {_name(weight.dtype)}")  # fmt: skip
+    _same_device(op, weight, x, "weight", "x")
+    _check(op, weight.shape[1] == x.shape[-1],
+           f"weight must be [N, K] with K = x.size(-1) = {x.shape[-1]}, got shape "
+           f"{list(weight.shape)}")  # fmt: skip
+
+
+def rms_norm(x: Tensor, weight: Tensor) -> None:
+    op = "rms_norm"
+    _check(op, x.dim() >= 1, "x must be [..., H], got a 0-D tensor")
+    _dim(op, weight, 1, "weight")
+    _check(op, x.dtype.is_floating_point, f"x must be floating point, got {_name(x.dtype)}")
+    _check(op, weight.dtype == x.dtype,
+           f"weight must have x's dtype {_name(x.dtype)}, got {_name(weight.dtype)}")  # fmt: skip
+    _same_device(op, weight, x, "weight", "x")
+    _check(op, weight.shape[0] == x.shape[-1],
+           f"weight must be [H] with H = x.size(-1) = {x.shape[-1]}, got shape "
+           f"{list(weight.shape)}")  # fmt: skip
+
+
+def kv_cache_write(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, positions: Tensor,
+                   group: int) -> None:  # fmt: skip
+    op = "kv_cache_write"
+    _dim(op, k_cache, 5, "k_cache")
+    _check(op, v_cache.shape == k_cache.shape, f"v_cache must have k_cache's shape "
+           f"{list(k_cache.shape)}, got {list(v_cache.shape)}")  # fmt: skip
+    _dim(op, k, 4, "k")
+    _check(op, v.shape == k.shape, f"v must have k's shape {list(k.shape)}, got {list(v.shape)}")
+    _dim(op, positions, 2, "positions")
+    _check(op, positions.dtype == torch.int64,
+           f"positions must be Long, got {_name(positions.dtype)}")  # fmt: skip
+    _check(op, k_cache.dtype.is_floating_point,
+           f"k_cache must be floating point, got {_name(k_cache.dtype)}")  # fmt: skip
+    for t, name in ((v_cache, "v_cache"), (k, "k"), (v, "v")):
+        _check(op, t.dtype == k_cache.dtype, f"{name} must have k_cache's dtype "
+               f"{_name(k_cache.dtype)}, got {_name(t.dtype)}")  # fmt: skip
+    for t, name in ((v_cache, "v_cache"), (k, "k"), (v, "v"), (positions, "positions")):
+        _same_device(op, t, k_cache, name, "k_cache")
+    groups, batch = k_cache.shape[0], k_cache.shape[1]
+    _check(op, 0 <= group < groups, f"group must be in [0, {groups}), got {group}")
+    _check(op, k.shape[0] == batch and k.shape[2:] == k_cache.shape[3:],
+           f"k must be [B, S, Hkv, D] = [{batch}, S, {k_cache.shape[3]}, {k_cache.shape[4]}] "
+           f"for k_cache of shape {list(k_cache.shape)}, got {list(k.shape)}")  # fmt: skip
+    _check(op, positions.shape == k.shape[:2], f"positions must be [B, S] = [{batch}, "
+           f"{k.shape[1]}], got {list(positions.shape)}")  # fmt: skip

@@ -226,19 +226,13 @@ def cpu_isa() -> str:
 
 @torch.library.register_fake("pearlmoe::rms_norm")
 def _rms_norm_fake(x: Tensor, weight: Tensor, eps: float = 1e-5):
-    torch._check(weight.dim() == 1, lambda: "pearlmoe.rms_norm: weight must be [H]")
-    torch._check(
-        weight.shape[0] == x.shape[-1], lambda: "pearlmoe.rms_norm: weight must be [H=x.size(-1)]"
-    )
+    op_checks.rms_norm(x, weight)
     return torch.empty_like(x, memory_format=torch.contiguous_format)  # [..., H]
 
 
 @torch.library.register_fake("pearlmoe::linear")
 def _linear_fake(x: Tensor, weight: Tensor):
-    torch._check(weight.dim() == 2, lambda: "pearlmoe.linear: weight must be [N, K]")
-    torch._check(
-        x.shape[-1] == weight.shape[1], lambda: "pearlmoe.linear: weight must be [N, K=x.size(-1)]"
-    )
+    op_checks.linear(x, weight)
     return x.new_empty(*x.shape[:-1], weight.shape[0])  # [..., N]
 
 
@@ -330,11 +324,7 @@ def _attention_fake(q, k, v, kv_lens, scale=None):
 
 @torch.library.register_fake("pearlmoe::kv_cache_write")
 def _kv_cache_write_fake(k_cache, v_cache, k, v, positions, group=0):
-    torch._check(k_cache.dim() == 5, lambda: "pearlmoe.kv_cache_write: k_cache must be 5-D")
-    torch._check(k.dim() == 4, lambda: "pearlmoe.kv_cache_write: k must be [B, S, Hkv, D]")
-    torch._check(
-        positions.shape == k.shape[:2], lambda: "pearlmoe.kv_cache_write: positions must be [B, S]"
-    )
+    op_checks.kv_cache_write(k_cache, v_cache, k, v, positions, group)
 
 
 @torch.library.register_fake("pearlmoe::rope_qk_norm")

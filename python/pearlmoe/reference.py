@@ -56,9 +56,9 @@ def grouped_gemm_wgrad(grad_c: Tensor, a: Tensor, group_offsets: Tensor) -> Tens
 
 
 def hf_rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-5) -> Tensor:
-    """Hugging Face's RMSNorm (what ``ops.rms_norm`` computes): normalise in fp32, cast back,
-    then scale."""
-    x32 = x.float()
+    """Hugging Face's RMSNorm (what ``ops.rms_norm`` computes): normalise in fp32 (fp64 for fp64
+    inputs), cast back, then scale."""
+    x32 = x.double() if x.dtype == torch.float64 else x.float()
     return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 

@@ -108,7 +108,7 @@ class Runner:
         self.device = model.device
         self._graphs: dict[int, tuple] = {}  # cudagraph: width -> (graph, ids buffer, outputs)
         self._compiled = None
-        self._warm: set[int] = set()  # widths this runner has run through the compiled step
+        self._warm: set[int] = set()  # widths > 1 already marked dynamic for the compiled step
         if backend == "compile":
             # Any capacity, one graph: the cache's length dimension is symbolic.
             torch._dynamo.mark_dynamic(self.cache.k, 2)
