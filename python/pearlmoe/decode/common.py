@@ -146,19 +146,6 @@ def auto_gamma(target: Transformer, draft: Transformer, batch: int = 1, max_gamm
     return min(max_gamma, pick_gamma(target, draft, batch, "pearl"))
 
 
-_helpers: dict = {}
-
-
-def compiled_helper(fn, device: torch.device):
-    """torch.compile of a decode loop's tensor bookkeeping (dynamic shapes: any batch and γ), so
-    a round pays one call instead of dozens of small eager ops."""
-    key = (fn, torch.device(device).type)
-    if key not in _helpers:
-        options = {"cpp_wrapper": True} if key[1] == "cpu" else {}
-        _helpers[key] = torch.compile(fn, fullgraph=True, dynamic=True, options=options)
-    return _helpers[key]
-
-
 def emit(tokens: list[int], output: list[int], step: list[int], eos: set[int], budget: int) -> bool:
     """Append verified tokens to a sequence's output and to this step's stream, stopping at its
     EOS or when it holds budget tokens; True once the sequence is finished."""

@@ -104,13 +104,19 @@ def _serve(draft: Transformer, ctl: Tensor, conn, threads: int) -> None:
 
 
 def _wait_for_change(ctl: Tensor, seen: int) -> None:
-    """The child between rounds: a short spin, then 50 us sleeps (it drafts faster than the
-    target verifies, so spinning would only take CPU time from the target's process)."""
-    spins = 0
+    """The child between commands: a short spin, then 50 us sleeps (it drafts faster than the
+    target verifies, so spinning would only take CPU time from the target's process), and once
+    idle for a while (between decodes) longer sleeps, so that waking up does not disturb what
+    the parent runs meanwhile."""
+    spins, idle_since = 0, None
     while int(ctl[ISSUED]) == seen:
         spins += 1
-        if spins > 50:
-            time.sleep(5e-5)
+        if spins <= 50:
+            continue
+        now = time.monotonic()
+        idle_since = idle_since or now
+        idle = now - idle_since
+        time.sleep(5e-5 if idle < 0.02 else 1e-3 if idle < 1.0 else 1e-2)
 
 
 class DraftProcess:
