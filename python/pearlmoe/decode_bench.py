@@ -52,7 +52,10 @@ def run_mode(
         if mode == "pearl":
             wall = sum(s.extra["round_seconds"]["wall"] for s in stats_list)
             slower = sum(s.extra["round_seconds"]["slower"] for s in stats_list)
-            row["overlap"] = wall / slower  # round wall time / the slower side alone
+            row["overlap"] = wall / slower  # a round's wall time / its slower side (as measured)
+            alone = sum(s.extra["round_seconds"].get("alone", 0.0) for s in stats_list)
+            if alone:  # ... / the slower side's time alone (the cost curve)
+                row["overlap_vs_alone"] = wall / alone
     return row, outputs
 
 
