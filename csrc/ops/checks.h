@@ -37,4 +37,11 @@ inline void check_device(const at::Tensor& t, c10::DeviceType type, const char* 
            " tensor, got one on ", t.device());
 }
 
+// Rows of x [..., K], the product of its leading dims (reshape(-1, K) cannot tell them when K = 0).
+inline int64_t leading_rows(const at::Tensor& x) {
+  int64_t rows = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) rows *= x.size(d);
+  return rows;
+}
+
 }  // namespace pearlmoe

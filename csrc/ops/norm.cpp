@@ -20,12 +20,6 @@ namespace {
 
 using at::Tensor;
 
-// Rows of x [..., K] (reshape(-1, K) cannot tell them when K = 0).
-int64_t leading_rows(const Tensor& x) {
-  int64_t rows = 1;
-  for (int64_t d = 0; d + 1 < x.dim(); ++d) rows *= x.size(d);
-  return rows;
-}
 constexpr const char* kNorm = "rms_norm";
 
 void check_rms_norm(const Tensor& x, const Tensor& weight, double eps) {

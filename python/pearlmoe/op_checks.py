@@ -402,30 +402,27 @@ def spec_verify(
 # ---- the decode step's ops ---------------------------------------------------------------------
 
 
-def linear(x: Tensor, weight: Tensor) -> None:
-    op = "linear"
-    _check(op, x.dim() >= 1, "x must be [..., K], got a 0-D tensor")
-    _dim(op, weight, 2, "weight")
+def _x_and_weight(op: str, x: Tensor, weight: Tensor, weight_dim: int, letter: str) -> None:
+    """x [..., letter] floating, weight of rank weight_dim in x's dtype and device whose last dim
+    is x's (what linear and rms_norm both require)."""
+    _check(op, x.dim() >= 1, f"x must be [..., {letter}], got a 0-D tensor")
+    _dim(op, weight, weight_dim, "weight")
     _check(op, x.dtype.is_floating_point, f"x must be floating point, got {_name(x.dtype)}")
     _check(op, weight.dtype == x.dtype,
            f"weight must have x's dtype {_name(x.dtype)}, got {_name(weight.dtype)}")  # fmt: skip
     _same_device(op, weight, x, "weight", "x")
-    _check(op, weight.shape[1] == x.shape[-1],
-           f"weight must be [N, K] with K = x.size(-1) = {x.shape[-1]}, got shape "
+    shape = "[N, K]" if weight_dim == 2 else f"[{letter}]"
+    _check(op, weight.shape[-1] == x.shape[-1],
+           f"weight must be {shape} with {letter} = x.size(-1) = {x.shape[-1]}, got shape "
            f"{list(weight.shape)}")  # fmt: skip
+
+
+def linear(x: Tensor, weight: Tensor) -> None:
+    _x_and_weight("linear", x, weight, 2, "K")
 
 
 def rms_norm(x: Tensor, weight: Tensor) -> None:
-    op = "rms_norm"
-    _check(op, x.dim() >= 1, "x must be [..., H], got a 0-D tensor")
-    _dim(op, weight, 1, "weight")
-    _check(op, x.dtype.is_floating_point, f"x must be floating point, got {_name(x.dtype)}")
-    _check(op, weight.dtype == x.dtype,
-           f"weight must have x's dtype {_name(x.dtype)}, got {_name(weight.dtype)}")  # fmt: skip
-    _same_device(op, weight, x, "weight", "x")
-    _check(op, weight.shape[0] == x.shape[-1],
-           f"weight must be [H] with H = x.size(-1) = {x.shape[-1]}, got shape "
-           f"{list(weight.shape)}")  # fmt: skip
+    _x_and_weight("rms_norm", x, weight, 1, "H")
 
 
 def kv_cache_write(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, positions: Tensor,
