@@ -140,9 +140,13 @@ def test_draft_process_reports_the_childs_errors(pair32):
 
     _, draft = pair32
     worker = DraftProcess.get(draft, 1)
+    worker.start(1, 4, "eager", Sampling(), 0, 3, 96)  # capacity 4
+    worker.prefill([[1, 2, 3, 4, 5, 6]])
     with pytest.raises(RuntimeError, match=r"(?s)PEARL draft process failed:.*past the cache"):
-        worker.start(1, 4, "eager", Sampling(), [[1, 2, 3, 4, 5, 6]], 0, 3, 96)  # capacity 4
-    worker.start(1, 16, "eager", Sampling(), [[1, 2, 3]], 0, 3, 96)  # the child still serves
+        worker.wait()
+    worker.start(1, 16, "eager", Sampling(), 0, 3, 96)  # the child still serves
+    worker.prefill([[1, 2, 3]])
+    worker.wait()
     worker.submit(torch.tensor([4]), 3)
     xs, qs, seconds = worker.result()
     assert xs.shape == (1, 3) and qs is None and seconds > 0

@@ -13,7 +13,8 @@ So on a CPU PEARL drafts in a child process:
   torch.distributed message on loopback.
 
     worker = DraftProcess.get(draft, threads)
-    worker.start(batch, capacity, backend, sampling, prompts, seed)  # prefill, compile
+    worker.start(batch, capacity, backend, sampling, seed, ...)  # build (compile) the runner
+    worker.prefill(prompts); ...; worker.wait()  # cache the prompts while the parent works
     worker.submit(first)         # [B] tokens, returns at once; the child drafts γ after them
     ...                          # the target's step, meanwhile
     xs, qs = worker.result()     # [B, γ] tokens, [B, γ, V] distributions or None
@@ -42,7 +43,7 @@ from .runner import Runner, Sampling
 # ctl slots (int64, shared): the parent bumps ISSUED to give a command; the child sets DONE to it
 # (and NANOS to the nanoseconds the command took).
 ISSUED, DONE, COMMAND, GAMMA, FAILED, NANOS = range(6)
-DRAFT, START, STOP = 1, 2, 3
+DRAFT, START, STOP, PREFILL = 1, 2, 3, 4
 
 
 def _wait(ctl: Tensor, slot: int, value: int, alive, deadline: float) -> None:
@@ -81,14 +82,15 @@ def _serve(draft: Transformer, ctl: Tensor, conn, threads: int) -> None:
                     ctl[DONE] = seen
                     return
                 if command == START:
-                    batch, capacity, backend, sampling, prompts, seed, buffers = conn.recv()
+                    batch, capacity, backend, sampling, seed, buffers = conn.recv()
                     runner = Runner(draft, batch, capacity, backend, sampling)
                     runner.cache.lens = buffers["lens"]  # shared with the parent
                     runner.cache.lens.zero_()
                     runner.cache._lens = [0] * batch
                     runner.warmup([1])
-                    runner.prefill(prompts)
                     generator = torch.Generator().manual_seed(seed)
+                elif command == PREFILL:
+                    runner.prefill(conn.recv())
                 elif command == DRAFT:
                     gamma = int(ctl[GAMMA])
                     first = buffers["first"].unsqueeze(1)  # [B, 1]
@@ -164,11 +166,11 @@ class DraftProcess:
             raise RuntimeError("PEARL draft process failed:\n" + self.conn.recv())
 
     def start(
-        self, batch: int, capacity: int, backend: str, sampling: Sampling,
-        prompts: list[list[int]], seed: int, max_gamma: int, vocab: int,
+        self, batch: int, capacity: int, backend: str, sampling: Sampling, seed: int,
+        max_gamma: int, vocab: int,
     ) -> None:  # fmt: skip
-        """A new decode: the child builds its runner (compiling on first use), prefills the
-        prompts; draft distributions are kept when sampling."""
+        """A new decode: the child builds its runner (compiling on first use); draft
+        distributions are kept when sampling."""
         self.buffers = {
             "first": torch.zeros(batch, dtype=torch.int64).share_memory_(),
             "lens": torch.zeros(batch, dtype=torch.int32).share_memory_(),
@@ -177,9 +179,17 @@ class DraftProcess:
         if not sampling.greedy:
             self.buffers["qs"] = torch.zeros(batch, max_gamma, vocab).share_memory_()
         self._command(START)
-        self.conn.send((batch, capacity, backend, sampling, prompts, seed, self.buffers))
+        self.conn.send((batch, capacity, backend, sampling, seed, self.buffers))
         self._finish(timeout=600)  # the first compile of the draft's step takes a while
         self.lens = self.buffers["lens"]
+
+    def prefill(self, prompts: list[list[int]]) -> None:
+        """Start caching the prompts in the child (it runs while the parent works: ``wait``)."""
+        self._command(PREFILL)
+        self.conn.send(prompts)
+
+    def wait(self) -> None:
+        self._finish(timeout=600)
 
     def submit(self, first: Tensor, gamma: int) -> None:
         """Draft γ tokens after first [B] (the draft caches first, then γ - 1 of its tokens)."""

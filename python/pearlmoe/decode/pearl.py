@@ -76,6 +76,12 @@ class _ThreadDraft:
         self.lens, self.device = runner.lens, runner.device
         self._future = None
 
+    def prefill(self, prompts: list[list[int]]) -> None:
+        self._future = self.pool.submit(self.side.run, lambda: self.runner.prefill(prompts))
+
+    def wait(self) -> None:
+        self._future.result()
+
     def submit(self, first: Tensor, gamma: int) -> None:
         feed = first.unsqueeze(1).to(self.device)
         self._future = self.pool.submit(
@@ -164,18 +170,61 @@ def _commit(
     return mode, unverified, last, committed, t_lens.int(), d_lens.int(), host
 
 
-def _greedy_bookkeeping(
+def _greedy_round(
     mode: Tensor, unverified: Tensor, last: Tensor, committed: Tensor, active: Tensor,
-    xs: Tensor, target_tokens: Tensor, t0: Tensor, d_now: Tensor, d0: Tensor,
+    xs: Tensor, target_tokens: Tensor, t0: Tensor, d_now: Tensor, d0: Tensor, gamma: Tensor,
 ) -> tuple[Tensor, ...]:  # fmt: skip
-    """Greedy verification and commit of a round (γ is xs's width). Eager tensor ops, ~0.3 ms a
-    round on the CPU: compiling it saved most of that, but its shapes change with γ and the
-    window, and the recompiles cost more than they saved (bench/NOTES.md)."""
-    gamma = xs.shape[1]
-    window = _windows(mode, unverified, xs, gamma)
-    accepted, corr = _verify_windows(mode, window, None, target_tokens, None, gamma, None)
-    return _commit(mode, unverified, last, committed, active, window, xs, accepted, corr, t0,
-                   d_now, d0, gamma)  # fmt: skip
+    """Greedy verification and commit of a round, on buffers of a fixed width G (the policy's
+    largest γ) with γ a 0-d tensor: the shapes never change within a decode, so the compile
+    backend runs the round's ~60 small ops as one call that never recompiles when γ does.
+
+    unverified [B, G] (e_2..e_γ in its first γ-1 columns), xs [B, G] (the draft's γ tokens
+    first), target_tokens [B, G] (the target's argmax over the window, ≥ 1 real column); the
+    rest as in ``_commit``, whose host rows this returns at width 3 + G."""
+    cols = torch.arange(xs.shape[1], device=xs.device)
+    post = mode == POST
+    n = torch.where(post, gamma, 1)  # [B] real tokens in each window
+    # e_2..e_γ, f_1 (post-verify) or e_1 (pre-verify; only its first column is read).
+    window = torch.where(post.unsqueeze(1) & (cols < gamma - 1), unverified, xs[:, :1])
+    match = (window == target_tokens) & (cols < n.unsqueeze(1))
+    accepted = match.long().cumprod(1).sum(1)  # [B]
+    corr = target_tokens.gather(1, torch.minimum(accepted, n - 1).unsqueeze(1)).squeeze(1)
+    all_in = accepted == n
+    kept = torch.where(all_in, n, accepted + 1)
+    emitted = torch.where(cols < accepted.unsqueeze(1), window, corr.unsqueeze(1))
+    new_last = torch.where(all_in, window.gather(1, (n - 1).unsqueeze(1)).squeeze(1), corr)
+    new_committed = committed + kept
+    stay = active & all_in
+    t_lens = torch.where(stay, t0 + n, torch.where(active, new_committed - 1, t0))
+    d_lens = torch.where(stay, d_now, torch.where(active, new_committed - 1, d0))
+    # f_2..f_γ become the unverified tokens (shifted left; the last column is never read).
+    unverified = torch.where(stay.unsqueeze(1), torch.roll(xs, -1, 1), unverified)
+    last = torch.where(active, new_last, last)
+    committed = torch.where(active, new_committed, committed)
+    mode = torch.where(active, torch.where(all_in, POST, PRE), mode)
+    host = torch.cat(
+        [post.long().unsqueeze(1), accepted.unsqueeze(1), kept.unsqueeze(1), emitted], 1
+    )
+    return mode, unverified, last, committed, t_lens.int(), d_lens.int(), host
+
+
+_rounds: dict[str, Callable] = {}
+
+
+def _round_fn(device: torch.device, backend: str) -> Callable:
+    """_greedy_round, compiled (one graph per batch size and G) with the CPU compile backend."""
+    if backend != "compile" or device.type != "cpu":
+        return _greedy_round
+    if "cpu" not in _rounds:
+        _rounds["cpu"] = torch.compile(
+            _greedy_round, fullgraph=True, dynamic=False, options={"cpp_wrapper": True}
+        )
+    return _rounds["cpu"]
+
+
+def _pad(t: Tensor, width: int) -> Tensor:
+    """t [B, w] right-padded with zeros to [B, width]."""
+    return torch.nn.functional.pad(t, (0, width - t.shape[1]))
 
 
 @torch.inference_mode()
@@ -216,41 +265,52 @@ def pearl_generate(
     if draft_process is None:  # a child process where the GIL would make the sides take turns
         draft_process = target.device.type == draft.device.type == "cpu" and backend == "compile"
     pool = ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(share,))
+    device = target.device
+    width_g = policy.max_gamma  # G: the state's fixed width, so γ can change without new shapes
+    bookkeep = _round_fn(device, backend)
+    draft_prompts = [p[:-1] for p in prompts]
     with num_threads(share):  # compiled code is specialised to its thread count
         stats.extra["warmup_seconds"] = tgt.warmup([1, gamma])
+        began = time.perf_counter()
+        if greedy and bookkeep is not _greedy_round:  # compile the round's bookkeeping now
+            ids = torch.zeros(batch, width_g, dtype=torch.long, device=device)
+            lens = torch.zeros(batch, dtype=torch.int32, device=device)
+            bookkeep(ids[:, 0], ids, ids[:, 0], ids[:, 0], ids[:, 0] == 0, ids, ids, lens, lens,
+                     lens, torch.tensor(gamma, device=device))  # fmt: skip
         if draft_process:
             drf = DraftProcess.get(draft, share)
             seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))\
                 if generator is not None else 0  # fmt: skip
-            began = time.perf_counter()
-            drf.start(batch, capacity, backend, sampling, [p[:-1] for p in prompts], seed,
-                      policy.max_gamma, draft.config.vocab_size)  # fmt: skip
-            stats.extra["warmup_seconds"] += time.perf_counter() - began
+            drf.start(batch, capacity, backend, sampling, seed, policy.max_gamma,
+                      draft.config.vocab_size)  # fmt: skip
         else:
             runner = Runner(draft, batch, capacity, backend, sampling)
-            stats.extra["warmup_seconds"] += runner.warmup([1])
-            runner.prefill([p[:-1] for p in prompts])
+            runner.warmup([1])
             drf = _ThreadDraft(runner, _Side(draft, share), pool, generator)
+        stats.extra["warmup_seconds"] += time.perf_counter() - began
     stats.extra["draft_process"] = bool(draft_process)
     start = time.perf_counter()
-    tgt.prefill([p[:-1] for p in prompts])
+    drf.prefill(draft_prompts)  # both sides prefill at once
+    with num_threads(share):
+        tgt.prefill(draft_prompts)
+    drf.wait()
     target_side = _Side(target, share)
 
-    device = target.device
     last = torch.tensor([p[-1] for p in prompts], device=device)  # [B] committed[-1]
     committed = torch.tensor([len(p) for p in prompts], device=device)  # [B] lengths
     mode = torch.full((batch,), PRE, device=device)  # [B]
-    unverified = torch.zeros(batch, max(gamma - 1, 0), dtype=torch.long, device=device)  # e_2..e_γ
+    unverified = torch.zeros(batch, width_g, dtype=torch.long, device=device)  # [B, G] e_2..e_γ
     unverified_q = None  # [B, γ-1, V]: their draft distributions, when sampling
     active = torch.ones(batch, dtype=torch.bool, device=device)
     host_post = [False] * batch  # the mode on the host too: the target's width needs no sync
     outputs: list[list[int]] = [[] for _ in prompts]
     done = [max_new_tokens <= 0] * batch
+    gamma_t = torch.tensor(gamma, device=device)
 
     def draft_first() -> Tensor:
         # The draft's cache lacks e_γ (post) or the last committed token (pre, or post at γ=1).
         post = (mode == POST) & (gamma > 1)
-        return torch.where(post, unverified[:, -1] if gamma > 1 else last, last)  # [B]
+        return torch.where(post, unverified[:, max(gamma - 2, 0)], last)  # [B]
 
     def target_round(width: int) -> tuple[Tensor | None, Tensor | None]:
         # Post-verify sequences feed [last, e_2..e_γ]; pre-verify ones [last] (right-padded).
@@ -260,9 +320,9 @@ def pearl_generate(
     with pool, num_threads(share):
         while not all(done):
             if policy.gamma != gamma and not any(host_post):
-                # A new window only between rounds with nothing unverified (its buffers are γ-1).
+                # A new window only between rounds with nothing unverified.
                 gamma = policy.gamma
-                unverified = unverified.new_zeros(batch, gamma - 1)
+                gamma_t = torch.tensor(gamma, device=device)
                 unverified_q = None
             t0, d0 = tgt.lens.clone(), drf.lens.clone()
             width = gamma if any(host_post) else 1
@@ -282,11 +342,12 @@ def pearl_generate(
             stats.target_calls += 1
             d_now, d0 = drf.lens.to(device), d0.to(device)
             if greedy:
-                mode, unverified, last, committed, t_lens, d_lens, host = _greedy_bookkeeping(
-                    mode, unverified, last, committed, active, xs, target_tokens, t0, d_now, d0
-                )
+                mode, unverified, last, committed, t_lens, d_lens, host = bookkeep(
+                    mode, unverified, last, committed, active, _pad(xs, width_g),
+                    _pad(target_tokens, width_g), t0, d_now, d0, gamma_t,
+                )  # fmt: skip
             else:
-                window = _windows(mode, unverified, xs, gamma)
+                window = _windows(mode, unverified[:, : gamma - 1], xs, gamma)
                 qs = qs.to(device)
                 first_q = qs[:, :1]
                 pre_q = first_q.expand(-1, gamma, -1)
@@ -297,10 +358,11 @@ def pearl_generate(
                 if gamma > 1:
                     keep_q = unverified_q if unverified_q is not None else qs[:, 1:]
                     unverified_q = torch.where(go_post.view(-1, 1, 1), qs[:, 1:], keep_q)
-                mode, unverified, last, committed, t_lens, d_lens, host = _commit(
-                    mode, unverified, last, committed, active, window, xs, accepted, corr, t0,
-                    d_now, d0, gamma,
+                mode, kept_unverified, last, committed, t_lens, d_lens, host = _commit(
+                    mode, unverified[:, : gamma - 1], last, committed, active, window, xs,
+                    accepted, corr, t0, d_now, d0, gamma,
                 )  # fmt: skip
+                unverified = _pad(kept_unverified, width_g)
             tgt.lens.copy_(t_lens)
             drf.lens.copy_(d_lens.to(drf.device))
             host = host.tolist()  # the round's one host sync: modes, counts, emitted tokens

@@ -33,11 +33,12 @@ def draft_tokens(
     probs, greedy = drf(feed)
     drf.lens.add_(feed.shape[1])
     xs, qs = [], []
+    reused = drf.backend == "cudagraph"  # its outputs live in buffers the next replay overwrites
     for i in range(gamma):
         if greedy is not None:
-            xs.append(greedy[:, -1].clone())  # clone: a CUDA graph's output buffer is reused
+            xs.append(greedy[:, -1].clone() if reused else greedy[:, -1])
         else:
-            qs.append(probs[:, -1].clone())
+            qs.append(probs[:, -1].clone() if reused else probs[:, -1])
             xs.append(sample(qs[-1], generator))
         if i + 1 < gamma:
             probs, greedy = drf(xs[-1].unsqueeze(1))
@@ -45,26 +46,72 @@ def draft_tokens(
     return torch.stack(xs, 1), (torch.stack(qs, 1) if qs else None)
 
 
-def verify(
-    p: Tensor | None,
-    target_tokens: Tensor | None,
-    drafts: Tensor,
-    q: Tensor | None,
-    generator: torch.Generator | None,
+def sampled_verify(
+    p: Tensor, drafts: Tensor, q: Tensor, generator: torch.Generator | None
 ) -> tuple[Tensor, Tensor]:
     """Accepted counts [B] (int64) and the token after the accepted drafts [B] (the correction,
-    or the bonus when all are accepted), for drafts [B, n] against the target's n+1 rows.
-
-    Greedy (target_tokens [B, n+1] given): a draft is accepted iff it is the target's argmax, as
-    ``ops.spec_verify`` does with one-hot rows, without building them. Sampled: spec_verify's
-    rejection sampling over p [B, n+1, V] and q [B, n, V]."""
-    if target_tokens is not None:
-        n = drafts.shape[1]
-        accepted = (drafts == target_tokens[:, :n]).long().cumprod(1).sum(1)  # [B]
-        return accepted, target_tokens.gather(1, accepted.unsqueeze(1)).squeeze(1)
+    or the bonus when all are accepted): ``ops.spec_verify``'s rejection sampling of drafts
+    [B, n] against the target's rows p [B, n+1, V] and the draft's q [B, n, V]."""
     tokens, accepted = ops.spec_verify(p, drafts, q, generator)
     accepted = accepted.long()
     return accepted, tokens.gather(1, accepted.unsqueeze(1)).squeeze(1)
+
+
+def _commit(
+    drafts: Tensor, accepted: Tensor, after: Tensor, gamma: Tensor | int, active: Tensor,
+    t0: Tensor, d_lens: Tensor, d0: Tensor, prev: Tensor, last: Tensor,
+) -> tuple[Tensor, ...]:  # fmt: skip
+    """A verified round's new state: both sides' lengths [B] int32, prev and last [B], and the
+    host rows [B, 2 + w] for drafts [B, w]: the accepted count a, then the a accepted drafts
+    and ``after``. Sequences not active keep their state."""
+    # Target keeps last and the accepted drafts; the draft keeps everything but the last
+    # accepted token (re-fed next round) and the correction.
+    t_lens = torch.where(active, t0 + accepted + 1, t0)
+    d_lens = torch.where(active, d_lens - (gamma - accepted), d0)
+    before_after = drafts.gather(1, (accepted - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+    prev = torch.where(active, torch.where(accepted > 0, before_after, last), prev)
+    last = torch.where(active, after, last)
+    cols = torch.arange(drafts.shape[1] + 1, device=drafts.device)
+    window = torch.cat([drafts, drafts[:, :1]], 1)  # [B, w + 1]
+    emitted = torch.where(cols < accepted.unsqueeze(1), window, after.unsqueeze(1))
+    host = torch.cat([accepted.unsqueeze(1), emitted], 1)
+    return t_lens.int(), d_lens.int(), prev, last, host
+
+
+def _greedy_round(
+    drafts: Tensor, target_tokens: Tensor, gamma: Tensor, active: Tensor, t0: Tensor,
+    d_lens: Tensor, d0: Tensor, prev: Tensor, last: Tensor,
+) -> tuple[Tensor, ...]:  # fmt: skip
+    """Greedy verification and commit of a round on buffers of a fixed width G (the policy's
+    largest γ) with γ a 0-d tensor, so the compile backend runs it as one call, never
+    recompiled when γ changes. drafts [B, G] (the γ drafts first), target_tokens [B, G + 1] (the
+    target's argmax over [last, d_1..d_γ]); returns what ``_commit`` does."""
+    cols = torch.arange(drafts.shape[1], device=drafts.device)
+    match = (drafts == target_tokens[:, :-1]) & (cols < gamma)
+    accepted = match.long().cumprod(1).sum(1)  # [B]
+    after = target_tokens.gather(1, accepted.unsqueeze(1)).squeeze(1)  # correction or bonus
+    return _commit(drafts, accepted, after, gamma, active, t0, d_lens, d0, prev, last)
+
+
+_rounds: dict[str, Callable] = {}
+
+
+def round_fn(fn: Callable, device: torch.device, backend: str) -> Callable:
+    """A loop's round bookkeeping, compiled (one graph per batch size) with the CPU compile
+    backend: ~40-60 small eager ops become one call. Eager elsewhere (on a GPU they queue
+    asynchronously behind the steps anyway)."""
+    if backend != "compile" or device.type != "cpu":
+        return fn
+    key = f"{fn.__module__}.{fn.__name__}"
+    if key not in _rounds:
+        _rounds[key] = torch.compile(fn, fullgraph=True, dynamic=False,
+                                     options={"cpp_wrapper": True})  # fmt: skip
+    return _rounds[key]
+
+
+def pad(t: Tensor, width: int) -> Tensor:
+    """t [B, w] right-padded with zeros to [B, width]."""
+    return torch.nn.functional.pad(t, (0, width - t.shape[1]))
 
 
 @torch.inference_mode()
@@ -94,46 +141,56 @@ def speculative_generate(
     capacity = max(map(len, prompts)) + max_new_tokens + policy.max_gamma + 2
     tgt = Runner(target, batch, capacity, backend, sampling)
     drf = Runner(draft, batch, capacity, backend, sampling)
+    device = target.device
+    width_g = policy.max_gamma  # G: the bookkeeping's fixed width
+    bookkeep = round_fn(_greedy_round, device, backend) if sampling.greedy else None
     # Compile or capture every step the rounds use first: reported apart from decoding.
     stats.extra["warmup_seconds"] = tgt.warmup([policy.gamma + 1]) + drf.warmup([1, 2])
+    if bookkeep is not None and bookkeep is not _greedy_round:
+        began = time.perf_counter()
+        ids = torch.zeros(batch, width_g + 1, dtype=torch.long, device=device)
+        lens = torch.zeros(batch, dtype=torch.int32, device=device)
+        bookkeep(ids[:, :-1], ids, torch.tensor(1, device=device), ids[:, 0] == 0, lens, lens,
+                 lens, ids[:, 0], ids[:, 0])  # fmt: skip
+        stats.extra["warmup_seconds"] += time.perf_counter() - began
     start = time.perf_counter()
     tgt.prefill([p[:-1] for p in prompts])
     drf.prefill([p[:-1] for p in prompts])
-    device = target.device
     last = torch.tensor([p[-1] for p in prompts], device=device)  # [B] committed, fed to neither
     prev = last.clone()  # [B] the committed token before last (the draft re-feeds it)
     active = torch.ones(batch, dtype=torch.bool, device=device)  # [B] still generating
     outputs: list[list[int]] = [[] for _ in prompts]
     done = [max_new_tokens <= 0] * batch
     first = True
+    gamma = gamma_t = None
 
     while not all(done):
-        gamma = policy.gamma
+        if policy.gamma != gamma:
+            gamma = policy.gamma
+            gamma_t = torch.tensor(gamma, device=device)
         t0, d0 = tgt.lens.clone(), drf.lens.clone()
         feed = last.unsqueeze(1) if first else torch.stack([prev, last], 1)  # [B, 1 or 2]
         drafts, q = draft_tokens(drf, feed.to(drf.device), gamma, generator)  # [B, γ]
         drafts = drafts.to(device)
         p, target_tokens = tgt(torch.cat([last.unsqueeze(1), drafts], 1))  # over γ+1 tokens
-        accepted, after = verify(p, target_tokens, drafts, None if q is None else q.to(device),
-                                 generator)  # fmt: skip
         stats.draft_calls += gamma
         stats.target_calls += 1
-
-        # Target keeps last and the accepted drafts; the draft keeps everything but the last
-        # accepted token (re-fed next round) and the correction.
-        tgt.lens.copy_(torch.where(active, t0 + accepted + 1, t0).to(torch.int32))
-        d_keep = drf.lens - (gamma - accepted).to(drf.device)
-        drf.lens.copy_(torch.where(active.to(drf.device), d_keep, d0).to(torch.int32))
-        before_after = drafts.gather(1, (accepted - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
-        prev = torch.where(active, torch.where(accepted > 0, before_after, last), prev)
-        last = torch.where(active, after, last)
+        d_now, d0 = drf.lens.to(device), d0.to(device)
+        if bookkeep is not None:
+            t_lens, d_lens, prev, last, host = bookkeep(
+                pad(drafts, width_g), pad(target_tokens, width_g + 1), gamma_t, active, t0,
+                d_now, d0, prev, last,
+            )  # fmt: skip
+        else:  # rejection sampling (ops.spec_verify) with the draft's distributions
+            accepted, after = sampled_verify(p, drafts, q.to(device), generator)
+            t_lens, d_lens, prev, last, host = _commit(
+                drafts, accepted, after, gamma, active, t0, d_now, d0, prev, last
+            )
+        tgt.lens.copy_(t_lens)
+        drf.lens.copy_(d_lens.to(drf.device))
+        rows = host.tolist()  # the round's host sync: accepted counts and emitted tokens
         first = False
 
-        # The round's host sync: accepted counts and emitted tokens (drafts, then `after`).
-        steps = torch.arange(gamma + 1, device=device)
-        window = torch.cat([drafts, drafts[:, :1]], 1)  # [B, γ+1]
-        emitted = torch.where(steps < accepted.unsqueeze(1), window, after.unsqueeze(1))
-        rows = torch.cat([accepted.unsqueeze(1), emitted], 1).tolist()
         step: list[list[int]] = [[] for _ in prompts]
         proposed, round_accepted = 0, 0
         for b, (a, *tokens) in enumerate(rows):
