@@ -95,6 +95,18 @@ def test_every_backend_emits_the_autoregressive_tokens(pair32, batch):
                 got, stats = loop(target, draft, prompts, 24, gamma=gamma, backend=backend)
                 assert got == want, (loop.__name__, gamma, backend)
                 assert 0 < stats.acceptance_rate < 1
+    # The round bookkeeping both ways: on the host (the CPU default) and as tensor ops on the
+    # device (what a GPU runs; compiled on the CPU with the compile backend).
+    for loop in (speculative_generate, pearl_generate):
+        for gamma, backend in ((1, "eager"), (2, "compile"), (4, "eager"), (4, "compile")):
+            runs = {}
+            for bookkeeping in ("host", "device"):
+                got, stats = loop(target, draft, prompts, 24, gamma=gamma, backend=backend,
+                                  bookkeeping=bookkeeping)  # fmt: skip
+                assert got == want, (loop.__name__, gamma, backend, bookkeeping)
+                assert stats.extra["bookkeeping"] == bookkeeping
+                runs[bookkeeping] = (stats.accepted, stats.proposed, stats.target_calls)
+            assert runs["host"] == runs["device"]  # the same rounds, not just the same tokens
 
 
 def test_eos_inside_a_window_compiled(pair32):
@@ -106,6 +118,11 @@ def test_eos_inside_a_window_compiled(pair32):
     for loop in (speculative_generate, pearl_generate):
         got, _ = loop(target, draft, PROMPTS4, 24, gamma=4, eos_token_id=eos, backend="compile")
         assert got == want
+    for loop in (speculative_generate, pearl_generate):
+        for bookkeeping in ("host", "device"):
+            got, _ = loop(target, draft, PROMPTS4, 24, gamma=3, eos_token_id=eos,
+                          bookkeeping=bookkeeping)  # fmt: skip
+            assert got == want
 
 
 def test_pearl_reports_its_overlap(pair32):
@@ -315,3 +332,18 @@ def test_cuda_graph_replays_with_moving_lengths(cuda_pair):
         assert torch.equal(got, want)
         graph.lens.add_(1)
         eager.lens.add_(1)
+
+
+def test_pearl_bookkeeping_choices(pair32):
+    target, draft = pair32
+    with pytest.raises(ValueError, match="host bookkeeping is greedy only"):
+        pearl_generate(target, draft, [[1, 2]], 4, gamma=2, temperature=1.0, bookkeeping="host")
+    with pytest.raises(ValueError, match="bookkeeping must be auto, host or device"):
+        pearl_generate(target, draft, [[1, 2]], 4, gamma=2, bookkeeping="gpu")
+    with pytest.raises(ValueError, match="bookkeeping must be auto, device, or host when"):
+        speculative_generate(target, draft, [[1, 2]], 4, gamma=2, temperature=1.0,
+                             bookkeeping="host")  # fmt: skip
+    _, stats = pearl_generate(target, draft, [[1, 2]], 4, gamma=2, temperature=1.0)
+    assert stats.extra["bookkeeping"] == "device"  # sampling keeps its state on the device
+    _, stats = pearl_generate(target, draft, [[1, 2]], 4, gamma=2)
+    assert stats.extra["bookkeeping"] == "host"  # greedy on a CPU

@@ -113,7 +113,7 @@ def _wait_for_change(ctl: Tensor, seen: int) -> None:
     spins, idle_since = 0, None
     while int(ctl[ISSUED]) == seen:
         spins += 1
-        if spins <= 50:
+        if spins <= 2000:
             continue
         now = time.monotonic()
         idle_since = idle_since or now

@@ -29,7 +29,6 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import Tensor
 
-from .. import ops
 from ..model.transformer import Transformer
 from .autoregressive import _eos_set, _prompts
 from .common import (
@@ -41,6 +40,7 @@ from .common import (
     side_threads,
 )
 from .draft_process import DraftProcess
+from .pearl_rounds import DeviceRounds, HostRounds
 from .runner import Runner, Sampling
 from .speculative import draft_tokens
 
@@ -93,140 +93,6 @@ class _ThreadDraft:
         return xs, qs, seconds
 
 
-def _verify_windows(
-    mode: Tensor,
-    window: Tensor,
-    p: Tensor | None,
-    target_tokens: Tensor | None,
-    q: Tensor | None,
-    gamma: int,
-    generator: torch.Generator | None,
-) -> tuple[Tensor, Tensor]:
-    """Accepted counts [B] and correction tokens [B] for windows [B, γ] whose sequence b has
-    n_b = 1 (pre-verify) or γ (post-verify) real tokens, scored by target rows [B, ≥n_b].
-    There is no bonus token in PEARL: when all n_b are accepted the correction is unused."""
-    batch = window.shape[0]
-    n = torch.where(mode == POST, gamma, 1)  # [B]
-    if target_tokens is not None:
-        width = target_tokens.shape[1]  # γ, or 1 when every sequence is in pre-verify
-        cols = torch.arange(width, device=window.device)
-        match = (window[:, :width] == target_tokens) & (cols < n.unsqueeze(1))
-        accepted = match.long().cumprod(1).sum(1)  # [B]
-        corr = target_tokens.gather(1, accepted.clamp(max=width - 1).unsqueeze(1)).squeeze(1)
-        return accepted, corr
-    # Sampling: spec_verify over each mode's sequences (their windows have one length); the last
-    # row duplicated gives the op its n+1 rows, and a bonus it samples is dropped.
-    accepted = torch.zeros(batch, dtype=torch.long, device=window.device)
-    corr = torch.zeros(batch, dtype=torch.long, device=window.device)
-    for m, width in ((PRE, 1), (POST, gamma)):
-        idx = (mode == m).nonzero().squeeze(1)
-        if idx.numel() == 0:
-            continue
-        rows = p[idx, :width]  # [b, n, V]
-        tokens, acc = ops.spec_verify(
-            torch.cat([rows, rows[:, -1:]], 1), window[idx, :width], q[idx, :width], generator
-        )
-        accepted[idx] = acc.long()
-        corr[idx] = tokens.gather(1, acc.long().clamp(max=width - 1).unsqueeze(1)).squeeze(1)
-    return accepted, corr
-
-
-def _windows(mode: Tensor, unverified: Tensor, xs: Tensor, gamma: int) -> Tensor:
-    """The tokens each sequence's round verifies, [B, γ]: e_2..e_γ, f_1 (post-verify) or e_1
-    (pre-verify, repeated as padding)."""
-    post = (mode == POST).unsqueeze(1)
-    return torch.where(post, torch.cat([unverified, xs[:, :1]], 1), xs[:, :1].expand(-1, gamma))
-
-
-def _commit(
-    mode: Tensor, unverified: Tensor, last: Tensor, committed: Tensor, active: Tensor,
-    window: Tensor, xs: Tensor, accepted: Tensor, corr: Tensor, t0: Tensor, d_now: Tensor,
-    d0: Tensor, gamma: int,
-) -> tuple[Tensor, ...]:  # fmt: skip
-    """A verified round's new state: mode, unverified, last, committed [B], both sides' cache
-    lengths [B] int32, and the rows the host reads, [B, 3 + γ]: was-post, accepted, tokens kept,
-    emitted tokens. Sequences not active keep their state."""
-    post = mode == POST
-    n = torch.where(post, gamma, 1)
-    all_in = accepted == n
-    # Commit the accepted window tokens, then the correction unless all were accepted.
-    kept = torch.where(all_in, n, accepted + 1)
-    cols = torch.arange(gamma, device=window.device)
-    emitted = torch.where(cols < accepted.unsqueeze(1), window, corr.unsqueeze(1))
-    new_last = torch.where(all_in, window.gather(1, (n - 1).unsqueeze(1)).squeeze(1), corr)
-    new_committed = committed + kept
-    # All accepted: the target keeps what it fed (its cache = committed[:-1]) and the draft all
-    # it drafted (committed + unverified[:-1]); else both roll back to the new committed[:-1].
-    t_lens = torch.where(active & all_in, t0 + n, torch.where(active, new_committed - 1, t0))
-    d_lens = torch.where(active & all_in, d_now, torch.where(active, new_committed - 1, d0))
-    if gamma > 1:
-        unverified = torch.where((active & all_in).unsqueeze(1), xs[:, 1:], unverified)
-    last = torch.where(active, new_last, last)
-    committed = torch.where(active, new_committed, committed)
-    mode = torch.where(active, torch.where(all_in, POST, PRE), mode)
-    host = torch.cat(
-        [post.long().unsqueeze(1), accepted.unsqueeze(1), kept.unsqueeze(1), emitted], 1
-    )
-    return mode, unverified, last, committed, t_lens.int(), d_lens.int(), host
-
-
-def _greedy_round(
-    mode: Tensor, unverified: Tensor, last: Tensor, committed: Tensor, active: Tensor,
-    xs: Tensor, target_tokens: Tensor, t0: Tensor, d_now: Tensor, d0: Tensor, gamma: Tensor,
-) -> tuple[Tensor, ...]:  # fmt: skip
-    """Greedy verification and commit of a round, on buffers of a fixed width G (the policy's
-    largest γ) with γ a 0-d tensor: the shapes never change within a decode, so the compile
-    backend runs the round's ~60 small ops as one call that never recompiles when γ does.
-
-    unverified [B, G] (e_2..e_γ in its first γ-1 columns), xs [B, G] (the draft's γ tokens
-    first), target_tokens [B, G] (the target's argmax over the window, ≥ 1 real column); the
-    rest as in ``_commit``, whose host rows this returns at width 3 + G."""
-    cols = torch.arange(xs.shape[1], device=xs.device)
-    post = mode == POST
-    n = torch.where(post, gamma, 1)  # [B] real tokens in each window
-    # e_2..e_γ, f_1 (post-verify) or e_1 (pre-verify; only its first column is read).
-    window = torch.where(post.unsqueeze(1) & (cols < gamma - 1), unverified, xs[:, :1])
-    match = (window == target_tokens) & (cols < n.unsqueeze(1))
-    accepted = match.long().cumprod(1).sum(1)  # [B]
-    corr = target_tokens.gather(1, torch.minimum(accepted, n - 1).unsqueeze(1)).squeeze(1)
-    all_in = accepted == n
-    kept = torch.where(all_in, n, accepted + 1)
-    emitted = torch.where(cols < accepted.unsqueeze(1), window, corr.unsqueeze(1))
-    new_last = torch.where(all_in, window.gather(1, (n - 1).unsqueeze(1)).squeeze(1), corr)
-    new_committed = committed + kept
-    stay = active & all_in
-    t_lens = torch.where(stay, t0 + n, torch.where(active, new_committed - 1, t0))
-    d_lens = torch.where(stay, d_now, torch.where(active, new_committed - 1, d0))
-    # f_2..f_γ become the unverified tokens (shifted left; the last column is never read).
-    unverified = torch.where(stay.unsqueeze(1), torch.roll(xs, -1, 1), unverified)
-    last = torch.where(active, new_last, last)
-    committed = torch.where(active, new_committed, committed)
-    mode = torch.where(active, torch.where(all_in, POST, PRE), mode)
-    host = torch.cat(
-        [post.long().unsqueeze(1), accepted.unsqueeze(1), kept.unsqueeze(1), emitted], 1
-    )
-    return mode, unverified, last, committed, t_lens.int(), d_lens.int(), host
-
-
-_rounds: dict[str, Callable] = {}
-
-
-def _round_fn(device: torch.device, backend: str) -> Callable:
-    """_greedy_round, compiled (one graph per batch size and G) with the CPU compile backend."""
-    if backend != "compile" or device.type != "cpu":
-        return _greedy_round
-    if "cpu" not in _rounds:
-        _rounds["cpu"] = torch.compile(
-            _greedy_round, fullgraph=True, dynamic=False, options={"cpp_wrapper": True}
-        )
-    return _rounds["cpu"]
-
-
-def _pad(t: Tensor, width: int) -> Tensor:
-    """t [B, w] right-padded with zeros to [B, width]."""
-    return torch.nn.functional.pad(t, (0, width - t.shape[1]))
-
-
 @torch.inference_mode()
 def pearl_generate(
     target: Transformer,
@@ -242,12 +108,15 @@ def pearl_generate(
     callback: Callable[[list[list[int]]], None] | None = None,
     backend: str = "eager",
     draft_process: bool | None = None,
+    bookkeeping: str = "auto",
 ) -> tuple[list[list[int]], DecodeStats]:
     """Each sequence's new tokens (up to and including its EOS) and the run's statistics.
     ``gamma=None`` picks the window from the measured cost curve and the acceptance rate seen so
     far, and re-picks it between rounds with nothing unverified (pearlmoe.decode.cost_model).
     ``draft_process``: draft in a child process (pearlmoe.decode.draft_process) instead of a
-    thread; by default when both models are on the CPU with the compile backend."""
+    thread; by default when both models are on the CPU with the compile backend.
+    ``bookkeeping``: "host" (greedy; the default on a CPU) or "device" (pearlmoe.decode.
+    pearl_rounds)."""
     check_pair(target, draft)
     prompts = _prompts(input_ids)
     batch, eos = len(prompts), _eos_set(eos_token_id)
@@ -266,17 +135,11 @@ def pearl_generate(
         draft_process = target.device.type == draft.device.type == "cpu" and backend == "compile"
     pool = ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(share,))
     device = target.device
-    width_g = policy.max_gamma  # G: the state's fixed width, so γ can change without new shapes
-    bookkeep = _round_fn(device, backend)
+    device = target.device
     draft_prompts = [p[:-1] for p in prompts]
     with num_threads(share):  # compiled code is specialised to its thread count
         stats.extra["warmup_seconds"] = tgt.warmup([1, gamma])
         began = time.perf_counter()
-        if greedy and bookkeep is not _greedy_round:  # compile the round's bookkeeping now
-            ids = torch.zeros(batch, width_g, dtype=torch.long, device=device)
-            lens = torch.zeros(batch, dtype=torch.int32, device=device)
-            bookkeep(ids[:, 0], ids, ids[:, 0], ids[:, 0], ids[:, 0] == 0, ids, ids, lens, lens,
-                     lens, torch.tensor(gamma, device=device))  # fmt: skip
         if draft_process:
             drf = DraftProcess.get(draft, share)
             seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))\
@@ -287,48 +150,41 @@ def pearl_generate(
             runner = Runner(draft, batch, capacity, backend, sampling)
             runner.warmup([1])
             drf = _ThreadDraft(runner, _Side(draft, share), pool, generator)
+        if bookkeeping == "auto":
+            bookkeeping = "host" if greedy and device.type == "cpu" else "device"
+        if bookkeeping == "host" and not greedy:
+            raise ValueError("pearl_generate: host bookkeeping is greedy only")
+        if bookkeeping not in ("host", "device"):
+            raise ValueError(f"bookkeeping must be auto, host or device, got {bookkeeping!r}")
+        if bookkeeping == "device":
+            rounds = DeviceRounds(prompts, device, policy.max_gamma, gamma, greedy, backend, tgt,
+                                  drf, generator)  # fmt: skip
+            rounds.warmup()
         stats.extra["warmup_seconds"] += time.perf_counter() - began
     stats.extra["draft_process"] = bool(draft_process)
+    stats.extra["bookkeeping"] = bookkeeping
     start = time.perf_counter()
     drf.prefill(draft_prompts)  # both sides prefill at once
     with num_threads(share):
         tgt.prefill(draft_prompts)
     drf.wait()
+    if bookkeeping == "host":
+        rounds = HostRounds(prompts, gamma, tgt, drf)
     target_side = _Side(target, share)
-
-    last = torch.tensor([p[-1] for p in prompts], device=device)  # [B] committed[-1]
-    committed = torch.tensor([len(p) for p in prompts], device=device)  # [B] lengths
-    mode = torch.full((batch,), PRE, device=device)  # [B]
-    unverified = torch.zeros(batch, width_g, dtype=torch.long, device=device)  # [B, G] e_2..e_γ
-    unverified_q = None  # [B, γ-1, V]: their draft distributions, when sampling
-    active = torch.ones(batch, dtype=torch.bool, device=device)
-    host_post = [False] * batch  # the mode on the host too: the target's width needs no sync
+    host_post = [False] * batch  # the mode on the host: the target's width needs no sync
     outputs: list[list[int]] = [[] for _ in prompts]
     done = [max_new_tokens <= 0] * batch
-    gamma_t = torch.tensor(gamma, device=device)
-
-    def draft_first() -> Tensor:
-        # The draft's cache lacks e_γ (post) or the last committed token (pre, or post at γ=1).
-        post = (mode == POST) & (gamma > 1)
-        return torch.where(post, unverified[:, max(gamma - 2, 0)], last)  # [B]
-
-    def target_round(width: int) -> tuple[Tensor | None, Tensor | None]:
-        # Post-verify sequences feed [last, e_2..e_γ]; pre-verify ones [last] (right-padded).
-        feed = torch.cat([last.unsqueeze(1), unverified], 1)[:, :width]  # [B, width]
-        return tgt(feed)
 
     with pool, num_threads(share):
         while not all(done):
             if policy.gamma != gamma and not any(host_post):
-                # A new window only between rounds with nothing unverified.
-                gamma = policy.gamma
-                gamma_t = torch.tensor(gamma, device=device)
-                unverified_q = None
-            t0, d0 = tgt.lens.clone(), drf.lens.clone()
+                gamma = policy.gamma  # a new window only between rounds with nothing unverified
+                rounds.set_gamma(gamma)
+            rounds.begin()
             width = gamma if any(host_post) else 1
             round_start = time.perf_counter()
-            drf.submit(draft_first(), gamma)
-            (p, target_tokens), t_target = target_side.run(lambda w=width: target_round(w))
+            drf.submit(rounds.first(), gamma)
+            (p, target_tokens), t_target = target_side.run(lambda w=width: tgt(rounds.feed(w)))
             xs, qs, t_draft = drf.result()
             round_times["wall"] += time.perf_counter() - round_start
             round_times["draft"] += t_draft
@@ -337,35 +193,9 @@ def pearl_generate(
             if policy.curve is not None:  # the sides as fast as each runs alone
                 curve = policy.curve
                 round_times["alone"] += max(gamma * curve.draft, curve.target_time(width))
-            xs = xs.to(device)  # [B, γ]
             stats.draft_calls += gamma
             stats.target_calls += 1
-            d_now, d0 = drf.lens.to(device), d0.to(device)
-            if greedy:
-                mode, unverified, last, committed, t_lens, d_lens, host = bookkeep(
-                    mode, unverified, last, committed, active, _pad(xs, width_g),
-                    _pad(target_tokens, width_g), t0, d_now, d0, gamma_t,
-                )  # fmt: skip
-            else:
-                window = _windows(mode, unverified[:, : gamma - 1], xs, gamma)
-                qs = qs.to(device)
-                first_q = qs[:, :1]
-                pre_q = first_q.expand(-1, gamma, -1)
-                post_q = pre_q if unverified_q is None else torch.cat([unverified_q, first_q], 1)
-                q = torch.where((mode == POST).view(-1, 1, 1), post_q, pre_q)  # [B, γ, V]
-                accepted, corr = _verify_windows(mode, window, p, None, q, gamma, generator)
-                go_post = active & (accepted == torch.where(mode == POST, gamma, 1))
-                if gamma > 1:
-                    keep_q = unverified_q if unverified_q is not None else qs[:, 1:]
-                    unverified_q = torch.where(go_post.view(-1, 1, 1), qs[:, 1:], keep_q)
-                mode, kept_unverified, last, committed, t_lens, d_lens, host = _commit(
-                    mode, unverified[:, : gamma - 1], last, committed, active, window, xs,
-                    accepted, corr, t0, d_now, d0, gamma,
-                )  # fmt: skip
-                unverified = _pad(kept_unverified, width_g)
-            tgt.lens.copy_(t_lens)
-            drf.lens.copy_(d_lens.to(drf.device))
-            host = host.tolist()  # the round's one host sync: modes, counts, emitted tokens
+            host = rounds.commit(xs, qs, p, target_tokens)
             step: list[list[int]] = [[] for _ in prompts]
             proposed, round_accepted = 0, 0
             for b, (was_post, a, k, *tokens) in enumerate(host):
@@ -376,11 +206,8 @@ def pearl_generate(
                 stats.extra["post_rounds" if was_post else "pre_rounds"] += 1
                 done[b] = emit(tokens[:k], outputs[b], step[b], eos, max_new_tokens)
                 host_post[b] = not done[b] and a == (gamma if was_post else 1)
-                if done[b]:  # finished: frozen in pre-verify on what is committed
-                    active[b] = False
-                    mode[b] = PRE
-                    tgt.lens[b] = committed[b] - 1
-                    drf.lens[b] = committed[b] - 1
+                if done[b]:
+                    rounds.finish(b)
             stats.proposed += proposed
             stats.accepted += round_accepted
             policy.update(round_accepted, proposed)

@@ -20,7 +20,7 @@ from torch import Tensor
 from .. import ops
 from ..model.transformer import Transformer
 from .autoregressive import _eos_set, _prompts
-from .common import DecodeStats, check_pair, emit, gamma_policy
+from .common import DecodeStats, check_pair, emit, gamma_policy, pad, round_fn, stand_ins
 from .runner import Runner, Sampling
 from .sampling import sample
 
@@ -93,25 +93,32 @@ def _greedy_round(
     return _commit(drafts, accepted, after, gamma, active, t0, d_lens, d0, prev, last)
 
 
-_rounds: dict[str, Callable] = {}
-
-
-def round_fn(fn: Callable, device: torch.device, backend: str) -> Callable:
-    """A loop's round bookkeeping, compiled (one graph per batch size) with the CPU compile
-    backend: ~40-60 small eager ops become one call. Eager elsewhere (on a GPU they queue
-    asynchronously behind the steps anyway)."""
-    if backend != "compile" or device.type != "cpu":
-        return fn
-    key = f"{fn.__module__}.{fn.__name__}"
-    if key not in _rounds:
-        _rounds[key] = torch.compile(fn, fullgraph=True, dynamic=False,
-                                     options={"cpp_wrapper": True})  # fmt: skip
-    return _rounds[key]
-
-
-def pad(t: Tensor, width: int) -> Tensor:
-    """t [B, w] right-padded with zeros to [B, width]."""
-    return torch.nn.functional.pad(t, (0, width - t.shape[1]))
+def _host_round(
+    drafts: Tensor, target_tokens: Tensor, prev: Tensor, last: Tensor, done: list[bool],
+    feed_width: int, tgt: Runner, drf: Runner,
+) -> tuple[list[list[int]], Tensor, Tensor]:  # fmt: skip
+    """Greedy verification and commit of a round on the host's ints (``bookkeeping="host"``):
+    the rows ``_commit`` returns, new prev and last [B], both sides' lengths written. The draft
+    advanced every sequence by feed_width + γ - 1 this round; the target did not move."""
+    gamma = drafts.shape[1]
+    t_lens, d_lens = tgt.lens.tolist(), drf.lens.tolist()
+    prev_l, last_l, rows = prev.tolist(), last.tolist(), []
+    scored_rows = target_tokens.tolist()  # [B][γ + 1]
+    for b, (drafted, scored) in enumerate(zip(drafts.tolist(), scored_rows, strict=True)):
+        a = 0
+        while a < gamma and drafted[a] == scored[a]:
+            a += 1
+        rows.append([a, *drafted[:a], scored[a]])
+        if done[b]:  # keeps its state: the draft back to where it was
+            d_lens[b] -= feed_width + gamma - 1
+            continue
+        t_lens[b] += a + 1  # last and the accepted drafts
+        d_lens[b] -= gamma - a  # all but the last accepted token (re-fed) and the correction
+        prev_l[b] = drafted[a - 1] if a > 0 else last_l[b]
+        last_l[b] = scored[a]
+    tgt.lens.copy_(torch.tensor(t_lens, dtype=torch.int32))
+    drf.lens.copy_(torch.tensor(d_lens, dtype=torch.int32))
+    return rows, torch.tensor(prev_l, device=prev.device), torch.tensor(last_l, device=last.device)
 
 
 @torch.inference_mode()
@@ -128,10 +135,14 @@ def speculative_generate(
     generator: torch.Generator | None = None,
     callback: Callable[[list[list[int]]], None] | None = None,
     backend: str = "eager",
+    bookkeeping: str = "auto",
 ) -> tuple[list[list[int]], DecodeStats]:
     """Each sequence's new tokens (up to and including its EOS) and the run's statistics.
     ``gamma=None`` picks the draft length from the measured cost curve and the acceptance rate
-    seen so far, and re-picks it as decoding goes (pearlmoe.decode.cost_model)."""
+    seen so far, and re-picks it as decoding goes (pearlmoe.decode.cost_model).
+    ``bookkeeping``: verify and commit a round with tensor ops on the device ("device", what a
+    GPU and sampling use) or on the host's ints ("host", greedy; the default on a CPU, where
+    the tensor ops' fixed cost is most of the work: pearlmoe.decode.pearl_rounds)."""
     check_pair(target, draft)
     prompts = _prompts(input_ids)
     batch, eos = len(prompts), _eos_set(eos_token_id)
@@ -143,15 +154,24 @@ def speculative_generate(
     drf = Runner(draft, batch, capacity, backend, sampling)
     device = target.device
     width_g = policy.max_gamma  # G: the bookkeeping's fixed width
-    bookkeep = round_fn(_greedy_round, device, backend) if sampling.greedy else None
+    if bookkeeping == "auto":
+        bookkeeping = "host" if sampling.greedy and device.type == "cpu" else "device"
+    if bookkeeping not in ("host", "device") or (bookkeeping == "host" and not sampling.greedy):
+        raise ValueError(f"speculative_generate: bookkeeping must be auto, device, or host when "
+                         f"greedy; got {bookkeeping!r}")  # fmt: skip
+    stats.extra["bookkeeping"] = bookkeeping
+    greedy_device = sampling.greedy and bookkeeping == "device"
+    bookkeep = round_fn(_greedy_round, device, backend) if greedy_device else None
     # Compile or capture every step the rounds use first: reported apart from decoding.
     stats.extra["warmup_seconds"] = tgt.warmup([policy.gamma + 1]) + drf.warmup([1, 2])
     if bookkeep is not None and bookkeep is not _greedy_round:
         began = time.perf_counter()
-        ids = torch.zeros(batch, width_g + 1, dtype=torch.long, device=device)
-        lens = torch.zeros(batch, dtype=torch.int32, device=device)
-        bookkeep(ids[:, :-1], ids, torch.tensor(1, device=device), ids[:, 0] == 0, lens, lens,
-                 lens, ids[:, 0], ids[:, 0])  # fmt: skip
+        # Distinct contiguous tensors like the loop's (a strided or aliased stand-in compiles a
+        # graph whose guards every later call fails first).
+        row, window, lens = stand_ins(batch, width_g, device)
+        scored = stand_ins(batch, width_g + 1, device)[1]
+        bookkeep(window(), scored(), torch.tensor(1, device=device), row() == 0, lens(), lens(),
+                 lens(), row(), row())  # fmt: skip
         stats.extra["warmup_seconds"] += time.perf_counter() - began
     start = time.perf_counter()
     tgt.prefill([p[:-1] for p in prompts])
@@ -168,27 +188,33 @@ def speculative_generate(
         if policy.gamma != gamma:
             gamma = policy.gamma
             gamma_t = torch.tensor(gamma, device=device)
-        t0, d0 = tgt.lens.clone(), drf.lens.clone()
         feed = last.unsqueeze(1) if first else torch.stack([prev, last], 1)  # [B, 1 or 2]
+        if bookkeeping == "device":
+            t0, d0 = tgt.lens.clone(), drf.lens.clone()
         drafts, q = draft_tokens(drf, feed.to(drf.device), gamma, generator)  # [B, γ]
         drafts = drafts.to(device)
         p, target_tokens = tgt(torch.cat([last.unsqueeze(1), drafts], 1))  # over γ+1 tokens
         stats.draft_calls += gamma
         stats.target_calls += 1
-        d_now, d0 = drf.lens.to(device), d0.to(device)
-        if bookkeep is not None:
-            t_lens, d_lens, prev, last, host = bookkeep(
-                pad(drafts, width_g), pad(target_tokens, width_g + 1), gamma_t, active, t0,
-                d_now, d0, prev, last,
-            )  # fmt: skip
-        else:  # rejection sampling (ops.spec_verify) with the draft's distributions
-            accepted, after = sampled_verify(p, drafts, q.to(device), generator)
-            t_lens, d_lens, prev, last, host = _commit(
-                drafts, accepted, after, gamma, active, t0, d_now, d0, prev, last
+        if bookkeeping == "host":
+            rows, prev, last = _host_round(
+                drafts, target_tokens, prev, last, done, feed.shape[1], tgt, drf
             )
-        tgt.lens.copy_(t_lens)
-        drf.lens.copy_(d_lens.to(drf.device))
-        rows = host.tolist()  # the round's host sync: accepted counts and emitted tokens
+        else:
+            d_now, d0 = drf.lens.to(device), d0.to(device)
+            if bookkeep is not None:
+                t_lens, d_lens, prev, last, host = bookkeep(
+                    pad(drafts, width_g), pad(target_tokens, width_g + 1), gamma_t, active, t0,
+                    d_now, d0, prev, last,
+                )  # fmt: skip
+            else:  # rejection sampling (ops.spec_verify) with the draft's distributions
+                accepted, after = sampled_verify(p, drafts, q.to(device), generator)
+                t_lens, d_lens, prev, last, host = _commit(
+                    drafts, accepted, after, gamma, active, t0, d_now, d0, prev, last
+                )
+            tgt.lens.copy_(t_lens)
+            drf.lens.copy_(d_lens.to(drf.device))
+            rows = host.tolist()  # the round's host sync: accepted counts and emitted tokens
         first = False
 
         step: list[list[int]] = [[] for _ in prompts]
