@@ -270,6 +270,24 @@ def test_acceptance_estimate_tracks_recent_rounds():
     assert est.alpha == pytest.approx(0.2, abs=0.02)
 
 
+def test_curve_is_levelled_and_scaled_by_what_the_loop_observes():
+    noisy = _curve([1.0, 1.4, 1.2, 2.0], 0.1)  # a window cannot cost less than a narrower one
+    assert [round(t * 1e3, 6) for t in noisy.target] == [1.0, 1.4, 1.4, 2.0]
+    policy = cost_model.GammaPolicy(_curve([1.0] * 12, 0.1), "speculative", max_gamma=10)
+    # Drafting seen 4x slower inside the loop than alone: the live curve says so, and γ drops.
+    before = cost_model.best_gamma(policy.live_curve, 0.8, "speculative", 10)
+    for _ in range(40):
+        policy.observe(width=3, target_s=1e-3, drafted=2, draft_s=2 * 0.4e-3)
+    assert policy.target_scale.value == pytest.approx(1.0)
+    assert policy.draft_scale.value == pytest.approx(4.0)
+    assert policy.live_curve.draft == pytest.approx(0.4e-3)
+    assert cost_model.best_gamma(policy.live_curve, 0.8, "speculative", 10) < before
+    for _ in range(8):
+        policy.update(accepted=8, proposed=10)  # the re-pick uses the live curve
+    assert policy.gamma == cost_model.best_gamma(policy.live_curve, policy.estimate.alpha,
+                                                 "speculative", 10)  # fmt: skip
+
+
 def test_measured_curve_has_every_width(pair32):
     target, draft = pair32
     curve = cost_model.measure(target, draft, batch=1, max_width=4)

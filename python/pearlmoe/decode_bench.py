@@ -49,6 +49,8 @@ def run_mode(
             "acceptance_rate": sum(s.accepted for s in stats_list) / proposed if proposed else 0,
             "gammas": sorted({g for s in stats_list for g in s.extra.get("gammas", [s.gamma])}),
         }
+        scales = [s.extra["side_scales"] for s in stats_list]
+        row["side_scales"] = [sum(x[i] for x in scales) / len(scales) for i in (0, 1)]
         if mode == "pearl":
             wall = sum(s.extra["round_seconds"]["wall"] for s in stats_list)
             slower = sum(s.extra["round_seconds"]["slower"] for s in stats_list)
@@ -82,6 +84,9 @@ def bench_dtype(
             curve, alpha = curves[mode], row["acceptance_rate"]
             g = row["gammas"][-1]
             row["predicted_tokens_per_second"] = batch * rate(curve, alpha, mode, g)
+            # ... and with each side's cost as the loop observed it (rounds' Python excluded)
+            live = curve.scaled(*row["side_scales"])
+            row["predicted_with_observed_sides"] = batch * rate(live, alpha, mode, g)
             row["best_gamma_at_measured_alpha"] = best_gamma(curve, alpha, mode)
     rows["ar"]["predicted_tokens_per_second"] = batch * rate(curves["speculative"], 0, "ar", 0)
     greedy = args.temperature <= 0

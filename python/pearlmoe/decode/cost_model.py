@@ -38,6 +38,18 @@ class CostCurve:
     batch: int = 1
     extra: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # A wider window never costs less than a narrower one: timing noise that says otherwise
+        # (seen on a busy VM) would pull γ towards the noise, so level it (running maximum).
+        for i in range(1, len(self.target)):
+            self.target[i] = max(self.target[i], self.target[i - 1])
+
+    def scaled(self, target: float, draft: float) -> "CostCurve":
+        """The same curve with every target time times ``target`` and the draft's times
+        ``draft``: what the sides cost inside the decode loop, as observed."""
+        return CostCurve([t * target for t in self.target], self.draft * draft, self.batch,
+                         dict(self.extra))  # fmt: skip
+
     def target_time(self, width: int) -> float:
         """T(width), extrapolated linearly past the measured widths."""
         if width <= len(self.target):
@@ -119,6 +131,18 @@ class AcceptanceEstimate:
         return min(0.99, max(0.01, self.accepted / self.proposed)) if self.proposed else 0.5
 
 
+class RunningRatio:
+    """An exponential moving average of ratios (weight 1/16 per sample), 1.0 before any."""
+
+    def __init__(self, weight: float = 1 / 16) -> None:
+        self.value, self.weight, self.count = 1.0, weight, 0
+
+    def add(self, ratio: float) -> None:
+        self.count += 1
+        w = max(self.weight, 1 / self.count)  # the plain mean over the first samples
+        self.value += w * (ratio - self.value)
+
+
 class GammaPolicy:
     """A loop's draft length: fixed when the caller gave one; otherwise the best γ on the measured
     cost curve at the running acceptance estimate, chosen again every ``every`` rounds."""
@@ -136,13 +160,33 @@ class GammaPolicy:
                                                                 max_gamma)  # fmt: skip
         self.history = [self.gamma]
         self._rounds = 0
+        # Observed / measured time of each side inside the loop (caches cold from the other
+        # side's work, the sides contending for memory): running means, 1.0 until observed.
+        self.target_scale, self.draft_scale = RunningRatio(), RunningRatio()
+
+    def observe(self, width: int, target_s: float, drafted: int, draft_s: float) -> None:
+        """A round's measured sides: the target's step over ``width`` tokens took target_s
+        seconds, ``drafted`` draft steps draft_s (wall times where they are the sides' own:
+        PEARL's joined sides, a CPU's sequential phases)."""
+        if self.curve is None:
+            return
+        self.target_scale.add(target_s / self.curve.target_time(width))
+        if drafted:
+            self.draft_scale.add(draft_s / (drafted * self.curve.draft))
+
+    @property
+    def live_curve(self) -> "CostCurve | None":
+        """The measured curve scaled by what the loop has observed."""
+        if self.curve is None:
+            return None
+        return self.curve.scaled(self.target_scale.value, self.draft_scale.value)
 
     def update(self, accepted: int, proposed: int) -> int:
         """Record a round's acceptance; returns the γ for the next rounds."""
         self.estimate.update(accepted, proposed)
         self._rounds += 1
         if not self.fixed and self._rounds % self.every == 0:
-            best = best_gamma(self.curve, self.estimate.alpha, self.mode, self.max_gamma)
+            best = best_gamma(self.live_curve, self.estimate.alpha, self.mode, self.max_gamma)
             if best != self.gamma:
                 self.gamma = best
                 self.history.append(best)

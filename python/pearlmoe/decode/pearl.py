@@ -193,6 +193,7 @@ def pearl_generate(
             if policy.curve is not None:  # the sides as fast as each runs alone
                 curve = policy.curve
                 round_times["alone"] += max(gamma * curve.draft, curve.target_time(width))
+            policy.observe(width, t_target, gamma, t_draft)  # joined: both times are real
             stats.draft_calls += gamma
             stats.target_calls += 1
             host = rounds.commit(xs, qs, p, target_tokens)
@@ -216,6 +217,7 @@ def pearl_generate(
                 callback(step)
     stats.seconds = time.perf_counter() - start
     stats.extra["gammas"] = policy.history
+    stats.extra["side_scales"] = (policy.target_scale.value, policy.draft_scale.value)
     stats.extra["overlap"] = round_times["wall"] / max(round_times["slower"], 1e-12)
     if round_times["alone"]:  # against the measured cost curve: what contention costs the sides
         stats.extra["overlap_vs_alone"] = round_times["wall"] / round_times["alone"]

@@ -183,6 +183,7 @@ def speculative_generate(
     done = [max_new_tokens <= 0] * batch
     first = True
     gamma = gamma_t = None
+    timed = device.type == drf.device.type == "cpu"
 
     while not all(done):
         if policy.gamma != gamma:
@@ -191,9 +192,13 @@ def speculative_generate(
         feed = last.unsqueeze(1) if first else torch.stack([prev, last], 1)  # [B, 1 or 2]
         if bookkeeping == "device":
             t0, d0 = tgt.lens.clone(), drf.lens.clone()
+        began = time.perf_counter()
         drafts, q = draft_tokens(drf, feed.to(drf.device), gamma, generator)  # [B, γ]
         drafts = drafts.to(device)
+        drafted = time.perf_counter()
         p, target_tokens = tgt(torch.cat([last.unsqueeze(1), drafts], 1))  # over γ+1 tokens
+        if timed:  # on a CPU the phases' wall times are the sides' costs (a GPU queues them)
+            policy.observe(gamma + 1, time.perf_counter() - drafted, gamma, drafted - began)
         stats.draft_calls += gamma
         stats.target_calls += 1
         if bookkeeping == "host":
@@ -235,4 +240,5 @@ def speculative_generate(
             callback(step)
     stats.seconds = time.perf_counter() - start
     stats.extra["gammas"] = policy.history
+    stats.extra["side_scales"] = (policy.target_scale.value, policy.draft_scale.value)
     return outputs, stats
