@@ -288,6 +288,27 @@ def test_curve_is_levelled_and_scaled_by_what_the_loop_observes():
                                                  "speculative", 10)  # fmt: skip
 
 
+def test_policy_starts_from_what_the_last_decode_learned(pair32):
+    target, draft = pair32
+    from pearlmoe.decode import common
+
+    common._learned.pop(target, None)  # what earlier tests' decodes of this pair left
+    gamma_policy = common.gamma_policy
+    first = gamma_policy(target, draft, 1, "pearl", "eager", None)
+    assert first.estimate.alpha == pytest.approx(0.6)
+    for _ in range(30):
+        first.update(accepted=9, proposed=10)
+        first.observe(width=2, target_s=first.curve.target_time(2) * 1.5, drafted=2,
+                      draft_s=2 * first.curve.draft * 2.0)  # fmt: skip
+    first.remember()
+    second = gamma_policy(target, draft, 1, "pearl", "eager", None)
+    assert second.estimate.alpha == pytest.approx(first.estimate.alpha)
+    assert second.learned() == pytest.approx(first.learned())
+    assert second.gamma == cost_model.best_gamma(second.live_curve, second.estimate.alpha, "pearl")
+    other_mode = gamma_policy(target, draft, 1, "speculative", "eager", None)
+    assert other_mode.estimate.alpha == pytest.approx(0.6)  # learned per mode
+
+
 def test_measured_curve_has_every_width(pair32):
     target, draft = pair32
     curve = cost_model.measure(target, draft, batch=1, max_width=4)

@@ -6,6 +6,7 @@ the last committed token, which is fed at the start of the next step.
 """
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -127,7 +128,16 @@ def gamma_policy(
     if gamma is not None and gamma < 1:
         raise ValueError(f"gamma must be >= 1, got {gamma}")
     curve = None if gamma else measured_curve(target, draft, batch, mode, backend)
-    return GammaPolicy(curve, mode, gamma, max(max_gamma, gamma or 0))
+    # Start from what the last decode of this pair in this mode learned (α, the sides' costs in
+    # the loop), and leave what this one learns for the next (``remember``).
+    memory = _learned.setdefault(target, {})
+    key = (id(draft), batch, mode, backend, torch.get_num_threads())
+    policy = GammaPolicy(curve, mode, gamma, max(max_gamma, gamma or 0), learned=memory.get(key))
+    policy.remember = lambda: memory.__setitem__(key, policy.learned())
+    return policy
+
+
+_learned: "weakref.WeakKeyDictionary[Transformer, dict]" = weakref.WeakKeyDictionary()
 
 
 def pick_gamma(

@@ -19,6 +19,7 @@ per token. ``pearlmoe bench`` prints the curve and the choice.
 """
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -134,8 +135,8 @@ class AcceptanceEstimate:
 class RunningRatio:
     """An exponential moving average of ratios (weight 1/16 per sample), 1.0 before any."""
 
-    def __init__(self, weight: float = 1 / 16) -> None:
-        self.value, self.weight, self.count = 1.0, weight, 0
+    def __init__(self, weight: float = 1 / 16, value: float = 1.0, count: int = 0) -> None:
+        self.value, self.weight, self.count = value, weight, count
 
     def add(self, ratio: float) -> None:
         self.count += 1
@@ -149,20 +150,31 @@ class GammaPolicy:
 
     def __init__(
         self, curve: CostCurve | None, mode: str, gamma: int | None = None, max_gamma: int = 8,
-        every: int = 8,
+        every: int = 8, learned: tuple[float, float, float] | None = None,
     ) -> None:  # fmt: skip
+        """``learned``: (α, target scale, draft scale) that an earlier decode of the same pair
+        ended with (``learned()``), the starting point instead of the defaults."""
         if gamma is None and curve is None:
             raise ValueError("GammaPolicy: give a gamma or a cost curve to choose it from")
         self.curve, self.mode, self.max_gamma, self.every = curve, mode, max_gamma, every
         self.fixed = gamma is not None
-        self.estimate = AcceptanceEstimate()
-        self.gamma = gamma if gamma is not None else best_gamma(curve, self.estimate.alpha, mode,
+        alpha, target_scale, draft_scale = learned or (0.6, 1.0, 1.0)
+        self.estimate = AcceptanceEstimate(prior=alpha, weight=8.0 if learned is None else 32.0)
+        # Observed / measured time of each side inside the loop (caches cold from the other
+        # side's work, the sides contending for memory): running means, 1.0 until observed.
+        seen = 0 if learned is None else 16
+        self.target_scale = RunningRatio(value=target_scale, count=seen)
+        self.draft_scale = RunningRatio(value=draft_scale, count=seen)
+        self.gamma = gamma if gamma is not None else best_gamma(self.live_curve,
+                                                                self.estimate.alpha, mode,
                                                                 max_gamma)  # fmt: skip
         self.history = [self.gamma]
         self._rounds = 0
-        # Observed / measured time of each side inside the loop (caches cold from the other
-        # side's work, the sides contending for memory): running means, 1.0 until observed.
-        self.target_scale, self.draft_scale = RunningRatio(), RunningRatio()
+        self.remember: Callable[[], None] = lambda: None  # set by the loops' gamma_policy
+
+    def learned(self) -> tuple[float, float, float]:
+        """What this decode learned of the pair: (α, target scale, draft scale)."""
+        return self.estimate.alpha, self.target_scale.value, self.draft_scale.value
 
     def observe(self, width: int, target_s: float, drafted: int, draft_s: float) -> None:
         """A round's measured sides: the target's step over ``width`` tokens took target_s

@@ -217,6 +217,7 @@ def pearl_generate(
                 callback(step)
     stats.seconds = time.perf_counter() - start
     stats.extra["gammas"] = policy.history
+    policy.remember()
     stats.extra["side_scales"] = (policy.target_scale.value, policy.draft_scale.value)
     stats.extra["overlap"] = round_times["wall"] / max(round_times["slower"], 1e-12)
     if round_times["alone"]:  # against the measured cost curve: what contention costs the sides

@@ -240,5 +240,6 @@ def speculative_generate(
             callback(step)
     stats.seconds = time.perf_counter() - start
     stats.extra["gammas"] = policy.history
+    policy.remember()
     stats.extra["side_scales"] = (policy.target_scale.value, policy.draft_scale.value)
     return outputs, stats
