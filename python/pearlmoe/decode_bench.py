@@ -18,28 +18,25 @@ MODES = ("ar", "speculative", "pearl")
 EAGER_AR = "ar-eager"
 
 
-def run_mode(
-    mode: str, target, draft, batches: list[list[list[int]]], max_new_tokens: int,
-    gamma: int | None, temperature: float, seed: int, backend: str,
-) -> tuple[dict, list[list[int]]]:  # fmt: skip
-    """Decode every batch of prompts in one mode: the row of the table and the outputs."""
-    tokens, seconds, stats_list, outputs = 0, 0.0, [], []
-    for i, batch in enumerate(batches):
-        generator = torch.Generator(device=target.device).manual_seed(seed + i)
-        common = dict(temperature=temperature, eos_token_id=target.config.eos_token_id,
-                      generator=generator, backend=backend)  # fmt: skip
-        start = time.perf_counter()
-        if mode == "ar":
-            outs = generate(target, batch, max_new_tokens, **common)
-            took = time.perf_counter() - start
-        else:
-            loop = pearl_generate if mode == "pearl" else speculative_generate
-            outs, stats = loop(target, draft, batch, max_new_tokens, gamma=gamma, **common)
-            took = time.perf_counter() - start - stats.extra.get("warmup_seconds", 0.0)
-            stats_list.append(stats)
-        outputs.extend(outs)
-        tokens += sum(map(len, outs))
-        seconds += took
+def decode_one(
+    mode: str, target, draft, batch: list[list[int]], max_new_tokens: int, gamma: int | None,
+    temperature: float, seed: int, backend: str,
+):  # fmt: skip
+    """One batch of prompts in one mode: (outputs, decode seconds, stats or None for AR)."""
+    generator = torch.Generator(device=target.device).manual_seed(seed)
+    common = dict(temperature=temperature, eos_token_id=target.config.eos_token_id,
+                  generator=generator, backend=backend)  # fmt: skip
+    start = time.perf_counter()
+    if mode == "ar":
+        outs = generate(target, batch, max_new_tokens, **common)
+        return outs, time.perf_counter() - start, None
+    loop = pearl_generate if mode == "pearl" else speculative_generate
+    outs, stats = loop(target, draft, batch, max_new_tokens, gamma=gamma, **common)
+    return outs, time.perf_counter() - start - stats.extra.get("warmup_seconds", 0.0), stats
+
+
+def summarize(mode: str, tokens: int, seconds: float, stats_list: list) -> dict:
+    """A mode's row of the table from its decodes."""
     row = {"tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds}
     if stats_list:
         proposed = sum(s.proposed for s in stats_list)
@@ -58,24 +55,36 @@ def run_mode(
             alone = sum(s.extra["round_seconds"].get("alone", 0.0) for s in stats_list)
             if alone:  # ... / the slower side's time alone (the cost curve)
                 row["overlap_vs_alone"] = wall / alone
-    return row, outputs
+    return row
 
 
 def bench_dtype(
     target, draft, batches, args, backend: str, dtype: torch.dtype, batch: int
 ) -> dict:  # fmt: skip
-    """Every mode on one dtype: the cost curves, the rows and whether outputs agree."""
+    """Every mode on one dtype: the cost curves, the rows and whether outputs agree. The modes
+    take turns prompt by prompt (in a rotating order), so the machine's drift over the run, which
+    on a shared VM is ±10-25% between minutes, weighs on every mode alike."""
     curves = {m: measured_curve(target, draft, batch, m, backend) for m in ("speculative", "pearl")}
-    # Warm-up outside the timings: compile/capture, allocator, thread pools.
-    for mode in (EAGER_AR, *MODES):
-        run_mode(mode.removesuffix("-eager"), target, draft, batches[:1], 8, args.gamma,
-                 args.temperature, 0, "eager" if mode == EAGER_AR else backend)  # fmt: skip
-    rows, outputs = {}, {}
-    for mode in (EAGER_AR, *MODES):
-        rows[mode], outputs[mode] = run_mode(
-            mode.removesuffix("-eager"), target, draft, batches, args.max_new_tokens,
-            args.gamma, args.temperature, args.seed, "eager" if mode == EAGER_AR else backend,
-        )  # fmt: skip
+    modes = (EAGER_AR, *MODES)
+
+    def run(mode: str, prompts, max_new: int, seed: int):
+        name, mode_backend = mode.removesuffix("-eager"), "eager" if mode == EAGER_AR else backend
+        return decode_one(name, target, draft, prompts, max_new, args.gamma, args.temperature,
+                          seed, mode_backend)  # fmt: skip
+
+    for mode in modes:  # warm-up outside the timings: compile/capture, allocator, thread pools
+        run(mode, batches[0], 8, 0)
+    outputs = {m: [] for m in modes}
+    totals = {m: [0, 0.0, []] for m in modes}  # tokens, seconds, stats
+    for i, prompts in enumerate(batches):
+        for mode in modes[i % len(modes) :] + modes[: i % len(modes)]:
+            outs, seconds, stats = run(mode, prompts, args.max_new_tokens, args.seed + i)
+            outputs[mode].extend(outs)
+            totals[mode][0] += sum(map(len, outs))
+            totals[mode][1] += seconds
+            if stats is not None:
+                totals[mode][2].append(stats)
+    rows = {m: summarize(m.removesuffix("-eager"), *totals[m]) for m in modes}
     base, eager = rows["ar"]["tokens_per_second"], rows[EAGER_AR]["tokens_per_second"]
     for mode, row in rows.items():
         row["speedup_vs_ar"] = row["tokens_per_second"] / base
