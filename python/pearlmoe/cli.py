@@ -25,6 +25,8 @@ from .decode.cost_model import plan
 from .decode.runner import BACKENDS, compile_available, default_backend
 from .model import ModelConfig, Transformer, from_pretrained
 from .model.config import estimate
+from .model.gguf_checkpoint import is_gguf
+from .model.named import resolve
 from .train.presets import EMBEDDED, TOKENIZER
 
 TARGET, DRAFT = EMBEDDED / "tiny-target", EMBEDDED / "tiny-draft"
@@ -72,8 +74,14 @@ def _note(text: str) -> None:
 
 
 def load_tokenizer(directory: Path):
+    """A model's tokenizer: its directory's tokenizer.json, or rebuilt from a GGUF's metadata."""
     from tokenizers import Tokenizer
 
+    from .model.gguf_checkpoint import is_gguf, read_tokenizer
+
+    directory = resolve(directory)
+    if is_gguf(directory):
+        return read_tokenizer(directory)
     path = Path(directory) / TOKENIZER
     if not path.exists():
         raise FileNotFoundError(f"no {TOKENIZER} in {directory}")
@@ -88,16 +96,17 @@ def check_tokenizers(target_dir: Path, draft_dir: Path) -> None:
     a, b = load_tokenizer(target_dir), load_tokenizer(draft_dir)
     if a.get_vocab(with_added_tokens=True) != b.get_vocab(with_added_tokens=True):
         raise ValueError(
-            f"incompatible tokenizers: {draft_dir / TOKENIZER} and {target_dir / TOKENIZER} "
+            f"incompatible tokenizers: the draft's ({draft_dir}) and the target's ({target_dir}) "
             "assign different ids (draft and target must share a tokenizer)"
         )
 
 
 def load_model(directory: Path, device: str, dtype: torch.dtype) -> Transformer:
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"model directory {directory} does not exist")
-    return from_pretrained(directory, dtype=dtype, device=device)
+    """A model directory, a GGUF file, or a named model (pearlmoe.model.named)."""
+    path = resolve(directory)
+    if not path.is_dir() and not is_gguf(path):
+        raise FileNotFoundError(f"model directory {path} does not exist")
+    return from_pretrained(path, dtype=dtype, device=device)
 
 
 def _check_device(device: str) -> str:
@@ -215,8 +224,25 @@ class _Streamer:
 
 def _check_dirs(args, draft: bool) -> None:
     for flag, path in (("--target", args.target), ("--draft", args.draft))[: 1 + draft]:
-        if not Path(path).is_dir():
-            raise FileNotFoundError(f"{flag} {path}: no such model directory")
+        resolved = resolve(path)  # a named model that is not installed says how to install it
+        if not resolved.is_dir() and not is_gguf(resolved):
+            raise FileNotFoundError(f"{flag} {path}: no such model directory or .gguf file")
+
+
+def chat_prompt(target: Path, text: str) -> str:
+    """``text`` as one user turn in the target's chat template, ready for the reply."""
+    from .model.gguf_checkpoint import chat_template
+
+    path = resolve(target)
+    template = chat_template(path) if is_gguf(path) else None
+    if template is None:
+        raise UsageError(f"--chat: {target} has no chat template")
+    import jinja2
+
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined)
+    return env.from_string(template).render(
+        messages=[{"role": "user", "content": text}], add_generation_prompt=True
+    )
 
 
 def cmd_generate(args) -> int:
@@ -230,7 +256,8 @@ def cmd_generate(args) -> int:
         check_tokenizers(args.target, args.draft)
     target = load_model(args.target, device, dtype)
     draft = load_model(args.draft, device, dtype) if needs_draft else None
-    prompt = tokenizer.encode(args.prompt).ids
+    text = chat_prompt(args.target, args.prompt) if args.chat else args.prompt
+    prompt = tokenizer.encode(text).ids
     if not prompt:
         raise UsageError("PROMPT is empty: give at least one character of text")
     runner.notify = _note
@@ -241,7 +268,7 @@ def cmd_generate(args) -> int:
             f"{m} {r:.0f}" + (f" (gamma {g})" if g else "") for m, (g, r) in predicted.items()
         ) + f"; running {mode}")  # fmt: skip
     warm = warm_up(mode, target, draft, prompt, backend, args.gamma, args.temperature)
-    print(args.prompt, end="", flush=True)
+    print(args.prompt + ("\n" if args.chat else ""), end="", flush=True)
     streamer = _Streamer(tokenizer)
     _, stats = decode(mode, target, draft, prompt, args.max_new_tokens, args.gamma,
                       args.temperature, args.top_p, args.seed, streamer, backend)  # fmt: skip
@@ -394,8 +421,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def models(p) -> None:
-        p.add_argument("--target", type=Path, default=TARGET, help="target model directory")
-        p.add_argument("--draft", type=Path, default=DRAFT, help="draft model directory")
+        p.add_argument(
+            "--target",
+            type=Path,
+            default=TARGET,
+            help="target model: a directory, a .gguf file or a name (smollm2-135m)",
+        )
+        p.add_argument("--draft", type=Path, default=DRAFT,
+                       help="draft model: a directory, a .gguf file or a name")  # fmt: skip
         p.add_argument("--device", default=best_device())
         p.add_argument(
             "--gamma",
@@ -412,6 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="stream a continuation of PROMPT")
     g.add_argument("prompt", metavar="PROMPT")
+    g.add_argument("--chat", action="store_true",
+                   help="wrap PROMPT as a user turn in the model's chat template")  # fmt: skip
     g.add_argument(
         "--mode",
         choices=[*MODES, "auto"],

@@ -99,16 +99,64 @@ def _open(file: Path):
         raise CheckpointError(f"{file}: not a readable safetensors file ({err})") from None
 
 
+def load_tensors(
+    model: Transformer, get, available: set[str], source: str, ignored: set[str] = frozenset(),
+    config_source: str = "config.json",
+) -> None:  # fmt: skip
+    """Copy every tensor the model has (its HF names, ``hf_tensors``) from ``get(name)`` (None
+    when absent), checking shapes; names in ``available`` that the model does not use, other than
+    ``ignored``, are an error, as are the ones it needs and ``get`` lacks."""
+    config = model.config
+    missing, used = [], set()
+    with torch.no_grad():
+        for name, target in hf_tensors(model):
+            tensor = get(name)
+            if tensor is None:
+                missing.append(name)
+                continue
+            if tuple(tensor.shape) != tuple(target.shape):
+                raise CheckpointError(
+                    f"tensor {name} has shape {tuple(tensor.shape)}, but {config_source} implies "
+                    f"{tuple(target.shape)}"
+                )
+            target.copy_(tensor)
+            used.add(name)
+    if config.tie_word_embeddings:
+        used.add("lm_head.weight")  # tied checkpoints may still carry it
+    unexpected = sorted(
+        n for n in available - used - ignored if not n.endswith("rotary_emb.inv_freq")
+    )
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {source} is missing {len(missing)} tensor(s) the config needs: "
+            + ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
+        )  # fmt: skip
+    if unexpected:
+        raise CheckpointError(
+            f"checkpoint {source} has {len(unexpected)} tensor(s) the config does not "
+            "explain: " + ", ".join(unexpected[:8]) + (" ..." if len(unexpected) > 8 else "")
+        )  # fmt: skip
+
+
 def from_pretrained(
     directory: str | Path,
     dtype: torch.dtype = torch.bfloat16,
     device: str | torch.device = "cpu",
     expert_parallel=None,
 ) -> Transformer:
-    """Load a checkpoint directory (config.json + safetensors) into a Transformer. With an
-    ``expert_parallel`` plan (pearlmoe.distributed.ExpertParallel) only this rank's routed
-    experts are built and read; shard files holding none of its tensors are never opened."""
-    directory = Path(directory)
+    """Load a checkpoint directory (config.json + safetensors), a llama-family GGUF file
+    (pearlmoe.model.gguf_checkpoint) or a named model ("smollm2-135m": pearlmoe.model.named) into
+    a Transformer. With an ``expert_parallel`` plan
+    (pearlmoe.distributed.ExpertParallel) only this rank's routed experts are built and read;
+    shard files holding none of its tensors are never opened."""
+    from .gguf_checkpoint import from_gguf, is_gguf
+    from .named import resolve
+
+    directory = resolve(directory)  # a known name (pearlmoe.model.named) or a path
+    if is_gguf(directory):
+        if expert_parallel is not None:
+            raise ValueError("from_pretrained: a GGUF file holds a dense model, no experts")
+        return from_gguf(directory, dtype=dtype, device=device)
     if not directory.is_dir():
         raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
     config = ModelConfig.from_file(directory)
@@ -126,49 +174,28 @@ def from_pretrained(
         handle = _open(directory / SINGLE)
         handles[directory / SINGLE] = handle
         files = dict.fromkeys(handle.keys(), directory / SINGLE)
-    available = set(files)
-    missing, used = [], set()
-    with torch.no_grad():
-        for name, target in hf_tensors(model):
-            if name not in files:
-                missing.append(name)
-                continue
-            file = files[name]
-            if file not in handles:
-                if not file.exists():
-                    raise CheckpointError(
-                        f"{directory / INDEX} names {file.name}, which does not exist"
-                    )
-                handles[file] = _open(file)
-            try:
-                tensor = handles[file].get_tensor(name)
-            except Exception as err:
-                raise CheckpointError(f"{file}: cannot read tensor {name} ({err})") from None
-            if tuple(tensor.shape) != tuple(target.shape):
-                raise CheckpointError(
-                    f"tensor {name} has shape {tuple(tensor.shape)}, but config.json implies "
-                    f"{tuple(target.shape)}"
-                )
-            target.copy_(tensor)
-            used.add(name)
-    if config.tie_word_embeddings:
-        used.add("lm_head.weight")  # tied checkpoints may still carry it
+
+    def get(name: str) -> Tensor | None:
+        if name not in files:
+            return None
+        file = files[name]
+        if file not in handles:
+            if not file.exists():
+                index = directory / INDEX
+                raise CheckpointError(f"{index} names {file.name}, which does not exist")
+            handles[file] = _open(file)
+        try:
+            return handles[file].get_tensor(name)
+        except Exception as err:
+            raise CheckpointError(f"{file}: cannot read tensor {name} ({err})") from None
+
+    ignored: set[str] = set()
     if expert_parallel is not None:  # the other ranks' experts
         others = set(range(config.num_experts)) - set(
             range(expert_parallel.first, expert_parallel.last)
         )
-        used |= {n for n in available if _expert_index(n) in others}
-    unexpected = sorted(n for n in available - used if not n.endswith("rotary_emb.inv_freq"))
-    if missing:
-        raise CheckpointError(
-            f"checkpoint {directory} is missing {len(missing)} tensor(s) the config needs: "
-            + ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
-        )  # fmt: skip
-    if unexpected:
-        raise CheckpointError(
-            f"checkpoint {directory} has {len(unexpected)} tensor(s) the config does not "
-            "explain: " + ", ".join(unexpected[:8]) + (" ..." if len(unexpected) > 8 else "")
-        )  # fmt: skip
+        ignored = {n for n in files if _expert_index(n) in others}
+    load_tensors(model, get, set(files), str(directory), ignored)
     return model.eval()
 
 
