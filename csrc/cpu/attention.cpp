@@ -8,6 +8,7 @@
 
 #include "../kernels/attention/attention_rows_cpu.h"
 #include "cpu_kernels.h"
+#include "parallel.h"
 
 namespace pearlmoe::cpu {
 namespace {
@@ -62,7 +63,7 @@ void attention_direct(const Tensor& q, const Tensor& k, const Tensor& v, const i
       std::conditional_t<std::is_same_v<scalar_t, c10::BFloat16>, moe_gemm::BF16, void>>;
   const bool simd = !std::is_void_v<Simd> && q.stride(3) == 1 && k.stride(3) == 1 &&
                     v.stride(3) == 1 && k.stride(1) == v.stride(1) && o.stride(3) == 1;
-  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+  cpu::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> qv(group * dim), out(group * dim), p(group * longest), m(group), l(group);
     std::vector<float> scratch(simd ? group * (longest + dim) : 0);
     for (int64_t task = begin; task < end; ++task) {
@@ -144,7 +145,7 @@ void attention(const Tensor& q, const Tensor& k, const Tensor& v, const int32_t*
   const int64_t q_blocks = (q_len + kQueryBlock - 1) / kQueryBlock;
 
   // One task = (sequence, KV head, query block): the group's query heads share each K/V block.
-  at::parallel_for(0, batch * kv_heads * q_blocks, 1, [&](int64_t begin, int64_t end) {
+  cpu::parallel_for(0, batch * kv_heads * q_blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / (kv_heads * q_blocks), hk = task / q_blocks % kv_heads;
       const int64_t i0 = task % q_blocks * kQueryBlock, rows = std::min(kQueryBlock, q_len - i0);
@@ -214,34 +215,35 @@ void rope_norm(const Tensor& x, const int64_t* positions, const Tensor& q_weight
       });
     }
     // One task per token: its angles' cos/sin once, for every head.
-    at::parallel_for(0, tokens, std::max<int64_t>(1, 256 / heads), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> r(dim), cs(half), sn(half);
-      for (int64_t t = begin; t < end; ++t) {
-        const float pos = static_cast<float>(positions[t]);
-        for (int64_t i = 0; i < half; ++i) {
-          const float angle = pos * inv_freq[i];  // fp32, as HF's tables hold it
-          // fp64 rotates in fp64 (the reference does), from the same fp32 angle.
-          cs[i] = std::cos(static_cast<acc_t>(angle));
-          sn[i] = std::sin(static_cast<acc_t>(angle));
-        }
-        for (int64_t h = 0; h < heads; ++h) {
-          const scalar_t* xr = src + t * ts + h * hs;
-          acc_t sum_sq = 0;
-          for (int64_t i = 0; i < half; ++i) {
-            const acc_t a = static_cast<acc_t>(xr[i]), b = static_cast<acc_t>(xr[i + half]);
-            r[i] = a * cs[i] - b * sn[i];
-            r[i + half] = b * cs[i] + a * sn[i];
-            sum_sq += r[i] * r[i] + r[i + half] * r[i + half];
+    cpu::parallel_for(
+        0, tokens, std::max<int64_t>(1, 256 / heads), [&](int64_t begin, int64_t end) {
+          std::vector<acc_t> r(dim), cs(half), sn(half);
+          for (int64_t t = begin; t < end; ++t) {
+            const float pos = static_cast<float>(positions[t]);
+            for (int64_t i = 0; i < half; ++i) {
+              const float angle = pos * inv_freq[i];  // fp32, as HF's tables hold it
+              // fp64 rotates in fp64 (the reference does), from the same fp32 angle.
+              cs[i] = std::cos(static_cast<acc_t>(angle));
+              sn[i] = std::sin(static_cast<acc_t>(angle));
+            }
+            for (int64_t h = 0; h < heads; ++h) {
+              const scalar_t* xr = src + t * ts + h * hs;
+              acc_t sum_sq = 0;
+              for (int64_t i = 0; i < half; ++i) {
+                const acc_t a = static_cast<acc_t>(xr[i]), b = static_cast<acc_t>(xr[i + half]);
+                r[i] = a * cs[i] - b * sn[i];
+                r[i + half] = b * cs[i] + a * sn[i];
+                sum_sq += r[i] * r[i] + r[i + half] * r[i + half];
+              }
+              const acc_t inv_rms =
+                  normalize ? 1 / std::sqrt(sum_sq / dim + static_cast<acc_t>(eps)) : acc_t(1);
+              scalar_t* o = dst + (t * heads + h) * dim;
+              for (int64_t i = 0; i < dim; ++i) {
+                o[i] = static_cast<scalar_t>(w.empty() ? r[i] * inv_rms : r[i] * inv_rms * w[i]);
+              }
+            }
           }
-          const acc_t inv_rms =
-              normalize ? 1 / std::sqrt(sum_sq / dim + static_cast<acc_t>(eps)) : acc_t(1);
-          scalar_t* o = dst + (t * heads + h) * dim;
-          for (int64_t i = 0; i < dim; ++i) {
-            o[i] = static_cast<scalar_t>(w.empty() ? r[i] * inv_rms : r[i] * inv_rms * w[i]);
-          }
-        }
-      }
-    });
+        });
   });
 }
 

@@ -9,6 +9,7 @@
 #include "../kernels/moe_gemm/skinny_gemm_cpu.h"
 #include "../kernels/routing/routing_cpu.h"
 #include "cpu_kernels.h"
+#include "parallel.h"
 
 namespace pearlmoe::cpu {
 namespace {
@@ -29,7 +30,7 @@ void for_each_group(const int32_t* offs, int64_t num_groups, Fn&& fn) {
     }
   };
   if (across_groups) {
-    at::parallel_for(0, num_groups, 1, run);
+    cpu::parallel_for(0, num_groups, 1, run);
   } else {
     run(0, num_groups);
   }
@@ -47,7 +48,7 @@ void gemm_nt_out(const Tensor& a, const Tensor& b, Tensor& out) {
     return;
   }
   const int64_t rows = a.size(0), k = a.size(1), n = b.size(0);
-  at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
+  cpu::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
     if (dtype == at::kFloat) {
       moe_gemm::skinny_gemm_nt(a.const_data_ptr<float>(), a.stride(0), rows, k,
                                b.const_data_ptr<float>(), begin, end, out.mutable_data_ptr<float>(),

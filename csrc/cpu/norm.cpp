@@ -7,6 +7,7 @@
 #include <type_traits>
 
 #include "cpu_kernels.h"
+#include "parallel.h"
 
 namespace pearlmoe::cpu {
 namespace {
@@ -19,7 +20,7 @@ void rms_norm_rows(const at::Tensor& x, const at::Tensor& weight, double eps, at
   const scalar_t* wp = weight.const_data_ptr<scalar_t>();
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(hidden, 1));
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+  cpu::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* xr = xp + r * stride;
       acc_t lanes[16] = {};

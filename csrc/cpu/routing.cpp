@@ -2,6 +2,7 @@
 
 #include "../kernels/routing/routing_cpu.h"
 #include "cpu_kernels.h"
+#include "parallel.h"
 
 namespace pearlmoe::cpu {
 
@@ -13,7 +14,7 @@ void topk_softmax(const at::Tensor& logits, int64_t k, bool renormalize, at::Ten
   float* w = weights.mutable_data_ptr<float>();
   int32_t* out_ids = ids.mutable_data_ptr<int32_t>();
   // ~k*E compares per row: a grain of a few thousand rows keeps small decode batches on one thread.
-  at::parallel_for(0, num_tokens, 2048, [&](int64_t begin, int64_t end) {
+  cpu::parallel_for(0, num_tokens, 2048, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       routing::topk_softmax_row(x + t * num_experts, num_experts, static_cast<int>(k), renormalize,
                                 w + t * k, out_ids + t * k);

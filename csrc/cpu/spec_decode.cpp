@@ -2,6 +2,7 @@
 
 #include "../kernels/spec_decode/spec_verify_cpu.h"
 #include "cpu_kernels.h"
+#include "parallel.h"
 
 namespace pearlmoe::cpu {
 
@@ -17,7 +18,7 @@ void spec_verify(const at::Tensor& target_probs, const at::Tensor& draft_ids,
   const float* u = uniforms.has_value() ? uniforms->const_data_ptr<float>() : nullptr;
   int64_t* out = tokens.mutable_data_ptr<int64_t>();
   int32_t* accepted = num_accepted.mutable_data_ptr<int32_t>();
-  at::parallel_for(0, batch, 16, [&](int64_t begin, int64_t end) {
+  cpu::parallel_for(0, batch, 16, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       accepted[b] = spec_decode::spec_verify_sequence(
           target + b * (n + 1) * vocab, drafts + b * n,

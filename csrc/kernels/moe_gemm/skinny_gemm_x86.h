@@ -63,9 +63,15 @@ inline typename P::Mask tail_mask(int64_t remaining) {
 
 // out[r * 4 + j] = (a row r) · (b row j) over all of K, for MB rows of a and NB (4 or 1) rows of
 // b: MB x NB independent accumulators keep the FMA pipes busy while b streams from memory.
+//
+// ahead: the same rows kPrefetchRows further on (or null): they are requested from memory while
+// these are summed. A block's NB rows are short streams (K values each) that the hardware
+// prefetchers barely start on before the next block begins. Measured on the 2-core Zen 4 VM for a
+// 49152 x 576 bf16 weight (57 MB, from DRAM), one thread: 8-9 GB/s without, 10-12 GB/s with it
+// (a plain sum reads 22-24 GB/s per thread); two threads 21-23 GB/s.
 template <typename P, int MB, int NB>
 inline void block(const typename P::A* a, int64_t lda, int64_t k, const typename P::B* b,
-                  int64_t ldb, float* out) {
+                  int64_t ldb, float* out, const typename P::B* ahead) {
   __m512 acc[MB][NB];
 #pragma GCC unroll 4
   for (int r = 0; r < MB; ++r) {
@@ -77,6 +83,12 @@ inline void block(const typename P::A* a, int64_t lda, int64_t k, const typename
     decltype(P::load_b(b, m)) bv[NB];
 #pragma GCC unroll 4
     for (int j = 0; j < NB; ++j) bv[j] = P::load_b(b + j * ldb + i, m);
+    if (ahead != nullptr) {
+#pragma GCC unroll 4
+      for (int j = 0; j < NB; ++j) {
+        _mm_prefetch(reinterpret_cast<const char*>(ahead + j * ldb + i), _MM_HINT_T0);
+      }
+    }
 #pragma GCC unroll 4
     for (int r = 0; r < MB; ++r) {
       const auto av = P::load_a(a + r * lda + i, m);
@@ -96,22 +108,28 @@ inline void block(const typename P::A* a, int64_t lda, int64_t k, const typename
 
 // Rows n_begin..n_end of c [M, N] (ldc) for a [M, K] (lda) in P's a type and b [N, K] (ldb) in
 // P's b type; c is float or BF16 (rounded once, from the fp32 sums).
+constexpr int64_t kPrefetchRows = 32;  // ~37 KB ahead at K = 576 in bf16 (8 rows: no better)
+
 template <typename P, int NB, typename T>
 inline void column_block(const typename P::A* a, int64_t lda, int64_t rows, int64_t k,
-                         const typename P::B* b, int64_t ldb, int64_t n, T* c, int64_t ldc) {
+                         const typename P::B* b, int64_t ldb, int64_t n, int64_t n_end, T* c,
+                         int64_t ldc) {
   float out[4 * 4];
+  const typename P::B* bn = b + n * ldb;
+  // Only rows this call reads later (another thread's rows are its own to fetch).
+  const typename P::B* ahead = n + kPrefetchRows + NB <= n_end ? bn + kPrefetchRows * ldb : nullptr;
   for (int64_t r0 = 0; r0 < rows; r0 += 4) {
     const int64_t mb = rows - r0 < 4 ? rows - r0 : 4;
     const typename P::A* ar = a + r0 * lda;
-    const typename P::B* bn = b + n * ldb;
+    const typename P::B* pf = r0 == 0 ? ahead : nullptr;  // later row groups find b cached
     if (mb == 4) {
-      block<P, 4, NB>(ar, lda, k, bn, ldb, out);
+      block<P, 4, NB>(ar, lda, k, bn, ldb, out, pf);
     } else if (mb == 3) {
-      block<P, 3, NB>(ar, lda, k, bn, ldb, out);
+      block<P, 3, NB>(ar, lda, k, bn, ldb, out, pf);
     } else if (mb == 2) {
-      block<P, 2, NB>(ar, lda, k, bn, ldb, out);
+      block<P, 2, NB>(ar, lda, k, bn, ldb, out, pf);
     } else {
-      block<P, 1, NB>(ar, lda, k, bn, ldb, out);
+      block<P, 1, NB>(ar, lda, k, bn, ldb, out, pf);
     }
     for (int64_t r = 0; r < mb; ++r) {
       for (int j = 0; j < NB; ++j) store(c + (r0 + r) * ldc + n + j, out[r * 4 + j]);
@@ -124,6 +142,6 @@ void kernel_rows(const typename P::A* a, int64_t lda, int64_t rows, int64_t k,
                  const typename P::B* b, int64_t ldb, int64_t n_begin, int64_t n_end, T* c,
                  int64_t ldc) {
   int64_t n = n_begin;
-  for (; n + 4 <= n_end; n += 4) column_block<P, 4>(a, lda, rows, k, b, ldb, n, c, ldc);
-  for (; n < n_end; ++n) column_block<P, 1>(a, lda, rows, k, b, ldb, n, c, ldc);
+  for (; n + 4 <= n_end; n += 4) column_block<P, 4>(a, lda, rows, k, b, ldb, n, n_end, c, ldc);
+  for (; n < n_end; ++n) column_block<P, 1>(a, lda, rows, k, b, ldb, n, n_end, c, ldc);
 }

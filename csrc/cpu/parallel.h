@@ -1,0 +1,23 @@
+// parallel_for for pearlmoe's CPU kernels: at::parallel_for, with the caller's thread-local state
+// (inference mode, grad mode, dispatch keys) installed in every worker. OpenMP workers start with
+// their own defaults, so a body that calls ATen ops on inference tensors would otherwise fail
+// ("Inplace update to inference tensor outside InferenceMode") or take autograd paths.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
+
+#include <cstdint>
+
+namespace pearlmoe::cpu {
+
+template <typename F>
+void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  const at::ThreadLocalState state;
+  at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) {
+    at::ThreadLocalStateGuard guard(state);
+    f(b, e);
+  });
+}
+
+}  // namespace pearlmoe::cpu
