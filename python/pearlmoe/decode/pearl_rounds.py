@@ -73,27 +73,29 @@ def _windows(mode: Tensor, unverified: Tensor, xs: Tensor, gamma: int) -> Tensor
 
 def _commit(
     mode: Tensor, unverified: Tensor, last: Tensor, committed: Tensor, active: Tensor,
-    window: Tensor, xs: Tensor, accepted: Tensor, corr: Tensor, t0: Tensor, d_now: Tensor,
-    d0: Tensor, gamma: int,
+    window: Tensor, shifted: Tensor, accepted: Tensor, corr: Tensor, t0: Tensor, d_now: Tensor,
+    d0: Tensor, gamma: Tensor | int,
 ) -> tuple[Tensor, ...]:  # fmt: skip
     """A verified round's new state: mode, unverified, last, committed [B], both sides' cache
-    lengths [B] int32, and the rows the host reads, [B, 3 + γ]: was-post, accepted, tokens kept,
-    emitted tokens. Sequences not active keep their state."""
+    lengths [B] int32, and the rows the host reads, [B, 3 + w] for windows [B, w]: was-post,
+    accepted, tokens kept, emitted tokens. ``shifted`` (unverified's shape) holds f_2..f_γ, the
+    unverified tokens of a sequence that stays in post-verify. Sequences not active keep their
+    state."""
     post = mode == POST
     n = torch.where(post, gamma, 1)
     all_in = accepted == n
     # Commit the accepted window tokens, then the correction unless all were accepted.
     kept = torch.where(all_in, n, accepted + 1)
-    cols = torch.arange(gamma, device=window.device)
+    cols = torch.arange(window.shape[1], device=window.device)
     emitted = torch.where(cols < accepted.unsqueeze(1), window, corr.unsqueeze(1))
     new_last = torch.where(all_in, window.gather(1, (n - 1).unsqueeze(1)).squeeze(1), corr)
     new_committed = committed + kept
     # All accepted: the target keeps what it fed (its cache = committed[:-1]) and the draft all
     # it drafted (committed + unverified[:-1]); else both roll back to the new committed[:-1].
-    t_lens = torch.where(active & all_in, t0 + n, torch.where(active, new_committed - 1, t0))
-    d_lens = torch.where(active & all_in, d_now, torch.where(active, new_committed - 1, d0))
-    if gamma > 1:
-        unverified = torch.where((active & all_in).unsqueeze(1), xs[:, 1:], unverified)
+    stay = active & all_in
+    t_lens = torch.where(stay, t0 + n, torch.where(active, new_committed - 1, t0))
+    d_lens = torch.where(stay, d_now, torch.where(active, new_committed - 1, d0))
+    unverified = torch.where(stay.unsqueeze(1), shifted, unverified)
     last = torch.where(active, new_last, last)
     committed = torch.where(active, new_committed, committed)
     mode = torch.where(active, torch.where(all_in, POST, PRE), mode)
@@ -122,23 +124,9 @@ def _greedy_round(
     match = (window == target_tokens) & (cols < n.unsqueeze(1))
     accepted = match.long().cumprod(1).sum(1)  # [B]
     corr = target_tokens.gather(1, torch.minimum(accepted, n - 1).unsqueeze(1)).squeeze(1)
-    all_in = accepted == n
-    kept = torch.where(all_in, n, accepted + 1)
-    emitted = torch.where(cols < accepted.unsqueeze(1), window, corr.unsqueeze(1))
-    new_last = torch.where(all_in, window.gather(1, (n - 1).unsqueeze(1)).squeeze(1), corr)
-    new_committed = committed + kept
-    stay = active & all_in
-    t_lens = torch.where(stay, t0 + n, torch.where(active, new_committed - 1, t0))
-    d_lens = torch.where(stay, d_now, torch.where(active, new_committed - 1, d0))
-    # f_2..f_γ become the unverified tokens (shifted left; the last column is never read).
-    unverified = torch.where(stay.unsqueeze(1), torch.roll(xs, -1, 1), unverified)
-    last = torch.where(active, new_last, last)
-    committed = torch.where(active, new_committed, committed)
-    mode = torch.where(active, torch.where(all_in, POST, PRE), mode)
-    host = torch.cat(
-        [post.long().unsqueeze(1), accepted.unsqueeze(1), kept.unsqueeze(1), emitted], 1
-    )
-    return mode, unverified, last, committed, t_lens.int(), d_lens.int(), host
+    # f_2..f_γ shifted left (the last column is never read).
+    return _commit(mode, unverified, last, committed, active, window, torch.roll(xs, -1, 1),
+                   accepted, corr, t0, d_now, d0, gamma)  # fmt: skip
 
 
 class DeviceRounds:
@@ -220,8 +208,8 @@ class DeviceRounds:
                 keep_q = self.unverified_q if self.unverified_q is not None else qs[:, 1:]
                 self.unverified_q = torch.where(go_post.view(-1, 1, 1), qs[:, 1:], keep_q)
             self.mode, kept, self.last, self.committed, t_lens, d_lens, host = _commit(
-                mode, unverified, self.last, self.committed, self.active, window, xs, accepted,
-                corr, self.t0, d_now, d0, gamma,
+                mode, unverified, self.last, self.committed, self.active, window, xs[:, 1:],
+                accepted, corr, self.t0, d_now, d0, gamma,
             )  # fmt: skip
             self.unverified = pad(kept, width_g)
         self.tgt.lens.copy_(t_lens)
