@@ -236,6 +236,9 @@ def test_cli_runs_a_gguf_model(hf_llama, tmp_path, capsys):
     assert "[speculative] 6 tokens" in capsys.readouterr().out
     with pytest.raises(cli.UsageError, match="has no chat template"):
         cli.chat_prompt(cli.TARGET, "hello")
+    assert cli.main(["info", str(path)]) == 0  # the config from the metadata
+    info = capsys.readouterr().out
+    assert "LlamaForCausalLM (llama)" in info and "num_key_value_heads         2" in info
 
 
 def test_named_model_says_how_to_install_it(monkeypatch, tmp_path):

@@ -375,10 +375,15 @@ def _count(n: int) -> str:
 
 
 def cmd_info(args) -> int:
-    directory = Path(args.dir)
+    directory = resolve(args.dir)
     if not directory.exists():
         raise FileNotFoundError(f"model directory {directory} does not exist")
-    config = ModelConfig.from_file(directory)
+    if is_gguf(directory):
+        from .model.gguf_checkpoint import read_config
+
+        config = read_config(directory)
+    else:
+        config = ModelConfig.from_file(directory)
     est = estimate(config)
     print(f"{directory}: {config.to_dict()['architectures'][0]} ({config.model_type})")
     for key, value in sorted(config.to_dict().items()):
