@@ -14,6 +14,8 @@ import fuzz_ops
 
 def main() -> None:
     torch.set_num_threads(1)  # many small cases: thread start-up would dominate
+    sys.stdout.write("ready\n")  # imports done: the parent's per-case timeout starts after this
+    sys.stdout.flush()
     for line in sys.stdin:
         spec = json.loads(line)
         if spec["op"] == "selftest-crash":

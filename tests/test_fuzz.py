@@ -39,15 +39,23 @@ class Worker:
             stdout=subprocess.PIPE, stderr=self.log, text=True, env=env,
         )  # fmt: skip
 
+    def _line(self, timeout_s: float) -> tuple[bool, str]:
+        """(whether the worker answered or closed its output in time, the line it wrote)."""
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.proc.stdout, selectors.EVENT_READ)
+            ready = sel.select(timeout_s)
+        return bool(ready), self.proc.stdout.readline() if ready else ""
+
     def run(self, spec: dict) -> dict:
         if self.proc is None or self.proc.poll() is not None:
             self._start()
+            # Importing torch is not the case's time: on a loaded machine it alone can take
+            # longer than a short timeout.
+            started, line = self._line(300)
+            assert started and line == "ready\n", f"fuzz worker did not start: {line!r}"
         self.proc.stdin.write(json.dumps(spec) + "\n")
         self.proc.stdin.flush()
-        with selectors.DefaultSelector() as sel:
-            sel.register(self.proc.stdout, selectors.EVENT_READ)
-            ready = sel.select(self.timeout_s)
-        line = self.proc.stdout.readline() if ready else ""
+        ready, line = self._line(self.timeout_s)
         if line:
             return json.loads(line)
         self.proc.kill()
