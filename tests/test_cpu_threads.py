@@ -55,3 +55,17 @@ def test_kernels_on_two_threads_in_inference_mode(case):
             torch.testing.assert_close(a.float(), w.float(), rtol=tol, atol=tol)
         else:
             assert torch.equal(a, w), name
+
+
+def test_kernels_on_two_threads_with_grad_enabled():
+    # The op below autograd on every worker too: before the workers were put there explicitly,
+    # ~7% of these calls failed ("a leaf Variable that requires grad is being used in an
+    # in-place operation") from the prefill attention's ATen calls on a worker thread.
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(2, 64, 2, 16, generator=g), torch.randn(2, 64, 2, 16, generator=g)
+    lens = torch.tensor([33, 40], dtype=torch.int32)
+    with num_threads(2):
+        for _ in range(300):
+            q = torch.randn(2, 33, 4, 16, generator=g, requires_grad=True)
+            out = pearlmoe.attention(q * 1.0, k, v, lens)
+    torch.testing.assert_close(out, reference.attention(q * 1.0, k, v, lens))
