@@ -26,27 +26,15 @@ from .common import pad, round_fn, stand_ins
 PRE, POST = 0, 1
 
 
-def _verify_windows(
-    mode: Tensor,
-    window: Tensor,
-    p: Tensor | None,
-    target_tokens: Tensor | None,
-    q: Tensor | None,
-    gamma: int,
+def _sampled_verify(
+    mode: Tensor, window: Tensor, p: Tensor, q: Tensor, gamma: int,
     generator: torch.Generator | None,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor]:  # fmt: skip
     """Accepted counts [B] and correction tokens [B] for windows [B, γ] whose sequence b has
-    n_b = 1 (pre-verify) or γ (post-verify) real tokens, scored by target rows [B, ≥n_b].
-    There is no bonus token in PEARL: when all n_b are accepted the correction is unused."""
+    n_b = 1 (pre-verify) or γ (post-verify) real tokens, by rejection sampling against the
+    target's rows p [B, ≥n_b, V] and the draft's q [B, γ, V]. There is no bonus token in PEARL:
+    when all n_b are accepted the correction is unused."""
     batch = window.shape[0]
-    n = torch.where(mode == POST, gamma, 1)  # [B]
-    if target_tokens is not None:
-        width = target_tokens.shape[1]  # γ, or 1 when every sequence is in pre-verify
-        cols = torch.arange(width, device=window.device)
-        match = (window[:, :width] == target_tokens) & (cols < n.unsqueeze(1))
-        accepted = match.long().cumprod(1).sum(1)  # [B]
-        corr = target_tokens.gather(1, accepted.clamp(max=width - 1).unsqueeze(1)).squeeze(1)
-        return accepted, corr
     # Sampling: spec_verify over each mode's sequences (their windows have one length); the last
     # row duplicated gives the op its n+1 rows, and a bonus it samples is dropped.
     accepted = torch.zeros(batch, dtype=torch.long, device=window.device)
@@ -202,7 +190,7 @@ class DeviceRounds:
                 pre_q if self.unverified_q is None else torch.cat([self.unverified_q, first_q], 1)
             )
             q = torch.where((mode == POST).view(-1, 1, 1), post_q, pre_q)  # [B, γ, V]
-            accepted, corr = _verify_windows(mode, window, p, None, q, gamma, self.generator)
+            accepted, corr = _sampled_verify(mode, window, p, q, gamma, self.generator)
             go_post = self.active & (accepted == torch.where(mode == POST, gamma, 1))
             if gamma > 1:
                 keep_q = self.unverified_q if self.unverified_q is not None else qs[:, 1:]

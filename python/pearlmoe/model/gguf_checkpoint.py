@@ -158,13 +158,6 @@ def _dequantize(path: Path, name: str, tensor, config: ModelConfig) -> torch.Ten
     return torch.from_numpy(np.array(values, dtype=np.float32))  # a copy: the file is mapped
 
 
-def read_tensors(path: str | Path, config: ModelConfig, reader=None) -> dict[str, torch.Tensor]:
-    """Every tensor under its HF name, dequantised to fp32 (CPU), Q/K rows un-permuted."""
-    path = Path(path)
-    index = _index(path, reader or _reader(path))
-    return {name: _dequantize(path, name, t, config) for name, t in index.items()}
-
-
 def from_gguf(
     path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"
 ) -> Transformer:
