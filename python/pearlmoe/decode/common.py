@@ -6,6 +6,7 @@ the last committed token, which is fed at the start of the next step.
 """
 
 import contextlib
+import time
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -129,12 +130,10 @@ def gamma_policy(
         raise ValueError(f"gamma must be >= 1, got {gamma}")
     curve = None if gamma else measured_curve(target, draft, batch, mode, backend)
     # Start from what the last decode of this pair in this mode learned (α, the sides' costs in
-    # the loop), and leave what this one learns for the next (``remember``).
+    # the loop), and leave what this one learns for the next (``GammaPolicy.remember``).
     memory = _learned.setdefault(target, {})
     key = (id(draft), batch, mode, backend, torch.get_num_threads())
-    policy = GammaPolicy(curve, mode, gamma, max(max_gamma, gamma or 0), learned=memory.get(key))
-    policy.remember = lambda: memory.__setitem__(key, policy.learned())
-    return policy
+    return GammaPolicy(curve, mode, gamma, max(max_gamma, gamma or 0), memory=(memory, key))
 
 
 _learned: "weakref.WeakKeyDictionary[Transformer, dict]" = weakref.WeakKeyDictionary()
@@ -185,6 +184,27 @@ def stand_ins(batch: int, width: int, device: torch.device) -> tuple[Callable[[]
 def pad(t: Tensor, width: int) -> Tensor:
     """t [B, w] right-padded with zeros to [B, width]."""
     return torch.nn.functional.pad(t, (0, width - t.shape[1]))
+
+
+def end_round(
+    stats: DecodeStats, policy, step: list[list[int]], proposed: int, accepted: int,
+    callback: Callable[[list[list[int]]], None] | None,
+) -> None:  # fmt: skip
+    """A round's bookkeeping on the host: the statistics, the γ policy, the streamed tokens."""
+    stats.proposed += proposed
+    stats.accepted += accepted
+    policy.update(accepted, proposed)
+    stats.emitted += sum(len(s) for s in step)
+    if callback is not None:
+        callback(step)
+
+
+def end_decode(stats: DecodeStats, policy, start: float) -> None:
+    """A decode's closing statistics; the policy keeps what it learned for the next decode."""
+    stats.seconds = time.perf_counter() - start
+    stats.extra["gammas"] = policy.history
+    stats.extra["side_scales"] = (policy.target_scale.value, policy.draft_scale.value)
+    policy.remember()
 
 
 def emit(tokens: list[int], output: list[int], step: list[int], eos: set[int], budget: int) -> bool:

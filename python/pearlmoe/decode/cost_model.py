@@ -19,7 +19,6 @@ per token. ``pearlmoe bench`` prints the curve and the choice.
 """
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -150,14 +149,17 @@ class GammaPolicy:
 
     def __init__(
         self, curve: CostCurve | None, mode: str, gamma: int | None = None, max_gamma: int = 8,
-        every: int = 8, learned: tuple[float, float, float] | None = None,
+        every: int = 8, memory: tuple[dict, object] | None = None,
     ) -> None:  # fmt: skip
-        """``learned``: (α, target scale, draft scale) that an earlier decode of the same pair
-        ended with (``learned()``), the starting point instead of the defaults."""
+        """``memory``: (a dict, this pair's key in it) holding the (α, target scale, draft scale)
+        an earlier decode of the same pair ended with (``learned()``, stored by ``remember``),
+        the starting point instead of the defaults."""
         if gamma is None and curve is None:
             raise ValueError("GammaPolicy: give a gamma or a cost curve to choose it from")
         self.curve, self.mode, self.max_gamma, self.every = curve, mode, max_gamma, every
         self.fixed = gamma is not None
+        self.memory = memory
+        learned = memory[0].get(memory[1]) if memory is not None else None
         alpha, target_scale, draft_scale = learned or (0.6, 1.0, 1.0)
         self.estimate = AcceptanceEstimate(prior=alpha, weight=8.0 if learned is None else 32.0)
         # Observed / measured time of each side inside the loop (caches cold from the other
@@ -170,11 +172,15 @@ class GammaPolicy:
                                                                 max_gamma)  # fmt: skip
         self.history = [self.gamma]
         self._rounds = 0
-        self.remember: Callable[[], None] = lambda: None  # set by the loops' gamma_policy
 
     def learned(self) -> tuple[float, float, float]:
         """What this decode learned of the pair: (α, target scale, draft scale)."""
         return self.estimate.alpha, self.target_scale.value, self.draft_scale.value
+
+    def remember(self) -> None:
+        """Leave what was learned in ``memory`` for the next decode of the pair."""
+        if self.memory is not None:
+            self.memory[0][self.memory[1]] = self.learned()
 
     def observe(self, width: int, target_s: float, drafted: int, draft_s: float) -> None:
         """A round's measured sides: the target's step over ``width`` tokens took target_s

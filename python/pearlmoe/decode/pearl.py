@@ -35,6 +35,8 @@ from .common import (
     DecodeStats,
     check_pair,
     emit,
+    end_decode,
+    end_round,
     gamma_policy,
     num_threads,
     side_threads,
@@ -209,16 +211,8 @@ def pearl_generate(
                 host_post[b] = not done[b] and a == (gamma if was_post else 1)
                 if done[b]:
                     rounds.finish(b)
-            stats.proposed += proposed
-            stats.accepted += round_accepted
-            policy.update(round_accepted, proposed)
-            stats.emitted += sum(len(s) for s in step)
-            if callback is not None:
-                callback(step)
-    stats.seconds = time.perf_counter() - start
-    stats.extra["gammas"] = policy.history
-    policy.remember()
-    stats.extra["side_scales"] = (policy.target_scale.value, policy.draft_scale.value)
+            end_round(stats, policy, step, proposed, round_accepted, callback)
+    end_decode(stats, policy, start)
     stats.extra["overlap"] = round_times["wall"] / max(round_times["slower"], 1e-12)
     if round_times["alone"]:  # against the measured cost curve: what contention costs the sides
         stats.extra["overlap_vs_alone"] = round_times["wall"] / round_times["alone"]

@@ -20,7 +20,17 @@ from torch import Tensor
 from .. import ops
 from ..model.transformer import Transformer
 from .autoregressive import _eos_set, _prompts
-from .common import DecodeStats, check_pair, emit, gamma_policy, pad, round_fn, stand_ins
+from .common import (
+    DecodeStats,
+    check_pair,
+    emit,
+    end_decode,
+    end_round,
+    gamma_policy,
+    pad,
+    round_fn,
+    stand_ins,
+)
 from .runner import Runner, Sampling
 from .sampling import sample
 
@@ -232,14 +242,6 @@ def speculative_generate(
             done[b] = emit(tokens[: a + 1], outputs[b], step[b], eos, max_new_tokens)
             if done[b]:
                 active[b] = False
-        stats.proposed += proposed
-        stats.accepted += round_accepted
-        policy.update(round_accepted, proposed)
-        stats.emitted += sum(len(s) for s in step)
-        if callback is not None:
-            callback(step)
-    stats.seconds = time.perf_counter() - start
-    stats.extra["gammas"] = policy.history
-    policy.remember()
-    stats.extra["side_scales"] = (policy.target_scale.value, policy.draft_scale.value)
+        end_round(stats, policy, step, proposed, round_accepted, callback)
+    end_decode(stats, policy, start)
     return outputs, stats
