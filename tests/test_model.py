@@ -136,9 +136,12 @@ def test_bad_checkpoints(tmp_path):
 
     (tmp_path / "g").mkdir()
     (tmp_path / "g" / "config.json").write_text(
-        json.dumps({"model_type": "mixtral", "architectures": ["MixtralForCausalLM"]})
+        json.dumps({"model_type": "deepseek_v3", "architectures": ["DeepseekV3ForCausalLM"]})
     )
-    with pytest.raises(ValueError, match=r"unsupported model: model_type='mixtral'"):
+    with pytest.raises(ValueError, match=r"unsupported model: model_type='deepseek_v3'"):
+        from_pretrained(tmp_path / "g")
+    (tmp_path / "g" / "config.json").write_text(json.dumps({"model_type": "mixtral"}))
+    with pytest.raises(ValueError, match=r"config.json \(mixtral\): .*hidden_size"):
         from_pretrained(tmp_path / "g")
     with pytest.raises(FileNotFoundError, match=r"does not exist"):
         from_pretrained(tmp_path / "nowhere")

@@ -10,6 +10,28 @@ from pearlmoe.model.config import estimate
 LARGE = ModelConfig.from_file(cli.CONFIGS / "hunyuan-large-instruct.json")
 
 
+# Published totals / active parameters (billions) of the flagship configs `plan` knows by name.
+PUBLISHED = {
+    "hunyuan-large": (389, 52),
+    "mixtral-8x7b": (46.7, 12.9),
+    "qwen1.5-moe-a2.7b": (14.3, 2.7),
+    "qwen3-30b-a3b": (30.5, 3.3),
+    "qwen3-235b-a22b": (235, 22),
+    "olmoe-1b-7b": (6.9, 1.3),
+}
+
+
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_builtin_configs_match_their_published_sizes(name):
+    config = ModelConfig.from_file(cli.CONFIGS / f"{cli.BUILTIN[name] or name}.json")
+    est = estimate(config)
+    total, active = PUBLISHED[name]
+    assert est.total_params / 1e9 == pytest.approx(total, rel=0.015)
+    assert est.active_params / 1e9 == pytest.approx(active, rel=0.02)
+    p = parts(config)
+    assert p.embed + p.attention + p.shared + p.routed == est.total_params
+
+
 def test_parts_add_up_to_the_estimate():
     p = parts(LARGE)
     assert p.embed + p.attention + p.shared + p.routed == estimate(LARGE).total_params

@@ -14,7 +14,7 @@ Layouts (N GPUs):
 import math
 from dataclasses import dataclass
 
-from ..model.config import ModelConfig, estimate
+from ..model.config import ModelConfig, estimate, layer_params
 
 GB = 1e9
 
@@ -30,17 +30,11 @@ class Parts:
 
 
 def parts(c: ModelConfig) -> Parts:
-    h, d = c.hidden_size, c.head_dim
+    h = c.hidden_size
     attention = shared = routed = 0
     for layer in range(c.num_hidden_layers):
-        attention += 2 * h * c.num_attention_heads * d + 2 * h
-        attention += 2 * h * c.num_key_value_heads * d if c.owns_kv(layer) else 0
-        attention += 2 * d if c.use_qk_norm else 0
-        if c.is_moe:
-            shared += 3 * h * c.shared_intermediate_size + c.num_experts * h
-            routed += c.num_experts * 3 * h * c.intermediate_size
-        else:
-            shared += 3 * h * c.intermediate_size
+        p = layer_params(c, layer)
+        attention, shared, routed = attention + p.attention, shared + p.shared, routed + p.routed
     embed = c.vocab_size * h * (1 if c.tie_word_embeddings else 2) + h
     return Parts(embed, attention, shared, routed)
 

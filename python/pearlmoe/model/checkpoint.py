@@ -25,10 +25,37 @@ class CheckpointError(ValueError):
     """A checkpoint that does not match its config or is damaged."""
 
 
+# model_type -> (norm names, router name, experts prefix, expert gate/up/down names, shared name)
+_QK_NORMS = {"hunyuan": ("query_layernorm", "key_layernorm"),
+             "hunyuan_v1_moe": ("query_layernorm", "key_layernorm")}  # fmt: skip
+_MOE_NAMES = {
+    "hunyuan": (
+        "mlp.gate.wg",
+        "mlp.experts.",
+        ("gate_proj", "up_proj", "down_proj"),
+        "mlp.shared_mlp.",
+    ),
+    "mixtral": ("block_sparse_moe.gate", "block_sparse_moe.experts.", ("w1", "w3", "w2"), None),
+    "qwen2_moe": (
+        "mlp.gate",
+        "mlp.experts.",
+        ("gate_proj", "up_proj", "down_proj"),
+        "mlp.shared_expert.",
+    ),
+}
+_MOE_NAMES["hunyuan_v1_moe"] = _MOE_NAMES["hunyuan"]
+_MOE_NAMES["qwen3_moe"] = _MOE_NAMES["olmoe"] = _MOE_NAMES["qwen2_moe"]
+
+
 def hf_tensors(model: Transformer) -> Iterator[tuple[str, Tensor]]:
-    """The model's tensors under their HF names (views into the packed parameters)."""
+    """The model's tensors under their HF names (views into the packed parameters), in the
+    naming of its family (Hunyuan, Llama, Mixtral, Qwen2/3(-MoE), OLMoE)."""
     c = model.config
     yield "model.embed_tokens.weight", model.embed_tokens
+    if model.vocab_ids is not None:
+        yield "model.vocab_ids", model.vocab_ids
+    q_norm, k_norm = _QK_NORMS.get(c.model_type, ("q_norm", "k_norm"))
+    router, experts, (gate, up, down), shared = _MOE_NAMES.get(c.model_type, _MOE_NAMES["hunyuan"])
     for i, block in enumerate(model.layers):
         p = f"model.layers.{i}."
         yield p + "input_layernorm.weight", block.input_layernorm.weight
@@ -39,19 +66,30 @@ def hf_tensors(model: Transformer) -> Iterator[tuple[str, Tensor]]:
             yield p + "self_attn.k_proj.weight", attn.k_proj
             yield p + "self_attn.v_proj.weight", attn.v_proj
         yield p + "self_attn.o_proj.weight", attn.o_proj
+        if c.qkv_bias:
+            yield p + "self_attn.q_proj.bias", attn.q_bias
+            if attn.owns_kv:
+                yield p + "self_attn.k_proj.bias", attn.k_bias
+                yield p + "self_attn.v_proj.bias", attn.v_bias
+        if c.o_bias:
+            yield p + "self_attn.o_proj.bias", attn.o_bias
         if c.use_qk_norm:
-            yield p + "self_attn.query_layernorm.weight", attn.query_layernorm
-            yield p + "self_attn.key_layernorm.weight", attn.key_layernorm
+            yield p + f"self_attn.{q_norm}.weight", attn.query_layernorm
+            yield p + f"self_attn.{k_norm}.weight", attn.key_layernorm
         mlp = block.mlp
         if isinstance(mlp, MoE):
-            yield p + "mlp.gate.wg.weight", mlp.router
-            inter = c.intermediate_size
+            yield p + router + ".weight", mlp.router
+            inter = c.expert_intermediate_size
             for e in range(mlp.w13.shape[0]):  # this rank's experts under expert parallelism
-                name = p + f"mlp.experts.{mlp.expert_offset + e}."
-                yield from _swiglu(name, mlp.w13[e], mlp.w2[e], inter)
+                name = p + f"{experts}{mlp.expert_offset + e}."
+                yield name + gate + ".weight", mlp.w13[e][:inter]
+                yield name + up + ".weight", mlp.w13[e][inter:]
+                yield name + down + ".weight", mlp.w2[e]
             if mlp.shared_w13 is not None:
-                yield from _swiglu(p + "mlp.shared_mlp.", mlp.shared_w13, mlp.shared_w2,
+                yield from _swiglu(p + shared, mlp.shared_w13, mlp.shared_w2,
                                    c.shared_intermediate_size)  # fmt: skip
+            if mlp.shared_gate is not None:
+                yield p + "mlp.shared_expert_gate.weight", mlp.shared_gate
         else:
             assert isinstance(mlp, DenseMLP)
             yield from _swiglu(p + "mlp.", mlp.w13, mlp.w2, c.intermediate_size)
@@ -61,8 +99,8 @@ def hf_tensors(model: Transformer) -> Iterator[tuple[str, Tensor]]:
 
 
 def _expert_index(name: str) -> int | None:
-    """The routed expert a tensor name belongs to (…mlp.experts.{e}.…), else None."""
-    _, sep, rest = name.partition(".mlp.experts.")
+    """The routed expert a tensor name belongs to (….experts.{e}.…), else None."""
+    _, sep, rest = name.partition(".experts.")
     index = rest.split(".", 1)[0]
     return int(index) if sep and index.isdigit() else None
 
@@ -119,7 +157,10 @@ def load_tensors(
                     f"tensor {name} has shape {tuple(tensor.shape)}, but {config_source} implies "
                     f"{tuple(target.shape)}"
                 )
-            target.copy_(tensor)
+            if target is model.vocab_ids:
+                model.set_vocab(tensor)  # also rebuilds the token -> row map
+            else:
+                target.copy_(tensor)
             used.add(name)
     if config.tie_word_embeddings:
         used.add("lm_head.weight")  # tied checkpoints may still carry it

@@ -51,8 +51,53 @@ class Attention(nn.Module):
             self.k_proj = _param(hkv * d, h, dtype=dtype, device=device)  # [Hkv*D, H]
             self.v_proj = _param(hkv * d, h, dtype=dtype, device=device)  # [Hkv*D, H]
         if c.use_qk_norm:
-            self.query_layernorm = _param(d, dtype=dtype, device=device, std=None)  # [D]
-            self.key_layernorm = _param(d, dtype=dtype, device=device, std=None)  # [D]
+            # [D] per head (Hunyuan after RoPE, Qwen3 before), or OLMoE's whole widths
+            whole = c.qk_norm_position == "whole"
+            self.query_layernorm = _param(hq * d if whole else d, dtype=dtype, device=device,
+                                          std=None)  # fmt: skip
+            self.key_layernorm = _param(hkv * d if whole else d, dtype=dtype, device=device,
+                                        std=None)  # fmt: skip
+        if c.qkv_bias:
+            self.q_bias = nn.Parameter(torch.zeros(hq * d, dtype=dtype, device=device))
+            if self.owns_kv:
+                self.k_bias = nn.Parameter(torch.zeros(hkv * d, dtype=dtype, device=device))
+                self.v_bias = nn.Parameter(torch.zeros(hkv * d, dtype=dtype, device=device))
+        if c.o_bias:
+            self.o_bias = nn.Parameter(torch.zeros(h, dtype=dtype, device=device))
+
+    def _project(
+        self, x: Tensor, reference_ops: bool
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """q [.., Hq*D], k and v [.., Hkv*D] (None without own K/V) with the family's biases,
+        pre-RoPE norms and clamp applied."""
+        c = self.c
+        linear = reference.linear if reference_ops else ops.linear
+        q = linear(x, self.q_proj)
+        k = linear(x, self.k_proj) if self.owns_kv else None
+        v = linear(x, self.v_proj) if self.owns_kv else None
+        if c.qkv_bias:
+            q = q + self.q_bias
+            if self.owns_kv:
+                k, v = k + self.k_bias, v + self.v_bias
+        if c.use_qk_norm and c.qk_norm_position != "after_rope":
+            norm = reference.hf_rms_norm if reference_ops else ops.rms_norm
+            whole = c.qk_norm_position == "whole"  # one RMS over all heads of a token
+
+            def normed(t: Tensor, weight: Tensor) -> Tensor:
+                if whole:
+                    return norm(t, weight, c.rms_norm_eps)
+                return norm(t.unflatten(-1, (-1, c.head_dim)), weight, c.rms_norm_eps).flatten(-2)
+
+            q = normed(q, self.query_layernorm)
+            k = normed(k, self.key_layernorm) if self.owns_kv else None
+        if c.clip_qkv is not None and self.owns_kv:
+            q, k, v = (t.clamp(-c.clip_qkv, c.clip_qkv) for t in (q, k, v))
+        return q, k, v
+
+    def _out(self, o: Tensor, reference_ops: bool) -> Tensor:
+        linear = reference.linear if reference_ops else ops.linear
+        out = linear(o, self.o_proj)
+        return out + self.o_bias if self.c.o_bias else out
 
     def forward(
         self, x: Tensor, cache: KVCache, positions: Tensor, kv_lens: Tensor, reference_ops: bool
@@ -60,24 +105,23 @@ class Attention(nn.Module):
         c = self.c
         batch, steps, _ = x.shape
         hq, hkv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        linear = reference.linear if reference_ops else ops.linear
-        q = linear(x, self.q_proj).view(batch * steps, hq, d)  # [B*S, Hq, D]
+        q, k, v = self._project(x, reference_ops)
+        q = q.reshape(batch * steps, hq, d)  # [B*S, Hq, D]
         if self.owns_kv:
-            k = linear(x, self.k_proj).view(batch * steps, hkv, d)  # [B*S, Hkv, D]
-            v = linear(x, self.v_proj).view(batch, steps, hkv, d)  # [B, S, Hkv, D]
+            k = k.reshape(batch * steps, hkv, d)  # [B*S, Hkv, D]
+            v = v.view(batch, steps, hkv, d)  # [B, S, Hkv, D]
         else:
             k = q[:, :0]  # no key of its own: the group's first layer cached it
         rope = reference.rope_qk_norm if reference_ops else ops.rope_qk_norm
-        weights = (self.query_layernorm, self.key_layernorm) if c.use_qk_norm else (None, None)
-        q, k_hat = rope(
-            q, k, positions.reshape(-1), c.rope_base, *weights, c.rms_norm_eps, c.use_qk_norm
-        )
+        after = c.use_qk_norm and c.qk_norm_position == "after_rope"
+        weights = (self.query_layernorm, self.key_layernorm) if after else (None, None)
+        q, k_hat = rope(q, k, positions.reshape(-1), c.rope_base, *weights, c.rms_norm_eps, after)
         if self.owns_kv:
             cache.write_at(self.layer, k_hat.view(batch, steps, hkv, d), v, positions)
         k_buf, v_buf = cache.buffers(self.layer)  # [B, C, Hkv, D]
         attend = reference.attention if reference_ops else ops.attention
         o = attend(q.view(batch, steps, hq, d), k_buf, v_buf, kv_lens)  # [B, S, Hq, D]
-        return linear(o.reshape(batch, steps, hq * d), self.o_proj)  # [B, S, H]
+        return self._out(o.reshape(batch, steps, hq * d), reference_ops)  # [B, S, H]
 
     def forward_train(self, x: Tensor, shared_kv: list) -> Tensor:
         """Whole sequences, differentiable (torch RoPE / norms and SDPA), Hunyuan's formulation:
@@ -86,16 +130,15 @@ class Attention(nn.Module):
         c = self.c
         batch, steps, _ = x.shape
         hq, hkv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        q = F.linear(x, self.q_proj).view(batch, steps, hq, d)
+        q, k, v = self._project(x, reference_ops=True)
+        q = q.view(batch, steps, hq, d)
         if self.owns_kv:
-            k = F.linear(x, self.k_proj).view(batch, steps, hkv, d)
-            v = F.linear(x, self.v_proj).view(batch, steps, hkv, d)
-            shared_kv[:] = [k, v]
+            shared_kv[:] = [k.view(batch, steps, hkv, d), v.view(batch, steps, hkv, d)]
         k, v = shared_kv
         positions = torch.arange(steps, device=x.device)
         q = reference.rope(q.reshape(-1, hq, d), positions.repeat(batch), c.rope_base)
         k = reference.rope(k.reshape(-1, hkv, d), positions.repeat(batch), c.rope_base)
-        if c.use_qk_norm:
+        if c.use_qk_norm and c.qk_norm_position == "after_rope":
             q = reference.rms_norm(q, self.query_layernorm, c.rms_norm_eps)
             k = reference.rms_norm(k, self.key_layernorm, c.rms_norm_eps)
         q = q.to(x.dtype).view(batch, steps, hq, d).transpose(1, 2)  # [B, Hq, S, D]
@@ -114,7 +157,7 @@ class MoE(nn.Module):
         e, h, i, shared = (
             c.num_experts,
             c.hidden_size,
-            c.intermediate_size,
+            c.expert_intermediate_size,
             c.shared_intermediate_size,
         )
         self.router = _param(e, h, dtype=torch.float32, device=device)  # [E, H], fp32 as in HF
@@ -122,6 +165,9 @@ class MoE(nn.Module):
         self.w2 = _param(e, h, i, dtype=dtype, device=device)  # [E, H, I]
         self.shared_w13 = _param(2 * shared, h, dtype=dtype, device=device) if shared else None
         self.shared_w2 = _param(h, shared, dtype=dtype, device=device) if shared else None
+        # Qwen2-MoE: the shared expert's output scaled by sigmoid(x · shared_gate) per token
+        gated = shared and c.shared_expert_gate
+        self.shared_gate = _param(1, h, dtype=dtype, device=device) if gated else None  # [1, H]
         # Expert parallelism (pearlmoe.distributed.shard_experts): w13/w2 hold experts
         # expert_offset.. of this rank only, and the layer exchanges token-slots with the others.
         self.expert_offset = 0
@@ -132,11 +178,21 @@ class MoE(nn.Module):
         if self.expert_parallel is not None:
             moe_ffn = self.expert_parallel.moe_ffn
         flat = x.reshape(-1, x.shape[-1])  # [B*S, H]
-        y = moe_ffn(
-            flat, self.router, self.w13, self.w2, self.c.moe_topk, self.shared_w13,
-            self.shared_w2, self.c.renormalize,
-        )  # fmt: skip
-        return y.view_as(x)
+        if self.shared_gate is None:
+            y = moe_ffn(
+                flat, self.router, self.w13, self.w2, self.c.moe_topk, self.shared_w13,
+                self.shared_w2, self.c.renormalize,
+            )  # fmt: skip
+            return y.view_as(x)
+        y = moe_ffn(flat, self.router, self.w13, self.w2, self.c.moe_topk, None, None,
+                    self.c.renormalize)  # fmt: skip
+        return (y + self._gated_shared(flat, reference_ops)).view_as(x)
+
+    def _gated_shared(self, flat: Tensor, reference_ops: bool) -> Tensor:
+        """Qwen2-MoE's shared expert: sigmoid(x · w_gate) · swiglu(x), [T, H]."""
+        linear = reference.linear if reference_ops else ops.linear
+        gate = torch.sigmoid(linear(flat, self.shared_gate))  # [T, 1]
+        return gate * swiglu(flat, self.shared_w13, self.shared_w2, reference_ops)
 
     def forward_train(self, x: Tensor, routing: dict) -> tuple[Tensor, Tensor]:
         """Training routing (capacity, recycle) through the differentiable op; returns the
@@ -147,14 +203,28 @@ class MoE(nn.Module):
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         dtype = dtype or self.w13.dtype
         flat = x.reshape(-1, x.shape[-1]).to(dtype)  # [B*S, H]
-        cast = [None if w is None else w.to(dtype)
-                for w in (self.w13, self.w2, self.shared_w13, self.shared_w2)]  # fmt: skip
+        gated = self.shared_gate is not None
+        weights = (self.w13, self.w2, self.shared_w13, self.shared_w2)
+        # a gated shared expert runs beside the op (its gate is not the op's business)
+        cast = [None if w is None or (gated and i > 1) else w.to(dtype)
+                for i, w in enumerate(weights)]  # fmt: skip
         with torch.autocast(device, enabled=False):
             y, stats = ops.moe_ffn(
                 flat, self.router, cast[0], cast[1], self.c.moe_topk, cast[2], cast[3],
                 self.c.renormalize, return_stats=True, **routing,
             )  # fmt: skip
-        return y.to(x.dtype).view_as(x), stats.load_balancing_loss()
+        y = y.to(x.dtype)
+        if gated:
+            y = y + self._gated_shared(x.reshape(-1, x.shape[-1]), reference_ops=True)
+        return y.view_as(x), stats.load_balancing_loss()
+
+
+def swiglu(x: Tensor, w13: Tensor, w2: Tensor, reference_ops: bool) -> Tensor:
+    """down(silu(gate(x)) * up(x)) with w13 = [gate_proj; up_proj]: [..., H]."""
+    if reference_ops:
+        return reference.swiglu_mlp(x.reshape(-1, x.shape[-1]), w13, w2).view_as(x)
+    gate, up = ops.linear(x, w13).chunk(2, dim=-1)  # [..., I] each
+    return ops.linear(F.silu(gate) * up, w2)  # [..., H]
 
 
 class DenseMLP(nn.Module):
@@ -165,11 +235,7 @@ class DenseMLP(nn.Module):
         self.w2 = _param(h, i, dtype=dtype, device=device)  # [H, I]
 
     def forward(self, x: Tensor, reference_ops: bool) -> Tensor:
-        if reference_ops:
-            return reference.swiglu_mlp(x.reshape(-1, x.shape[-1]), self.w13, self.w2).view_as(x)
-        h = ops.linear(x, self.w13)  # [..., 2I]
-        gate, up = h.chunk(2, dim=-1)
-        return ops.linear(F.silu(gate) * up, self.w2)  # [..., H]
+        return swiglu(x, self.w13, self.w2, reference_ops)
 
 
 class Block(nn.Module):
@@ -178,7 +244,7 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype, device)
         self.self_attn = Attention(c, layer, dtype, device)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype, device)
-        self.mlp = MoE(c, dtype, device) if c.is_moe else DenseMLP(c, dtype, device)
+        self.mlp = MoE(c, dtype, device) if c.is_moe_layer(layer) else DenseMLP(c, dtype, device)
 
     def forward(
         self, x: Tensor, cache: KVCache, positions: Tensor, kv_lens: Tensor, reference_ops: bool
@@ -194,7 +260,21 @@ class Transformer(nn.Module):
     ) -> None:
         super().__init__()
         c = self.config = config
-        self.embed_tokens = _param(c.vocab_size, c.hidden_size, dtype=dtype, device=device)
+        rows = c.vocab_size if c.trimmed_vocab_size is None else c.trimmed_vocab_size + 1
+        self.embed_tokens = _param(rows, c.hidden_size, dtype=dtype, device=device)  # [V|V'+1, H]
+        if c.trimmed_vocab_size is None:
+            self.vocab_ids = self.vocab_rows = None
+        else:
+            # vocab_ids[r]: the token of head row r; vocab_rows[t]: token t's embedding row
+            # (row V' for the tokens the draft does not score).
+            self.register_buffer(
+                "vocab_ids", torch.arange(c.trimmed_vocab_size, dtype=torch.int32, device=device)
+            )  # [V']
+            self.register_buffer(
+                "vocab_rows",
+                torch.arange(c.vocab_size, device=device).clamp_(max=c.trimmed_vocab_size),
+                persistent=False,
+            )  # [V]
         self.layers = nn.ModuleList(Block(c, i, dtype, device) for i in range(c.num_hidden_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype, device)
         self.lm_head = (
@@ -202,6 +282,42 @@ class Transformer(nn.Module):
             else _param(c.vocab_size, c.hidden_size, dtype=dtype, device=device)
         )  # fmt: skip
         self.expert_parallel = None  # set by pearlmoe.distributed.shard_experts
+
+    @torch.no_grad()
+    def set_vocab(self, vocab_ids: Tensor) -> None:
+        """A trimmed vocabulary's token ids [V'] (distinct, in [0, vocab_size)), head row order."""
+        c = self.config
+        ids = torch.as_tensor(vocab_ids).to(self.device, torch.int64)
+        kept = c.trimmed_vocab_size
+        if ids.shape != (kept,) or ids.min() < 0 or ids.max() >= c.vocab_size:
+            raise ValueError(
+                f"set_vocab: vocab_ids must be {kept} token ids in [0, {c.vocab_size}), got "
+                f"shape {tuple(ids.shape)}"
+            )
+        if ids.unique().numel() != kept:
+            raise ValueError("set_vocab: vocab_ids must be distinct")
+        self.vocab_ids.copy_(ids)
+        self.vocab_rows.fill_(kept)
+        self.vocab_rows[ids] = torch.arange(kept, device=self.device)
+
+    def _embed(self, input_ids: Tensor) -> Tensor:
+        rows = input_ids if self.vocab_rows is None else self.vocab_rows[input_ids]
+        return F.embedding(rows, self.embed_tokens)  # [B, S, H]
+
+    def _head(self) -> Tensor:
+        if self.lm_head is not None:
+            return self.lm_head
+        if self.vocab_ids is not None:
+            return self.embed_tokens[: self.config.trimmed_vocab_size]  # [V', H]
+        return self.embed_tokens
+
+    def full_vocab(self, logits: Tensor) -> Tensor:
+        """Trimmed-vocabulary logits [..., V'] placed in the whole vocabulary [..., V] (-inf for
+        the tokens not scored); other logits unchanged."""
+        if self.vocab_ids is None:
+            return logits
+        full = logits.new_full((*logits.shape[:-1], self.config.vocab_size), float("-inf"))
+        return full.index_copy_(-1, self.vocab_ids.long(), logits)
 
     @property
     def device(self) -> torch.device:
@@ -226,11 +342,13 @@ class Transformer(nn.Module):
         capacity_factor: float | None = None,
         recycle: bool = False,
         generator: torch.Generator | None = None,
+        full_vocab: bool = True,
     ) -> tuple[Tensor, Tensor]:
-        """Differentiable whole-sequence forward for training: logits [B, S, V] and the summed
-        load-balancing loss of the MoE layers (capacity and recycle routing as configured)."""
+        """Differentiable whole-sequence forward for training: logits [B, S, V] (a trimmed
+        vocabulary's [B, S, V'] when not full_vocab) and the summed load-balancing loss of the
+        MoE layers (capacity and recycle routing as configured)."""
         routing = dict(capacity_factor=capacity_factor, recycle=recycle, generator=generator)
-        x = F.embedding(input_ids, self.embed_tokens)  # [B, S, H]
+        x = self._embed(input_ids)  # [B, S, H]
         aux = x.new_zeros((), dtype=torch.float32)
         shared_kv: list = []
         for block in self.layers:
@@ -243,8 +361,8 @@ class Transformer(nn.Module):
             else:
                 y = block.mlp(h, reference_ops=True)
             x = x + y
-        head = self.embed_tokens if self.lm_head is None else self.lm_head
-        return F.linear(self.norm(x, reference_ops=True), head).float(), aux
+        logits = F.linear(self.norm(x, reference_ops=True), self._head()).float()
+        return (self.full_vocab(logits) if full_vocab else logits), aux
 
     def forward(
         self, input_ids: Tensor, cache: KVCache | None = None, reference_ops: bool = False
@@ -276,12 +394,12 @@ class Transformer(nn.Module):
             self.expert_parallel.announce(self.device)  # idle ranks of the group join this forward
         positions = cache.lens.long().unsqueeze(1) + torch.arange(steps, device=self.device)
         kv_lens = cache.lens + steps  # [B] int32: keys each sequence's last row sees
-        x = F.embedding(input_ids, self.embed_tokens)  # [B, S, H]
+        x = self._embed(input_ids)  # [B, S, H]
         for block in self.layers:
             x = block(x, cache, positions, kv_lens, reference_ops)
-        head = self.embed_tokens if self.lm_head is None else self.lm_head
         linear = reference.linear if reference_ops else ops.linear
-        return linear(self.norm(x, reference_ops), head).float()  # [B, S, V]
+        logits = linear(self.norm(x, reference_ops), self._head()).float()  # [B, S, V|V']
+        return self.full_vocab(logits)  # [B, S, V]
 
     @torch.no_grad()
     def forward_idle(self) -> None:
