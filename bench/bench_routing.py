@@ -1,7 +1,9 @@
-"""Routing ops (topk_softmax, moe_align) against eager PyTorch, in one run.
+"""Routing ops (topk_softmax, grouped_topk, moe_align) against eager PyTorch, in one run.
 
-Eager baselines: torch.softmax + torch.topk for routing, and the sort-based reference for the
-expert grouping. Prints a table and writes bench/out/routing-<device>.json (or $OUT).
+Eager baselines: torch.softmax + torch.topk for routing; HF's Glm4MoeTopkRouter selection written
+in torch (pearlmoe.reference.grouped_topk) for the sigmoid / grouped routing (GLM-4.5's 160
+experts top-8, and DeepSeek-V3's 256 in 8 groups of which 4 are kept); the sort-based reference
+for the expert grouping. Prints a table and writes bench/out/routing-<device>.json (or $OUT).
 
     python bench/bench_routing.py [--device cuda]
 """
@@ -17,8 +19,9 @@ from pearlmoe import reference
 SHAPES = [
     (16, 1),
     (64, 8),
+    (160, 8),
     (256, 8),
-]  # (experts, top-k): Hunyuan-Large, Mixtral-like, DeepSeek-like
+]  # (experts, top-k): Hunyuan-Large, OLMoE-like, GLM-4.5, DeepSeek-like
 TOKENS = [1, 8, 64, 512, 4096, 16384]
 
 
@@ -40,6 +43,11 @@ def main() -> None:
             eager_topk_ms = time_ms(lambda: torch.softmax(logits, -1).topk(k), device)  # noqa: B023
             align_ms = time_ms(lambda: pearlmoe.moe_align(ids, num_experts), device)  # noqa: B023
             eager_align_ms = time_ms(lambda: reference.moe_align(ids, num_experts), device)  # noqa: B023
+            bias = torch.randn(num_experts, device=device) * 0.1
+            groups = 8 if num_experts in (64, 256) else 1  # GLM-4.5 (160) routes ungrouped
+            grouped = (logits, bias, k, groups, max(1, groups // 2), True, 2.5)
+            grouped_ms = time_ms(lambda: pearlmoe.ops.grouped_topk(*grouped), device)  # noqa: B023
+            eager_grouped_ms = time_ms(lambda: reference.grouped_topk(*grouped), device)  # noqa: B023
             row = {
                 "E": num_experts,
                 "k": k,
@@ -47,6 +55,10 @@ def main() -> None:
                 "topk_us": topk_ms * 1e3,
                 "eager_topk_us": eager_topk_ms * 1e3,
                 "topk_speedup": eager_topk_ms / topk_ms,
+                "G": groups,
+                "grouped_us": grouped_ms * 1e3,
+                "eager_grouped_us": eager_grouped_ms * 1e3,
+                "grouped_speedup": eager_grouped_ms / grouped_ms,
                 "align_us": align_ms * 1e3,
                 "eager_align_us": eager_align_ms * 1e3,
                 "align_speedup": eager_align_ms / align_ms,
@@ -63,6 +75,10 @@ def main() -> None:
         ("topk_us", ".1f"),
         ("eager_topk_us", ".1f"),
         ("topk_speedup", ".2f"),
+        ("G", "d"),
+        ("grouped_us", ".1f"),
+        ("eager_grouped_us", ".1f"),
+        ("grouped_speedup", ".2f"),
         ("align_us", ".1f"),
         ("eager_align_us", ".1f"),
         ("align_speedup", ".2f"),

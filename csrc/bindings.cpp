@@ -27,6 +27,12 @@ TORCH_LIBRARY(pearlmoe, m) {
   m.def(
       "topk_softmax(Tensor router_logits, int k, bool renormalize=False) "
       "-> (Tensor weights, Tensor ids)");
+  // DeepSeek-V3 / GLM-4.5 routing: sigmoid scores, top-k by score + correction_bias among the
+  // topk_groups best expert groups; weights the unbiased scores (renormalised), times scaling.
+  m.def(
+      "grouped_topk(Tensor router_logits, Tensor? correction_bias, int k, int num_groups=1, "
+      "int topk_groups=1, bool renormalize=True, float scaling=1.0) "
+      "-> (Tensor weights, Tensor ids)");
   // Group the T*k token-slots by expert: a stable permutation, its inverse and per-expert row
   // offsets [E+1]; slots with id -1 are dropped to the tail.
   m.def(

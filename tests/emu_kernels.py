@@ -35,6 +35,28 @@ def topk_softmax(logits: torch.Tensor, k: int, renormalize: bool, **kw) -> Resul
     )
 
 
+def grouped_topk(logits, bias, k, groups, topk_groups, renormalize, scaling, **kw) -> Result:
+    """logits [T, E] f32 with unit column stride, bias [E] or None -> weights [T, k], ids [T, k]."""
+    tokens, experts = logits.shape
+    assert logits.dtype == torch.float32 and logits.stride(1) == 1
+    return emulation.run(
+        "grouped_topk",
+        dict(
+            row_stride=logits.stride(0),
+            tokens=tokens,
+            experts=experts,
+            k=k,
+            groups=groups,
+            topk_groups=topk_groups,
+            renormalize=renormalize,
+            scaling=scaling,
+        ),
+        dict(logits=logits, bias=None if bias is None else bias.contiguous()),
+        dict(weights=((tokens, k), torch.float32), ids=((tokens, k), torch.int32)),
+        **kw,
+    )
+
+
 def moe_align(topk_ids: torch.Tensor, num_experts: int, **kw) -> Result:
     """topk_ids [T, k] int32/int64 (contiguous, as the op passes them)."""
     n = topk_ids.numel()

@@ -26,7 +26,7 @@ EMU = ROOT / "tests" / "emu"
 CACHE = ROOT / "build" / "emu"
 CXX = os.environ.get("CXX", "g++")
 FLAGS = ["-std=c++20", "-O1", "-g0", "-w", "-U_FORTIFY_SOURCE", "-DPEARLMOE_EMULATE", "-x", "c++"]
-DRIVERS = ["topk_softmax", "moe_align", "grouped_gemm", "moe_elementwise", "rope_norm",
+DRIVERS = ["topk_softmax", "grouped_topk", "moe_align", "grouped_gemm", "moe_elementwise", "rope_norm",
            "attention", "spec_verify", "kv_cache_write", "rms_norm"]  # fmt: skip
 
 

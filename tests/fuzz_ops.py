@@ -242,6 +242,79 @@ def build_topk(spec):
     return Case("topk_softmax", _ops.topk_softmax.default, args, invalid, structural, check, fake)
 
 
+# ---- grouped_topk --------------------------------------------------------------------------------
+
+GROUPED_MUTATIONS = ["rank1", "float64", "k0", "k>E", "groups0", "groups33", "groups-split",
+                     "topk-groups0", "topk-groups>G", "bias-dtype", "bias-len", "bias-rank"]  # fmt: skip
+GROUPED = _spec(
+    "grouped_topk",
+    GROUPED_MUTATIONS,
+    tokens=st.sampled_from([0, 1, 2, 7, 31, 4099]),
+    groups=st.sampled_from([1, 1, 2, 3, 4, 8]),
+    per_group=st.sampled_from([2, 3, 5, 16, 32]),
+    k=st.integers(1, 9),
+    topk_groups=st.integers(1, 8),
+    renormalize=st.booleans(),
+    scaling=st.sampled_from([1.0, 2.5]),
+    bias=st.sampled_from(["none", "small", "negative"]),
+    special=st.sampled_from(["none", "nan", "inf", "-inf", "ties"]),
+    layout=st.sampled_from(VIEWS),
+)
+
+
+def build_grouped(spec):
+    groups, m = spec["groups"], spec["mutation"]
+    experts = groups * spec["per_group"]
+    k, topk_groups = min(spec["k"], experts), min(spec["topk_groups"], groups)
+    g = _gen(spec)
+    logits = torch.randn(spec["tokens"], experts, generator=g) * 3
+    if spec["special"] == "ties":
+        logits = logits.round()
+    elif spec["special"] != "none" and logits.numel():
+        logits.view(-1)[torch.randint(0, logits.numel(), (3,), generator=g)] = float(
+            spec["special"]
+        )
+    logits = view(logits, spec["layout"])
+    bias = None
+    if spec["bias"] != "none":  # "negative": the masked groups' 0.0 keys outrank the kept ones
+        bias = torch.randn(experts, generator=g) * 0.1 - (2.0 if spec["bias"] == "negative" else 0)
+    invalid = None
+    if m == "rank1":
+        logits, invalid = logits.reshape(-1), "router_logits"
+    elif m == "float64":
+        logits, invalid = logits.double(), "router_logits"
+    elif m == "k0":
+        k, invalid = 0, "k"
+    elif m == "k>E":
+        k, invalid = experts + 1, "k"
+    elif m == "groups0":
+        groups, invalid = 0, "num_groups"
+    elif m == "groups33":
+        groups, invalid = 33, "num_groups"
+    elif m == "groups-split" and experts % (groups + 1):
+        groups, invalid = groups + 1, "num_groups"
+    elif m == "topk-groups0":
+        topk_groups, invalid = 0, "topk_groups"
+    elif m == "topk-groups>G":
+        topk_groups, invalid = groups + 1, "topk_groups"
+    elif m == "bias-dtype":
+        bias, invalid = torch.zeros(experts, dtype=torch.float64), "correction_bias"
+    elif m == "bias-len":
+        bias, invalid = torch.zeros(experts + 1), "correction_bias"
+    elif m == "bias-rank":
+        bias, invalid = torch.zeros(1, experts), "correction_bias"
+    args = (logits, bias, k, groups, topk_groups, spec["renormalize"], spec["scaling"])
+
+    def check(out):
+        w, ids = out
+        want_w, want_ids = reference.grouped_topk(*args)
+        assert torch.equal(ids, want_ids), "ids differ from the reference"
+        torch.testing.assert_close(w, want_w, rtol=1e-5, atol=1e-7, equal_nan=True)
+
+    op = _ops.grouped_topk.default
+    return Case("grouped_topk", op, args, invalid, True, check, op)
+
+
 # ---- moe_align -----------------------------------------------------------------------------------
 
 ALIGN_MUTATIONS = ["rank1", "float", "experts0", "experts8193", "id<-1", "id>=E"]
@@ -1081,6 +1154,7 @@ def build_cache(spec):
 
 
 BUILDERS = {
+    "grouped_topk": build_grouped,
     "topk_softmax": build_topk,
     "moe_align": build_align,
     "grouped_gemm": build_gemm,
@@ -1095,6 +1169,7 @@ BUILDERS = {
 }
 STRATEGIES = {
     "topk_softmax": TOPK,
+    "grouped_topk": GROUPED,
     "moe_align": ALIGN,
     "grouped_gemm": GEMM,
     "moe": MOE,

@@ -30,6 +30,35 @@ def test_topk_softmax(experts, k, seed):
         )
 
 
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize(
+    ("experts", "k", "groups", "topk_groups"),
+    [
+        (1, 1, 1, 1),
+        (6, 6, 3, 1),
+        (16, 3, 4, 2),
+        (160, 8, 1, 1),
+        (256, 8, 8, 4),
+        (66, 5, 33 // 3, 3),
+    ],
+)
+def test_grouped_topk(experts, k, groups, topk_groups, seed):
+    g = torch.Generator().manual_seed(experts * 100 + k)
+    tokens = 9
+    wide = torch.randint(-3, 4, (tokens, experts + 5), generator=g).float() * 0.5  # many ties
+    logits = wide[:, 2 : 2 + experts]  # a strided view
+    logits[4, experts // 2] = float("nan")
+    bias = torch.randn(experts, generator=g) * 0.1 - 1.0  # negative: masked 0.0 keys win some
+    for b, renormalize, scaling in ((None, True, 1.0), (bias, False, 2.5), (bias, True, 1.0)):
+        args = (logits, b, k, groups, topk_groups, renormalize, scaling)
+        r = emu_kernels.grouped_topk(*args, seed=seed).check()
+        want_w, want_ids = reference.grouped_topk(*args)
+        assert torch.equal(r.outputs["ids"], want_ids)
+        torch.testing.assert_close(
+            r.outputs["weights"], want_w, rtol=2e-6, atol=1e-7, equal_nan=True
+        )
+
+
 def test_topk_softmax_no_tokens():
     r = emu_kernels.topk_softmax(torch.empty(0, 5), 2, False).check()
     assert r.launches == []  # nothing to do: no launch (an empty grid would be an error)

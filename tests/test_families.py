@@ -60,6 +60,23 @@ FAMILIES = {
         attention_bias=True,
         clip_qkv=1.5,
     ),
+    "glm4_moe": dict(
+        num_hidden_layers=3,
+        intermediate_size=56,
+        n_routed_experts=8,
+        num_experts_per_tok=3,
+        moe_intermediate_size=20,
+        n_shared_experts=1,
+        routed_scaling_factor=2.5,
+        n_group=4,
+        topk_group=2,
+        first_k_dense_replace=1,
+        norm_topk_prob=True,
+        use_qk_norm=True,
+        attention_bias=True,
+        partial_rotary_factor=0.5,
+        head_dim=16,
+    ),
     "qwen2": dict(num_hidden_layers=2, intermediate_size=48, tie_word_embeddings=True),
     "qwen3": dict(num_hidden_layers=2, intermediate_size=48, head_dim=16, attention_bias=True),
 }
@@ -82,6 +99,9 @@ def hf_model(family: str, seed: int = 0, **overrides):
                 p.normal_(0, 0.3)
             else:
                 p.normal_(0, 1.5 * p.shape[-1] ** -0.5)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # GLM: steers the choice of experts
+                b.normal_(0, 0.2)
     return model
 
 
@@ -135,7 +155,7 @@ def test_parameter_count_matches_transformers(pair):
     assert estimate(model.config).total_params == sum(p.numel() for p in hf.parameters())
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "glm4_moe"])
 def test_speculative_and_pearl_equal_autoregressive(family, tmp_path):
     dense = "qwen2" if family == "qwen2_moe" else "qwen3"
     for name, kind in (("target", family), ("draft", dense)):
@@ -146,6 +166,25 @@ def test_speculative_and_pearl_equal_autoregressive(family, tmp_path):
     for loop in (speculative_generate, pearl_generate):
         got, _ = loop(target, draft, PROMPTS, 16, gamma=3)
         assert got == want, loop.__name__
+
+
+def test_glm_multi_token_prediction_layer_is_skipped(tmp_path):
+    """GLM-4.5 checkpoints hold an extra next-token-prediction layer after the last one; like
+    transformers, pearlmoe loads around it."""
+    from safetensors.torch import load_file, save_file
+
+    hf = hf_model("glm4_moe")
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    extra = {
+        k.replace("layers.2.", "layers.3."): v.clone() for k, v in tensors.items() if ".2." in k
+    }
+    save_file({**tensors, **extra}, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    model = from_pretrained(tmp_path, dtype=torch.float32)
+    ids = torch.tensor([PROMPTS[0]])
+    with torch.no_grad():
+        want = hf(ids).logits
+    assert (model(ids) - want).abs().max() <= 1e-4 * want.abs().max()
 
 
 def test_config_round_trip_keeps_unknown_fields():

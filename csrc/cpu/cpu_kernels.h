@@ -11,6 +11,9 @@ namespace pearlmoe::cpu {
 // logits [T, E] f32 contiguous -> weights [T, k] f32, ids [T, k] int32
 void topk_softmax(const at::Tensor& logits, int64_t k, bool renormalize, at::Tensor& weights,
                   at::Tensor& ids);
+void grouped_topk(const at::Tensor& logits, const float* bias, int64_t k, int64_t num_groups,
+                  int64_t topk_groups, bool renormalize, double scaling, at::Tensor& weights,
+                  at::Tensor& ids);
 
 // topk_ids [T, k] int32|int64 contiguous -> sorted_slots [N], slot_to_row [N], offsets [E+1]
 // Returns the first slot holding an id outside {-1} U [0, E), or -1.

@@ -1,5 +1,7 @@
 #include <ATen/Parallel.h>
 
+#include <vector>
+
 #include "../kernels/routing/routing_cpu.h"
 #include "cpu_kernels.h"
 #include "parallel.h"
@@ -18,6 +20,25 @@ void topk_softmax(const at::Tensor& logits, int64_t k, bool renormalize, at::Ten
     for (int64_t t = begin; t < end; ++t) {
       routing::topk_softmax_row(x + t * num_experts, num_experts, static_cast<int>(k), renormalize,
                                 w + t * k, out_ids + t * k);
+    }
+  });
+}
+
+void grouped_topk(const at::Tensor& logits, const float* bias, int64_t k, int64_t num_groups,
+                  int64_t topk_groups, bool renormalize, double scaling, at::Tensor& weights,
+                  at::Tensor& ids) {
+  const int64_t num_tokens = logits.size(0);
+  const int num_experts = static_cast<int>(logits.size(1));
+  const float* x = logits.const_data_ptr<float>();
+  float* w = weights.mutable_data_ptr<float>();
+  int32_t* out_ids = ids.mutable_data_ptr<int32_t>();
+  cpu::parallel_for(0, num_tokens, 1024, [&](int64_t begin, int64_t end) {
+    std::vector<float> keys(num_experts);
+    for (int64_t t = begin; t < end; ++t) {
+      routing::grouped_topk_row(x + t * num_experts, bias, num_experts, static_cast<int>(k),
+                                static_cast<int>(num_groups), static_cast<int>(topk_groups),
+                                renormalize, static_cast<float>(scaling), keys.data(), w + t * k,
+                                out_ids + t * k);
     }
   });
 }

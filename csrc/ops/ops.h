@@ -17,6 +17,13 @@ std::tuple<at::Tensor, at::Tensor> topk_softmax_cpu(const at::Tensor& router_log
 std::tuple<at::Tensor, at::Tensor> topk_softmax_cuda(const at::Tensor& router_logits, int64_t k,
                                                      bool renormalize);
 
+std::tuple<at::Tensor, at::Tensor> grouped_topk_cpu(
+    const at::Tensor& router_logits, const std::optional<at::Tensor>& correction_bias, int64_t k,
+    int64_t num_groups, int64_t topk_groups, bool renormalize, double scaling);
+std::tuple<at::Tensor, at::Tensor> grouped_topk_cuda(
+    const at::Tensor& router_logits, const std::optional<at::Tensor>& correction_bias, int64_t k,
+    int64_t num_groups, int64_t topk_groups, bool renormalize, double scaling);
+
 // Every id must be -1 (dropped) or in [0, num_experts); the error names the first bad slot.
 // On CUDA this costs one host sync and is skipped while a CUDA graph is being captured.
 void check_expert_ids(const at::Tensor& topk_ids, int64_t num_experts, const char* op);

@@ -23,6 +23,7 @@ namespace {
 using at::Tensor;
 constexpr const char* kTopk = "topk_softmax";
 constexpr const char* kAlign = "moe_align";
+constexpr const char* kGrouped = "grouped_topk";
 
 // ---- topk_softmax ------------------------------------------------------------------------------
 
@@ -52,6 +53,56 @@ std::tuple<Tensor, Tensor> topk_softmax_cpu(const Tensor& router_logits, int64_t
   const Tensor logits = router_logits.contiguous();  // [T, E]
   auto [weights, ids] = alloc_topk_outputs(logits, k);
   cpu::topk_softmax(logits, k, renormalize, weights, ids);
+  return {weights, ids};
+}
+
+// ---- grouped_topk ------------------------------------------------------------------------------
+
+namespace {
+
+// Checks the arguments; returns the bias as a contiguous fp32 tensor on the logits' device (or
+// undefined when there is none).
+Tensor check_grouped_topk(const Tensor& logits, const std::optional<Tensor>& bias, int64_t k,
+                          int64_t num_groups, int64_t topk_groups) {
+  check_dim(logits, 2, kGrouped, "router_logits");
+  check_dtype(logits, at::kFloat, kGrouped, "router_logits");
+  const int64_t num_experts = logits.size(1);
+  PM_CHECK(num_experts >= 1 && num_experts <= INT_MAX, kGrouped,
+           "router_logits must have between 1 and INT_MAX expert columns, got shape ",
+           logits.sizes());
+  PM_CHECK(k >= 1 && k <= num_experts, kGrouped, "k must be in [1, num_experts=", num_experts,
+           "], got ", k);
+  PM_CHECK(num_groups >= 1 && num_groups <= routing::kGroupedTopkMaxGroups, kGrouped,
+           "num_groups must be in [1, ", routing::kGroupedTopkMaxGroups, "], got ", num_groups);
+  PM_CHECK(num_experts % num_groups == 0, kGrouped, "num_groups=", num_groups, " must divide the ",
+           num_experts, " experts");
+  PM_CHECK(num_groups == 1 || num_experts / num_groups >= 2, kGrouped,
+           "groups must hold at least 2 experts (a group's score sums its best two), got ",
+           num_experts / num_groups);
+  PM_CHECK(topk_groups >= 1 && topk_groups <= num_groups, kGrouped,
+           "topk_groups must be in [1, num_groups=", num_groups, "], got ", topk_groups);
+  if (!bias.has_value()) return Tensor();
+  check_dtype(*bias, at::kFloat, kGrouped, "correction_bias");
+  check_dim(*bias, 1, kGrouped, "correction_bias");
+  PM_CHECK(bias->size(0) == num_experts, kGrouped,
+           "correction_bias must have num_experts=", num_experts, " entries, got ", bias->size(0));
+  check_device(*bias, logits.device().type(), kGrouped, "correction_bias");
+  return bias->contiguous();
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor> grouped_topk_cpu(const Tensor& router_logits,
+                                            const std::optional<Tensor>& correction_bias, int64_t k,
+                                            int64_t num_groups, int64_t topk_groups,
+                                            bool renormalize, double scaling) {
+  check_device(router_logits, c10::kCPU, kGrouped, "router_logits");
+  const Tensor bias =
+      check_grouped_topk(router_logits, correction_bias, k, num_groups, topk_groups);
+  const Tensor logits = router_logits.contiguous();  // [T, E]
+  auto [weights, ids] = alloc_topk_outputs(logits, k);
+  cpu::grouped_topk(logits, bias.defined() ? bias.const_data_ptr<float>() : nullptr, k, num_groups,
+                    topk_groups, renormalize, scaling, weights, ids);
   return {weights, ids};
 }
 
@@ -145,6 +196,30 @@ std::tuple<Tensor, Tensor> topk_softmax_cuda(const Tensor& router_logits, int64_
   return {weights, ids};
 }
 
+std::tuple<Tensor, Tensor> grouped_topk_cuda(const Tensor& router_logits,
+                                             const std::optional<Tensor>& correction_bias,
+                                             int64_t k, int64_t num_groups, int64_t topk_groups,
+                                             bool renormalize, double scaling) {
+  check_device(router_logits, c10::kCUDA, kGrouped, "router_logits");
+  const Tensor bias =
+      check_grouped_topk(router_logits, correction_bias, k, num_groups, topk_groups);
+  PM_CHECK(!bias.defined() || bias.device() == router_logits.device(), kGrouped,
+           "correction_bias must be on router_logits' device ", router_logits.device(), ", got ",
+           bias.defined() ? bias.device() : router_logits.device());
+  const c10::cuda::CUDAGuard guard(router_logits.device());
+  const Tensor logits = router_logits.contiguous();  // [T, E]
+  auto [weights, ids] = alloc_topk_outputs(logits, k);
+  check_launch(routing::grouped_topk_cuda(
+                   logits.const_data_ptr<float>(), logits.size(1),
+                   bias.defined() ? bias.const_data_ptr<float>() : nullptr, logits.size(0),
+                   static_cast<int>(logits.size(1)), static_cast<int>(k),
+                   static_cast<int>(num_groups), static_cast<int>(topk_groups), renormalize,
+                   static_cast<float>(scaling), weights.mutable_data_ptr<float>(),
+                   ids.mutable_data_ptr<int32_t>(), c10::cuda::getCurrentCUDAStream().stream()),
+               kGrouped);
+  return {weights, ids};
+}
+
 std::tuple<Tensor, Tensor, Tensor> moe_align_cuda(const Tensor& topk_ids_in, int64_t num_experts) {
   check_device(topk_ids_in, c10::kCUDA, kAlign, "topk_ids");
   check_moe_align(topk_ids_in, num_experts);
@@ -171,6 +246,10 @@ std::tuple<Tensor, Tensor, Tensor> moe_align_cuda(const Tensor& topk_ids_in, int
 #else  // !PEARLMOE_WITH_CUDA: a clear error instead of the dispatcher's "no kernel for CUDA".
 
 std::tuple<Tensor, Tensor> topk_softmax_cuda(const Tensor&, int64_t, bool) { fail_no_cuda(kTopk); }
+std::tuple<Tensor, Tensor> grouped_topk_cuda(const Tensor&, const std::optional<Tensor>&, int64_t,
+                                             int64_t, int64_t, bool, double) {
+  fail_no_cuda(kGrouped);
+}
 
 namespace {
 std::tuple<Tensor, Tensor, Tensor> moe_align_cuda(const Tensor&, int64_t) { fail_no_cuda(kAlign); }
@@ -180,11 +259,13 @@ std::tuple<Tensor, Tensor, Tensor> moe_align_cuda(const Tensor&, int64_t) { fail
 
 TORCH_LIBRARY_IMPL(pearlmoe, CPU, m) {
   m.impl("topk_softmax", &topk_softmax_cpu);
+  m.impl("grouped_topk", &grouped_topk_cpu);
   m.impl("moe_align", &moe_align_cpu);
 }
 
 TORCH_LIBRARY_IMPL(pearlmoe, CUDA, m) {
   m.impl("topk_softmax", &topk_softmax_cuda);
+  m.impl("grouped_topk", &grouped_topk_cuda);
   m.impl("moe_align", &moe_align_cuda);
 }
 

@@ -398,7 +398,8 @@ def cmd_info(args) -> int:
 CONFIGS = Path(__file__).resolve().parent / "configs"
 BUILTIN = {"hunyuan-large": "hunyuan-large-instruct", "hunyuan-large-instruct": None,
            "hunyuan-large-pretrain": None, "mixtral-8x7b": None, "qwen1.5-moe-a2.7b": None,
-           "qwen3-30b-a3b": None, "qwen3-235b-a22b": None, "olmoe-1b-7b": None}  # fmt: skip
+           "qwen3-30b-a3b": None, "qwen3-235b-a22b": None, "olmoe-1b-7b": None,
+           "glm-4.5": None, "glm-4.5-air": None}  # fmt: skip
 WEIGHT_BYTES = {"bf16": 2, "fp16": 2, "fp8": 1, "int4": 0.5}
 
 

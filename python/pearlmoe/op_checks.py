@@ -14,6 +14,7 @@ from torch import Tensor
 
 _INT_MAX = 2**31 - 1
 _MAX_EXPERTS = 8192  # routing::kMoeAlignMaxExperts
+_MAX_GROUPS = 32  # routing::kGroupedTopkMaxGroups
 _CUDA_DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -80,6 +81,54 @@ def topk_softmax(router_logits: Tensor, k: int) -> None:
         f"router_logits must have at least 1 expert column, got shape {list(router_logits.shape)}",
     )
     _check(op, k >= 1 and k <= experts, f"k must be in [1, num_experts={experts}], got {k}")
+
+
+def grouped_topk(
+    router_logits: Tensor, correction_bias: Tensor | None, k: int, num_groups: int, topk_groups: int
+) -> None:
+    op = "grouped_topk"
+    _dim(op, router_logits, 2, "router_logits")
+    _check(
+        op,
+        router_logits.dtype == torch.float32,
+        f"router_logits must be Float, got {_name(router_logits.dtype)}",
+    )
+    experts = router_logits.shape[1]
+    _check(
+        op,
+        experts >= 1,
+        f"router_logits must have between 1 and INT_MAX expert columns, got shape "
+        f"{list(router_logits.shape)}",
+    )
+    _check(op, 1 <= k <= experts, f"k must be in [1, num_experts={experts}], got {k}")
+    _check(
+        op,
+        1 <= num_groups <= _MAX_GROUPS,
+        f"num_groups must be in [1, {_MAX_GROUPS}], got {num_groups}",
+    )
+    _check(op, experts % num_groups == 0,
+           f"num_groups={num_groups} must divide the {experts} experts")  # fmt: skip
+    _check(
+        op,
+        num_groups == 1 or experts // num_groups >= 2,
+        "groups must hold at least 2 experts (a group's score sums its best two), got "
+        f"{experts // num_groups}",
+    )
+    _check(op, 1 <= topk_groups <= num_groups,
+           f"topk_groups must be in [1, num_groups={num_groups}], got {topk_groups}")  # fmt: skip
+    if correction_bias is None:
+        return
+    _check(
+        op,
+        correction_bias.dtype == torch.float32,
+        f"correction_bias must be Float, got {_name(correction_bias.dtype)}",
+    )
+    _dim(op, correction_bias, 1, "correction_bias")
+    _check(
+        op,
+        correction_bias.shape[0] == experts,
+        f"correction_bias must have num_experts={experts} entries, got {correction_bias.shape[0]}",
+    )
 
 
 def moe_align(topk_ids: Tensor, num_experts: int) -> None:

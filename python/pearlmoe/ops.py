@@ -43,6 +43,34 @@ def topk_softmax(router_logits: Tensor, k: int, renormalize: bool = False) -> tu
     return _ops.topk_softmax.default(router_logits, k, renormalize)
 
 
+def grouped_topk(
+    router_logits: Tensor,
+    correction_bias: Tensor | None,
+    k: int,
+    num_groups: int = 1,
+    topk_groups: int = 1,
+    renormalize: bool = True,
+    scaling: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """DeepSeek-V3 / GLM-4.5 routing: sigmoid scores, experts chosen by score + correction_bias
+    (the bias steers the choice only), within the ``topk_groups`` of ``num_groups`` contiguous
+    expert groups whose two best keys sum highest (experts of the other groups get key 0, as HF
+    masks them). ``weights`` are the chosen experts' unbiased scores, divided by their sum
+    (+1e-20) when ``renormalize``, times ``scaling`` (routed_scaling_factor). Ties go to the lower
+    index; NaN ranks lowest.
+
+    Shape:
+        router_logits: [T, E] float32, correction_bias: [E] float32 or None
+        returns weights [T, k] float32, ids [T, k] int32, in rank order
+
+    >>> w, ids = grouped_topk(torch.tensor([[0.0, 2.0, 1.0, -1.0]]), None, k=2)
+    >>> ids.tolist()
+    [[1, 2]]
+    """
+    return _ops.grouped_topk.default(router_logits, correction_bias, k, num_groups, topk_groups,
+                                     renormalize, scaling)  # fmt: skip
+
+
 def moe_align(topk_ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
     """Group the N = T*k token-slots by expert (a stable counting sort).
 
@@ -63,6 +91,16 @@ def moe_align(topk_ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tenso
 @torch.library.register_fake("pearlmoe::topk_softmax")
 def _topk_softmax_fake(router_logits: Tensor, k: int, renormalize: bool = False):
     op_checks.topk_softmax(router_logits, k)
+    num_tokens = router_logits.shape[0]
+    weights = router_logits.new_empty(num_tokens, k)  # [T, k]
+    ids = router_logits.new_empty(num_tokens, k, dtype=torch.int32)  # [T, k]
+    return weights, ids
+
+
+@torch.library.register_fake("pearlmoe::grouped_topk")
+def _grouped_topk_fake(router_logits, correction_bias, k, num_groups=1, topk_groups=1,
+                       renormalize=True, scaling=1.0):  # fmt: skip
+    op_checks.grouped_topk(router_logits, correction_bias, k, num_groups, topk_groups)
     num_tokens = router_logits.shape[0]
     weights = router_logits.new_empty(num_tokens, k)  # [T, k]
     ids = router_logits.new_empty(num_tokens, k, dtype=torch.int32)  # [T, k]

@@ -22,6 +22,36 @@ def topk_softmax(router_logits: Tensor, k: int, renormalize: bool = False) -> tu
     return weights, ids.to(torch.int32)
 
 
+def grouped_topk(
+    router_logits: Tensor,
+    correction_bias: Tensor | None,
+    k: int,
+    num_groups: int = 1,
+    topk_groups: int = 1,
+    renormalize: bool = True,
+    scaling: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """HF's Glm4MoeTopkRouter / DeepSeek-V3 in plain torch: sigmoid scores, experts ranked by
+    score + bias (NaN as -inf, ties to the lower index); with groups, only the topk_groups groups
+    whose two best keys sum highest stay in play and the rest get key 0.0; weights the unbiased
+    scores, / (sum + 1e-20) on request, times scaling."""
+    scores = router_logits.sigmoid()  # [T, E]
+    key = scores if correction_bias is None else scores + correction_bias
+    key = torch.where(key.isnan(), float("-inf"), key)  # [T, E]
+    if num_groups > 1:
+        tokens, experts = key.shape
+        grouped = key.view(tokens, num_groups, experts // num_groups)  # [T, G, E/G]
+        group_key = grouped.topk(2, dim=-1).values.sum(-1)  # [T, G]
+        kept = torch.sort(group_key, dim=-1, descending=True, stable=True).indices[:, :topk_groups]
+        mask = torch.zeros_like(group_key, dtype=torch.bool).scatter_(1, kept, True)  # [T, G]
+        key = torch.where(mask.repeat_interleave(experts // num_groups, dim=1), key, 0.0)
+    ids = torch.sort(key, dim=-1, descending=True, stable=True).indices[:, :k]  # [T, k]
+    weights = scores.gather(1, ids)  # [T, k]
+    if renormalize:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return weights * scaling, ids.to(torch.int32)
+
+
 def moe_align(topk_ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
     """Stable sort of the flattened slots by expert; -1 (dropped) sorts after every expert."""
     flat = topk_ids.reshape(-1).long()  # [N]

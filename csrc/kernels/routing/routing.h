@@ -17,6 +17,16 @@ cudaError_t topk_softmax_cuda(const float* router_logits, int64_t row_stride, in
                               int num_experts, int k, bool renormalize, float* weights,
                               int32_t* ids, cudaStream_t stream);
 
+// DeepSeek-V3 / GLM-4.5 routing, the semantics of routing::grouped_topk_row (routing_cpu.h):
+// router_logits [T, E] f32 (rows `row_stride` floats apart), correction_bias [E] f32 or null
+//   -> weights [T, k] f32, ids [T, k] int32. Needs 1 <= k <= E, E % num_groups == 0,
+// 1 <= topk_groups <= num_groups <= kGroupedTopkMaxGroups and groups of >= 2 experts when
+// num_groups > 1.
+cudaError_t grouped_topk_cuda(const float* router_logits, int64_t row_stride,
+                              const float* correction_bias, int64_t num_tokens, int num_experts,
+                              int k, int num_groups, int topk_groups, bool renormalize,
+                              float scaling, float* weights, int32_t* ids, cudaStream_t stream);
+
 // Scratch bytes moe_align_cuda needs for `num_slots` slots and `num_experts` experts.
 size_t moe_align_workspace_bytes(int64_t num_slots, int num_experts);
 

@@ -22,6 +22,11 @@ PM_HD bool ranks_before(float key_a, int a, float key_b, int b) {
   return key_a > key_b || (key_a == key_b && a < b);
 }
 
+// grouped_topk (DeepSeek-V3 / GLM-4.5 routing): at most this many expert groups (a bit mask).
+constexpr int kGroupedTopkMaxGroups = 32;
+
+PM_HD float sigmoid(float x) { return 1.f / (1.f + expf(-x)); }
+
 // moe_align buckets: experts 0..E-1, then one tail bucket E for dropped slots (id -1, or any
 // out-of-range id when the launcher could not check them, e.g. under CUDA-graph capture).
 PM_HD int bucket_of(int64_t id, int num_experts) {

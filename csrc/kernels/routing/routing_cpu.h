@@ -45,6 +45,71 @@ inline void topk_softmax_row(const float* logits, int num_experts, int k, bool r
   }
 }
 
+// DeepSeek-V3 / GLM-4.5 routing of one row: sigmoid scores; experts are ranked by score + bias
+// (the correction bias steers the selection only); with num_groups > 1 only the topk_groups groups
+// whose two best keys sum highest stay in play, and the experts of the other groups get key 0 (as
+// HF masks them: still eligible behind negative keys); then the top k keys. The weights are the
+// unbiased scores, divided by their sum + 1e-20 on request, times scaling.
+//   logits [E] f32, bias [E] f32 or null -> weights [k] f32, ids [k] int32 (rank order)
+// `keys` is scratch of E floats.
+inline void grouped_topk_row(const float* logits, const float* bias, int num_experts, int k,
+                             int num_groups, int topk_groups, bool renormalize, float scaling,
+                             float* keys, float* weights, int32_t* ids) {
+  for (int e = 0; e < num_experts; ++e) {
+    keys[e] = selection_key(sigmoid(logits[e]) + (bias ? bias[e] : 0.f));
+  }
+  if (num_groups > 1) {
+    const int size = num_experts / num_groups;
+    float group_key[kGroupedTopkMaxGroups];
+    for (int g = 0; g < num_groups; ++g) {
+      float best = -INFINITY, second = -INFINITY;
+      for (int e = g * size; e < (g + 1) * size; ++e) {
+        if (keys[e] > best) {
+          second = best;
+          best = keys[e];
+        } else if (keys[e] > second) {
+          second = keys[e];
+        }
+      }
+      group_key[g] = best + second;
+    }
+    uint32_t kept = 0;
+    for (int r = 0; r < topk_groups; ++r) {
+      int pick = -1;
+      for (int g = 0; g < num_groups; ++g) {
+        if ((kept >> g) & 1u) continue;
+        if (pick < 0 || ranks_before(group_key[g], g, group_key[pick], pick)) pick = g;
+      }
+      kept |= 1u << pick;
+    }
+    for (int e = 0; e < num_experts; ++e) {
+      if (!((kept >> (e / size)) & 1u)) keys[e] = 0.f;
+    }
+  }
+  int held = 0;  // the best k so far, in rank order, keys parked in `weights`
+  for (int e = 0; e < num_experts; ++e) {
+    const float key = keys[e];
+    if (held == k && !ranks_before(key, e, weights[k - 1], ids[k - 1])) continue;
+    int pos = held < k ? held++ : k - 1;
+    while (pos > 0 && ranks_before(key, e, weights[pos - 1], ids[pos - 1])) {
+      weights[pos] = weights[pos - 1];
+      ids[pos] = ids[pos - 1];
+      --pos;
+    }
+    weights[pos] = key;
+    ids[pos] = e;
+  }
+  float sum = 0.f;
+  for (int r = 0; r < k; ++r) {
+    weights[r] = sigmoid(logits[ids[r]]);
+    sum += weights[r];
+  }
+  for (int r = 0; r < k; ++r) {
+    if (renormalize) weights[r] /= sum + 1e-20f;  // HF's order: divide, then scale
+    weights[r] *= scaling;
+  }
+}
+
 // Stable counting sort of N = T*k token-slots by expert.
 //   topk_ids [N] -> sorted_slots [N]: row j of the expert-grouped order holds slot sorted_slots[j]
 //                   slot_to_row [N]: the inverse permutation

@@ -45,6 +45,8 @@ _MOE_NAMES = {
 }
 _MOE_NAMES["hunyuan_v1_moe"] = _MOE_NAMES["hunyuan"]
 _MOE_NAMES["qwen3_moe"] = _MOE_NAMES["olmoe"] = _MOE_NAMES["qwen2_moe"]
+_MOE_NAMES["glm4_moe"] = ("mlp.gate", "mlp.experts.", ("gate_proj", "up_proj", "down_proj"),
+                          "mlp.shared_experts.")  # fmt: skip
 
 
 def hf_tensors(model: Transformer) -> Iterator[tuple[str, Tensor]]:
@@ -79,6 +81,8 @@ def hf_tensors(model: Transformer) -> Iterator[tuple[str, Tensor]]:
         mlp = block.mlp
         if isinstance(mlp, MoE):
             yield p + router + ".weight", mlp.router
+            if mlp.correction_bias is not None:
+                yield p + router + ".e_score_correction_bias", mlp.correction_bias
             inter = c.expert_intermediate_size
             for e in range(mlp.w13.shape[0]):  # this rank's experts under expert parallelism
                 name = p + f"{experts}{mlp.expert_offset + e}."
@@ -230,12 +234,17 @@ def from_pretrained(
         except Exception as err:
             raise CheckpointError(f"{file}: cannot read tensor {name} ({err})") from None
 
-    ignored: set[str] = set()
+    # GLM-4.5 checkpoints carry multi-token-prediction layers after the last one (HF skips them).
+    last = config.num_hidden_layers
+    ignored: set[str] = {
+        n for n in files if n.startswith("model.layers.") and n.split(".")[2].isdigit()
+        and int(n.split(".")[2]) >= last and config.model_type == "glm4_moe"
+    }  # fmt: skip
     if expert_parallel is not None:  # the other ranks' experts
         others = set(range(config.num_experts)) - set(
             range(expert_parallel.first, expert_parallel.last)
         )
-        ignored = {n for n in files if _expert_index(n) in others}
+        ignored |= {n for n in files if _expert_index(n) in others}
     load_tensors(model, get, set(files), str(directory), ignored)
     return model.eval()
 

@@ -21,8 +21,10 @@ QK_NORM_POSITIONS = ("after_rope", "before_rope", "whole")
 _VARIANT_DEFAULTS = dict(
     moe_intermediate_size=None, shared_expert_intermediate_size=None, shared_expert_gate=False,
     norm_topk_prob=None, mlp_only_layers=[], decoder_sparse_step=1, qk_norm_position="after_rope",
-    qkv_bias=False, o_bias=False, clip_qkv=None,
+    qkv_bias=False, o_bias=False, clip_qkv=None, router="softmax", routed_scaling_factor=1.0,
+    n_group=1, topk_group=1, first_k_dense_replace=0, partial_rotary_factor=1.0,
 )  # fmt: skip
+ROUTERS = ("softmax", "sigmoid_grouped")
 
 
 @dataclass
@@ -66,6 +68,15 @@ class ModelConfig:
     qkv_bias: bool = False
     o_bias: bool = False
     clip_qkv: float | None = None  # OLMoE: clamp q, k, v to ±clip_qkv after the norms
+    # "softmax" (top-k of the softmax) or "sigmoid_grouped" (GLM-4.5 / DeepSeek-V3: sigmoid
+    # scores, a selection-only correction bias, n_group groups of which topk_group stay in play,
+    # weights times routed_scaling_factor; pearlmoe.ops.grouped_topk)
+    router: str = "softmax"
+    routed_scaling_factor: float = 1.0
+    n_group: int = 1
+    topk_group: int = 1
+    first_k_dense_replace: int = 0  # GLM: the first layers are dense
+    partial_rotary_factor: float = 1.0  # GLM: RoPE on the first head_dim · factor dims only
     extra: dict = field(default_factory=dict)  # other config.json fields, written back as they were
 
     def __post_init__(self) -> None:
@@ -99,6 +110,11 @@ class ModelConfig:
         if self.qk_norm_position not in QK_NORM_POSITIONS:
             raise ValueError(f"config qk_norm_position must be one of {QK_NORM_POSITIONS}, got "
                              f"{self.qk_norm_position!r}")  # fmt: skip
+        if self.router not in ROUTERS:
+            raise ValueError(f"config router must be one of {ROUTERS}, got {self.router!r}")
+        rotary = self.partial_rotary_factor
+        if not (isinstance(rotary, (int, float)) and 0 < rotary <= 1):
+            raise ValueError(f"config partial_rotary_factor must be in (0, 1], got {rotary!r}")
         if not isinstance(self.decoder_sparse_step, int) or self.decoder_sparse_step < 1:
             raise ValueError(f"config decoder_sparse_step must be >= 1, got "
                              f"{self.decoder_sparse_step!r}")  # fmt: skip
@@ -131,7 +147,13 @@ class ModelConfig:
             self.is_moe
             and layer not in self.mlp_only_layers
             and (layer + 1) % self.decoder_sparse_step == 0
+            and layer >= self.first_k_dense_replace
         )
+
+    @property
+    def rotary_dim(self) -> int:
+        """Head dims RoPE rotates (the first ones; GLM-4.5 rotates half)."""
+        return int(self.head_dim * self.partial_rotary_factor)
 
     @property
     def expert_intermediate_size(self) -> int:

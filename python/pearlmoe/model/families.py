@@ -1,13 +1,15 @@
 """The MoE families' config.json dialects (transformers 4.57.6) mapped to and from pearlmoe's
-``ModelConfig`` fields: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and the dense Qwen2 / Qwen3 used as
-their drafts. ``read`` turns a family's dict into ModelConfig keyword arguments (the family's
-defaults for absent keys, its fixed architecture choices, its unsupported options refused);
+``ModelConfig`` fields: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GLM-4.5 and the dense Qwen2 /
+Qwen3 used as their drafts. ``read`` turns a family's dict into ModelConfig keyword arguments (the
+family's defaults for absent keys, its fixed architecture choices, its unsupported options refused);
 ``write`` turns a ModelConfig back into the family's keys. Keys neither side knows are carried
 through by ModelConfig.extra.
 
 Where a family's keys say the same thing as pearlmoe's they share the name (num_experts,
 moe_intermediate_size, norm_topk_prob, ...); the renames are num_local_experts (Mixtral) and
-num_experts_per_tok (all) -> num_experts / moe_topk, and attention_bias -> qkv_bias + o_bias.
+num_experts_per_tok (all) -> num_experts / moe_topk, attention_bias -> qkv_bias + o_bias (GLM:
+q/k/v only), and GLM's n_routed_experts -> num_experts, n_shared_experts -> a shared expert of
+moe_intermediate_size · n_shared_experts.
 """
 
 from typing import Any
@@ -17,6 +19,7 @@ ARCHITECTURES = {
     "qwen2_moe": "Qwen2MoeForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "olmoe": "OlmoeForCausalLM",
+    "glm4_moe": "Glm4MoeForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
 }
@@ -77,6 +80,26 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         eos_token_id=50279,
         pad_token_id=1,
     ),
+    "glm4_moe": dict(
+        rms_norm_eps=1e-5,
+        rope_theta=1e4,
+        n_routed_experts=128,
+        num_experts_per_tok=8,
+        moe_intermediate_size=1408,
+        n_shared_experts=1,
+        routed_scaling_factor=1.0,
+        n_group=1,
+        topk_group=1,
+        first_k_dense_replace=1,
+        norm_topk_prob=True,
+        use_qk_norm=False,
+        attention_bias=False,
+        partial_rotary_factor=0.5,
+        max_position_embeddings=131072,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    ),
     "qwen2": dict(
         rms_norm_eps=1e-6,
         rope_theta=1e4,
@@ -120,6 +143,20 @@ _WRITTEN = {
         "attention_bias",
     ),
     "olmoe": ("num_experts", "num_experts_per_tok", "norm_topk_prob", "attention_bias", "clip_qkv"),
+    "glm4_moe": (
+        "n_routed_experts",
+        "num_experts_per_tok",
+        "moe_intermediate_size",
+        "n_shared_experts",
+        "routed_scaling_factor",
+        "n_group",
+        "topk_group",
+        "first_k_dense_replace",
+        "norm_topk_prob",
+        "use_qk_norm",
+        "attention_bias",
+        "partial_rotary_factor",
+    ),
     "qwen2": (),
     "qwen3": ("attention_bias",),
 }
@@ -142,7 +179,7 @@ def _refuse(model_type: str, data: dict) -> None:
     if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
         raise ValueError(f"config.json ({model_type}): rope_scaling {scaling} is not supported "
                          "for this family (only the default RoPE)")  # fmt: skip
-    if data.get("partial_rotary_factor", 1.0) != 1.0:
+    if model_type != "glm4_moe" and data.get("partial_rotary_factor", 1.0) != 1.0:
         raise ValueError(f"config.json ({model_type}): partial_rotary_factor "
                          f"{data['partial_rotary_factor']} is not supported")  # fmt: skip
     if data.get("hidden_act", "silu") != "silu":
@@ -159,6 +196,14 @@ def read(model_type: str, data: dict) -> dict:
     for old, new in _RENAMES.items():
         if old in out:
             out[new] = out.pop(old)
+    if model_type == "glm4_moe":
+        out["num_experts"] = out.pop("n_routed_experts")
+        shared = out.pop("n_shared_experts") or 0
+        out["shared_expert_intermediate_size"] = out["moe_intermediate_size"] * shared
+        out["use_mixed_mlp_moe"] = shared > 0
+        out["router"] = "sigmoid_grouped"
+        out["qkv_bias"] = bool(out.pop("attention_bias"))  # o_proj never has a bias in GLM
+        out["qk_norm_position"] = "before_rope"
     if "attention_bias" in out:
         out["qkv_bias"] = out["o_bias"] = bool(out.pop("attention_bias"))
     if model_type == "qwen2":
@@ -194,7 +239,10 @@ def write(config) -> dict:
     if c.model_type not in _HEAD_DIM_FIXED:
         out["head_dim"] = c.head_dim
     values = {"num_local_experts": c.num_experts, "num_experts": c.num_experts,
-              "num_experts_per_tok": c.moe_topk, "attention_bias": c.o_bias}  # fmt: skip
+              "n_routed_experts": c.num_experts, "num_experts_per_tok": c.moe_topk,
+              "attention_bias": c.qkv_bias if c.model_type == "glm4_moe" else c.o_bias,
+              "n_shared_experts": (c.shared_intermediate_size // c.moe_intermediate_size
+                                   if c.moe_intermediate_size else 0)}  # fmt: skip
     for key in _WRITTEN[c.model_type]:
         out[key] = values[key] if key in values else getattr(c, key)
     return out

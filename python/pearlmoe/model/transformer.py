@@ -115,7 +115,11 @@ class Attention(nn.Module):
         rope = reference.rope_qk_norm if reference_ops else ops.rope_qk_norm
         after = c.use_qk_norm and c.qk_norm_position == "after_rope"
         weights = (self.query_layernorm, self.key_layernorm) if after else (None, None)
-        q, k_hat = rope(q, k, positions.reshape(-1), c.rope_base, *weights, c.rms_norm_eps, after)
+        if c.rotary_dim < d:  # GLM: rotate the first rotary_dim dims, pass the rest through
+            q, k_hat = _partial_rope(rope, q, k, positions.reshape(-1), c)
+        else:
+            q, k_hat = rope(q, k, positions.reshape(-1), c.rope_base, *weights, c.rms_norm_eps,
+                            after)  # fmt: skip
         if self.owns_kv:
             cache.write_at(self.layer, k_hat.view(batch, steps, hkv, d), v, positions)
         k_buf, v_buf = cache.buffers(self.layer)  # [B, C, Hkv, D]
@@ -136,8 +140,13 @@ class Attention(nn.Module):
             shared_kv[:] = [k.view(batch, steps, hkv, d), v.view(batch, steps, hkv, d)]
         k, v = shared_kv
         positions = torch.arange(steps, device=x.device)
-        q = reference.rope(q.reshape(-1, hq, d), positions.repeat(batch), c.rope_base)
-        k = reference.rope(k.reshape(-1, hkv, d), positions.repeat(batch), c.rope_base)
+        rd, where = c.rotary_dim, positions.repeat(batch)
+
+        def rotate(t: Tensor) -> Tensor:  # the first rotary_dim dims (all but for GLM)
+            r = reference.rope(t[..., :rd], where, c.rope_base)
+            return torch.cat([r, t[..., rd:].to(r.dtype)], -1)
+
+        q, k = rotate(q.reshape(-1, hq, d)), rotate(k.reshape(-1, hkv, d))
         if c.use_qk_norm and c.qk_norm_position == "after_rope":
             q = reference.rms_norm(q, self.query_layernorm, c.rms_norm_eps)
             k = reference.rms_norm(k, self.key_layernorm, c.rms_norm_eps)
@@ -145,6 +154,15 @@ class Attention(nn.Module):
         k = k.to(x.dtype).view(batch, steps, hkv, d).transpose(1, 2)  # [B, Hkv, S, D]
         o = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True, enable_gqa=True)
         return F.linear(o.transpose(1, 2).reshape(batch, steps, hq * d), self.o_proj)
+
+
+def _partial_rope(rope, q: Tensor, k: Tensor, positions: Tensor, c: ModelConfig):
+    """RoPE on the first rotary_dim dims of each head (its own angle table over those dims, as
+    HF's partial_rotary_factor builds it), the rest unchanged: q [T, Hq, D], k [T, Hkv, D]."""
+    rd = c.rotary_dim
+    q_rot, k_rot = rope(q[..., :rd].contiguous(), k[..., :rd].contiguous(), positions,
+                        c.rope_base, None, None, c.rms_norm_eps, False)  # fmt: skip
+    return torch.cat([q_rot, q[..., rd:]], -1), torch.cat([k_rot, k[..., rd:]], -1)
 
 
 class MoE(nn.Module):
@@ -168,6 +186,9 @@ class MoE(nn.Module):
         # Qwen2-MoE: the shared expert's output scaled by sigmoid(x · shared_gate) per token
         gated = shared and c.shared_expert_gate
         self.shared_gate = _param(1, h, dtype=dtype, device=device) if gated else None  # [1, H]
+        # GLM-4.5: the selection-only correction bias of the sigmoid router (fp32, as in HF)
+        bias = torch.zeros(e, dtype=torch.float32, device=device)
+        self.register_buffer("correction_bias", bias if c.router == "sigmoid_grouped" else None)
         # Expert parallelism (pearlmoe.distributed.shard_experts): w13/w2 hold experts
         # expert_offset.. of this rank only, and the layer exchanges token-slots with the others.
         self.expert_offset = 0
@@ -178,6 +199,8 @@ class MoE(nn.Module):
         if self.expert_parallel is not None:
             moe_ffn = self.expert_parallel.moe_ffn
         flat = x.reshape(-1, x.shape[-1])  # [B*S, H]
+        if self.correction_bias is not None:
+            return self._grouped(flat, reference_ops).view_as(x)
         if self.shared_gate is None:
             y = moe_ffn(
                 flat, self.router, self.w13, self.w2, self.c.moe_topk, self.shared_w13,
@@ -187,6 +210,21 @@ class MoE(nn.Module):
         y = moe_ffn(flat, self.router, self.w13, self.w2, self.c.moe_topk, None, None,
                     self.c.renormalize)  # fmt: skip
         return (y + self._gated_shared(flat, reference_ops)).view_as(x)
+
+    def _grouped(self, flat: Tensor, reference_ops: bool) -> Tensor:
+        """GLM-4.5's layer: fp32 router logits, grouped_topk, the experts combined in fp32, plus
+        the ungated shared expert: [T, H]."""
+        if self.expert_parallel is not None:
+            raise NotImplementedError("expert parallelism runs softmax routers only (not GLM's)")
+        c = self.c
+        linear = reference.linear if reference_ops else ops.linear
+        logits = linear(flat.float(), self.router)  # [T, E] fp32
+        topk = reference.grouped_topk if reference_ops else ops.grouped_topk
+        weights, ids = topk(logits, self.correction_bias, c.moe_topk, c.n_group, c.topk_group,
+                            c.renormalize, c.routed_scaling_factor)  # fmt: skip
+        routed = reference.moe_ffn_routed if reference_ops else ops.moe_ffn_routed
+        return routed(flat, weights.to(flat.dtype) if flat.dtype == torch.float64 else weights,
+                      ids, self.w13, self.w2, self.shared_w13, self.shared_w2)  # fmt: skip
 
     def _gated_shared(self, flat: Tensor, reference_ops: bool) -> Tensor:
         """Qwen2-MoE's shared expert: sigmoid(x · w_gate) · swiglu(x), [T, H]."""
