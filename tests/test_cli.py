@@ -123,6 +123,13 @@ def test_info_prints_config_and_sizes(capsys):
     assert f"{est.kv_bytes_per_token:,} bytes" in out and "num_experts" in out
 
 
+@pytest.mark.parametrize("name", ["glm-4.5", "qwen3-235b-a22b", "mixtral-8x7b"])
+def test_info_knows_the_builtin_flagship_configs(name, capsys):
+    assert cli.main(["info", name]) == 0
+    est = estimate(ModelConfig.from_file(cli.CONFIGS / f"{name}.json"))
+    assert f"({est.total_params:,})" in capsys.readouterr().out
+
+
 def test_bench_writes_json_and_png(tmp_path, capsys):
     rc = cli.main(["bench", "--prompts", "1", "--prompt-tokens", "16", "--max-new-tokens", "8",
                    "--batch", "2", "--dtypes", "float32", "--backend", "eager",

@@ -18,6 +18,7 @@ from .model import from_pretrained, save_pretrained
 from .ops import (
     attention,
     grouped_gemm,
+    grouped_topk,
     linear,
     moe_align,
     moe_ffn,
@@ -42,6 +43,7 @@ __all__ = [
     "generate",
     "generate_stream",
     "grouped_gemm",
+    "grouped_topk",
     "linear",
     "moe_align",
     "moe_ffn",

@@ -375,7 +375,9 @@ def _count(n: int) -> str:
 
 
 def cmd_info(args) -> int:
-    directory = resolve(args.dir)
+    name = str(args.dir)
+    builtin = (BUILTIN[name] or name) if name in BUILTIN else None  # a flagship config by name
+    directory = CONFIGS / f"{builtin}.json" if builtin else resolve(args.dir)
     if not directory.exists():
         raise FileNotFoundError(f"model directory {directory} does not exist")
     if is_gguf(directory):
@@ -495,7 +497,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.set_defaults(fn=cmd_plan)
 
     i = sub.add_parser("info", help="config, parameters and KV bytes per token of a model")
-    i.add_argument("dir", metavar="DIR", nargs="?", default=TARGET)
+    i.add_argument("dir", metavar="DIR", nargs="?", default=TARGET,
+                   help="a model directory, a .gguf file, a named model, or a built-in config: "
+                   + ", ".join(sorted(BUILTIN)))  # fmt: skip
     i.set_defaults(fn=cmd_info)
     return parser
 
