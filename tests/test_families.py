@@ -123,6 +123,9 @@ def test_logits_match_transformers(pair):
     assert (got - want).abs().max() <= 1e-4 * want.abs().max()
     got_ref = model(ids, reference_ops=True)
     assert (got_ref - want).abs().max() <= 1e-4 * want.abs().max()
+    if model.config.router == "softmax":  # the training forward too (GLM's router: inference only)
+        train, _ = model.forward_train(ids)
+        assert (train - want).abs().max() <= 1e-4 * want.abs().max()
 
 
 def test_greedy_continuation_matches_transformers(pair):

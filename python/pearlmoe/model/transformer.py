@@ -153,7 +153,7 @@ class Attention(nn.Module):
         q = q.to(x.dtype).view(batch, steps, hq, d).transpose(1, 2)  # [B, Hq, S, D]
         k = k.to(x.dtype).view(batch, steps, hkv, d).transpose(1, 2)  # [B, Hkv, S, D]
         o = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True, enable_gqa=True)
-        return F.linear(o.transpose(1, 2).reshape(batch, steps, hq * d), self.o_proj)
+        return self._out(o.transpose(1, 2).reshape(batch, steps, hq * d), reference_ops=True)
 
 
 def _partial_rope(rope, q: Tensor, k: Tensor, positions: Tensor, c: ModelConfig):
@@ -235,6 +235,10 @@ class MoE(nn.Module):
     def forward_train(self, x: Tensor, routing: dict) -> tuple[Tensor, Tensor]:
         """Training routing (capacity, recycle) through the differentiable op; returns the
         output and this layer's load-balancing loss."""
+        if self.correction_bias is not None:
+            raise NotImplementedError(
+                "training GLM-4.5's sigmoid / grouped router is not supported (inference only)"
+            )
         # pearlmoe's ops take one dtype for activations and weights, so do autocast's job by
         # hand: the expert GEMMs in the autocast dtype, the router in fp32 as always.
         device = x.device.type
