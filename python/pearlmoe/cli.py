@@ -26,7 +26,7 @@ from .decode.runner import BACKENDS, compile_available, default_backend
 from .model import ModelConfig, Transformer, from_pretrained
 from .model.config import estimate
 from .model.gguf_checkpoint import is_gguf
-from .model.named import resolve
+from .model.named import draft_for, resolve
 from .train.presets import EMBEDDED, TOKENIZER
 
 TARGET, DRAFT = EMBEDDED / "tiny-target", EMBEDDED / "tiny-draft"
@@ -84,7 +84,11 @@ def load_tokenizer(directory: Path):
         return read_tokenizer(directory)
     path = Path(directory) / TOKENIZER
     if not path.exists():
-        raise FileNotFoundError(f"no {TOKENIZER} in {directory}")
+        # A draft distilled for a named target uses the target's tokenizer ("tokenizer_from").
+        source = ModelConfig.from_file(directory).extra.get("tokenizer_from")
+        if source is None:
+            raise FileNotFoundError(f"no {TOKENIZER} in {directory}")
+        return load_tokenizer(resolve(source))
     try:
         return Tokenizer.from_file(str(path))
     except Exception as err:  # tokenizers raises its own exception type
@@ -436,8 +440,12 @@ def build_parser() -> argparse.ArgumentParser:
             default=TARGET,
             help="target model: a directory, a .gguf file or a name (smollm2-135m)",
         )
-        p.add_argument("--draft", type=Path, default=DRAFT,
-                       help="draft model: a directory, a .gguf file or a name")  # fmt: skip
+        p.add_argument(
+            "--draft",
+            type=Path,
+            help="draft model: a directory, a .gguf file or a name (default: the target's "
+            "shipped draft, smollm2-135m-draft for smollm2-135m, else the embedded tiny-draft)",
+        )
         p.add_argument("--device", default=best_device())
         p.add_argument(
             "--gamma",
@@ -541,6 +549,8 @@ def _probability(text: str) -> float:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        if hasattr(args, "draft") and args.draft is None:  # the target's own draft, if it ships one
+            args.draft = Path(draft_for(args.target) or DRAFT)
         return args.fn(args)
     except UsageError as err:
         print(f"pearlmoe: error: {err}", file=sys.stderr)
