@@ -241,6 +241,9 @@ def test_cuda_kernels_refuse_what_they_cannot_run():
         _call_cuda_kernel(torch.ops.pearlmoe.topk_softmax, torch.randn(2, 4), 1, False)
     with pytest.raises(RuntimeError, match=r"pearlmoe\.moe_align: .*" + msg):
         _call_cuda_kernel(torch.ops.pearlmoe.moe_align, torch.zeros(2, 1, dtype=torch.int32), 4)
+    with pytest.raises(RuntimeError, match=r"pearlmoe\.grouped_topk: .*" + msg):
+        _call_cuda_kernel(torch.ops.pearlmoe.grouped_topk, torch.randn(2, 4), None, 1, 1, 1, True,
+                          1.0)  # fmt: skip
     x = torch.randn(4, 8)
     cases = {
         "grouped_gemm": (x, torch.randn(1, 8, 8), torch.tensor([0, 4], dtype=torch.int32)),
@@ -291,6 +294,33 @@ def test_cuda_matches_cpu_exactly():
         pearlmoe.moe_align(ids_cpu, 257), pearlmoe.moe_align(ids_gpu, 257), strict=True
     ):
         assert torch.equal(a, b.cpu())
+
+
+@requires_cuda
+@pytest.mark.parametrize(("experts", "k", "groups", "topk_groups"),
+                         [(160, 8, 1, 1), (256, 8, 8, 4), (6, 6, 3, 1), (33, 5, 11, 3)])  # fmt: skip
+def test_grouped_topk_cuda_matches_cpu(experts, k, groups, topk_groups):
+    """GLM-4.5 / DeepSeek-V3 routing on the GPU: the CPU kernel's ids exactly (ties and NaN
+    included), weights to a few ulps (the warp sums in another order); and under a CUDA graph."""
+    g = torch.Generator().manual_seed(experts)
+    logits = torch.randn(4099, experts, generator=g) * 2
+    logits[7] = logits[7].round()  # ties
+    logits[9, experts // 2] = float("nan")
+    bias = torch.randn(experts, generator=g) * 0.1 - 0.5
+    args = (bias, k, groups, topk_groups, True, 2.5)
+    w_cpu, ids_cpu = pearlmoe.ops.grouped_topk(logits, *args)
+    bias_gpu = bias.cuda()
+    w_gpu, ids_gpu = pearlmoe.ops.grouped_topk(logits.cuda(), bias_gpu, *args[1:])
+    assert torch.equal(ids_cpu, ids_gpu.cpu())
+    torch.testing.assert_close(w_cpu, w_gpu.cpu(), rtol=4e-6, atol=1e-7, equal_nan=True)
+    x = logits.cuda()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = pearlmoe.ops.grouped_topk(x, bias_gpu, *args[1:])  # no host work: capturable
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    want = pearlmoe.ops.grouped_topk(x.cpu(), *args)
+    assert torch.equal(out[1].cpu(), want[1])
 
 
 @requires_cuda
