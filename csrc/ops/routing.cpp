@@ -27,15 +27,16 @@ constexpr const char* kGrouped = "grouped_topk";
 
 // ---- topk_softmax ------------------------------------------------------------------------------
 
-void check_topk_softmax(const Tensor& logits, int64_t k) {
-  check_dim(logits, 2, kTopk, "router_logits");
-  check_dtype(logits, at::kFloat, kTopk, "router_logits");
+// router_logits [T, E] f32 with 1 <= E <= INT_MAX and 1 <= k <= E (both top-k ops).
+void check_router_logits(const Tensor& logits, int64_t k, const char* op) {
+  check_dim(logits, 2, op, "router_logits");
+  check_dtype(logits, at::kFloat, op, "router_logits");
   const int64_t num_experts = logits.size(1);
-  PM_CHECK(num_experts >= 1 && num_experts <= INT_MAX, kTopk,
+  PM_CHECK(num_experts >= 1 && num_experts <= INT_MAX, op,
            "router_logits must have between 1 and INT_MAX expert columns, got shape ",
            logits.sizes());
-  PM_CHECK(k >= 1 && k <= num_experts, kTopk, "k must be in [1, num_experts=", num_experts,
-           "], got ", k);
+  PM_CHECK(k >= 1 && k <= num_experts, op, "k must be in [1, num_experts=", num_experts, "], got ",
+           k);
 }
 
 std::tuple<Tensor, Tensor> alloc_topk_outputs(const Tensor& logits, int64_t k) {
@@ -49,7 +50,7 @@ std::tuple<Tensor, Tensor> alloc_topk_outputs(const Tensor& logits, int64_t k) {
 std::tuple<Tensor, Tensor> topk_softmax_cpu(const Tensor& router_logits, int64_t k,
                                             bool renormalize) {
   check_device(router_logits, c10::kCPU, kTopk, "router_logits");
-  check_topk_softmax(router_logits, k);
+  check_router_logits(router_logits, k, kTopk);
   const Tensor logits = router_logits.contiguous();  // [T, E]
   auto [weights, ids] = alloc_topk_outputs(logits, k);
   cpu::topk_softmax(logits, k, renormalize, weights, ids);
@@ -64,14 +65,8 @@ namespace {
 // undefined when there is none).
 Tensor check_grouped_topk(const Tensor& logits, const std::optional<Tensor>& bias, int64_t k,
                           int64_t num_groups, int64_t topk_groups) {
-  check_dim(logits, 2, kGrouped, "router_logits");
-  check_dtype(logits, at::kFloat, kGrouped, "router_logits");
+  check_router_logits(logits, k, kGrouped);
   const int64_t num_experts = logits.size(1);
-  PM_CHECK(num_experts >= 1 && num_experts <= INT_MAX, kGrouped,
-           "router_logits must have between 1 and INT_MAX expert columns, got shape ",
-           logits.sizes());
-  PM_CHECK(k >= 1 && k <= num_experts, kGrouped, "k must be in [1, num_experts=", num_experts,
-           "], got ", k);
   PM_CHECK(num_groups >= 1 && num_groups <= routing::kGroupedTopkMaxGroups, kGrouped,
            "num_groups must be in [1, ", routing::kGroupedTopkMaxGroups, "], got ", num_groups);
   PM_CHECK(num_experts % num_groups == 0, kGrouped, "num_groups=", num_groups, " must divide the ",
@@ -183,7 +178,7 @@ bool stream_is_capturing() {
 std::tuple<Tensor, Tensor> topk_softmax_cuda(const Tensor& router_logits, int64_t k,
                                              bool renormalize) {
   check_device(router_logits, c10::kCUDA, kTopk, "router_logits");
-  check_topk_softmax(router_logits, k);
+  check_router_logits(router_logits, k, kTopk);
   const c10::cuda::CUDAGuard guard(router_logits.device());
   const Tensor logits = router_logits.contiguous();  // [T, E]
   auto [weights, ids] = alloc_topk_outputs(logits, k);

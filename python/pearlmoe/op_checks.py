@@ -66,27 +66,8 @@ def _int_dtype(op: str, t: Tensor, name: str) -> None:
 # ---- routing -------------------------------------------------------------------------------------
 
 
-def topk_softmax(router_logits: Tensor, k: int) -> None:
-    op = "topk_softmax"
-    _dim(op, router_logits, 2, "router_logits")
-    _check(
-        op,
-        router_logits.dtype == torch.float32,
-        f"router_logits must be Float, got {_name(router_logits.dtype)}",
-    )
-    experts = router_logits.shape[1]
-    _check(
-        op,
-        experts >= 1,
-        f"router_logits must have at least 1 expert column, got shape {list(router_logits.shape)}",
-    )
-    _check(op, k >= 1 and k <= experts, f"k must be in [1, num_experts={experts}], got {k}")
-
-
-def grouped_topk(
-    router_logits: Tensor, correction_bias: Tensor | None, k: int, num_groups: int, topk_groups: int
-) -> None:
-    op = "grouped_topk"
+def _router_logits(op: str, router_logits: Tensor, k: int) -> int:
+    """router_logits [T, E] Float with E >= 1 and k in [1, E] (both top-k ops); returns E."""
     _dim(op, router_logits, 2, "router_logits")
     _check(
         op,
@@ -101,6 +82,18 @@ def grouped_topk(
         f"{list(router_logits.shape)}",
     )
     _check(op, 1 <= k <= experts, f"k must be in [1, num_experts={experts}], got {k}")
+    return experts
+
+
+def topk_softmax(router_logits: Tensor, k: int) -> None:
+    _router_logits("topk_softmax", router_logits, k)
+
+
+def grouped_topk(
+    router_logits: Tensor, correction_bias: Tensor | None, k: int, num_groups: int, topk_groups: int
+) -> None:
+    op = "grouped_topk"
+    experts = _router_logits(op, router_logits, k)
     _check(
         op,
         1 <= num_groups <= _MAX_GROUPS,

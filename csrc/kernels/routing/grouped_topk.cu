@@ -5,30 +5,10 @@
 #include "../launch.cuh"
 #include "routing.h"
 #include "routing_common.h"
+#include "routing_warp.cuh"
 
 namespace pearlmoe::routing {
 namespace {
-
-constexpr int kWarpsPerBlock = 4;
-constexpr unsigned kFullMask = 0xffffffffu;
-
-__device__ __forceinline__ void reduce_best(float& key, int& idx) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    const float other_key = __shfl_xor_sync(kFullMask, key, offset);
-    const int other_idx = __shfl_xor_sync(kFullMask, idx, offset);
-    if (other_idx >= 0 && (idx < 0 || ranks_before(other_key, other_idx, key, idx))) {
-      key = other_key;
-      idx = other_idx;
-    }
-  }
-}
-
-__device__ __forceinline__ float reduce_sum(float v) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(kFullMask, v, offset);
-  return v;
-}
 
 __global__ void grouped_topk_kernel(const float* __restrict__ logits, int64_t row_stride,
                                     const float* __restrict__ bias, int64_t num_tokens,
@@ -72,25 +52,7 @@ __global__ void grouped_topk_kernel(const float* __restrict__ logits, int64_t ro
   }
   auto masked_key = [&](int e) { return ((kept >> (e / size)) & 1u) ? key_of(e) : 0.f; };
 
-  // k selection rounds, each the best expert ranked strictly after the previous round's pick.
-  float prev_key = 0.f;
-  int prev = -1;
-  for (int r = 0; r < k; ++r) {
-    float best_key = 0.f;
-    int best = -1;
-    for (int e = lane; e < num_experts; e += 32) {
-      const float key = masked_key(e);
-      if (prev >= 0 && !ranks_before(prev_key, prev, key, e)) continue;
-      if (best < 0 || ranks_before(key, e, best_key, best)) {
-        best_key = key;
-        best = e;
-      }
-    }
-    reduce_best(best_key, best);
-    if (lane == 0) out_ids[r] = best;
-    prev_key = best_key;
-    prev = best;
-  }
+  select_topk(num_experts, k, lane, masked_key, out_ids);
   __syncwarp();  // lane 0's id stores are visible to the warp
 
   float sum = 0.f;

@@ -9,6 +9,20 @@
 
 namespace pearlmoe::routing {
 
+// One step of a one-pass top-k: offer expert e's key to the best `held` so far, kept in rank
+// order in (keys, ids); `held` grows to k. About one compare per expert plus a few insertions.
+inline void offer_topk(float key, int e, int k, int& held, float* keys, int32_t* ids) {
+  if (held == k && !ranks_before(key, e, keys[k - 1], ids[k - 1])) return;
+  int pos = held < k ? held++ : k - 1;  // slot to fill, then bubble it up
+  while (pos > 0 && ranks_before(key, e, keys[pos - 1], ids[pos - 1])) {
+    keys[pos] = keys[pos - 1];
+    ids[pos] = ids[pos - 1];
+    --pos;
+  }
+  keys[pos] = key;
+  ids[pos] = e;
+}
+
 // Softmax over one row of E router logits, then the top k experts.
 //   logits [E] f32 -> weights [k] f32 (softmax probabilities, renormalised over the k on request),
 //                     ids [k] int32 (in rank order)
@@ -16,18 +30,9 @@ namespace pearlmoe::routing {
 // `weights`): about E compares plus a few insertions.
 inline void topk_softmax_row(const float* logits, int num_experts, int k, bool renormalize,
                              float* weights, int32_t* ids) {
-  int kept = 0;
+  int held = 0;
   for (int e = 0; e < num_experts; ++e) {
-    const float key = selection_key(logits[e]);
-    if (kept == k && !ranks_before(key, e, weights[k - 1], ids[k - 1])) continue;
-    int pos = kept < k ? kept++ : k - 1;  // slot to fill, then bubble it up
-    while (pos > 0 && ranks_before(key, e, weights[pos - 1], ids[pos - 1])) {
-      weights[pos] = weights[pos - 1];
-      ids[pos] = ids[pos - 1];
-      --pos;
-    }
-    weights[pos] = key;
-    ids[pos] = e;
+    offer_topk(selection_key(logits[e]), e, k, held, weights, ids);
   }
   // Softmax with the top-1 key as the shift (a NaN or all -inf row gives NaN, as torch does).
   const float shift = selection_key(logits[ids[0]]);
@@ -87,18 +92,7 @@ inline void grouped_topk_row(const float* logits, const float* bias, int num_exp
     }
   }
   int held = 0;  // the best k so far, in rank order, keys parked in `weights`
-  for (int e = 0; e < num_experts; ++e) {
-    const float key = keys[e];
-    if (held == k && !ranks_before(key, e, weights[k - 1], ids[k - 1])) continue;
-    int pos = held < k ? held++ : k - 1;
-    while (pos > 0 && ranks_before(key, e, weights[pos - 1], ids[pos - 1])) {
-      weights[pos] = weights[pos - 1];
-      ids[pos] = ids[pos - 1];
-      --pos;
-    }
-    weights[pos] = key;
-    ids[pos] = e;
-  }
+  for (int e = 0; e < num_experts; ++e) offer_topk(keys[e], e, k, held, weights, ids);
   float sum = 0.f;
   for (int r = 0; r < k; ++r) {
     weights[r] = sigmoid(logits[ids[r]]);

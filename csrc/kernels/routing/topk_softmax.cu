@@ -4,34 +4,13 @@
 #include "../launch.cuh"
 #include "routing.h"
 #include "routing_common.h"
+#include "routing_warp.cuh"
 
 namespace pearlmoe::routing {
 namespace {
 
-constexpr int kWarpsPerBlock = 4;
-constexpr unsigned kFullMask = 0xffffffffu;
-
-// Keep the better of (key, idx) and the lane `offset` away; idx < 0 means "nothing yet".
-__device__ __forceinline__ void reduce_best(float& key, int& idx) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    const float other_key = __shfl_xor_sync(kFullMask, key, offset);
-    const int other_idx = __shfl_xor_sync(kFullMask, idx, offset);
-    if (other_idx >= 0 && (idx < 0 || ranks_before(other_key, other_idx, key, idx))) {
-      key = other_key;
-      idx = other_idx;
-    }
-  }
-}
-
-__device__ __forceinline__ float reduce_sum(float v) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(kFullMask, v, offset);
-  return v;
-}
-
-// k selection rounds over the row (re-read from L1/L2 each round): round r takes the best expert
-// ranked strictly after round r-1's pick, so no per-row scratch is needed for any E or k.
+// The k experts by logit (select_topk; keys re-read from L1/L2 each round), then their softmax
+// probabilities with the top-1 logit as the shift.
 __global__ void topk_softmax_kernel(const float* __restrict__ logits, int64_t row_stride,
                                     int64_t num_tokens, int num_experts, int k, bool renormalize,
                                     float* __restrict__ weights, int32_t* __restrict__ ids) {
@@ -42,25 +21,8 @@ __global__ void topk_softmax_kernel(const float* __restrict__ logits, int64_t ro
   float* w = weights + row * k;                // [k]
   int32_t* out_ids = ids + row * k;            // [k]
 
-  float prev_key = 0.f, shift = 0.f;
-  int prev = -1;
-  for (int r = 0; r < k; ++r) {
-    float best_key = 0.f;
-    int best = -1;
-    for (int e = lane; e < num_experts; e += 32) {
-      const float key = selection_key(x[e]);
-      if (prev >= 0 && !ranks_before(prev_key, prev, key, e)) continue;
-      if (best < 0 || ranks_before(key, e, best_key, best)) {
-        best_key = key;
-        best = e;
-      }
-    }
-    reduce_best(best_key, best);
-    if (lane == 0) out_ids[r] = best;
-    if (r == 0) shift = best_key;
-    prev_key = best_key;
-    prev = best;
-  }
+  const float shift =
+      select_topk(num_experts, k, lane, [&](int e) { return selection_key(x[e]); }, out_ids);
 
   float sum = 0.f;
   for (int e = lane; e < num_experts; e += 32) sum += expf(x[e] - shift);
