@@ -14,7 +14,7 @@ Layouts (N GPUs):
 import math
 from dataclasses import dataclass
 
-from ..model.config import ModelConfig, estimate, layer_params
+from ..model.config import ModelConfig, embedding_params, estimate, layer_params
 
 GB = 1e9
 
@@ -30,13 +30,11 @@ class Parts:
 
 
 def parts(c: ModelConfig) -> Parts:
-    h = c.hidden_size
     attention = shared = routed = 0
     for layer in range(c.num_hidden_layers):
         p = layer_params(c, layer)
         attention, shared, routed = attention + p.attention, shared + p.shared, routed + p.routed
-    embed = c.vocab_size * h * (1 if c.tie_word_embeddings else 2) + h
-    return Parts(embed, attention, shared, routed)
+    return Parts(embedding_params(c), attention, shared, routed)
 
 
 @dataclass

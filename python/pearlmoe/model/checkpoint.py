@@ -25,28 +25,28 @@ class CheckpointError(ValueError):
     """A checkpoint that does not match its config or is damaged."""
 
 
-# model_type -> (norm names, router name, experts prefix, expert gate/up/down names, shared name)
+_GATE_UP_DOWN = ("gate_proj", "up_proj", "down_proj")
+# model_type -> the q/k norms' names; (router, experts prefix, expert gate/up/down, shared prefix)
 _QK_NORMS = {"hunyuan": ("query_layernorm", "key_layernorm"),
              "hunyuan_v1_moe": ("query_layernorm", "key_layernorm")}  # fmt: skip
 _MOE_NAMES = {
     "hunyuan": (
         "mlp.gate.wg",
         "mlp.experts.",
-        ("gate_proj", "up_proj", "down_proj"),
+        _GATE_UP_DOWN,
         "mlp.shared_mlp.",
     ),
     "mixtral": ("block_sparse_moe.gate", "block_sparse_moe.experts.", ("w1", "w3", "w2"), None),
     "qwen2_moe": (
         "mlp.gate",
         "mlp.experts.",
-        ("gate_proj", "up_proj", "down_proj"),
+        _GATE_UP_DOWN,
         "mlp.shared_expert.",
     ),
 }
 _MOE_NAMES["hunyuan_v1_moe"] = _MOE_NAMES["hunyuan"]
 _MOE_NAMES["qwen3_moe"] = _MOE_NAMES["olmoe"] = _MOE_NAMES["qwen2_moe"]
-_MOE_NAMES["glm4_moe"] = ("mlp.gate", "mlp.experts.", ("gate_proj", "up_proj", "down_proj"),
-                          "mlp.shared_experts.")  # fmt: skip
+_MOE_NAMES["glm4_moe"] = ("mlp.gate", "mlp.experts.", _GATE_UP_DOWN, "mlp.shared_experts.")
 
 
 def hf_tensors(model: Transformer) -> Iterator[tuple[str, Tensor]]:
@@ -57,7 +57,7 @@ def hf_tensors(model: Transformer) -> Iterator[tuple[str, Tensor]]:
     if model.vocab_ids is not None:
         yield "model.vocab_ids", model.vocab_ids
     q_norm, k_norm = _QK_NORMS.get(c.model_type, ("q_norm", "k_norm"))
-    router, experts, (gate, up, down), shared = _MOE_NAMES.get(c.model_type, _MOE_NAMES["hunyuan"])
+    router, experts, expert_names, shared = _MOE_NAMES.get(c.model_type, _MOE_NAMES["hunyuan"])
     for i, block in enumerate(model.layers):
         p = f"model.layers.{i}."
         yield p + "input_layernorm.weight", block.input_layernorm.weight
@@ -86,9 +86,7 @@ def hf_tensors(model: Transformer) -> Iterator[tuple[str, Tensor]]:
             inter = c.expert_intermediate_size
             for e in range(mlp.w13.shape[0]):  # this rank's experts under expert parallelism
                 name = p + f"{experts}{mlp.expert_offset + e}."
-                yield name + gate + ".weight", mlp.w13[e][:inter]
-                yield name + up + ".weight", mlp.w13[e][inter:]
-                yield name + down + ".weight", mlp.w2[e]
+                yield from _swiglu(name, mlp.w13[e], mlp.w2[e], inter, expert_names)
             if mlp.shared_w13 is not None:
                 yield from _swiglu(p + shared, mlp.shared_w13, mlp.shared_w2,
                                    c.shared_intermediate_size)  # fmt: skip
@@ -109,10 +107,13 @@ def _expert_index(name: str) -> int | None:
     return int(index) if sep and index.isdigit() else None
 
 
-def _swiglu(prefix: str, w13: Tensor, w2: Tensor, inter: int) -> Iterator[tuple[str, Tensor]]:
-    yield prefix + "gate_proj.weight", w13[:inter]
-    yield prefix + "up_proj.weight", w13[inter:]
-    yield prefix + "down_proj.weight", w2
+def _swiglu(
+    prefix: str, w13: Tensor, w2: Tensor, inter: int, names: tuple[str, ...] = _GATE_UP_DOWN
+) -> Iterator[tuple[str, Tensor]]:
+    gate, up, down = names
+    yield prefix + gate + ".weight", w13[:inter]
+    yield prefix + up + ".weight", w13[inter:]
+    yield prefix + down + ".weight", w2
 
 
 def _shards(directory: Path) -> dict[str, Path]:
@@ -235,11 +236,11 @@ def from_pretrained(
             raise CheckpointError(f"{file}: cannot read tensor {name} ({err})") from None
 
     # GLM-4.5 checkpoints carry multi-token-prediction layers after the last one (HF skips them).
-    last = config.num_hidden_layers
-    ignored: set[str] = {
-        n for n in files if n.startswith("model.layers.") and n.split(".")[2].isdigit()
-        and int(n.split(".")[2]) >= last and config.model_type == "glm4_moe"
-    }  # fmt: skip
+    ignored: set[str] = set()
+    if config.model_type == "glm4_moe":
+        layer = (n.split(".")[2] for n in files if n.startswith("model.layers."))
+        extra = {int(i) for i in layer if i.isdigit() and int(i) >= config.num_hidden_layers}
+        ignored = {n for n in files if any(n.startswith(f"model.layers.{i}.") for i in extra)}
     if expert_parallel is not None:  # the other ranks' experts
         others = set(range(config.num_experts)) - set(
             range(expert_parallel.first, expert_parallel.last)

@@ -287,6 +287,13 @@ def layer_params(c: ModelConfig, layer: int) -> LayerParams:
     return LayerParams(attention, shared, c.num_experts * expert, c.moe_topk * expert)
 
 
+def embedding_params(c: ModelConfig) -> int:
+    """The embedding, the untied head if any, and the final norm (a trimmed vocabulary's V' + 1
+    rows)."""
+    rows = c.trimmed_vocab_size + 1 if c.trimmed_vocab_size else c.vocab_size
+    return rows * c.hidden_size * (1 if c.tie_word_embeddings else 2) + c.hidden_size
+
+
 @dataclass
 class Estimate:
     total_params: int
@@ -303,16 +310,13 @@ def estimate(config: ModelConfig, kv_dtype_bytes: int = 2) -> Estimate:
     """Total and active parameters and KV-cache bytes per token (GQA heads, one cache per CLA
     group). Hunyuan-Large: ≈ 389B total, ≈ 52B active, 81,920 B/token in bf16."""
     c = config
-    hidden = c.hidden_size
     total = active = 0
     for layer in range(c.num_hidden_layers):
         p = layer_params(c, layer)
         total += p.attention + p.shared + p.routed
         active += p.attention + p.shared + p.routed_active
-    embed = (c.trimmed_vocab_size + 1 if c.trimmed_vocab_size else c.vocab_size) * hidden
-    head = 0 if c.tie_word_embeddings else embed
-    total += embed + head + hidden
-    active += embed + head + hidden
+    total += embedding_params(c)
+    active += embedding_params(c)
     kv_values = (
         KVCache.bytes_per_token(
             c.num_hidden_layers, c.num_key_value_heads, c.head_dim, c.cla_share_factor

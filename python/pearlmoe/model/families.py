@@ -118,7 +118,11 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         pad_token_id=None,
     ),
 }
-_RENAMES = {"num_local_experts": "num_experts", "num_experts_per_tok": "moe_topk"}
+_RENAMES = {
+    "num_local_experts": "num_experts",  # Mixtral
+    "n_routed_experts": "num_experts",  # GLM-4.5
+    "num_experts_per_tok": "moe_topk",
+}
 _HEAD_DIM_FIXED = {"qwen2_moe", "olmoe"}  # head_dim is always hidden / heads there
 # model_type -> the ModelConfig fields it writes back besides the common ones (HF key names)
 _WRITTEN = {
@@ -197,7 +201,6 @@ def read(model_type: str, data: dict) -> dict:
         if old in out:
             out[new] = out.pop(old)
     if model_type == "glm4_moe":
-        out["num_experts"] = out.pop("n_routed_experts")
         shared = out.pop("n_shared_experts") or 0
         out["shared_expert_intermediate_size"] = out["moe_intermediate_size"] * shared
         out["use_mixed_mlp_moe"] = shared > 0

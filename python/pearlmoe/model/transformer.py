@@ -201,15 +201,15 @@ class MoE(nn.Module):
         flat = x.reshape(-1, x.shape[-1])  # [B*S, H]
         if self.correction_bias is not None:
             return self._grouped(flat, reference_ops).view_as(x)
-        if self.shared_gate is None:
-            y = moe_ffn(
-                flat, self.router, self.w13, self.w2, self.c.moe_topk, self.shared_w13,
-                self.shared_w2, self.c.renormalize,
-            )  # fmt: skip
-            return y.view_as(x)
-        y = moe_ffn(flat, self.router, self.w13, self.w2, self.c.moe_topk, None, None,
-                    self.c.renormalize)  # fmt: skip
-        return (y + self._gated_shared(flat, reference_ops)).view_as(x)
+        gated = self.shared_gate is not None  # then the shared expert runs beside the op
+        y = moe_ffn(
+            flat, self.router, self.w13, self.w2, self.c.moe_topk,
+            None if gated else self.shared_w13, None if gated else self.shared_w2,
+            self.c.renormalize,
+        )  # fmt: skip
+        if gated:
+            y = y + self._gated_shared(flat, reference_ops)
+        return y.view_as(x)
 
     def _grouped(self, flat: Tensor, reference_ops: bool) -> Tensor:
         """GLM-4.5's layer: fp32 router logits, grouped_topk, the experts combined in fp32, plus
@@ -223,8 +223,7 @@ class MoE(nn.Module):
         weights, ids = topk(logits, self.correction_bias, c.moe_topk, c.n_group, c.topk_group,
                             c.renormalize, c.routed_scaling_factor)  # fmt: skip
         routed = reference.moe_ffn_routed if reference_ops else ops.moe_ffn_routed
-        return routed(flat, weights.to(flat.dtype) if flat.dtype == torch.float64 else weights,
-                      ids, self.w13, self.w2, self.shared_w13, self.shared_w2)  # fmt: skip
+        return routed(flat, weights, ids, self.w13, self.w2, self.shared_w13, self.shared_w2)
 
     def _gated_shared(self, flat: Tensor, reference_ops: bool) -> Tensor:
         """Qwen2-MoE's shared expert: sigmoid(x · w_gate) · swiglu(x), [T, H]."""
@@ -245,11 +244,9 @@ class MoE(nn.Module):
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         dtype = dtype or self.w13.dtype
         flat = x.reshape(-1, x.shape[-1]).to(dtype)  # [B*S, H]
-        gated = self.shared_gate is not None
-        weights = (self.w13, self.w2, self.shared_w13, self.shared_w2)
-        # a gated shared expert runs beside the op (its gate is not the op's business)
-        cast = [None if w is None or (gated and i > 1) else w.to(dtype)
-                for i, w in enumerate(weights)]  # fmt: skip
+        gated = self.shared_gate is not None  # then the shared expert runs beside the op
+        shared = (None, None) if gated else (self.shared_w13, self.shared_w2)
+        cast = [None if w is None else w.to(dtype) for w in (self.w13, self.w2, *shared)]
         with torch.autocast(device, enabled=False):
             y, stats = ops.moe_ffn(
                 flat, self.router, cast[0], cast[1], self.c.moe_topk, cast[2], cast[3],
