@@ -86,16 +86,15 @@ def test_shipped_draft_agrees_on_held_out_code(smollm2, shipped_draft):
     """Greedy top-1 agreement on held-out stdlib windows (the training split's held-out files;
     training.json reports 64 windows of each domain, this checks 4 of code)."""
     from pearlmoe.train import data
-    from pearlmoe.train.distill import DistillConfig, _split, windows
+    from pearlmoe.train.distill import DistillConfig, windows
 
     model, tokenizer, _ = smollm2
     draft, _ = shipped_draft
     files = data.stdlib_files()
-    _, held = _split([(str(f), t) for f, t in zip(files, data.read(files), strict=True)])
-    eos = tokenizer.token_to_id("<|endoftext|>")
-    ids = [i for e in tokenizer.encode_batch(held[:12]) for i in [*e.ids, eos]]
+    _, held = data.split_files(files)
+    ids = data.encode(tokenizer, data.read(held[:12]))
     cfg = DistillConfig()
-    batch = windows(torch.tensor(ids, dtype=torch.int32), cfg.seq_len, 4, seed=2).long()
+    batch = windows(ids, cfg.seq_len, 4, seed=2)
     with torch.no_grad():
         agree = (model(batch).argmax(-1) == draft(batch).argmax(-1)).float().mean().item()
     assert agree >= 0.5, agree

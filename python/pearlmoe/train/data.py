@@ -27,8 +27,9 @@ def stdlib_files(root: str | Path | None = None) -> list[Path]:
     return sorted(files)
 
 
-def split_files(files: list[Path], held_out_every: int = 20) -> tuple[list[Path], list[Path]]:
-    """Deterministic split by file: every held_out_every-th file is held out."""
+def split_files(files: list, held_out_every: int = 20) -> tuple[list, list]:
+    """Deterministic split by file: every held_out_every-th file (or any distinct item, e.g.
+    (name, text) pairs) is held out."""
     held_out = files[::held_out_every]
     chosen = set(held_out)
     return [f for f in files if f not in chosen], held_out

@@ -30,10 +30,10 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from ..model import ModelConfig, Transformer, from_pretrained, save_pretrained
+from ..model.named import EMBEDDED
 from . import corpora, data
 from .schedule import lr_at
-
-EMBEDDED = Path(__file__).resolve().parent.parent / "embedded"
+from .trainer import load_optimizer_tensors, optimizer_tensors
 
 
 @dataclass
@@ -64,35 +64,22 @@ class DistillConfig:
 # ---- 1. corpus ------------------------------------------------------------------------------
 
 
-def _split(named: list[tuple[str, str]], every: int = 20) -> tuple[list[str], list[str]]:
-    held = [text for i, (_, text) in enumerate(named) if i % every == 0]
-    train = [text for i, (_, text) in enumerate(named) if i % every != 0]
-    return train, held
-
-
 def build_corpus(work: Path, tokenizer, corpus_dir: Path) -> dict[str, Tensor]:
     """{code,english}_{train,held_out} token streams (int32), cached in work/corpus.safetensors."""
     path = work / "corpus.safetensors"
     if path.exists():
         return load_file(str(path))
-    code = [(str(p), t) for p, t in zip(*_files_and_texts(), strict=True)]
-    english = corpora.english_texts(corpora.fetch(corpus_dir))
-    eos = tokenizer.token_to_id("<|endoftext|>")
+    files = data.stdlib_files()
+    sources = {
+        "code": list(zip(files, data.read(files), strict=True)),
+        "english": corpora.english_texts(corpora.fetch(corpus_dir)),
+    }
     streams = {}
-    for domain, named in (("code", code), ("english", english)):
-        for part, texts in zip(("train", "held_out"), _split(named), strict=True):
-            ids: list[int] = []
-            for encoding in tokenizer.encode_batch(texts):
-                ids.extend(encoding.ids)
-                ids.append(eos)
-            streams[f"{domain}_{part}"] = torch.tensor(ids, dtype=torch.int32)
+    for domain, named in sources.items():  # (name, text) pairs; every 20th held out
+        for part, docs in zip(("train", "held_out"), data.split_files(named), strict=True):
+            streams[f"{domain}_{part}"] = data.encode(tokenizer, [t for _, t in docs]).int()
     save_file(streams, str(path))
     return streams
-
-
-def _files_and_texts() -> tuple[list[Path], list[str]]:
-    files = data.stdlib_files()
-    return files, data.read(files)
 
 
 def windows(stream: Tensor, seq_len: int, count: int, seed: int) -> Tensor:
@@ -124,7 +111,7 @@ def label(
     """Teacher shards of a window set (existing shards are kept: resumable)."""
     paths = []
     shards = ids.split(cfg.shard_windows)
-    started = time.perf_counter()
+    started, labelled = time.perf_counter(), 0
     for i, part in enumerate(shards):
         path = work / "teacher" / f"{name}-{i:05d}.safetensors"
         paths.append(path)
@@ -135,7 +122,8 @@ def label(
         tmp = path.with_suffix(".tmp")
         save_file({"ids": part, "top_ids": top_ids, "top_logp": top_logp}, str(tmp))
         tmp.rename(path)
-        rate = (i + 1) * part.numel() / (time.perf_counter() - started)
+        labelled += part.numel()  # not the shards an earlier run left
+        rate = labelled / (time.perf_counter() - started)
         print(f"teacher {name} shard {i + 1}/{len(shards)} ({rate:.0f} tok/s)", flush=True)
     return paths
 
@@ -243,10 +231,7 @@ def train_draft(
         draft.load_state_dict(load_file(str(ckpt / "model.safetensors")))
         flat = load_file(str(ckpt / "optimizer.safetensors"))
         g.set_state(flat.pop("rng"))
-        params = list(draft.parameters())
-        for key, value in flat.items():
-            i, name = key.split(".", 1)
-            optimizer.state[params[int(i)]][name] = value.reshape(()) if name == "step" else value
+        load_optimizer_tensors(draft, optimizer, flat)
         print(f"resumed at step {start}", flush=True)
     count = teacher["ids"].shape[0]
     draft.train()
@@ -278,9 +263,7 @@ def train_draft(
             ckpt.mkdir(parents=True, exist_ok=True)
             save_file({k: v.contiguous() for k, v in draft.state_dict().items()},
                       str(ckpt / "model.safetensors"))  # fmt: skip
-            index = {p: i for i, p in enumerate(draft.parameters())}
-            flat = {f"{index[p]}.{k}": (v.reshape(1) if v.dim() == 0 else v)
-                    for p, s in optimizer.state.items() for k, v in s.items()}  # fmt: skip
+            flat = optimizer_tensors(draft, optimizer)
             flat["rng"] = g.get_state()
             save_file(flat, str(ckpt / "optimizer.safetensors"))
             (ckpt / "state.json").write_text(json.dumps({"step": step + 1, "history": history}))

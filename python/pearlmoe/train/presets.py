@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..model import ModelConfig, Transformer, from_pretrained, save_pretrained
+from ..model.named import EMBEDDED
 from . import data
 from .trainer import TrainConfig, train
 
-EMBEDDED = Path(__file__).resolve().parent.parent / "embedded"
 TOKENIZER = "tokenizer.json"
 VOCAB = 4096
 SPECIALS = dict(bos_token_id=None, eos_token_id=0, pad_token_id=1)  # data.EOS, data.PAD

@@ -115,15 +115,29 @@ def evaluate(model: Transformer, tokens: Tensor, cfg: TrainConfig) -> float:
     return math.exp(total / max(1, count))
 
 
+def optimizer_tensors(model: torch.nn.Module, optimizer) -> dict[str, Tensor]:
+    """The optimizer's state as flat tensors for safetensors: "{parameter index}.{key}"."""
+    index = {p: i for i, p in enumerate(model.parameters())}
+    return {
+        f"{index[p]}.{key}": value.detach().float().reshape(-1)
+        if value.dim() == 0
+        else value.detach()
+        for p, state in optimizer.state.items()
+        for key, value in state.items()
+    }
+
+
+def load_optimizer_tensors(model: torch.nn.Module, optimizer, flat: dict[str, Tensor]) -> None:
+    """The inverse of optimizer_tensors (any other keys must have been popped)."""
+    params = list(model.parameters())
+    for key, value in flat.items():
+        i, name = key.split(".", 1)
+        optimizer.state[params[int(i)]][name] = value.reshape(()) if name == "step" else value
+
+
 def _save(model, optimizer, rngs, step: int, history: list, out: Path, cfg: TrainConfig) -> None:
     save_pretrained(model, out)
-    flat: dict[str, Tensor] = {}
-    index = {p: i for i, p in enumerate(model.parameters())}
-    for p, state in optimizer.state.items():
-        for key, value in state.items():
-            flat[f"{index[p]}.{key}"] = (
-                value.detach().float().reshape(-1) if value.dim() == 0 else value.detach()
-            )
+    flat = optimizer_tensors(model, optimizer)
     flat["rng.data"], flat["rng.route"] = rngs[0].get_state(), rngs[1].get_state()
     save_file(flat, str(out / "optimizer.safetensors"))
     (out / "trainer_state.json").write_text(
@@ -138,10 +152,7 @@ def _resume(model, optimizer, rngs, out: Path) -> tuple[int, list]:
     flat = load_file(str(out / "optimizer.safetensors"), device=str(model.device))
     rngs[0].set_state(flat.pop("rng.data").cpu())
     rngs[1].set_state(flat.pop("rng.route").cpu())
-    params = list(model.parameters())
-    for key, value in flat.items():
-        i, name = key.split(".", 1)
-        optimizer.state[params[int(i)]][name] = value.reshape(()) if name == "step" else value
+    load_optimizer_tensors(model, optimizer, flat)
     return state["step"], state["history"]
 
 
