@@ -296,6 +296,48 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    try:
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise UsageError("serve needs starlette and uvicorn: "
+                         "pip install 'pearlmoe[serve]'") from None  # fmt: skip
+    from .serve import Engine
+    from .serve.server import ServedModel, serve
+
+    needs_draft = args.mode != "ar"
+    _check_dirs(args, draft=needs_draft)
+    device = _check_device(args.device)
+    dtype = _dtype(args.dtype, device)
+    backend = _backend(args.backend, device)
+    tokenizer = load_tokenizer(args.target)
+    if needs_draft:
+        check_tokenizers(args.target, args.draft)
+    target = load_model(args.target, device, dtype)
+    draft = load_model(args.draft, device, dtype) if needs_draft else None
+    context = args.context or min(target.config.max_position_embeddings, 2048)
+    path = resolve(args.target)
+    if is_gguf(path):
+        from .model.gguf_checkpoint import chat_template
+
+        template = chat_template(path)
+    else:
+        template = None
+    eos = target.config.eos_token_id
+    eos = frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
+    name = args.model_name or (path.stem if is_gguf(path) else path.name)
+    runner.notify = _note
+    engine = Engine(target, draft, args.mode, args.max_batch, context, backend, args.gamma)
+    warm = engine.warmup()
+    model = ServedModel(name, tokenizer, template, eos, int(time.time()))
+    serve(engine, model, args.host, args.port, ready=lambda url: _note(
+        f"serving {name} ({args.mode}, batch up to {args.max_batch}, context {context}, "
+        f"{device} {str(dtype).removeprefix('torch.')} {backend}; warm-up {warm:.1f} s) at "
+        f"{url}/v1"))  # fmt: skip
+    return 0
+
+
 def held_out_prompts(tokenizer, count: int, length: int) -> list[list[int]]:
     """The opening tokens of held-out stdlib files (the split the pair never trained on)."""
     from .train import data
@@ -491,6 +533,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dtypes", default="auto", help="comma-separated; auto: the CLI's default "
                    "dtype, and float32 beside it when that is bf16")  # fmt: skip
     b.set_defaults(fn=cmd_bench)
+
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (continuous batching)")
+    sv.add_argument("--mode", choices=MODES, default="ar")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=_positive, default=8000)
+    sv.add_argument("--max-batch", type=_positive, default=8, help="sequences decoded together")
+    sv.add_argument("--context", type=_positive,
+                    help="tokens per request, prompt included (default: the model's, at most "
+                    "2048)")  # fmt: skip
+    sv.add_argument("--model-name", help="the name clients ask for (default: the model's)")
+    models(sv)
+    sv.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    sv.set_defaults(fn=cmd_serve)
 
     pl = sub.add_parser("plan", help="memory per GPU and longest context, EP and TP layouts")
     pl.add_argument("config", metavar="CONFIG", help="config.json, a model directory, or "

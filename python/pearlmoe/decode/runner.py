@@ -19,6 +19,7 @@ Backends:
 Shape letters: B sequences, S tokens per step, V vocabulary.
 """
 
+import copy
 import time
 import types
 import weakref
@@ -41,15 +42,18 @@ _built: set[tuple] = set()
 
 @dataclass(frozen=True)
 class Sampling:
-    """How logits become a distribution; temperature 0 is greedy (argmax, no distribution)."""
+    """How logits become a distribution; temperature 0 is greedy (argmax, no distribution).
+    ``logits=True``: the step returns the fp32 logits themselves (as its "probs"), for callers
+    that sample each sequence its own way (the server's requests)."""
 
     temperature: float = 0.0
     top_k: int | None = None
     top_p: float | None = None
+    logits: bool = False
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0
+        return self.temperature <= 0 and not self.logits
 
 
 def default_backend(device: torch.device | str) -> str:
@@ -78,6 +82,8 @@ def _step(
     """The whole step, as one function for torch.compile and CUDA-graph capture: (probs [B, S, V]
     or None, greedy tokens [B, S] or None)."""
     logits = model.step(ids, cache)  # [B, S, V] fp32
+    if sampling.logits:
+        return logits, None
     if sampling.greedy:
         return None, logits.argmax(-1)
     return logits_to_probs(logits, sampling.temperature, sampling.top_k, sampling.top_p), None
@@ -109,11 +115,29 @@ class Runner:
         self._graphs: dict[int, tuple] = {}  # cudagraph: width -> (graph, ids buffer, outputs)
         self._compiled = None
         self._warm: set[int] = set()  # widths > 1 already marked dynamic for the compiled step
+        self._views: dict[int, Runner] = {}
         if backend == "compile":
-            # Any capacity, one graph: the cache's length dimension is symbolic.
-            torch._dynamo.mark_dynamic(self.cache.k, 2)
-            torch._dynamo.mark_dynamic(self.cache.v, 2)
+            self._mark_dynamic()
             self._compiled = _compiled_step(model)
+
+    def _mark_dynamic(self) -> None:
+        # Any capacity, one graph: the cache's length dimension is symbolic.
+        torch._dynamo.mark_dynamic(self.cache.k, 2)
+        torch._dynamo.mark_dynamic(self.cache.v, 2)
+
+    def rows(self, n: int) -> "Runner":
+        """This runner over its first n sequences only: the same cache rows (views) and compiled
+        steps, so a server steps over the slots in use. Views are kept per n."""
+        if n == self.batch:
+            return self
+        if n not in self._views:
+            view = copy.copy(self)
+            view.cache = self.cache.rows(0, n)
+            view._graphs, view._warm, view._views = {}, set(), {}
+            if self.backend == "compile":
+                view._mark_dynamic()
+            self._views[n] = view
+        return self._views[n]
 
     @property
     def lens(self) -> Tensor:

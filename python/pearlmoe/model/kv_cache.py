@@ -189,13 +189,20 @@ class KVCache:
         prefilled one at a time, then decoded as a batch."""
         if not 0 <= b < self.batch_size:
             raise IndexError(f"KVCache: sequence {b} out of range [0, {self.batch_size})")
+        return self.rows(b, b + 1)
+
+    def rows(self, begin: int, end: int) -> "KVCache":
+        """A cache over sequences begin..end-1 of this one's buffers (views: writes and length
+        updates reach this cache): a server steps over only the slots in use."""
+        if not 0 <= begin < end <= self.batch_size:
+            raise IndexError(f"KVCache: rows {begin}..{end} out of range [0, {self.batch_size}]")
         view = object.__new__(KVCache)
         view.num_layers, view.cla_share_factor = self.num_layers, self.cla_share_factor
-        view.capacity, view._batch = self.capacity, 1
-        view.k, view.v = self.k[:, b : b + 1], self.v[:, b : b + 1]  # [G, 1, C, Hkv, D] views
-        view.lens = self.lens[b : b + 1]  # a view: updates reach this cache's lengths
-        view._lens = [self.seq_lens()[b]]
-        view._parent = (self, b)
+        view.capacity, view._batch = self.capacity, end - begin
+        view.k, view.v = self.k[:, begin:end], self.v[:, begin:end]  # [G, n, C, Hkv, D] views
+        view.lens = self.lens[begin:end]
+        view._lens = self.seq_lens()[begin:end] if self._lens is not None else None
+        view._parent = (self, begin)
         return view
 
     def _set(self, lens: list[int]) -> None:
@@ -203,7 +210,7 @@ class KVCache:
         self.lens.copy_(torch.tensor(lens, dtype=torch.int32))
         parent = getattr(self, "_parent", None)
         if parent is not None and parent[0]._lens is not None:
-            parent[0]._lens[parent[1]] = lens[0]
+            parent[0]._lens[parent[1] : parent[1] + len(lens)] = lens
 
     # ---- device-side interface (the static decode step and the decode loops) -----------------
 

@@ -1,0 +1,130 @@
+"""The serving engine without HTTP: requests joining and leaving a running batch emit exactly
+what greedy autoregressive decoding gives each alone, in every mode; sampled requests follow
+the target distribution; cancellation, queueing and slot reuse."""
+
+import pytest
+import torch
+
+import pearlmoe
+from conftest import tiny_pair
+from pearlmoe.serve import Engine, Request
+
+MODES = ["ar", "speculative", "pearl"]
+PROMPTS = [[1], [2, 3], [4, 5, 6, 7, 8, 9, 10], [11] * 17, [12, 13, 14, 15, 16], [17, 18, 19]]
+BUDGETS = [20, 9, 33, 1, 15, 26]
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return tiny_pair()
+
+
+def _run(engine: Engine, requests: list[Request], joins: list[int]) -> None:
+    """Submit requests[i] after joins[i] engine steps, then run until all are done."""
+    steps = 0
+    pending = sorted(zip(joins, range(len(requests)), strict=True))
+    while pending or engine.slots or engine.queue:
+        while pending and pending[0][0] <= steps:
+            engine.submit(requests[pending.pop(0)[1]])
+        engine.step()
+        steps += 1
+        assert steps < 1000
+
+
+@pytest.mark.parametrize(("mode", "gamma"), [("ar", None)] + [
+    (mode, gamma) for mode in ("speculative", "pearl") for gamma in (1, 3, 5)
+])  # fmt: skip
+@pytest.mark.parametrize("max_batch", [1, 3, 8])
+def test_greedy_requests_joining_mid_flight_equal_autoregressive(pair, mode, gamma, max_batch):
+    target, draft = pair
+    want = [pearlmoe.generate(target, [p], n)[0] for p, n in zip(PROMPTS, BUDGETS, strict=True)]
+    engine = Engine(target, draft, mode, max_batch=max_batch, context=64, gamma=gamma)
+    requests = [Request(p, n) for p, n in zip(PROMPTS, BUDGETS, strict=True)]
+    _run(engine, requests, joins=[0, 0, 2, 3, 3, 7])
+    assert [r.output for r in requests] == want
+    assert all(r.finish_reason == "length" for r in requests)
+    m = engine.metrics
+    assert m.generated_tokens == sum(BUDGETS) and m.finished["length"] == len(PROMPTS)
+    assert engine.slots == [] and m.batch_sum <= m.rounds * max_batch
+    if mode != "ar":
+        assert 0 < m.accepted < m.proposed  # the draft is wrong sometimes, right sometimes
+        assert m.target_calls < m.rounds + 1
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_eos_ends_a_request_and_its_slot_is_reused(pair, mode):
+    target, draft = pair
+    full = pearlmoe.generate(target, [PROMPTS[2]], 30)[0]
+    eos = full[5]
+    want = pearlmoe.generate(target, PROMPTS, 30, eos_token_id=eos)
+    engine = Engine(target, draft, mode, max_batch=2, context=64, gamma=3)
+    requests = [Request(p, 30, eos=frozenset([eos])) for p in PROMPTS]
+    _run(engine, requests, joins=[0] * len(PROMPTS))
+    assert [r.output for r in requests] == want
+    assert requests[2].finish_reason == "stop" and requests[2].output[-1] == eos
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cancel_frees_the_slot_and_others_go_on(pair, mode):
+    target, draft = pair
+    engine = Engine(target, draft, mode, max_batch=2, context=64, gamma=2)
+    seen: list[tuple[list[int], str | None]] = []
+    first = Request(PROMPTS[0], 40, on_tokens=lambda t, r: seen.append((t, r)))
+    others = [Request(p, 12) for p in PROMPTS[1:4]]
+    engine.submit(first)
+    for r in others:
+        engine.submit(r)
+    for _ in range(3):
+        engine.step()
+    assert len(engine.slots) == 2 and len(engine.queue) == 2  # full: the rest wait
+    engine.cancel(first)
+    engine.step()
+    assert first.finish_reason == "cancelled" and seen[-1] == ([], "cancelled")
+    assert all(s.req is not first for s in engine.slots)
+    while engine.slots or engine.queue:
+        engine.step()
+    want = [pearlmoe.generate(target, [r.prompt], 12)[0] for r in others]
+    assert [r.output for r in others] == want
+    assert engine.metrics.finished["cancelled"] == 1
+
+
+def test_bad_requests_are_refused(pair):
+    target, draft = pair
+    engine = Engine(target, draft, "speculative", max_batch=2, context=16, gamma=2)
+    for req, match in [
+        (Request([], 4), "no tokens"),
+        (Request([1, 2], 0), "max_tokens"),
+        (Request([1] * 10, 7), "longer than the context"),
+        (Request([1, 64], 2), r"\[0, 64\)"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            engine.submit(req)
+    with pytest.raises(ValueError, match="needs a draft"):
+        Engine(target, None, "pearl")
+    with pytest.raises(ValueError, match="mode"):
+        Engine(target, draft, "beam")
+
+
+@pytest.mark.parametrize("mode", ["speculative", "pearl"])
+def test_sampled_requests_follow_the_target_distribution(mode):
+    """2 sampled tokens for 3000 requests at temperature 1, each with its own seed, 16 at a
+    time: both positions' marginals match the exact target distribution."""
+    target, draft = tiny_pair(vocab=16, noise=0.6, seed=1)
+    prompt, n = [1, 2, 3, 4, 5, 6], 3000
+    with torch.no_grad():
+        p1 = torch.softmax(target(torch.tensor([prompt]))[0, -1], -1)  # [V]
+        nxt = torch.tensor([[*prompt, x] for x in range(16)])
+        p2 = p1 @ torch.softmax(target(nxt)[:, -1], -1)  # marginal of the second token
+        q1 = torch.softmax(draft(torch.tensor([prompt]))[0, -1], -1)
+    assert (q1 - p1).abs().sum() > 0.2
+    engine = Engine(target, draft, mode, max_batch=16, context=16, gamma=2)
+    requests = [Request(prompt, 2, temperature=1.0, seed=i) for i in range(n)]
+    _run(engine, requests, joins=[0] * n)
+    tokens = torch.tensor([r.output for r in requests])  # [n, 2]
+    for i, want in enumerate((p1, p2)):
+        freq = torch.bincount(tokens[:, i], minlength=16).double() / n
+        assert (freq - want).abs().sum() < 0.08, (i, freq, want)
+    # The same seed gives the same tokens whatever else shares the batch.
+    again = Request(prompt, 2, temperature=1.0, seed=5)
+    _run(engine, [again, Request(prompt, 2, temperature=1.0, seed=99)], joins=[0, 0])
+    assert again.output == requests[5].output
