@@ -62,13 +62,14 @@ def test_linear_autograd():
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_linear_rows_are_independent(dtype):
     """A row's product is bitwise the same whatever other rows share the call (up to the skinny
-    limit): what keeps a verification window's logits equal to a decode step's."""
+    limit, 256 rows): what keeps a verification window's logits equal to a decode step's, and a
+    server's batch of windows (16 sequences x 9 tokens) equal to each sequence alone."""
     g = torch.Generator().manual_seed(5)
-    x = torch.randn(16, 200, generator=g).to(dtype)
+    x = torch.randn(256, 200, generator=g).to(dtype)
     w = torch.randn(300, 200, generator=g).to(dtype)
-    alone = torch.cat([ops.linear(x[i : i + 1], w) for i in range(16)])
-    for rows in (2, 3, 5, 8, 16):
-        assert torch.equal(ops.linear(x[:rows], w), alone[:rows])
+    alone = torch.cat([ops.linear(x[i : i + 1], w) for i in range(256)])
+    for rows in (2, 3, 5, 8, 16, 17, 48, 144, 256):
+        assert torch.equal(ops.linear(x[:rows], w), alone[:rows]), rows
 
 
 def test_linear_every_cpu_code_path():

@@ -152,6 +152,24 @@ def test_moe_ffn_matches_reference(device, dtype, tokens, experts, k):
     assert_close_to_oracle(y, low, oracle, floor=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shared", [True, False])
+def test_moe_ffn_tokens_are_independent_on_the_cpu(dtype, shared):
+    """A token's output is bitwise the same alone and among up to 256 tokens (the CPU's
+    decode-sized path at any count, threads or not): a server's batch of verification windows
+    gives each sequence what decoding it alone gives."""
+    hidden, inter, experts = 64, 48, 8
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(256, hidden, generator=g).to(dtype)
+    router_w = torch.randn(experts, hidden, generator=g)
+    w13, w2, s13, s2 = _weights(experts, hidden, inter, dtype, "cpu", g, shared=shared)
+    alone = torch.cat([pearlmoe.moe_ffn(x[i : i + 1], router_w, w13, w2, 2, s13, s2, True)
+                       for i in range(256)])  # fmt: skip
+    for tokens in (2, 5, 16, 17, 48, 144, 256):
+        got = pearlmoe.moe_ffn(x[:tokens], router_w, w13, w2, 2, s13, s2, True)
+        assert torch.equal(got, alone[:tokens]), tokens
+
+
 @pytest.mark.parametrize(("device", "dtype"), _dtype_grid())
 @pytest.mark.parametrize("tokens", [257, 3])  # 3: the CPU's decode-sized path
 def test_moe_ffn_routed_dropped_and_one_expert(device, dtype, tokens):

@@ -128,3 +128,25 @@ def test_sampled_requests_follow_the_target_distribution(mode):
     again = Request(prompt, 2, temperature=1.0, seed=5)
     _run(engine, [again, Request(prompt, 2, temperature=1.0, seed=99)], joins=[0, 0])
     assert again.output == requests[5].output
+
+
+@pytest.mark.parametrize("mode", ["speculative", "pearl"])
+def test_a_full_bf16_batch_equals_each_request_alone(mode):
+    """The embedded pair in bf16, 16 held-out prompts in 16 slots at once: verification steps
+    of up to 64 rows (more than BLAS would have been left to before the kernels kept every row
+    on its own path) still give each request exactly its greedy autoregressive tokens. Found by
+    bench/bench_serve.py: one of 64 PEARL responses differed at its 38th token."""
+    from pearlmoe.cli import DRAFT, TARGET, held_out_prompts, load_tokenizer
+    from pearlmoe.model import from_pretrained
+
+    target = from_pretrained(TARGET, dtype=torch.bfloat16)
+    draft = from_pretrained(DRAFT, dtype=torch.bfloat16)
+    prompts = held_out_prompts(load_tokenizer(TARGET), 8, 48)
+    budgets = [64, 128, 32, 96, 64, 128, 48, 80]
+    eos = target.config.eos_token_id
+    want = [pearlmoe.generate(target, [p], n, eos_token_id=eos)[0]
+            for p, n in zip(prompts, budgets, strict=True)]  # fmt: skip
+    engine = Engine(target, draft, mode, max_batch=16, context=256, gamma=3)
+    requests = [Request(prompts[k % 8], budgets[k % 8], eos=frozenset([eos])) for k in range(16)]
+    _run(engine, requests, joins=[0] * 16)
+    assert [r.output for r in requests] == [want[k % 8] for k in range(16)]

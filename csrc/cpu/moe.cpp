@@ -6,6 +6,7 @@
 #include <cmath>
 #include <vector>
 
+#include "../kernels/moe_gemm/silu_mul_cpu.h"
 #include "../kernels/moe_gemm/skinny_gemm_cpu.h"
 #include "../kernels/routing/routing_cpu.h"
 #include "cpu_kernels.h"
@@ -78,14 +79,16 @@ void silu_and_mul(const Tensor& h, Tensor out) {
   at::mul_out(out, at::silu(h.narrow(1, 0, inter)), h.narrow(1, inter, inter));
 }
 
-// Decode- and verification-sized calls (a few tokens, a few million multiply-adds): the token-slots
-// grouped by expert, then per used expert one skinny GEMM pair over all of its rows (its weights
-// are read once per call, however many of the tokens chose it), and the shared expert over all
-// rows at once; in the calling thread. The general path below spends ~25 ATen calls (~75 us)
-// before its arithmetic at these sizes. Same math and rounding points: GEMM outputs and SiLU·up in
-// the input dtype, the combine in fp32.
-constexpr int64_t kSmallTokens = 16;
-constexpr int64_t kSmallMacs = 1 << 24;
+// Decode- and verification-sized calls (up to kSkinnyMaxRows tokens of a small model): the
+// token-slots grouped by expert, then per used expert one skinny GEMM pair over all of its rows
+// (its weights are read once per call, however many of the tokens chose it), and the shared
+// expert over all rows at once; in the calling thread. The general path below spends ~25 ATen
+// calls (~75 us) before its arithmetic at these sizes. Same math and rounding points: GEMM outputs
+// and SiLU·up in the input dtype, the combine in fp32. Which path a call takes depends on the
+// token count only through kSmallTokens (= kSkinnyMaxRows), never on a total that grows with the
+// batch below it, so a token's result is the same in a 1-token step and in a server's batch.
+constexpr int64_t kSmallTokens = moe_gemm::kSkinnyMaxRows;
+constexpr int64_t kSmallMacsPerToken = 1 << 20;  // larger experts: the general path, any T
 
 template <typename T>
 void moe_ffn_small(const Tensor& x, const float* weights, const int64_t* ids, int64_t top_k,
@@ -97,59 +100,73 @@ void moe_ffn_small(const Tensor& x, const float* weights, const int64_t* ids, in
   const int64_t tokens = x.size(0), hidden = x.size(1), inter = w2.size(2);
   const int64_t num_experts = w13.size(0);
   const int64_t shared = shared_w2.has_value() ? shared_w2->size(1) : 0;
-  const int64_t widest = std::max(inter, shared);
   const T* xp = static_cast<const T*>(x.const_data_ptr());
-  // An expert can hold every slot (routing given by the caller may repeat an expert per token).
-  const int64_t most = std::max<int64_t>(tokens * top_k, tokens);
-  std::vector<T> rows(most * hidden), h(most * 2 * widest), act(most * widest), out(most * hidden);
-  std::vector<float> acc(tokens * hidden, 0.f);
-
-  // SwiGLU over n rows (row stride hidden): out = w2 · (silu(w13[:I] x) * (w13[I:] x)).
-  auto expert = [&](const T* xr, int64_t n, const T* gate_up, const T* down, int64_t width) {
-    skinny_gemm_nt(xr, hidden, n, hidden, gate_up, 0, 2 * width, h.data(), 2 * width);
-    for (int64_t r = 0; r < n; ++r) {
-      const T* hr = h.data() + r * 2 * width;
-      T* ar = act.data() + r * width;
-      for (int64_t i = 0; i < width; ++i) {
-        const float g = to_float(hr[i]);
-        T silu;
-        store(&silu, g / (1.f + std::exp(-g)));
-        store(&ar[i], to_float(silu) * to_float(hr[width + i]));
-      }
-    }
-    skinny_gemm_nt(act.data(), width, n, width, down, 0, hidden, out.data(), hidden);
-  };
-
-  if (shared) {
-    expert(xp, tokens, static_cast<const T*>(shared_w13->const_data_ptr()),
-           static_cast<const T*>(shared_w2->const_data_ptr()), shared);
-    for (int64_t i = 0; i < tokens * hidden; ++i) acc[i] = to_float(out[i]);
-  }
-  // Slots by expert, in slot order within an expert.
-  const int64_t slots = tokens * top_k;
-  std::vector<int64_t> order;
-  order.reserve(slots);
-  std::vector<char> used(num_experts, 0);
-  for (int64_t s = 0; s < slots; ++s) {
-    if (ids[s] >= 0) used[ids[s]] = 1;  // -1: a dropped slot
-  }
   const T* w13p = static_cast<const T*>(w13.const_data_ptr());
   const T* w2p = static_cast<const T*>(w2.const_data_ptr());
+
+  // Slots by expert, in slot order within an expert (-1: a dropped slot); an expert can hold
+  // every slot (routing given by the caller may repeat an expert per token).
+  const int64_t slots = tokens * top_k;
+  std::vector<std::vector<int64_t>> order(num_experts);
+  for (int64_t s = 0; s < slots; ++s) {
+    if (ids[s] >= 0) order[ids[s]].push_back(s);
+  }
+  std::vector<int64_t> used, first(num_experts + 1, 0);  // used experts; their rows in `out`
   for (int64_t e = 0; e < num_experts; ++e) {
-    if (!used[e]) continue;
-    order.clear();
-    for (int64_t s = 0; s < slots; ++s) {
-      if (ids[s] == e) order.push_back(s);
+    if (!order[e].empty()) used.push_back(e);
+    first[e + 1] = first[e] + static_cast<int64_t>(order[e].size());
+  }
+  // Every expert's output rows, then the shared expert's (row-major, `hidden` wide).
+  std::vector<T> out((first[num_experts] + (shared ? tokens : 0)) * hidden);
+
+  // SwiGLU over n rows (row stride hidden) into dst: w2 · (silu(w13[:I] x) * (w13[I:] x)).
+  auto expert = [&](const T* xr, int64_t n, const T* gate_up, const T* down, int64_t width,
+                    T* dst) {
+    std::vector<T> h(n * 2 * width), act(n * width);
+    skinny_gemm_nt(xr, hidden, n, hidden, gate_up, 0, 2 * width, h.data(), 2 * width);
+    moe_gemm::silu_mul(h.data(), n, width, act.data());
+    skinny_gemm_nt(act.data(), width, n, width, down, 0, hidden, dst, hidden);
+  };
+  // One task per used expert (its tokens gathered, its weights read once) and one for the shared
+  // expert; each row is computed on its own, so splitting the work changes no result. Threads
+  // only where there is enough of it (a prefill; a decode step runs inline).
+  const int64_t tasks = static_cast<int64_t>(used.size()) + (shared ? 1 : 0);
+  auto run = [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      if (t == static_cast<int64_t>(used.size())) {
+        expert(xp, tokens, static_cast<const T*>(shared_w13->const_data_ptr()),
+               static_cast<const T*>(shared_w2->const_data_ptr()), shared,
+               out.data() + first[num_experts] * hidden);
+        continue;
+      }
+      const int64_t e = used[t], n = static_cast<int64_t>(order[e].size());
+      std::vector<T> rows(n * hidden);
+      for (int64_t r = 0; r < n; ++r) {
+        std::copy_n(xp + (order[e][r] / top_k) * hidden, hidden, rows.data() + r * hidden);
+      }
+      expert(rows.data(), n, w13p + e * 2 * inter * hidden, w2p + e * hidden * inter, inter,
+             out.data() + first[e] * hidden);
     }
-    const int64_t n = static_cast<int64_t>(order.size());
-    for (int64_t r = 0; r < n; ++r) {
-      std::copy_n(xp + (order[r] / top_k) * hidden, hidden, rows.data() + r * hidden);
-    }
-    expert(rows.data(), n, w13p + e * 2 * inter * hidden, w2p + e * hidden * inter, inter);
-    for (int64_t r = 0; r < n; ++r) {
-      const float w = weights[order[r]];
-      float* dst = acc.data() + (order[r] / top_k) * hidden;
-      const T* src = out.data() + r * hidden;
+  };
+  const int64_t macs = (slots * inter + tokens * shared) * 3 * hidden;
+  if (macs >= (int64_t{1} << 22) && tasks > 1) {
+    cpu::parallel_for(0, tasks, 1, run);
+  } else {
+    run(0, tasks);
+  }
+
+  // The combine in a fixed order: the shared expert, then the experts in id order.
+  std::vector<float> acc(tokens * hidden, 0.f);
+  if (shared) {
+    const T* src = out.data() + first[num_experts] * hidden;
+    for (int64_t i = 0; i < tokens * hidden; ++i) acc[i] = to_float(src[i]);
+  }
+  for (const int64_t e : used) {
+    for (int64_t r = 0; r < static_cast<int64_t>(order[e].size()); ++r) {
+      const int64_t slot = order[e][r];
+      const float w = weights[slot];
+      float* dst = acc.data() + (slot / top_k) * hidden;
+      const T* src = out.data() + (first[e] + r) * hidden;
       for (int64_t d = 0; d < hidden; ++d) dst[d] += to_float(src[d]) * w;
     }
   }
@@ -187,8 +204,8 @@ bool moe_ffn_small_call(const Tensor& x, const Tensor& router_w, const Tensor& w
   const int64_t tokens = x.size(0), hidden = x.size(1), num_experts = w13.size(0);
   const int64_t inter = w2.size(2), shared = shared_w2.has_value() ? shared_w2->size(1) : 0;
   const auto dtype = x.scalar_type();
-  const int64_t macs = tokens * (top_k * inter + shared) * 3 * hidden;
-  if (tokens == 0 || tokens > kSmallTokens || macs > kSmallMacs ||
+  const int64_t macs = (top_k * inter + shared) * 3 * hidden;  // per token
+  if (tokens == 0 || tokens > kSmallTokens || macs > kSmallMacsPerToken ||
       (dtype != at::kFloat && dtype != at::kBFloat16) || router_w.scalar_type() != at::kFloat ||
       !x.is_contiguous() || !router_w.is_contiguous() || !w13.is_contiguous() ||
       !w2.is_contiguous() ||
@@ -233,8 +250,8 @@ Tensor moe_ffn_routed(const Tensor& x, const Tensor& topk_weights, const Tensor&
 
   const auto dtype = x.scalar_type();
   const int64_t shared = shared_w2.has_value() ? shared_w2->size(1) : 0;
-  const int64_t macs = tokens * (top_k * inter + shared) * 3 * hidden;
-  if (tokens > 0 && tokens <= kSmallTokens && macs <= kSmallMacs &&
+  const int64_t macs = (top_k * inter + shared) * 3 * hidden;  // per token
+  if (tokens > 0 && tokens <= kSmallTokens && macs <= kSmallMacsPerToken &&
       (dtype == at::kFloat || dtype == at::kBFloat16) && x.is_contiguous() && w13.is_contiguous() &&
       w2.is_contiguous() &&
       (!shared || (shared_w13->is_contiguous() && shared_w2->is_contiguous()))) {

@@ -27,9 +27,14 @@
 
 namespace pearlmoe::moe_gemm {
 
-// Up to this many rows the skinny kernel beats BLAS (measured on a 2-core AVX-512 Zen 4: at 8 rows
-// of a 256 x 256 bf16 weight it is ~8x faster than BLAS; fp32 ~2x); above it BLAS's tiles win.
-constexpr int64_t kSkinnyMaxRows = 16;
+// Up to this many rows the dense projections and the experts go through the skinny kernel, which
+// computes each row on its own in a fixed order: a token's result does not depend on how many
+// rows share the call, so a server's decode and verification steps (up to 16 sequences x 9-token
+// windows = 144 rows) give every sequence what decoding it alone gives (greedy speculative and
+// PEARL output equal to autoregressive output). At few rows it is also the fast kernel (8 rows of
+// a 256 x 256 bf16 weight: ~8x BLAS on the 2-core Zen 4; fp32 ~2x); above 16 rows BLAS's tiles
+// would be faster, which only prefills of 17-256 tokens give up (bench/NOTES.md).
+constexpr int64_t kSkinnyMaxRows = 256;
 
 // bfloat16 as stored by torch: the high half of a float.
 struct BF16 {

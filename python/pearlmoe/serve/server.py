@@ -175,6 +175,8 @@ class Server:
                "sequences of a step).", f"{per_call:.6f}")  # fmt: skip
         batch = m.batch_sum / m.rounds if m.rounds else 0.0
         metric("batch_size_mean", "gauge", "Sequences per round, on average.", f"{batch:.6f}")
+        metric("batch_size_sum_total", "counter", "Sequences stepped, summed over rounds.",
+               m.batch_sum)  # fmt: skip
         metric("queue_seconds_total", "counter", "Seconds requests waited for a slot.",
                f"{m.queue_seconds:.6f}")  # fmt: skip
         metric("time_to_first_token_seconds_total", "counter", "Seconds from arrival to the "
@@ -314,10 +316,15 @@ class Server:
         return queue
 
     async def _next(self, req: Request, events: asyncio.Queue, text: TextAssembler):
-        """(new text, finish reason or None); a stop string ends the request early."""
+        """(new text, finish reason or None); a stop string ends the request early. Rounds the
+        engine finished while this request's last chunk was being sent go out as one chunk."""
         tokens, reason = await events.get()
+        while reason is None and not events.empty():
+            more, reason = events.get_nowait()
+            tokens = tokens + more
         if reason is not None:  # the engine let the request go
-            return text.add([], final=True), ("stop" if reason == "cancelled" else reason)
+            piece = text.add(tokens, final=True)
+            return piece, ("stop" if reason == "cancelled" or text.stopped else reason)
         piece = text.add(tokens)
         if text.stopped:
             self.engine.cancel(req, "stop")
