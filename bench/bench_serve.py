@@ -1,6 +1,7 @@
 """Load on `pearlmoe serve` over loopback: N concurrent streaming clients with a fixed request
 mix, against an autoregressive, a speculative and a PEARL server in one run (each started as
-`pearlmoe serve` in its own process, the default backend, compile time not counted).
+`pearlmoe serve` in its own process, the default backend, compile time not counted; each client
+count runs the modes in turn, in a rotating order).
 
 Every client is closed-loop: it sends its next request when the last one has finished. The mix
 is held-out stdlib prompts (48 tokens, sent as token ids) with 32-128 new tokens, greedy, so
@@ -220,12 +221,19 @@ def main() -> None:
         mix.append((prompt, budget, tokenizer.decode(ids, skip_special_tokens=True)))
     del target  # the servers load their own
 
-    rows, soaks = [], {}
+    # All servers up at once (an idle one waits without using the CPU), then every client count
+    # runs each mode in turn, the order rotating: this VM's speed drifts between minutes, and
+    # the modes should see the same minutes.
+    servers = {}
     for mode in args.modes:
-        server = ServerProcess(mode, args.max_batch, 512, args.server_args.split())
-        print(f"[{mode}] server up in {server.startup:.0f} s (compile and cost curve)")
-        asyncio.run(run_level(server.url, mix, 1, 1))  # one request to warm the sockets
-        for clients in args.clients:
+        servers[mode] = ServerProcess(mode, args.max_batch, 512, args.server_args.split())
+        print(f"[{mode}] server up in {servers[mode].startup:.0f} s (compile and cost curve)")
+        asyncio.run(run_level(servers[mode].url, mix, 1, 1))  # one request to warm the sockets
+    rows, soaks = [], {}
+    for i, clients in enumerate(args.clients):
+        for j in range(len(args.modes)):
+            mode = args.modes[(i + j) % len(args.modes)]
+            server = servers[mode]
             before = server.metrics()
             row = asyncio.run(run_level(server.url, mix, clients, args.requests_per_client))
             m = {k: v - before.get(k, 0.0) for k, v in server.metrics().items()}  # this level
@@ -239,6 +247,8 @@ def main() -> None:
                 f"TTFT p50 {row['ttft_p50_ms']:.0f} ms, ITL p50/p99 {row['itl_p50_ms']:.1f}/"
                 f"{row['itl_p99_ms']:.1f} ms, corrupted {row['corrupted']}, lost {row['lost']}"
             )
+    rows.sort(key=lambda r: (args.modes.index(r["mode"]), r["clients"]))
+    for mode, server in servers.items():
         if args.soak and mode in (args.soak_modes or args.modes):
             result = asyncio.run(soak(server.url, mix, args.soak, 16))
             time.sleep(1.0)

@@ -326,7 +326,7 @@ def cmd_serve(args) -> int:
         template = None
     eos = target.config.eos_token_id
     eos = frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
-    name = args.model_name or (path.stem if is_gguf(path) else path.name)
+    name = args.model_name or Path(args.target).name.removesuffix(".gguf")  # as the user named it
     runner.notify = _note
     engine = Engine(target, draft, args.mode, args.max_batch, context, backend, args.gamma)
     warm = engine.warmup()
