@@ -36,6 +36,7 @@ from common import write_json
 from pearlmoe import generate
 from pearlmoe.cli import TARGET, held_out_prompts, load_tokenizer
 from pearlmoe.model import from_pretrained
+from pearlmoe.serve.server import parse_metrics
 
 BUDGETS = [64, 128, 32, 96, 64, 128, 48, 80]
 NAME = "tiny-target"
@@ -74,12 +75,7 @@ class ServerProcess:
         self.startup = time.monotonic() - start
 
     def metrics(self) -> dict[str, float]:
-        out = {}
-        for line in httpx.get(self.url + "/metrics").text.splitlines():
-            if line and not line.startswith("#"):
-                name, value = line.rsplit(" ", 1)
-                out[name] = float(value)
-        return out
+        return parse_metrics(httpx.get(self.url + "/metrics").text)
 
     def close(self) -> None:
         self.proc.send_signal(signal.SIGINT)

@@ -21,7 +21,7 @@ import pearlmoe
 from pearlmoe.cli import DRAFT, TARGET, load_tokenizer
 from pearlmoe.model import from_pretrained
 from pearlmoe.serve import Engine
-from pearlmoe.serve.server import ServedModel, Server, TextAssembler, render_chat
+from pearlmoe.serve.server import ServedModel, Server, TextAssembler, parse_metrics, render_chat
 
 PROMPTS = ["def parse_args(argv):", "import os\n", "class Cache:", "x", "for i in range(",
            "    return self."]  # fmt: skip
@@ -78,12 +78,7 @@ def reference(pair, text: str, max_tokens: int) -> tuple[str, int, str]:
 
 
 def metrics(live: LiveServer) -> dict[str, float]:
-    out = {}
-    for line in httpx.get(live.url + "/metrics").text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
-    return out
+    return parse_metrics(httpx.get(live.url + "/metrics").text)
 
 
 def test_models_health_and_metrics(server):

@@ -233,12 +233,17 @@ def _check_dirs(args, draft: bool) -> None:
             raise FileNotFoundError(f"{flag} {path}: no such model directory or .gguf file")
 
 
-def chat_prompt(target: Path, text: str) -> str:
-    """``text`` as one user turn in the target's chat template, ready for the reply."""
+def _chat_template(target: Path) -> str | None:
+    """The target's chat template (a GGUF file's own), or None."""
     from .model.gguf_checkpoint import chat_template
 
     path = resolve(target)
-    template = chat_template(path) if is_gguf(path) else None
+    return chat_template(path) if is_gguf(path) else None
+
+
+def chat_prompt(target: Path, text: str) -> str:
+    """``text`` as one user turn in the target's chat template, ready for the reply."""
+    template = _chat_template(target)
     if template is None:
         raise UsageError(f"--chat: {target} has no chat template")
     import jinja2
@@ -249,8 +254,9 @@ def chat_prompt(target: Path, text: str) -> str:
     )
 
 
-def cmd_generate(args) -> int:
-    needs_draft = args.mode != "ar"
+def _load_pair(args, needs_draft: bool):
+    """What generate and serve set up from their flags: (device, dtype, backend, tokenizer,
+    target, draft or None)."""
     _check_dirs(args, draft=needs_draft)
     device = _check_device(args.device)
     dtype = _dtype(args.dtype, device)
@@ -260,6 +266,11 @@ def cmd_generate(args) -> int:
         check_tokenizers(args.target, args.draft)
     target = load_model(args.target, device, dtype)
     draft = load_model(args.draft, device, dtype) if needs_draft else None
+    return device, dtype, backend, tokenizer, target, draft
+
+
+def cmd_generate(args) -> int:
+    device, dtype, backend, tokenizer, target, draft = _load_pair(args, args.mode != "ar")
     text = chat_prompt(args.target, args.prompt) if args.chat else args.prompt
     prompt = tokenizer.encode(text).ids
     if not prompt:
@@ -306,31 +317,15 @@ def cmd_serve(args) -> int:
     from .serve import Engine
     from .serve.server import ServedModel, serve
 
-    needs_draft = args.mode != "ar"
-    _check_dirs(args, draft=needs_draft)
-    device = _check_device(args.device)
-    dtype = _dtype(args.dtype, device)
-    backend = _backend(args.backend, device)
-    tokenizer = load_tokenizer(args.target)
-    if needs_draft:
-        check_tokenizers(args.target, args.draft)
-    target = load_model(args.target, device, dtype)
-    draft = load_model(args.draft, device, dtype) if needs_draft else None
+    device, dtype, backend, tokenizer, target, draft = _load_pair(args, args.mode != "ar")
     context = args.context or min(target.config.max_position_embeddings, 2048)
-    path = resolve(args.target)
-    if is_gguf(path):
-        from .model.gguf_checkpoint import chat_template
-
-        template = chat_template(path)
-    else:
-        template = None
     eos = target.config.eos_token_id
     eos = frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
     name = args.model_name or Path(args.target).name.removesuffix(".gguf")  # as the user named it
     runner.notify = _note
     engine = Engine(target, draft, args.mode, args.max_batch, context, backend, args.gamma)
     warm = engine.warmup()
-    model = ServedModel(name, tokenizer, template, eos, int(time.time()))
+    model = ServedModel(name, tokenizer, _chat_template(args.target), eos, int(time.time()))
     serve(engine, model, args.host, args.port, ready=lambda url: _note(
         f"serving {name} ({args.mode}, batch up to {args.max_batch}, context {context}, "
         f"{device} {str(dtype).removeprefix('torch.')} {backend}; warm-up {warm:.1f} s) at "

@@ -396,6 +396,16 @@ def _usage(req: Request) -> dict:
             "total_tokens": prompt + completion}  # fmt: skip
 
 
+def parse_metrics(text: str) -> dict[str, float]:
+    """/metrics' text back into {name{labels}: value} (for tests and benchmarks)."""
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
 def render_chat(template: str | None, messages: list[dict]) -> str:
     """The conversation as the model's chat template renders it, ready for the reply; without
     a template, "role: content" lines and "assistant:"."""
