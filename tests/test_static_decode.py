@@ -272,7 +272,12 @@ def test_acceptance_estimate_tracks_recent_rounds():
 
 def test_curve_is_levelled_and_scaled_by_what_the_loop_observes():
     noisy = _curve([1.0, 1.4, 1.2, 2.0], 0.1)  # a window cannot cost less than a narrower one
-    assert [round(t * 1e3, 6) for t in noisy.target] == [1.0, 1.4, 1.4, 2.0]
+    assert [round(t * 1e3, 6) for t in noisy.target] == [1.0, 1.3, 1.3, 2.0]
+    # One slow sample at width 1 no longer lifts the whole curve to it (a running maximum did).
+    spike = _curve([1.6, 0.8, 0.9, 1.0, 1.1], 0.1)
+    assert [round(t * 1e3, 6) for t in spike.target] == [1.075, 1.075, 1.075, 1.075, 1.1]
+    assert cost_model.monotone_fit([3.0, 1.0, 2.0, 5.0, 4.0]) == [2.0, 2.0, 2.0, 4.5, 4.5]
+    assert cost_model.monotone_fit([]) == []
     policy = cost_model.GammaPolicy(_curve([1.0] * 12, 0.1), "speculative", max_gamma=10)
     # Drafting seen 4x slower inside the loop than alone: the live curve says so, and γ drops.
     before = cost_model.best_gamma(policy.live_curve, 0.8, "speculative", 10)

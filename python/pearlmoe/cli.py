@@ -323,7 +323,8 @@ def cmd_serve(args) -> int:
     eos = frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
     name = args.model_name or Path(args.target).name.removesuffix(".gguf")  # as the user named it
     runner.notify = _note
-    engine = Engine(target, draft, args.mode, args.max_batch, context, backend, args.gamma)
+    engine = Engine(target, draft, args.mode, args.max_batch, context, backend, args.gamma,
+                    args.max_prefill_tokens)  # fmt: skip
     warm = engine.warmup()
     model = ServedModel(name, tokenizer, _chat_template(args.target), eos, int(time.time()))
     serve(engine, model, args.host, args.port, ready=lambda url: _note(
@@ -538,6 +539,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="tokens per request, prompt included (default: the model's, at most "
                     "2048)")  # fmt: skip
     sv.add_argument("--model-name", help="the name clients ask for (default: the model's)")
+    sv.add_argument("--max-prefill-tokens", type=_positive, default=512,
+                    help="prompt tokens prefilled between two rounds (at least one prompt): "
+                    "lower keeps running streams smoother, higher starts new ones "
+                    "sooner")  # fmt: skip
     models(sv)
     sv.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     sv.set_defaults(fn=cmd_serve)

@@ -28,6 +28,19 @@ from ..model.transformer import Transformer
 MODES = ("ar", "speculative", "pearl")
 
 
+def monotone_fit(values: list[float]) -> list[float]:
+    """The non-decreasing sequence closest to values in least squares (pool adjacent
+    violators: a run that decreases is replaced by its mean)."""
+    pools: list[list[float]] = []  # [sum, count]
+    for v in values:
+        pools.append([v, 1])
+        while len(pools) > 1 and pools[-2][0] / pools[-2][1] > pools[-1][0] / pools[-1][1]:
+            total, count = pools.pop()
+            pools[-1][0] += total
+            pools[-1][1] += count
+    return [total / count for total, count in pools for _ in range(int(count))]
+
+
 @dataclass
 class CostCurve:
     """Measured step times in seconds: ``target[n - 1]`` for a window of n tokens per sequence,
@@ -40,9 +53,10 @@ class CostCurve:
 
     def __post_init__(self) -> None:
         # A wider window never costs less than a narrower one: timing noise that says otherwise
-        # (seen on a busy VM) would pull γ towards the noise, so level it (running maximum).
-        for i in range(1, len(self.target)):
-            self.target[i] = max(self.target[i], self.target[i - 1])
+        # (seen on a busy VM) would pull γ towards the noise. The closest non-decreasing curve
+        # (least squares: adjacent violators pooled into their mean) rather than a running
+        # maximum, which let one slow sample at a narrow width raise every wider one.
+        self.target = monotone_fit(self.target)
 
     def scaled(self, target: float, draft: float) -> "CostCurve":
         """The same curve with every target time times ``target`` and the draft's times
