@@ -539,7 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="tokens per request, prompt included (default: the model's, at most "
                     "2048)")  # fmt: skip
     sv.add_argument("--model-name", help="the name clients ask for (default: the model's)")
-    sv.add_argument("--max-prefill-tokens", type=_positive, default=512,
+    sv.add_argument("--max-prefill-tokens", type=_positive, default=64,
                     help="prompt tokens prefilled between two rounds (at least one prompt): "
                     "lower keeps running streams smoother, higher starts new ones "
                     "sooner")  # fmt: skip

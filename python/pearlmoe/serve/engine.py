@@ -127,7 +127,7 @@ class Engine:
         context: int = 1024,
         backend: str = "eager",
         gamma: int | None = None,
-        max_prefill_tokens: int = 512,
+        max_prefill_tokens: int = 64,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"Engine: mode must be one of {MODES}, got {mode!r}")
