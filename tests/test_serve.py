@@ -264,3 +264,15 @@ def test_the_serve_command_refuses_bad_flags():
 
     assert main(["serve", "--mode", "beam"]) == 2
     assert main(["serve", "--target", "/nonexistent/model"]) == 2
+
+
+def test_text_assembler_streams_what_a_whole_decode_gives(pair):
+    """Token by token (multi-byte characters split across tokens included), the streamed pieces
+    join to the text of decoding all the ids at once."""
+    tokenizer = pair[2]
+    text = "def naïve(x):  # ünïcödé — 日本語 🙂\n    return x * 2\n" * 3
+    ids = tokenizer.encode(text).ids
+    assembler = TextAssembler(tokenizer, [])
+    pieces = [assembler.add([t]) for t in ids] + [assembler.add([], final=True)]
+    assert "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=True)
+    assert all("\ufffd" not in p for p in pieces)

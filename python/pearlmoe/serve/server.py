@@ -52,26 +52,40 @@ class ServedModel:
 
 class TextAssembler:
     """Token ids in, text out: complete characters only, stop strings cut (and never streamed
-    in part)."""
+    in part). Decodes incrementally: each call decodes the newest tokens together with the
+    previous call's (a tokenizer may render a token differently at the start of a string) and
+    keeps what they add, so a long completion costs O(tokens), not O(tokens²)."""
 
     def __init__(self, tokenizer, stop: Sequence[str]) -> None:
         self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
         self.ids: list[int] = []
+        self.text = ""  # the text of ids[:read]
+        self.prefix = self.read = 0  # ids[prefix:read]: the context decoded with the new ones
         self.sent = 0  # characters already returned
         self.stopped = False
+
+    def _decode(self, final: bool) -> None:
+        decode = self.tokenizer.decode
+        before = decode(self.ids[self.prefix : self.read], skip_special_tokens=True)
+        after = decode(self.ids[self.prefix :], skip_special_tokens=True)
+        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
+            self.text += after[len(before) :]  # a character cut between tokens waits
+            self.prefix, self.read = self.read, len(self.ids)
 
     def add(self, tokens: list[int], final: bool = False) -> str:
         """The new text that is safe to send after these tokens (everything left when final)."""
         self.ids.extend(tokens)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if self.stopped:
+            return ""
+        searched = len(self.text)
+        self._decode(final)
+        text = self.text
         for stop in self.stop:
-            at = text.find(stop, max(0, self.sent - len(stop) + 1))
+            at = text.find(stop, max(0, min(searched, self.sent) - len(stop) + 1))
             if at >= 0:
                 self.stopped = True
                 text = text[:at]
         if not (final or self.stopped):
-            if text.endswith("\ufffd"):  # a character cut between tokens
-                text = text[: len(text) - 1]
             hold = 0  # the longest tail that may still grow into a stop string
             for stop in self.stop:
                 for n in range(min(len(stop) - 1, len(text)), hold, -1):
