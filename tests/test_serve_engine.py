@@ -150,3 +150,30 @@ def test_a_full_bf16_batch_equals_each_request_alone(mode):
     requests = [Request(prompts[k % 8], budgets[k % 8], eos=frozenset([eos])) for k in range(16)]
     _run(engine, requests, joins=[0] * 16)
     assert [r.output for r in requests] == [want[k % 8] for k in range(16)]
+
+
+def test_an_engine_failure_ends_every_request_and_refuses_new_ones(pair):
+    """A round that raises (out of memory, a bug): the requests running and queued end as
+    cancelled instead of waiting forever, later submits are refused, the error is kept."""
+    import threading
+
+    target, draft = pair
+    engine = Engine(target, draft, "ar", max_batch=1, context=64)
+    ended = threading.Event()
+    reasons: list[str | None] = []
+
+    def boom() -> None:
+        raise MemoryError("no memory left")
+
+    engine._ar_round = boom
+    requests = [Request(p, 8, on_tokens=lambda t, r: (reasons.append(r), r and len(reasons) == 3
+                                                       and ended.set())) for p in PROMPTS[:3]]  # fmt: skip
+    for r in requests:
+        engine.submit(r)
+    engine.start()
+    assert ended.wait(30)
+    engine._thread.join(30)
+    assert [r.finish_reason for r in requests] == ["cancelled"] * 3
+    assert isinstance(engine.error, MemoryError)
+    with pytest.raises(RuntimeError, match="engine stopped: no memory left"):
+        engine.submit(Request([1, 2], 4))

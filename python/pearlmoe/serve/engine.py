@@ -27,8 +27,10 @@ Shape letters: n active sequences, N the rows stepped (n rounded up), S tokens p
 
 import contextlib
 import itertools
+import sys
 import threading
 import time
+import traceback
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -183,6 +185,8 @@ class Engine:
 
     def submit(self, req: Request) -> None:
         self.check(req)
+        if self.error is not None:
+            raise RuntimeError(f"the engine stopped: {self.error}")
         req.submitted = time.perf_counter()
         with self._cv:
             self.queue.append(req)
@@ -225,10 +229,13 @@ class Engine:
                     self.step()
         except BaseException as err:  # the server reports it; requests in flight end
             self.error = err
-            for slot in self.slots:
-                self._finish(slot.req, "cancelled")
+            with self._cv:
+                waiting, self.queue = list(self.queue), deque()
+            for req in [slot.req for slot in self.slots] + waiting:
+                self._finish(req, "cancelled")
             self.slots.clear()
-            raise
+            print("pearlmoe: the serving engine stopped:", file=sys.stderr)
+            traceback.print_exc()
 
     @torch.inference_mode()
     def step(self) -> None:
@@ -255,7 +262,10 @@ class Engine:
         (1, 2, 4, ... max_batch); returns the seconds it took."""
         start = time.perf_counter()
         sizes = sorted({self._rows(n) for n in range(1, self.max_batch + 1)})
-        target_widths = {"ar": [1], "speculative": [self.gamma + 1], "pearl": [1, self.gamma]}
+        # Width 2 at least: the graph for every window wider than 1 is built once, so a γ the
+        # policy picks later never compiles on the engine's thread while the draft's runs.
+        wide = max(2, self.gamma)
+        target_widths = {"ar": [1], "speculative": [wide + 1], "pearl": [1, wide]}
         with self._threads(), torch.inference_mode():
             for rows in sizes:
                 for width in target_widths[self.mode]:

@@ -226,9 +226,9 @@ class Server:
         except ValueError as err:  # the engine's own checks (context length, token ids)
             self.http_errors += 1
             return error_response(str(err), 400, None, "invalid_request")
-        if self.engine.error is not None:
+        except RuntimeError as err:  # the engine has stopped
             self.http_errors += 1
-            return error_response(f"engine stopped: {self.engine.error}", 500)
+            return error_response(str(err), 500)
         events = self._events(req)
         kind = "chat.completion" if chat else "text_completion"
         ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
