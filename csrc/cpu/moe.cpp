@@ -82,7 +82,8 @@ void silu_and_mul(const Tensor& h, Tensor out) {
 // Decode- and verification-sized calls (up to kSkinnyMaxRows tokens of a small model): the
 // token-slots grouped by expert, then per used expert one skinny GEMM pair over all of its rows
 // (its weights are read once per call, however many of the tokens chose it), and the shared
-// expert over all rows at once; in the calling thread. The general path below spends ~25 ATen
+// expert over all rows at once (as parallel tasks when a prefill brings enough work; a decode
+// step runs inline). The general path below spends ~25 ATen
 // calls (~75 us) before its arithmetic at these sizes. Same math and rounding points: GEMM outputs
 // and SiLU·up in the input dtype, the combine in fp32. Which path a call takes depends on the
 // token count only through kSmallTokens (= kSkinnyMaxRows), never on a total that grows with the
@@ -174,6 +175,34 @@ void moe_ffn_small(const Tensor& x, const float* weights, const int64_t* ids, in
   for (int64_t i = 0; i < tokens * hidden; ++i) store(&yp[i], acc[i]);
 }
 
+// Whether a call takes moe_ffn_small: fp32 or bf16, contiguous, at most kSmallTokens tokens of
+// experts small enough (the router's own conditions are the caller's).
+bool takes_small_path(const Tensor& x, int64_t top_k, const Tensor& w13, const Tensor& w2,
+                      const std::optional<Tensor>& shared_w13,
+                      const std::optional<Tensor>& shared_w2) {
+  const int64_t tokens = x.size(0), hidden = x.size(1), inter = w2.size(2);
+  const int64_t shared = shared_w2.has_value() ? shared_w2->size(1) : 0;
+  const int64_t macs = (top_k * inter + shared) * 3 * hidden;  // per token
+  const auto dtype = x.scalar_type();
+  return tokens > 0 && tokens <= kSmallTokens && macs <= kSmallMacsPerToken &&
+         (dtype == at::kFloat || dtype == at::kBFloat16) && x.is_contiguous() &&
+         w13.is_contiguous() && w2.is_contiguous() &&
+         (!shared || (shared_w13->is_contiguous() && shared_w2->is_contiguous()));
+}
+
+// moe_ffn_small in x's dtype, into a new y.
+Tensor run_small(const Tensor& x, const float* weights, const int64_t* ids, int64_t top_k,
+                 const Tensor& w13, const Tensor& w2, const std::optional<Tensor>& shared_w13,
+                 const std::optional<Tensor>& shared_w2) {
+  Tensor y = at::empty({x.size(0), x.size(1)}, x.options());
+  if (x.scalar_type() == at::kFloat) {
+    moe_ffn_small<float>(x, weights, ids, top_k, w13, w2, shared_w13, shared_w2, y);
+  } else {
+    moe_ffn_small<moe_gemm::BF16>(x, weights, ids, top_k, w13, w2, shared_w13, shared_w2, y);
+  }
+  return y;
+}
+
 }  // namespace
 
 void grouped_gemm(const Tensor& a, const Tensor& b, const int32_t* offs, Tensor& c) {
@@ -201,23 +230,17 @@ void grouped_gemm_wgrad(const Tensor& grad_c, const Tensor& a, const int32_t* of
 bool moe_ffn_small_call(const Tensor& x, const Tensor& router_w, const Tensor& w13,
                         const Tensor& w2, int64_t top_k, const std::optional<Tensor>& shared_w13,
                         const std::optional<Tensor>& shared_w2, bool renormalize, Tensor& y) {
-  const int64_t tokens = x.size(0), hidden = x.size(1), num_experts = w13.size(0);
-  const int64_t inter = w2.size(2), shared = shared_w2.has_value() ? shared_w2->size(1) : 0;
-  const auto dtype = x.scalar_type();
-  const int64_t macs = (top_k * inter + shared) * 3 * hidden;  // per token
-  if (tokens == 0 || tokens > kSmallTokens || macs > kSmallMacsPerToken ||
-      (dtype != at::kFloat && dtype != at::kBFloat16) || router_w.scalar_type() != at::kFloat ||
-      !x.is_contiguous() || !router_w.is_contiguous() || !w13.is_contiguous() ||
-      !w2.is_contiguous() ||
-      (shared && (!shared_w13->is_contiguous() || !shared_w2->is_contiguous()))) {
+  if (!takes_small_path(x, top_k, w13, w2, shared_w13, shared_w2) ||
+      router_w.scalar_type() != at::kFloat || !router_w.is_contiguous()) {
     return false;
   }
+  const int64_t tokens = x.size(0), hidden = x.size(1), num_experts = w13.size(0);
   // Router logits in fp32 through the skinny kernel (each token's logits computed alike whatever
   // the other tokens), then softmax and top-k per token.
   std::vector<float> x32(tokens * hidden), logits(tokens * num_experts), weights(tokens * top_k);
   std::vector<int32_t> ids32(tokens * top_k);
   std::vector<int64_t> ids(tokens * top_k);
-  if (dtype == at::kFloat) {
+  if (x.scalar_type() == at::kFloat) {
     std::copy_n(x.const_data_ptr<float>(), tokens * hidden, x32.data());
   } else {
     const auto* xb = static_cast<const moe_gemm::BF16*>(x.const_data_ptr());
@@ -231,13 +254,7 @@ bool moe_ffn_small_call(const Tensor& x, const Tensor& router_w, const Tensor& w
                               ids32.data() + t * top_k);
   }
   std::copy(ids32.begin(), ids32.end(), ids.begin());
-  y = at::empty({tokens, hidden}, x.options());
-  if (dtype == at::kFloat) {
-    moe_ffn_small<float>(x, weights.data(), ids.data(), top_k, w13, w2, shared_w13, shared_w2, y);
-  } else {
-    moe_ffn_small<moe_gemm::BF16>(x, weights.data(), ids.data(), top_k, w13, w2, shared_w13,
-                                  shared_w2, y);
-  }
+  y = run_small(x, weights.data(), ids.data(), top_k, w13, w2, shared_w13, shared_w2);
   return true;
 }
 
@@ -248,25 +265,11 @@ Tensor moe_ffn_routed(const Tensor& x, const Tensor& topk_weights, const Tensor&
   const int64_t num_experts = w13.size(0), inter = w2.size(2);
   const int64_t slots = tokens * top_k;
 
-  const auto dtype = x.scalar_type();
-  const int64_t shared = shared_w2.has_value() ? shared_w2->size(1) : 0;
-  const int64_t macs = (top_k * inter + shared) * 3 * hidden;  // per token
-  if (tokens > 0 && tokens <= kSmallTokens && macs <= kSmallMacsPerToken &&
-      (dtype == at::kFloat || dtype == at::kBFloat16) && x.is_contiguous() && w13.is_contiguous() &&
-      w2.is_contiguous() &&
-      (!shared || (shared_w13->is_contiguous() && shared_w2->is_contiguous()))) {
+  if (takes_small_path(x, top_k, w13, w2, shared_w13, shared_w2)) {
     const Tensor weights = topk_weights.to(at::kFloat).contiguous();
     const Tensor ids = topk_ids.to(at::kLong).contiguous();
-    Tensor y = at::empty({tokens, hidden}, x.options());
-    if (dtype == at::kFloat) {
-      moe_ffn_small<float>(x, weights.const_data_ptr<float>(), ids.const_data_ptr<int64_t>(), top_k,
-                           w13, w2, shared_w13, shared_w2, y);
-    } else {
-      moe_ffn_small<moe_gemm::BF16>(x, weights.const_data_ptr<float>(),
-                                    ids.const_data_ptr<int64_t>(), top_k, w13, w2, shared_w13,
-                                    shared_w2, y);
-    }
-    return y;
+    return run_small(x, weights.const_data_ptr<float>(), ids.const_data_ptr<int64_t>(), top_k, w13,
+                     w2, shared_w13, shared_w2);
   }
 
   // Group the slots by expert (ids were range-checked by the caller).

@@ -246,12 +246,9 @@ def chat_prompt(target: Path, text: str) -> str:
     template = _chat_template(target)
     if template is None:
         raise UsageError(f"--chat: {target} has no chat template")
-    import jinja2
+    from .model.gguf_checkpoint import render_chat_template
 
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined)
-    return env.from_string(template).render(
-        messages=[{"role": "user", "content": text}], add_generation_prompt=True
-    )
+    return render_chat_template(template, [{"role": "user", "content": text}])
 
 
 def _load_pair(args, needs_draft: bool):

@@ -209,3 +209,11 @@ def read_tokenizer(path: str | Path, reader=None):
 def chat_template(path: str | Path, reader=None) -> str | None:
     """The file's chat template (Jinja), if it has one."""
     return _field(reader or _reader(Path(path)), "tokenizer.chat_template", None)
+
+
+def render_chat_template(template: str, messages: list[dict]) -> str:
+    """A conversation through a chat template (Jinja, strict), ready for the reply."""
+    import jinja2
+
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined)
+    return env.from_string(template).render(messages=messages, add_generation_prompt=True)

@@ -40,9 +40,9 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from ..decode.common import gamma_policy, num_threads, side_threads
+from ..decode.common import emit, gamma_policy, num_threads, side_threads
 from ..decode.runner import Runner, Sampling
-from ..decode.sampling import logits_to_probs
+from ..decode.sampling import logits_to_probs, sample
 from ..model.transformer import Transformer
 
 MODES = ("ar", "speculative", "pearl")
@@ -165,6 +165,7 @@ class Engine:
             init = (torch.set_num_threads, (self.share,)) if self.share else (None, ())
             self._pool = ThreadPoolExecutor(1, initializer=init[0], initargs=init[1])
         self.error: BaseException | None = None
+        self._seen = (0, 0)  # proposed and accepted when γ was last re-picked
 
     # ---- requests (any thread) ---------------------------------------------------------------
 
@@ -349,15 +350,8 @@ class Engine:
         req = slot.req
         new: list[int] = []
         reason = None
-        for token in tokens:
-            new.append(token)
-            req.output.append(token)
-            if token in req.eos:
-                reason = "stop"
-                break
-            if len(req.output) >= req.max_tokens:
-                reason = "length"
-                break
+        if emit(tokens, req.output, new, req.eos, req.max_tokens):
+            reason = "stop" if req.output[-1] in req.eos else "length"
         slot.committed.extend(new)
         if new and not req.first_token:
             req.first_token = time.perf_counter()
@@ -365,8 +359,7 @@ class Engine:
         self.metrics.generated_tokens += len(new)
         if req.on_tokens is not None and new:
             req.on_tokens(new, None)
-        if reason is not None:
-            req.finish_reason = reason
+        req.finish_reason = reason
         return reason is not None
 
     def _end_round(self, finished: list[bool]) -> None:
@@ -403,7 +396,7 @@ class Engine:
                 dists.append(None)
                 continue
             q = logits_to_probs(logits[i], req.temperature, req.top_k, req.top_p)  # [V]
-            tokens.append(int(torch.multinomial(q, 1, generator=slot.generator)))
+            tokens.append(int(sample(q[None], slot.generator)))
             dists.append(q)
         return tokens, dists
 
@@ -538,8 +531,7 @@ class Engine:
         if self.policy is None:
             return
         proposed, accepted = self.metrics.proposed, self.metrics.accepted
-        last = getattr(self, "_seen", (0, 0))
-        self.policy.update(accepted - last[1], proposed - last[0])
+        self.policy.update(accepted - self._seen[1], proposed - self._seen[0])
         self._seen = (proposed, accepted)
         self.gamma = self.policy.gamma
 

@@ -425,10 +425,9 @@ def render_chat(template: str | None, messages: list[dict]) -> str:
     a template, "role: content" lines and "assistant:"."""
     if template is None:
         return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-    import jinja2
+    from ..model.gguf_checkpoint import render_chat_template
 
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined)
-    return env.from_string(template).render(messages=messages, add_generation_prompt=True)
+    return render_chat_template(template, messages)
 
 
 def serve(
