@@ -1,4 +1,4 @@
-"""A small CUDA workload for compute-sanitizer (bench/device_check.sh): every routing kernel on
+"""A small CUDA workload for compute-sanitizer (bench/device_check.sh): every kernel family on
 awkward sizes, checked against the reference so a wrong answer fails too."""
 
 import torch
@@ -70,6 +70,20 @@ def main() -> None:
     for q in (None, draft):
         tokens, accepted = pearlmoe.spec_verify(target, drafts, q)
         assert ((tokens >= 0).sum(1) == accepted + 1).all()
+    # GGUF-quantised projections: the gemv (up to 16 rows, a K tail past 32 blocks a lane) and
+    # dequantize + cuBLAS paths, each format.
+    g = torch.Generator().manual_seed(0)
+    for fmt, size in reference.GGUF_BLOCK_BYTES.items():
+        qweight = torch.randint(0, 256, (37, 33, size), dtype=torch.uint8, generator=g)
+        qweight[..., 0:2] = torch.full((37, 33, 1), 0.01).half().view(torch.uint8)
+        if fmt == "q4_1":
+            qweight[..., 2:4] = torch.full((37, 33, 1), -0.05).half().view(torch.uint8)
+        qweight = qweight.reshape(37, 33 * size)
+        for rows in (1, 9, 40):
+            x = torch.randn(rows, 33 * 32).bfloat16()
+            got = pearlmoe.qlinear(x.cuda(), qweight.cuda(), fmt)
+            want = reference.qlinear(x.float(), qweight, fmt)
+            torch.testing.assert_close(got.cpu().float(), want, rtol=3e-2, atol=3e-2)
     torch.cuda.synchronize()
     print("sanitize case: ok")
 

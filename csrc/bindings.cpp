@@ -56,6 +56,11 @@ TORCH_LIBRARY(pearlmoe, m) {
   // A dense projection x · weight^T ([..., K] x [N, K] -> [..., N]): the skinny kernel for a few
   // rows on the CPU (decode, verification), BLAS above that, cuBLAS on CUDA.
   m.def("linear(Tensor x, Tensor weight) -> Tensor");
+  // A projection whose weight stays in a GGUF block format, 'q4_0', 'q4_1' or 'q8_0' (qweight
+  // [N, K/32 * block bytes] uint8: llama.cpp's rows as stored): x · dequant(qweight)^T, fp32 sums.
+  m.def("qlinear(Tensor x, Tensor qweight, str format) -> Tensor");
+  // qweight [N, K/32 * block bytes] expanded to [N, K] in dtype.
+  m.def("dequantize(Tensor qweight, str format, ScalarType dtype) -> Tensor");
 
   // RMSNorm over the last dim with Hugging Face's rounding points (normalise in fp32, round,
   // times weight); each row reduced in a fixed order, whatever else shares the call.

@@ -320,3 +320,48 @@ def rms_norm(x, weight, eps: float = 1e-5, **kw) -> Result:
         dict(out=((rows, hidden), x.dtype)),
         **kw,
     )
+
+
+_QUANT_FORMATS = {"q4_0": 0, "q4_1": 1, "q8_0": 2}  # quant::Format
+
+
+def qlinear(x, qweight, format: str, **kw) -> Result:
+    """qlinear_cuda: x [rows, K] (unit last stride), qweight [N, row bytes] -> out [rows, N]."""
+    rows, k = x.shape
+    assert x.stride(1) == 1 and qweight.is_contiguous()
+    n = qweight.shape[0]
+    return emulation.run(
+        "qlinear",
+        dict(
+            kernel=0,
+            rows=rows,
+            n=n,
+            k=k,
+            row_stride=x.stride(0),
+            row_bytes=qweight.shape[1],
+            format=_QUANT_FORMATS[format],
+            dtype=_ROPE_DTYPES[x.dtype],
+        ),
+        dict(x=x, w=qweight),
+        dict(out=((rows, n), x.dtype)),
+        **kw,
+    )
+
+
+def dequantize(qweight, format: str, dtype, k: int, **kw) -> Result:
+    """dequantize_cuda: qweight [N, row bytes] -> out [N, K] in dtype."""
+    n = qweight.shape[0]
+    return emulation.run(
+        "qlinear",
+        dict(
+            kernel=1,
+            n=n,
+            k=k,
+            row_bytes=qweight.shape[1],
+            format=_QUANT_FORMATS[format],
+            dtype=_ROPE_DTYPES[dtype],
+        ),
+        dict(w=qweight.contiguous()),
+        dict(out=((n, k), dtype)),
+        **kw,
+    )

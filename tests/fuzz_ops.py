@@ -982,6 +982,59 @@ def build_linear(spec):
     return Case("linear", _ops.linear.default, (x, w), invalid, True, check, fake)
 
 
+QLINEAR_MUTATIONS = ["format", "qweight-dtype", "qweight-rank", "k-odd", "row-bytes", "int",
+                     "double", "x-0d"]  # fmt: skip
+QLINEAR = _spec(
+    "qlinear",
+    QLINEAR_MUTATIONS,
+    rows=st.sampled_from([0, 1, 3, 4, 5, 16, 17, 257]),
+    n=st.sampled_from([0, 1, 3, 4, 17, 64]),
+    k=st.sampled_from([32, 64, 96, 160]),
+    format=st.sampled_from(["q4_0", "q4_1", "q8_0"]),
+    lead=st.booleans(),
+    dtype=st.sampled_from(["float32", "bfloat16", "float16"]),
+    layout=st.sampled_from(VIEWS),
+    special=st.sampled_from(["none", "nan", "inf", "huge"]),
+)
+
+
+def build_qlinear(spec):
+    from quant_blocks import random_blocks
+
+    m, dtype, g, fmt = spec["mutation"], DTYPES[spec["dtype"]], _gen(spec), spec["format"]
+    x = torch.randn(spec["rows"], spec["k"], generator=g)
+    if spec["special"] != "none" and x.numel():
+        x = _poke(x, {"nan": float("nan"), "inf": float("inf"), "huge": 1e30}[spec["special"]], g)
+    x = view(x.to(dtype), spec["layout"])
+    if spec["lead"]:
+        x = x.unsqueeze(0)
+    q = random_blocks(spec["n"], spec["k"], fmt, g)
+    invalid = None
+    if m == "format":
+        fmt, invalid = fmt.upper(), "format"
+    elif m == "qweight-dtype":
+        q, invalid = q.view(torch.int8), "qweight"
+    elif m == "qweight-rank":
+        q, invalid = q.reshape(-1), "qweight"
+    elif m == "k-odd":
+        x, invalid = x[..., :-1], "K"
+    elif m == "row-bytes":
+        q, invalid = q[:, :-2], "qweight"
+    elif m == "int":
+        x, invalid = x.long(), "x"
+    elif m == "double":
+        x, invalid = x.double(), "x"
+    elif m == "x-0d":
+        x, invalid = torch.tensor(1.0, dtype=dtype), "x"
+
+    def check(out):
+        oracle = x.double() @ reference.dequantize(q, fmt).double().t()
+        _close(out, reference.qlinear(x, q, fmt), oracle, dtype)
+
+    return Case("qlinear", _ops.qlinear.default, (x, q, fmt), invalid, True, check,
+                _ops.qlinear.default)  # fmt: skip
+
+
 NORM_MUTATIONS = ["weight-len", "weight-rank", "weight-dtype", "eps-nan", "eps-neg", "int"]
 NORM = _spec(
     "rms_norm",
@@ -1163,6 +1216,7 @@ BUILDERS = {
     "rope_qk_norm": build_rope,
     "spec_verify": build_verify,
     "linear": build_linear,
+    "qlinear": build_qlinear,
     "rms_norm": build_norm,
     "kv_cache_write": build_write,
     "KVCache": build_cache,
@@ -1177,6 +1231,7 @@ STRATEGIES = {
     "rope_qk_norm": ROPE,
     "spec_verify": VERIFY,
     "linear": LINEAR,
+    "qlinear": QLINEAR,
     "rms_norm": NORM,
     "kv_cache_write": WRITE,
     "KVCache": CACHE,

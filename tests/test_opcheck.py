@@ -6,6 +6,7 @@ import torch
 
 import pearlmoe  # noqa: F401
 from conftest import DEVICES
+from quant_blocks import random_blocks
 
 _ops = torch.ops.pearlmoe
 
@@ -34,6 +35,9 @@ def _samples(device: str) -> dict:
     new_kv = torch.randn(2, 3, 2, 64, device=device, dtype=dtype)
     slots = torch.tensor([[0, 1, 2], [5, 6, 7]], device=device)
     norm_w = torch.rand(16, device=device, dtype=dtype)
+    x64 = torch.randn(9, 64, device=device, dtype=dtype)
+    q4 = random_blocks(5, 64, "q4_1", torch.Generator().manual_seed(0))  # [5, 40] uint8
+    q8 = random_blocks(7, 64, "q8_0", torch.Generator().manual_seed(1))  # [7, 68] uint8
 
     def grad(t):
         return t.clone().requires_grad_()
@@ -75,6 +79,9 @@ def _samples(device: str) -> dict:
         "linear": (_ops.linear, (x, w13[0])),
         "linear-3d": (_ops.linear, (x.view(3, 3, 16), w13[1])),
         "linear-grad": (_ops.linear, (grad(x), grad(w13[0]))),
+        "qlinear-q4_1": (_ops.qlinear, (x64, q4.to(device), "q4_1")),
+        "qlinear-3d-q8_0": (_ops.qlinear, (x64.view(3, 3, 64), q8.to(device), "q8_0")),
+        "dequantize": (_ops.dequantize, (q4.to(device), "q4_1", torch.bfloat16)),
         "rms_norm": (_ops.rms_norm, (x, norm_w, 1e-5)),
         "rms_norm-grad": (_ops.rms_norm, (grad(x), grad(norm_w), 1e-6)),
         "kv_cache_write": (_ops.kv_cache_write, (cache, cache.clone(), new_kv, new_kv, slots, 1)),

@@ -17,12 +17,14 @@ from .decode import generate, generate_stream
 from .model import from_pretrained, save_pretrained
 from .ops import (
     attention,
+    dequantize,
     grouped_gemm,
     grouped_topk,
     linear,
     moe_align,
     moe_ffn,
     moe_ffn_routed,
+    qlinear,
     rope_qk_norm,
     spec_verify,
     topk_softmax,
@@ -39,6 +41,7 @@ def built_with_cuda() -> bool:
 __all__ = [
     "attention",
     "built_with_cuda",
+    "dequantize",
     "from_pretrained",
     "generate",
     "generate_stream",
@@ -49,6 +52,7 @@ __all__ = [
     "moe_ffn",
     "moe_ffn_routed",
     "ops",
+    "qlinear",
     "reference",
     "rope_qk_norm",
     "save_pretrained",

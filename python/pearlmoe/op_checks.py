@@ -463,6 +463,51 @@ def linear(x: Tensor, weight: Tensor) -> None:
     _x_and_weight("linear", x, weight, 2, "K")
 
 
+_GGUF_BLOCK_BYTES = {"q4_0": 18, "q4_1": 20, "q8_0": 34}
+_QUANT_X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _gguf_format(op: str, format: str) -> int:
+    """The bytes per block of a GGUF format name."""
+    _check(op, format in _GGUF_BLOCK_BYTES,
+           f"format must be 'q4_0', 'q4_1' or 'q8_0', got '{format}'")  # fmt: skip
+    return _GGUF_BLOCK_BYTES[format]
+
+
+def _qweight(op: str, qweight: Tensor) -> None:
+    _dim(op, qweight, 2, "qweight")
+    _check(op, qweight.dtype == torch.uint8,
+           f"qweight must be Byte, got {_name(qweight.dtype)}")  # fmt: skip
+
+
+def qlinear(x: Tensor, qweight: Tensor, format: str) -> None:
+    op = "qlinear"
+    block = _gguf_format(op, format)
+    _check(op, x.dim() >= 1, "x must be [..., K], got a 0-D tensor")
+    _qweight(op, qweight)
+    _check(op, x.dtype in _QUANT_X_DTYPES,
+           f"x must be float32, bfloat16 or float16, got {_name(x.dtype)}")  # fmt: skip
+    _same_device(op, qweight, x, "qweight", "x")
+    k = x.shape[-1]
+    _check(op, k % 32 == 0,
+           f"x.size(-1) = K must be a multiple of 32 ({format} blocks), got {k}")  # fmt: skip
+    row = k // 32 * block
+    _check(op, qweight.shape[1] == row,
+           f"qweight must be [N, {row}] for K = {k} in {format} ({block} bytes per 32 values), "
+           f"got shape {list(qweight.shape)}")  # fmt: skip
+
+
+def dequantize(qweight: Tensor, format: str, dtype: torch.dtype) -> None:
+    op = "dequantize"
+    block = _gguf_format(op, format)
+    _qweight(op, qweight)
+    _check(op, dtype in _QUANT_X_DTYPES,
+           f"dtype must be float32, bfloat16 or float16, got {_name(dtype)}")  # fmt: skip
+    _check(op, qweight.shape[1] % block == 0,
+           f"qweight rows must be whole {format} blocks of {block} bytes, got shape "
+           f"{list(qweight.shape)}")  # fmt: skip
+
+
 def rms_norm(x: Tensor, weight: Tensor) -> None:
     _x_and_weight("rms_norm", x, weight, 1, "H")
 

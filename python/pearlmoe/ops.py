@@ -241,6 +241,27 @@ def linear(x: Tensor, weight: Tensor) -> Tensor:
     return _ops.linear.default(x, weight)
 
 
+def qlinear(x: Tensor, qweight: Tensor, format: str) -> Tensor:
+    """A projection whose weight stays in a GGUF block format: ``x · dequant(qweight)^T``.
+
+    ``format`` is llama.cpp's ``"q4_0"``, ``"q4_1"`` or ``"q8_0"``; ``qweight`` holds each weight
+    row's K/32 blocks exactly as a GGUF file stores them (18, 20 or 34 bytes per 32 values). At
+    decode sizes the CPU kernel expands each block in registers as it streams the weight once (a
+    4-bit weight is 3.2× fewer bytes than bf16); prefill-sized calls expand the weight and use
+    BLAS. CUDA: a warp per output column for up to 16 rows, else dequantize + cuBLAS. Sums in
+    fp32 over the exactly expanded weights; each row computed on its own. Not differentiable.
+
+    Shape:
+        x: [..., K] (K a multiple of 32), qweight: [N, K/32 * block bytes] uint8 -> [..., N]
+    """
+    return _ops.qlinear.default(x, qweight, format)
+
+
+def dequantize(qweight: Tensor, format: str, dtype: torch.dtype = torch.float32) -> Tensor:
+    """GGUF blocks expanded: ``qweight`` [N, K/32 * block bytes] uint8 -> [N, K] in ``dtype``."""
+    return _ops.dequantize.default(qweight, format, dtype)
+
+
 def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-5) -> Tensor:
     """RMSNorm over the last dim with Hugging Face's rounding points:
     ``weight · (x_fp32 · rsqrt(mean(x_fp32²) + eps)).to(x.dtype)``.
@@ -266,6 +287,19 @@ def cpu_isa() -> str:
 def _rms_norm_fake(x: Tensor, weight: Tensor, eps: float = 1e-5):
     op_checks.rms_norm(x, weight)
     return torch.empty_like(x, memory_format=torch.contiguous_format)  # [..., H]
+
+
+@torch.library.register_fake("pearlmoe::qlinear")
+def _qlinear_fake(x: Tensor, qweight: Tensor, format: str):
+    op_checks.qlinear(x, qweight, format)
+    return x.new_empty(*x.shape[:-1], qweight.shape[0])  # [..., N]
+
+
+@torch.library.register_fake("pearlmoe::dequantize")
+def _dequantize_fake(qweight: Tensor, format: str, dtype: torch.dtype):
+    op_checks.dequantize(qweight, format, dtype)
+    k = qweight.shape[1] // op_checks._GGUF_BLOCK_BYTES[format] * 32
+    return qweight.new_empty(qweight.shape[0], k, dtype=dtype)  # [N, K]
 
 
 @torch.library.register_fake("pearlmoe::linear")

@@ -97,6 +97,34 @@ def linear(x: Tensor, weight: Tensor) -> Tensor:
     return torch.nn.functional.linear(x, weight)
 
 
+# GGUF block formats: bytes per block of 32 values (ops.qlinear).
+GGUF_BLOCK_BYTES = {"q4_0": 18, "q4_1": 20, "q8_0": 34}
+
+
+def dequantize(qweight: Tensor, format: str, dtype: torch.dtype = torch.float32) -> Tensor:
+    """llama.cpp's blocks [N, K/32 * bytes] (uint8) -> [N, K]: Q4_0 ``(q - 8)·d``, Q4_1
+    ``q·d + m``, Q8_0 ``q·d`` with fp16 d, m, in fp32 (exact but for Q4_1's one rounding)."""
+    n, size = qweight.shape[0], GGUF_BLOCK_BYTES[format]
+    blocks = qweight.reshape(n, qweight.shape[1] // size, size)  # [N, K/32, bytes]
+    d = blocks[..., 0:2].contiguous().view(torch.float16).float()  # [N, K/32, 1]
+    if format == "q8_0":
+        q = blocks[..., 2:].contiguous().view(torch.int8).float()  # [N, K/32, 32]
+        w = q * d
+    else:
+        packed = blocks[..., 4:] if format == "q4_1" else blocks[..., 2:]  # [N, K/32, 16]
+        q = torch.cat([packed & 15, packed >> 4], dim=-1).float()  # [N, K/32, 32]
+        if format == "q4_1":
+            w = q * d + blocks[..., 2:4].contiguous().view(torch.float16).float()
+        else:
+            w = (q - 8) * d
+    return w.reshape(n, qweight.shape[1] // size * 32).to(dtype)  # [N, K]
+
+
+def qlinear(x: Tensor, qweight: Tensor, format: str) -> Tensor:
+    """x [..., K] · dequant(qweight)^T in fp32 -> [..., N] in x's dtype."""
+    return (x.float() @ dequantize(qweight, format).t()).to(x.dtype)
+
+
 def swiglu_mlp(x: Tensor, w13: Tensor, w2: Tensor) -> Tensor:
     """down(silu(gate(x)) * up(x)) with w13 = [gate; up] stacked as [2I, H] and w2 [H, I]."""
     inter = w2.shape[1]
