@@ -7,12 +7,14 @@ tokens). Engines:
   generation with pearlmoe's distilled draft converted to an HF Llama (``assistant_model=``);
 - llama.cpp through llama-cpp-python (it computes on the file's Q4_1 blocks): plain decoding and
   its prompt-lookup decoding;
-- pearlmoe: autoregressive, speculative and PEARL with the distilled draft.
+- pearlmoe: autoregressive, speculative and PEARL with the distilled draft, on bf16 weights and
+  on the file's own Q4_1/Q8_0 blocks (``quantized=True``, "q4": llama.cpp's bytes per token).
 
 tokens/s counts the prompt's prefill too (N / wall seconds from prompt to the N-th token), for
 every engine alike. Agreement: in fp32 pearlmoe and transformers must emit the same tokens; every
-other engine's output is compared with pearlmoe's autoregressive output of the same dtype (the
-index of the first token that differs). Prints a table, writes JSON and PNG.
+other engine's output is compared with pearlmoe's autoregressive output of the same weights (bf16,
+or q4 for pearlmoe q4 and llama.cpp; the index of the first token that differs). Prints a table,
+writes JSON and PNG.
 
     python bench/bench_peers.py [--tokens 128] [--threads 2] [--skip-llama-cpp]
 
@@ -257,6 +259,15 @@ def main() -> int:
         engines[f"pearlmoe {mode}"] = lambda ids, mode=mode: pearlmoe_generate(
             mode, target, draft, ids, n, backend
         )
+    # The file's Q4_1/Q8_0 blocks kept (pearlmoe.qlinear), bf16 activations: llama.cpp's bytes.
+    target_q = load_model(path, "cpu", torch.bfloat16, quantized=True)
+    for mode in ("ar", "speculative", "pearl"):
+        started = time.perf_counter()
+        warm_up(mode, target_q, draft, prompts["code"], backend, None, 0.0)
+        print(f"  pearlmoe {mode} q4: warm-up {time.perf_counter() - started:.0f} s", flush=True)
+        engines[f"pearlmoe {mode} q4"] = lambda ids, mode=mode: pearlmoe_generate(
+            mode, target_q, draft, ids, n, backend
+        )
     if not args.skip_llama_cpp and ensure_llama_cpp():
         plain = llama_cpp_engine(path, args.threads, lookup=False)
         lookup = llama_cpp_engine(path, args.threads, lookup=True)
@@ -265,11 +276,13 @@ def main() -> int:
     steps = {  # one decode step (1 token, batch 1, after 64 tokens of context), compiled
         "target_step_ms": step_seconds(target, [1], backend=backend)[0] * 1e3,
         "draft_step_ms": step_seconds(draft, [1], backend=backend)[0] * 1e3,
+        "target_q4_step_ms": step_seconds(target_q, [1], backend=backend)[0] * 1e3,
     }
     steps["draft_over_target"] = steps["draft_step_ms"] / steps["target_step_ms"]
     ratio = steps["draft_over_target"]
-    print(f"  decode step: target {steps['target_step_ms']:.2f} ms, draft "
-          f"{steps['draft_step_ms']:.2f} ms ({ratio:.3f}x)", flush=True)  # fmt: skip
+    print(f"  decode step: target {steps['target_step_ms']:.2f} ms (q4 "
+          f"{steps['target_q4_step_ms']:.2f} ms), draft {steps['draft_step_ms']:.2f} ms "
+          f"({ratio:.3f}x)", flush=True)  # fmt: skip
     names = list(engines)
     for i, (name, ids) in enumerate(prompts.items()):
         for engine in names[i:] + names[:i]:  # rotate the order: the VM's drift hits all alike
@@ -291,7 +304,9 @@ def summarize(rows: dict, n: int) -> dict:
     out = {}
     for engine, per_prompt in rows.items():
         fp32 = "fp32" in engine
-        reference = rows["pearlmoe ar fp32 (eager)" if fp32 else "pearlmoe ar"]
+        q4 = engine.endswith(" q4") or engine.startswith("llama.cpp")
+        reference = rows["pearlmoe ar fp32 (eager)" if fp32 else "pearlmoe ar q4" if q4 else
+                         "pearlmoe ar"]  # fmt: skip
         seconds = sum(r["seconds"] for r in per_prompt.values())
         row = {
             "tokens_per_second": n * len(per_prompt) / seconds,

@@ -171,6 +171,61 @@ def test_quantised_tensors_are_dequantised_exactly(hf_llama, tmp_path, qtype):
     assert (down - original).abs().max() < bound * original.abs().max()
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_quantized_keeps_the_files_blocks(hf_llama, tmp_path, tied):
+    """quantized=True: the Q4_0/Q4_1/Q8_0 projections keep the file's own bytes (Q/K rows
+    un-permuted) and multiply through ops.qlinear; logits equal the expanded model's in fp32;
+    projections of other types, and gate/up pairs of two formats, stay expanded; greedy
+    speculative decoding on the quantised target equals its autoregressive decoding."""
+    from pearlmoe.model.quantized import QuantizedWeight, is_quantized
+
+    hf = hf_llama
+    if tied:
+        hf = LlamaForCausalLM(LlamaConfig(**{**hf.config.to_dict(), "tie_word_embeddings": True}))
+        hf.load_state_dict(hf_llama.state_dict(), strict=False)
+        hf.tie_weights()
+        hf.eval()
+    path = tmp_path / "q.gguf"
+    types = {"attn_q": Q.Q4_1, "attn_k": Q.Q4_0, "attn_v": Q.Q8_0, "attn_output": Q.Q4_1,
+             "ffn_gate": Q.Q4_1, "ffn_up": Q.Q4_1, "ffn_down": Q.Q4_0, "token_embd": Q.Q8_0,
+             "output": Q.Q4_1}  # fmt: skip
+    write_gguf(path, hf, types)
+    dense = pearlmoe.from_pretrained(path, dtype=torch.float32)
+    quant = pearlmoe.from_pretrained(path, dtype=torch.float32, quantized=True)
+    attn = quant.layers[1].self_attn
+    assert [attn.q_proj.format, attn.k_proj.format, attn.v_proj.format] == ["q4_1", "q4_0", "q8_0"]
+    assert quant.layers[0].mlp.w13.shape == dense.layers[0].mlp.w13.shape
+    assert isinstance(quant.lm_head, QuantizedWeight)
+    assert quant.lm_head.format == ("q8_0" if tied else "q4_1")
+    assert torch.equal(quant.embed_tokens, dense.embed_tokens)  # lookups: the expanded table
+    for name, weight in [("q_proj", attn.q_proj), ("k_proj", attn.k_proj)]:
+        assert torch.equal(weight.dequantize(), getattr(dense.layers[1].self_attn, name))
+    ids = torch.randint(0, 300, (2, 21), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want, got = dense(ids), quant(ids)
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+    with torch.no_grad():
+        ref = quant(ids, reference_ops=True)
+    assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()
+    prompt = ids[:1, :6].tolist()
+    ar = pearlmoe.generate(quant, prompt, 10)
+    from pearlmoe.decode import pearl_generate, speculative_generate
+
+    for loop in (speculative_generate, pearl_generate):
+        assert loop(quant, dense, prompt, 10, gamma=3)[0] == ar, loop.__name__
+    bf16 = pearlmoe.from_pretrained(path, dtype=torch.bfloat16, quantized=True)
+    assert bf16.dtype == torch.bfloat16 and bf16.layers[0].mlp.w2.qweight.dtype == torch.uint8
+    # Mixed gate/up formats: the MLP stays expanded; the model can't be saved; not a GGUF: error.
+    mixed = tmp_path / "mixed.gguf"
+    write_gguf(mixed, hf, {**types, "ffn_up": Q.Q8_0})
+    model = pearlmoe.from_pretrained(mixed, dtype=torch.float32, quantized=True)
+    assert not isinstance(model.layers[0].mlp.w13, QuantizedWeight) and is_quantized(model)
+    with pytest.raises(ValueError, match="save_pretrained: the model keeps GGUF blocks"):
+        pearlmoe.save_pretrained(model, tmp_path / "out")
+    with pytest.raises(ValueError, match="quantized=True keeps a GGUF file's blocks"):
+        pearlmoe.from_pretrained(tmp_path, quantized=True)
+
+
 def test_tokenizer_from_metadata(hf_llama, tmp_path):
     path = tmp_path / "model.gguf"
     write_gguf(path, hf_llama)

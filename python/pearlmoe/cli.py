@@ -105,12 +105,17 @@ def check_tokenizers(target_dir: Path, draft_dir: Path) -> None:
         )
 
 
-def load_model(directory: Path, device: str, dtype: torch.dtype) -> Transformer:
-    """A model directory, a GGUF file, or a named model (pearlmoe.model.named)."""
+def load_model(
+    directory: Path, device: str, dtype: torch.dtype, quantized: bool = False
+) -> Transformer:
+    """A model directory, a GGUF file, or a named model (pearlmoe.model.named); ``quantized``
+    keeps a GGUF file's quantised projections in their blocks."""
     path = resolve(directory)
     if not path.is_dir() and not is_gguf(path):
         raise FileNotFoundError(f"model directory {path} does not exist")
-    return from_pretrained(path, dtype=dtype, device=device)
+    if quantized and not is_gguf(path):
+        raise UsageError(f"--quantized keeps a GGUF file's blocks; {path} is not a .gguf file")
+    return from_pretrained(path, dtype=dtype, device=device, quantized=quantized)
 
 
 def _check_device(device: str) -> str:
@@ -261,7 +266,7 @@ def _load_pair(args, needs_draft: bool):
     tokenizer = load_tokenizer(args.target)
     if needs_draft:
         check_tokenizers(args.target, args.draft)
-    target = load_model(args.target, device, dtype)
+    target = load_model(args.target, device, dtype, args.quantized)
     draft = load_model(args.draft, device, dtype) if needs_draft else None
     return device, dtype, backend, tokenizer, target, draft
 
@@ -380,7 +385,7 @@ def cmd_bench(args) -> int:
         "temperature": args.temperature, "gamma": args.gamma, "runs": [],
     }  # fmt: skip
     for dtype in dtypes:
-        target = load_model(args.target, device, dtype)
+        target = load_model(args.target, device, dtype, args.quantized)
         draft = load_model(args.draft, device, dtype)
         run = decode_bench.bench_dtype(target, draft, batches, args, backend, dtype, args.batch)
         result["runs"].append(run)
@@ -482,6 +487,9 @@ def build_parser() -> argparse.ArgumentParser:
             "shipped draft, smollm2-135m-draft for smollm2-135m, else the embedded tiny-draft)",
         )
         p.add_argument("--device", default=best_device())
+        p.add_argument("--quantized", action="store_true",
+                       help="a GGUF target's Q4_0/Q4_1/Q8_0 projections stay in their blocks "
+                       "(pearlmoe.qlinear) instead of being expanded to --dtype")  # fmt: skip
         p.add_argument(
             "--gamma",
             type=_positive,

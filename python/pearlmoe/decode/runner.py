@@ -253,7 +253,11 @@ def _skip_weight_guards(entries) -> list[bool]:
     at every call, so another model of the same config runs with its own."""
     keep = []
     for e in entries:
-        weight = e.guard_type == "TENSOR_MATCH" and isinstance(e.value, torch.nn.Parameter)
-        internals = e.guard_type == "TYPE_MATCH" and ("._modules" in e.name or "._param" in e.name)
+        weight = e.guard_type == "TENSOR_MATCH" and (
+            isinstance(e.value, torch.nn.Parameter) or e.name.endswith("qweight']")
+        )
+        internals = e.guard_type == "TYPE_MATCH" and any(
+            part in e.name for part in ("._modules", "._param", "._buffers")
+        )
         keep.append(not (weight or internals or e.guard_type in _STRUCTURE_GUARDS))
     return keep

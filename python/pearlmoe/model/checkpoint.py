@@ -189,10 +189,12 @@ def from_pretrained(
     dtype: torch.dtype = torch.bfloat16,
     device: str | torch.device = "cpu",
     expert_parallel=None,
+    quantized: bool = False,
 ) -> Transformer:
     """Load a checkpoint directory (config.json + safetensors), a llama-family GGUF file
     (pearlmoe.model.gguf_checkpoint) or a named model ("smollm2-135m": pearlmoe.model.named) into
-    a Transformer. With an ``expert_parallel`` plan
+    a Transformer. ``quantized`` (GGUF only) keeps the file's Q4_0/Q4_1/Q8_0 projections in their
+    blocks (ops.qlinear) instead of expanding them to ``dtype``. With an ``expert_parallel`` plan
     (pearlmoe.distributed.ExpertParallel) only this rank's routed experts are built and read;
     shard files holding none of its tensors are never opened."""
     from .gguf_checkpoint import from_gguf, is_gguf
@@ -202,7 +204,12 @@ def from_pretrained(
     if is_gguf(directory):
         if expert_parallel is not None:
             raise ValueError("from_pretrained: a GGUF file holds a dense model, no experts")
-        return from_gguf(directory, dtype=dtype, device=device)
+        return from_gguf(directory, dtype=dtype, device=device, quantized=quantized)
+    if quantized:
+        raise ValueError(
+            f"from_pretrained: quantized=True keeps a GGUF file's blocks; {directory} is not a "
+            "GGUF file"
+        )
     if not directory.is_dir():
         raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
     config = ModelConfig.from_file(directory)
@@ -255,6 +262,11 @@ def save_pretrained(
 ) -> None:
     """Write config.json and the weights under their HF names, sharded when max_shard_bytes is
     given (with model.safetensors.index.json)."""
+    from .quantized import is_quantized
+
+    if is_quantized(model):
+        raise ValueError("save_pretrained: the model keeps GGUF blocks (quantized=True); "
+                         "load it without quantized to save it")  # fmt: skip
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model.config.save(directory / "config.json")

@@ -18,6 +18,7 @@ import torch
 
 from .checkpoint import CheckpointError, load_tensors
 from .config import ModelConfig
+from .quantized import FORMATS, QuantizedWeight, replace_weight
 from .transformer import Transformer
 
 ARCHITECTURES = ("llama",)
@@ -159,9 +160,14 @@ def _dequantize(path: Path, name: str, tensor, config: ModelConfig) -> torch.Ten
 
 
 def from_gguf(
-    path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"
+    path: str | Path,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    quantized: bool = False,
 ) -> Transformer:
-    """A Transformer with a GGUF file's config and weights (read one tensor at a time)."""
+    """A Transformer with a GGUF file's config and weights (read one tensor at a time). With
+    ``quantized`` the projections stored as Q4_0, Q4_1 or Q8_0 keep their blocks
+    (pearlmoe.model.quantized); the rest is expanded to ``dtype``."""
     path = Path(path)
     reader = _reader(path)
     config = read_config(path, reader)
@@ -174,7 +180,58 @@ def from_gguf(
         return _dequantize(path, name, index[name], config) if name in index else None
 
     load_tensors(model, get, set(index), str(path), config_source="its metadata")
+    if quantized:
+        _keep_blocks(model, index, config, torch.device(device))
     return model.eval()
+
+
+def _blocks(tensor, name: str, config: ModelConfig) -> torch.Tensor:
+    """A quantised tensor's raw rows [N, K/32 * block bytes] (uint8), Q/K rows un-permuted."""
+    rows = np.asarray(tensor.data)
+    if name.endswith("q_proj.weight"):
+        rows = _unpermute(rows, config.num_attention_heads)
+    elif name.endswith("k_proj.weight"):
+        rows = _unpermute(rows, config.num_key_value_heads)
+    return torch.from_numpy(np.array(rows, dtype=np.uint8))  # a copy: the file is mapped
+
+
+def _keep_blocks(model: Transformer, index: dict, config: ModelConfig, device) -> None:
+    """Every projection the file stores in a format ops.qlinear takes becomes a QuantizedWeight
+    of the file's blocks: attention q/k/v (stacked into one qkv_proj when the three share a
+    format) and o, the MLP (gate and up rows stacked into w13, when both share a format) and
+    the output head (the tied embedding's blocks when tied; lookups keep the expanded table)."""
+
+    def quantized(*names: str) -> QuantizedWeight | None:
+        tensors = [index.get(n) for n in names]
+        if any(t is None for t in tensors):
+            return None
+        formats = {FORMATS.get(t.tensor_type.name) for t in tensors}
+        if len(formats) != 1 or None in formats:
+            return None
+        rows = torch.cat([_blocks(t, n, config) for t, n in zip(tensors, names, strict=True)])
+        in_features = int(tensors[0].shape[0])  # GGUF shapes are [K, N]
+        return QuantizedWeight(rows.to(device), formats.pop(), in_features)
+
+    for i, block in enumerate(model.layers):
+        prefix = f"model.layers.{i}."
+        attn = block.self_attn
+        qkv = quantized(*(f"{prefix}self_attn.{p}_proj.weight" for p in "qkv"))
+        if qkv is not None:  # one format for all three: one call
+            for proj in ("q_proj", "k_proj", "v_proj"):
+                del attn._parameters[proj]
+            attn.qkv_proj = qkv
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            weight = quantized(f"{prefix}self_attn.{proj}.weight")
+            if weight is not None and proj in attn._parameters:
+                replace_weight(attn, proj, weight)
+        w13 = quantized(f"{prefix}mlp.gate_proj.weight", f"{prefix}mlp.up_proj.weight")
+        w2 = quantized(f"{prefix}mlp.down_proj.weight")
+        if w13 is not None and w2 is not None:
+            replace_weight(block.mlp, "w13", w13)
+            replace_weight(block.mlp, "w2", w2)
+    head = quantized("lm_head.weight" if "lm_head.weight" in index else "model.embed_tokens.weight")
+    if head is not None:
+        replace_weight(model, "lm_head", head)
 
 
 def read_tokenizer(path: str | Path, reader=None):

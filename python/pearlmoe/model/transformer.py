@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from .. import ops, reference
 from .config import ModelConfig
 from .kv_cache import KVCache
+from .quantized import QuantizedWeight, project
 
 
 def _param(*shape: int, dtype: torch.dtype, device, std: float | None = 0.02) -> nn.Parameter:
@@ -64,6 +65,8 @@ class Attention(nn.Module):
                 self.v_bias = nn.Parameter(torch.zeros(hkv * d, dtype=dtype, device=device))
         if c.o_bias:
             self.o_bias = nn.Parameter(torch.zeros(h, dtype=dtype, device=device))
+        # [q; k; v] as one quantised weight (pearlmoe.model.quantized: one call, not three)
+        self.qkv_proj: QuantizedWeight | None = None
 
     def _project(
         self, x: Tensor, reference_ops: bool
@@ -71,10 +74,14 @@ class Attention(nn.Module):
         """q [.., Hq*D], k and v [.., Hkv*D] (None without own K/V) with the family's biases,
         pre-RoPE norms and clamp applied."""
         c = self.c
-        linear = reference.linear if reference_ops else ops.linear
-        q = linear(x, self.q_proj)
-        k = linear(x, self.k_proj) if self.owns_kv else None
-        v = linear(x, self.v_proj) if self.owns_kv else None
+        if self.qkv_proj is not None:
+            hq, hkv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+            qkv = project(x, self.qkv_proj, reference_ops)  # [.., (Hq + 2 Hkv) * D]
+            q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+        else:
+            q = project(x, self.q_proj, reference_ops)
+            k = project(x, self.k_proj, reference_ops) if self.owns_kv else None
+            v = project(x, self.v_proj, reference_ops) if self.owns_kv else None
         if c.qkv_bias:
             q = q + self.q_bias
             if self.owns_kv:
@@ -95,8 +102,7 @@ class Attention(nn.Module):
         return q, k, v
 
     def _out(self, o: Tensor, reference_ops: bool) -> Tensor:
-        linear = reference.linear if reference_ops else ops.linear
-        out = linear(o, self.o_proj)
+        out = project(o, self.o_proj, reference_ops)
         return out + self.o_bias if self.c.o_bias else out
 
     def forward(
@@ -260,10 +266,10 @@ class MoE(nn.Module):
 
 def swiglu(x: Tensor, w13: Tensor, w2: Tensor, reference_ops: bool) -> Tensor:
     """down(silu(gate(x)) * up(x)) with w13 = [gate_proj; up_proj]: [..., H]."""
-    if reference_ops:
+    if reference_ops and not isinstance(w13, QuantizedWeight):
         return reference.swiglu_mlp(x.reshape(-1, x.shape[-1]), w13, w2).view_as(x)
-    gate, up = ops.linear(x, w13).chunk(2, dim=-1)  # [..., I] each
-    return ops.linear(F.silu(gate) * up, w2)  # [..., H]
+    gate, up = project(x, w13, reference_ops).chunk(2, dim=-1)  # [..., I] each
+    return project(F.silu(gate) * up, w2, reference_ops)  # [..., H]
 
 
 class DenseMLP(nn.Module):
@@ -343,7 +349,7 @@ class Transformer(nn.Module):
         rows = input_ids if self.vocab_rows is None else self.vocab_rows[input_ids]
         return F.embedding(rows, self.embed_tokens)  # [B, S, H]
 
-    def _head(self) -> Tensor:
+    def _head(self) -> Tensor | QuantizedWeight:
         if self.lm_head is not None:
             return self.lm_head
         if self.vocab_ids is not None:
@@ -436,8 +442,7 @@ class Transformer(nn.Module):
         x = self._embed(input_ids)  # [B, S, H]
         for block in self.layers:
             x = block(x, cache, positions, kv_lens, reference_ops)
-        linear = reference.linear if reference_ops else ops.linear
-        logits = linear(self.norm(x, reference_ops), self._head()).float()  # [B, S, V|V']
+        logits = project(self.norm(x, reference_ops), self._head(), reference_ops).float()
         return self.full_vocab(logits)  # [B, S, V]
 
     @torch.no_grad()
