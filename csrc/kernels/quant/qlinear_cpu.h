@@ -200,12 +200,12 @@ struct Q4 {
       m = -8.f * _mm_cvtss_f32(s);
     }
     d = _mm512_broadcastss_ps(s);
-    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + (kOffset ? 4 : 2)));
-    const __m128i mask = _mm_set1_epi8(0x0f);
-    const __m256i both = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_and_si128(raw, mask)),
-                                                 _mm_and_si128(_mm_srli_epi16(raw, 4), mask),
-                                                 1);  // values 0..31 as bytes
-    q = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(both), table);
+    // Byte j widened to a word holds value j (low nibble) and value j + 16 (high nibble).
+    const __m256i words = _mm256_cvtepu8_epi16(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + (kOffset ? 4 : 2))));
+    const __m256i lo = _mm256_and_si256(words, _mm256_set1_epi16(0x0f));
+    const __m256i hi = _mm256_srli_epi16(words, 4);
+    q = _mm512_permutexvar_epi16(_mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1), table);
   }
 };
 
