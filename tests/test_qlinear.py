@@ -80,6 +80,20 @@ def test_qlinear_rows_are_independent(format, dtype):
         assert torch.equal(ops.qlinear(x[:rows], q, format), alone[:rows]), rows
 
 
+@pytest.mark.parametrize("format", FORMATS)
+def test_qlinear_columns_do_not_depend_on_their_neighbours(format):
+    """A column's product is bitwise the same whether the kernel takes it in a group of four
+    weight rows or alone (the tail of a thread's range): so the thread count, which moves the
+    ranges' ends, never changes a token (PEARL's sides run on fewer threads than AR)."""
+    g = torch.Generator().manual_seed(8)
+    q = random_blocks(67, 128, format, g)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(5, 128, generator=g).to(dtype)
+        whole = ops.qlinear(x, q, format)
+        for start in (1, 2, 3, 63, 66):
+            assert torch.equal(ops.qlinear(x, q[start:], format), whole[:, start:]), start
+
+
 def test_qlinear_every_cpu_code_path():
     """The portable, AVX-512 (fp32 expansion) and AVX512-BF16 (bf16 dot products) paths, each in a
     fresh process (PEARLMOE_CPU_ISA caps the detected one), against the fp64 oracle."""

@@ -177,7 +177,7 @@ void kernel_rows(const float* x, int64_t ldx, int64_t rows, int64_t k, const uin
 //   x · w = d · (x · q) + m · sum(x)   (Q4_0: m = -8d; Q8_0: m = 0, q signed, widened via fp32)
 // Half the fp32 path's floating-point work per block, which is what bounds it on 2 cores.
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,f16c")
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,f16c,fma")
 namespace detail::avx512bf16 {
 
 // bf16 bits of 0..15, indexed by each nibble (vpermw reads 5 index bits; 16..31 unused).
@@ -185,64 +185,116 @@ alignas(64) inline constexpr uint16_t kNibbleBf16[32] = {
     0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0,
     0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150, 0x4160, 0x4170};
 
+// Each format gives its 32 q as bf16 words, and its scales: for one row, d broadcast and the
+// offset m (x·w = d·(x·q) + m·Σx; Q4_0: m = -8d, Q8_0: none); for four rows at once, one fp16
+// conversion of all their scales, d_j picked from it (cheaper than four scalar conversions and
+// broadcasts) and the m_j in lanes the offset sums accumulate in.
 template <bool kOffset>  // Q4_1 (d, m) or Q4_0 (d; m = -8d)
 struct Q4 {
   static constexpr int kBytes = kOffset ? 20 : 18;
-  static void expand(const uint8_t* b, __m512i table, __m512i& q, __m512& d, float& m) {
-    __m128 s;
-    if constexpr (kOffset) {
-      uint32_t dm;
-      std::memcpy(&dm, b, sizeof(dm));
-      s = _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(dm)));
-      m = _mm_cvtss_f32(_mm_movehdup_ps(s));
-    } else {
-      s = _mm_cvtph_ps(_mm_cvtsi32_si128(load_u16(b)));
-      m = -8.f * _mm_cvtss_f32(s);
-    }
-    d = _mm512_broadcastss_ps(s);
+  static constexpr bool kHasOffset = true;
+  static __m512i values(const uint8_t* b, __m512i table) {
     // Byte j widened to a word holds value j (low nibble) and value j + 16 (high nibble).
     const __m256i words = _mm256_cvtepu8_epi16(
         _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + (kOffset ? 4 : 2))));
     const __m256i lo = _mm256_and_si256(words, _mm256_set1_epi16(0x0f));
     const __m256i hi = _mm256_srli_epi16(words, 4);
-    q = _mm512_permutexvar_epi16(_mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1), table);
+    return _mm512_permutexvar_epi16(_mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1), table);
+  }
+  static void scale1(const uint8_t* b, __m512& d, float& m) {
+    if constexpr (kOffset) {
+      uint32_t dm;
+      std::memcpy(&dm, b, sizeof(dm));
+      const __m128 s = _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(dm)));
+      d = _mm512_broadcastss_ps(s);
+      m = _mm_cvtss_f32(_mm_movehdup_ps(s));
+    } else {
+      const __m128 s = _mm_cvtph_ps(_mm_cvtsi32_si128(load_u16(b)));
+      d = _mm512_broadcastss_ps(s);
+      m = -8.f * _mm_cvtss_f32(s);
+    }
+  }
+  // d of rows 0..3 and a vector whose lane kLane[j] holds m_j.
+  static constexpr int kLane[4] = {kOffset ? 1 : 0, kOffset ? 3 : 1, kOffset ? 5 : 2,
+                                   kOffset ? 7 : 3};
+  static void scale4(const uint8_t* b, int64_t ldw, __m512 d[4], __m256& m) {
+    __m256 s;
+    if constexpr (kOffset) {  // d0 m0 d1 m1 d2 m2 d3 m3
+      uint32_t dm[4];
+      for (int j = 0; j < 4; ++j) std::memcpy(&dm[j], b + j * ldw, sizeof(uint32_t));
+      s = _mm256_cvtph_ps(_mm_setr_epi32(static_cast<int>(dm[0]), static_cast<int>(dm[1]),
+                                         static_cast<int>(dm[2]), static_cast<int>(dm[3])));
+      m = s;
+    } else {  // d0 d1 d2 d3, m = -8d exactly
+      s = _mm256_cvtph_ps(_mm_setr_epi16(static_cast<int16_t>(load_u16(b)),
+                                         static_cast<int16_t>(load_u16(b + ldw)),
+                                         static_cast<int16_t>(load_u16(b + 2 * ldw)),
+                                         static_cast<int16_t>(load_u16(b + 3 * ldw)), 0, 0, 0, 0));
+      m = _mm256_mul_ps(s, _mm256_set1_ps(-8.f));
+    }
+    const __m512 wide = _mm512_castps256_ps512(s);
+    for (int j = 0; j < 4; ++j) {
+      d[j] = _mm512_permutexvar_ps(_mm512_set1_epi32(kOffset ? 2 * j : j), wide);
+    }
   }
 };
 
 struct Q8 {
   static constexpr int kBytes = 34;
-  static void expand(const uint8_t* b, __m512i, __m512i& q, __m512& d, float& m) {
-    d = _mm512_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(load_u16(b))));
-    m = 0.f;
+  static constexpr bool kHasOffset = false;
+  static constexpr int kLane[4] = {0, 1, 2, 3};
+  static __m512i values(const uint8_t* b, __m512i) {
     const __m512 lo = _mm512_cvtepi32_ps(
         _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2))));
     const __m512 hi = _mm512_cvtepi32_ps(
         _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 18))));
-    q = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));  // exact: |q| <= 128
+    return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));  // exact: |q| <= 128
+  }
+  static void scale1(const uint8_t* b, __m512& d, float& m) {
+    d = _mm512_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(load_u16(b))));
+    m = 0.f;
+  }
+  static void scale4(const uint8_t* b, int64_t ldw, __m512 d[4], __m256& m) {
+    const __m256 s = _mm256_cvtph_ps(
+        _mm_setr_epi16(static_cast<int16_t>(load_u16(b)), static_cast<int16_t>(load_u16(b + ldw)),
+                       static_cast<int16_t>(load_u16(b + 2 * ldw)),
+                       static_cast<int16_t>(load_u16(b + 3 * ldw)), 0, 0, 0, 0));
+    const __m512 wide = _mm512_castps256_ps512(s);
+    for (int j = 0; j < 4; ++j) d[j] = _mm512_permutexvar_ps(_mm512_set1_epi32(j), wide);
+    m = _mm256_setzero_ps();
   }
 };
 
-// As avx512::block, for bf16 x rows; sx [MB rows, blocks] holds each x block's fp32 sum.
+// As avx512::block, for bf16 x rows; sx [MB rows, blocks] holds each x block's fp32 sum. A
+// column's arithmetic is the same in the one-row (NB = 1) and four-row forms: the offsets are
+// fused multiply-adds of the same m and Σx in both.
 template <typename F, int MB, int NB>
 inline void block(const uint16_t* x, int64_t ldx, const float* sx, int64_t blocks, const uint8_t* w,
                   int64_t ldw, float* out, const uint8_t* ahead) {
   const __m512i table = _mm512_load_si512(kNibbleBf16);
   __m512 acc[MB][NB];
-  float offset[MB][NB];
+  __m256 offsets[MB];  // NB = 4: lane F::kLane[j] sums m_j · Σx
+  float offset[MB];    // NB = 1
 #pragma GCC unroll 4
   for (int r = 0; r < MB; ++r) {
 #pragma GCC unroll 4
-    for (int j = 0; j < NB; ++j) {
-      acc[r][j] = _mm512_setzero_ps();
-      offset[r][j] = 0.f;
-    }
+    for (int j = 0; j < NB; ++j) acc[r][j] = _mm512_setzero_ps();
+    offsets[r] = _mm256_setzero_ps();
+    offset[r] = 0.f;
   }
   for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* wb = w + b * F::kBytes;
     __m512i q[NB];
-    __m512 d[NB];
-    float m[NB];
+    __m512 d[4];
+    __m256 m4;
+    float m1 = 0.f;
 #pragma GCC unroll 4
-    for (int j = 0; j < NB; ++j) F::expand(w + j * ldw + b * F::kBytes, table, q[j], d[j], m[j]);
+    for (int j = 0; j < NB; ++j) q[j] = F::values(wb + j * ldw, table);
+    if constexpr (NB == 4) {
+      F::scale4(wb, ldw, d, m4);
+    } else {
+      F::scale1(wb, d[0], m1);
+    }
     if (ahead != nullptr) {
 #pragma GCC unroll 4
       for (int j = 0; j < NB; ++j) {
@@ -258,14 +310,26 @@ inline void block(const uint16_t* x, int64_t ldx, const float* sx, int64_t block
         const __m512 dot = _mm512_dpbf16_ps(_mm512_setzero_ps(), reinterpret_cast<__m512bh>(q[j]),
                                             reinterpret_cast<__m512bh>(xv));
         acc[r][j] = _mm512_fmadd_ps(dot, d[j], acc[r][j]);
-        offset[r][j] += m[j] * s;
+      }
+      if constexpr (F::kHasOffset) {
+        if constexpr (NB == 4) {
+          offsets[r] = _mm256_fmadd_ps(m4, _mm256_set1_ps(s), offsets[r]);
+        } else {
+          offset[r] =
+              _mm_cvtss_f32(_mm_fmadd_ss(_mm_set_ss(m1), _mm_set_ss(s), _mm_set_ss(offset[r])));
+        }
       }
     }
   }
 #pragma GCC unroll 4
   for (int r = 0; r < MB; ++r) {
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, offsets[r]);
 #pragma GCC unroll 4
-    for (int j = 0; j < NB; ++j) out[r * 4 + j] = _mm512_reduce_add_ps(acc[r][j]) + offset[r][j];
+    for (int j = 0; j < NB; ++j) {
+      const float off = NB == 4 ? lanes[F::kLane[j]] : offset[r];
+      out[r * 4 + j] = _mm512_reduce_add_ps(acc[r][j]) + off;
+    }
   }
 }
 
