@@ -252,22 +252,17 @@ def main() -> int:
         "transformers ar": lambda ids: hf_generate(hf, ids, n),
         "transformers assisted": lambda ids: hf_generate(hf, ids, n, assistant, counter),
     }
-    for mode in ("ar", "speculative", "pearl"):
-        started = time.perf_counter()
-        warm_up(mode, target, draft, prompts["code"], backend, None, 0.0)
-        print(f"  pearlmoe {mode}: warm-up {time.perf_counter() - started:.0f} s", flush=True)
-        engines[f"pearlmoe {mode}"] = lambda ids, mode=mode: pearlmoe_generate(
-            mode, target, draft, ids, n, backend
-        )
-    # The file's Q4_1/Q8_0 blocks kept (pearlmoe.qlinear), bf16 activations: llama.cpp's bytes.
+    # bf16 weights, then the file's Q4_1/Q8_0 blocks kept (pearlmoe.qlinear; llama.cpp's bytes).
     target_q = load_model(path, "cpu", torch.bfloat16, quantized=True)
-    for mode in ("ar", "speculative", "pearl"):
-        started = time.perf_counter()
-        warm_up(mode, target_q, draft, prompts["code"], backend, None, 0.0)
-        print(f"  pearlmoe {mode} q4: warm-up {time.perf_counter() - started:.0f} s", flush=True)
-        engines[f"pearlmoe {mode} q4"] = lambda ids, mode=mode: pearlmoe_generate(
-            mode, target_q, draft, ids, n, backend
-        )
+    for suffix, model in (("", target), (" q4", target_q)):
+        for mode in ("ar", "speculative", "pearl"):
+            started = time.perf_counter()
+            warm_up(mode, model, draft, prompts["code"], backend, None, 0.0)
+            print(f"  pearlmoe {mode}{suffix}: warm-up {time.perf_counter() - started:.0f} s",
+                  flush=True)  # fmt: skip
+            engines[f"pearlmoe {mode}{suffix}"] = lambda ids, mode=mode, model=model: (
+                pearlmoe_generate(mode, model, draft, ids, n, backend)
+            )
     if not args.skip_llama_cpp and ensure_llama_cpp():
         plain = llama_cpp_engine(path, args.threads, lookup=False)
         lookup = llama_cpp_engine(path, args.threads, lookup=True)

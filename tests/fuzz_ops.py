@@ -952,14 +952,18 @@ LINEAR = _spec(
 )
 
 
-def build_linear(spec):
-    m, dtype, g = spec["mutation"], DTYPES[spec["dtype"]], _gen(spec)
+def _projection_input(spec, dtype, g) -> torch.Tensor:
+    """linear's and qlinear's x [rows, k] (or [1, rows, k]): special values, layout, dtype."""
     x = torch.randn(spec["rows"], spec["k"], generator=g)
     if spec["special"] != "none" and x.numel():
         x = _poke(x, {"nan": float("nan"), "inf": float("inf"), "huge": 1e30}[spec["special"]], g)
     x = view(x.to(dtype), spec["layout"])
-    if spec["lead"]:
-        x = x.unsqueeze(0)
+    return x.unsqueeze(0) if spec["lead"] else x
+
+
+def build_linear(spec):
+    m, dtype, g = spec["mutation"], DTYPES[spec["dtype"]], _gen(spec)
+    x = _projection_input(spec, dtype, g)
     w = view(torch.randn(spec["n"], spec["k"], generator=g).to(dtype), spec["layout"])
     invalid = None
     if m == "weight-rank":
@@ -1002,12 +1006,7 @@ def build_qlinear(spec):
     from quant_blocks import random_blocks
 
     m, dtype, g, fmt = spec["mutation"], DTYPES[spec["dtype"]], _gen(spec), spec["format"]
-    x = torch.randn(spec["rows"], spec["k"], generator=g)
-    if spec["special"] != "none" and x.numel():
-        x = _poke(x, {"nan": float("nan"), "inf": float("inf"), "huge": 1e30}[spec["special"]], g)
-    x = view(x.to(dtype), spec["layout"])
-    if spec["lead"]:
-        x = x.unsqueeze(0)
+    x = _projection_input(spec, dtype, g)
     q = random_blocks(spec["n"], spec["k"], fmt, g)
     invalid = None
     if m == "format":

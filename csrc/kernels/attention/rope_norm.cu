@@ -6,6 +6,7 @@
 
 #include <type_traits>
 
+#include "../float_io.cuh"
 #include "../launch.cuh"
 #include "rope_norm.h"
 
@@ -15,12 +16,8 @@ namespace {
 constexpr int kWarpsPerBlock = 4;
 constexpr int kMaxPairsPerLane = kRopeMaxHeadDim / 64;  // D/2 <= 64 pairs over 32 lanes
 
-__device__ __forceinline__ float load(const float* p) { return *p; }
-__device__ __forceinline__ float load(const __nv_bfloat16* p) { return __bfloat162float(*p); }
-__device__ __forceinline__ float load(const __half* p) { return __half2float(*p); }
-__device__ __forceinline__ void store(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16(v); }
-__device__ __forceinline__ void store(__half* p, float v) { *p = __float2half(v); }
+using io::load;
+using io::store;
 
 template <typename T>
 __global__ void rope_norm_kernel(const T* __restrict__ x, T* __restrict__ out,

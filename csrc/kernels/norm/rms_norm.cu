@@ -7,6 +7,7 @@
 
 #include "rms_norm.h"
 
+#include "../float_io.cuh"
 #include "../launch.cuh"
 
 namespace pearlmoe::norm {
@@ -15,9 +16,7 @@ namespace {
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
 
-__device__ __forceinline__ float load(const float* p) { return *p; }
-__device__ __forceinline__ float load(const __nv_bfloat16* p) { return __bfloat162float(*p); }
-__device__ __forceinline__ float load(const __half* p) { return __half2float(*p); }
+using io::load;
 __device__ __forceinline__ float round_to(float v, const float*) { return v; }
 __device__ __forceinline__ float round_to(float v, const __nv_bfloat16*) {
   return __bfloat162float(__float2bfloat16(v));
@@ -25,9 +24,7 @@ __device__ __forceinline__ float round_to(float v, const __nv_bfloat16*) {
 __device__ __forceinline__ float round_to(float v, const __half*) {
   return __half2float(__float2half(v));
 }
-__device__ __forceinline__ void store(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16(v); }
-__device__ __forceinline__ void store(__half* p, float v) { *p = __float2half(v); }
+using io::store;
 
 template <typename T>
 __global__ void rms_norm_kernel(const T* __restrict__ x, const T* __restrict__ weight,

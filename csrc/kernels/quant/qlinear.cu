@@ -9,6 +9,7 @@
 
 #include "qlinear.h"
 
+#include "../float_io.cuh"
 #include "../launch.cuh"
 
 namespace pearlmoe::quant {
@@ -17,12 +18,8 @@ namespace {
 constexpr int kWarps = 4;
 constexpr int kRows = 8;
 
-__device__ __forceinline__ float load(const float* p) { return *p; }
-__device__ __forceinline__ float load(const __nv_bfloat16* p) { return __bfloat162float(*p); }
-__device__ __forceinline__ float load(const __half* p) { return __half2float(*p); }
-__device__ __forceinline__ void store(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16(v); }
-__device__ __forceinline__ void store(__half* p, float v) { *p = __float2half(v); }
+using io::load;
+using io::store;
 
 template <typename T>
 __global__ void qlinear_kernel(const T* __restrict__ x, const uint8_t* __restrict__ w,
