@@ -247,6 +247,17 @@ def test_plan_falls_back_to_autoregressive_when_speculation_cannot_win():
     assert good.predicted["speculative"][1] > good.predicted["ar"][1]
 
 
+def test_plan_prices_pearl_on_its_own_sides():
+    """On a CPU PEARL's sides get half the cores each: a target bound by arithmetic (a quantised
+    one) then steps ~2x slower, which its prediction must see (measured on SmolLM2 Q4: PEARL
+    predicted above AR on the full-thread curve, measured at 0.7x AR)."""
+    halved = _curve([2.0 * t * 1e3 for t in FLAT.target], 0.1)
+    assert cost_model.plan(FLAT, 0.8).mode == "pearl"
+    slow = cost_model.plan(FLAT, 0.8, pearl_curve=halved)
+    assert slow.mode == "speculative"
+    assert slow.predicted["pearl"][1] < cost_model.plan(FLAT, 0.8).predicted["pearl"][1] / 1.5
+
+
 @pytest.mark.parametrize("alpha", [0.3, 0.6, 0.9])
 @pytest.mark.parametrize("gamma", [1, 2, 5])
 def test_pearl_chain_matches_the_closed_form(alpha, gamma):

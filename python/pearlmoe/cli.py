@@ -198,9 +198,10 @@ def warm_up(mode: str, target: Transformer, draft: Transformer | None, prompt: l
 
 def choose_mode(target: Transformer, draft: Transformer, backend: str) -> tuple[str, dict]:
     """--mode auto: the mode (and γ) the cost model predicts fastest at a prior acceptance rate
-    of 0.6; every mode's prediction comes with it."""
+    of 0.6, PEARL's on its sides' own costs (half the CPU threads each); every mode's
+    prediction comes with it."""
     curve = measured_curve(target, draft, 1, "speculative", backend)
-    best = plan(curve, 0.6)
+    best = plan(curve, 0.6, pearl_curve=measured_curve(target, draft, 1, "pearl", backend))
     return best.mode, best.predicted
 
 

@@ -117,11 +117,17 @@ class Plan:
     predicted: dict[str, tuple[int, float]]  # mode -> (γ, tokens/s)
 
 
-def plan(curve: CostCurve, alpha: float, max_gamma: int = 8) -> Plan:
+def plan(
+    curve: CostCurve, alpha: float, max_gamma: int = 8, pearl_curve: CostCurve | None = None
+) -> Plan:
+    """The fastest of AR, speculative and PEARL on ``curve``; PEARL's prediction on
+    ``pearl_curve`` when given (its sides' costs as PEARL runs them: on a CPU each side has half
+    the cores, which slows a target bound by arithmetic, and a quantised one is)."""
     predicted = {"ar": (0, ar_rate(curve))}
     for mode in ("speculative", "pearl"):
-        g = best_gamma(curve, alpha, mode, max_gamma)
-        predicted[mode] = (g, rate(curve, alpha, mode, g))
+        c = pearl_curve if mode == "pearl" and pearl_curve is not None else curve
+        g = best_gamma(c, alpha, mode, max_gamma)
+        predicted[mode] = (g, rate(c, alpha, mode, g))
     mode = max(predicted, key=lambda m: predicted[m][1])
     return Plan(mode, predicted[mode][0], predicted)
 
