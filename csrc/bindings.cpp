@@ -6,6 +6,7 @@
 #include <string>
 
 #include "cpu/cpu_kernels.h"
+#include "cpu/model_step.h"
 
 // `from . import _C` loads this shared library, which runs the registrations below. The module
 // itself is empty: ops are reached through torch.ops.pearlmoe, never through pybind11.
@@ -89,6 +90,16 @@ TORCH_LIBRARY(pearlmoe, m) {
   m.def(
       "spec_verify(Tensor target_probs, Tensor draft_ids, Tensor? draft_probs=None, "
       "Tensor? uniforms=None) -> (Tensor tokens, Tensor num_accepted)");
+
+  // ---- whole steps -------------------------------------------------------------------------
+  // A model's decode / verification step on the CPU in one call (pearlmoe.decode.fused): the
+  // eager step's kernels without the dispatcher, allocations and Python between them.
+  using pearlmoe::cpu::ModelStep;
+  m.class_<ModelStep>("CpuModelStep")
+      .def(torch::init<std::vector<at::Tensor>, std::vector<int64_t>, std::vector<double>>())
+      .def("logits", &ModelStep::logits)
+      .def("greedy", &ModelStep::greedy)
+      .def("draft", &ModelStep::draft);
 
   // ---- build info --------------------------------------------------------------------------
   // Whether this build compiled the CUDA kernels.

@@ -15,8 +15,17 @@
 
 namespace pearlmoe::cpu {
 
+// A range that is one chunk, or a single-threaded pool, runs inline on the calling thread, whose
+// state is already right: capturing and installing the state costs ~1-2 us a call (the
+// profiler's callbacks, autocast, Python objects), as much as a decode step's small kernels.
 template <typename F>
 void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  if (begin >= end) return;
+  if (end - begin <= grain || at::get_num_threads() == 1 || at::in_parallel_region()) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    f(begin, end);
+    return;
+  }
   const at::ThreadLocalState state;
   at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) {
     at::ThreadLocalStateGuard guard(state);

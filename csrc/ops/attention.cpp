@@ -135,7 +135,7 @@ void check_rope_base(double base) {
            "rope_base must be a positive finite number, got ", base);
 }
 
-using InvFreq = std::array<float, 64>;  // [D/2] used; D <= 128
+}  // namespace
 
 // inv_freq[i] = 1 / base^(2i/D) in fp32, computed exactly as HF (and reference.rope) do, on the
 // CPU, once per (base, D) for the process: every device rotates by bit-identical angles, and a
@@ -155,6 +155,8 @@ const InvFreq& inv_freq_table(double base, int64_t dim) {
   }
   return it->second;
 }
+
+namespace {
 
 std::tuple<Tensor, Tensor> rope_qk_norm_cpu(const Tensor& q, const Tensor& k,
                                             const Tensor& positions, double rope_base,

@@ -235,6 +235,8 @@ Tensor moe_ffn_routed_cpu(const Tensor& x, const Tensor& topk_weights, const Ten
                              contiguous(shared_w2));
 }
 
+}  // namespace
+
 Tensor moe_ffn_cpu(const Tensor& x, const Tensor& router_w, const Tensor& w13, const Tensor& w2,
                    int64_t top_k, const OptTensor& shared_w13, const OptTensor& shared_w2,
                    bool renormalize) {
@@ -249,6 +251,8 @@ Tensor moe_ffn_cpu(const Tensor& x, const Tensor& router_w, const Tensor& w13, c
   return cpu::moe_ffn_routed(x.contiguous(), weights, ids, w13.contiguous(), w2.contiguous(),
                              contiguous(shared_w13), contiguous(shared_w2));
 }
+
+namespace {
 
 // ---- CUDA --------------------------------------------------------------------------------------
 

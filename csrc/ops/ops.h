@@ -7,6 +7,7 @@
 #include <cuda_runtime_api.h>
 #endif
 
+#include <array>
 #include <optional>
 #include <tuple>
 
@@ -37,6 +38,18 @@ void check_moe_ffn_args(const at::Tensor& x, const at::Tensor& router_w, const a
                         const at::Tensor& w2, int64_t top_k,
                         const std::optional<at::Tensor>& shared_w13,
                         const std::optional<at::Tensor>& shared_w2);
+
+// The CPU MoE FFN op (checks, then the decode-sized path or the general one); the fused CPU step
+// calls it directly.
+at::Tensor moe_ffn_cpu(const at::Tensor& x, const at::Tensor& router_w, const at::Tensor& w13,
+                       const at::Tensor& w2, int64_t top_k,
+                       const std::optional<at::Tensor>& shared_w13,
+                       const std::optional<at::Tensor>& shared_w2, bool renormalize);
+
+// RoPE's inverse frequencies base^(-2i/D) for i < D/2 (D <= 128), computed once per (base, D)
+// in fp32 as the reference does: [D/2] used of the 64.
+using InvFreq = std::array<float, 64>;
+const InvFreq& inv_freq_table(double base, int64_t dim);
 
 // A clear error for a CUDA tensor reaching a build without CUDA kernels.
 [[noreturn]] void fail_no_cuda(const char* op);

@@ -64,6 +64,8 @@ def _backend(name: str, device: str) -> str:
         return default_backend(device)
     if name == "cudagraph" and not device.startswith("cuda"):
         raise UsageError("--backend cudagraph replays CUDA graphs: it needs --device cuda")
+    if name == "fused" and device != "cpu":
+        raise UsageError("--backend fused is the CPU's one-call step: it needs --device cpu")
     if name == "compile" and device == "cpu" and not compile_available():
         raise UsageError("--backend compile needs a C++ compiler (g++) on the CPU")
     return name
@@ -500,7 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--backend",
             default="auto",
             choices=["auto", *BACKENDS],
-            help="auto: compile on the CPU, cudagraph on CUDA",
+            help="auto: fused on the CPU (compile for models it does not cover), cudagraph on CUDA",
         )
         p.add_argument("--seed", type=int, default=0)  # fmt: skip
 

@@ -43,7 +43,7 @@ from .common import (
 )
 from .draft_process import DraftProcess
 from .pearl_rounds import DeviceRounds, HostRounds
-from .runner import Runner, Sampling
+from .runner import Runner, Sampling, effective_backend
 from .speculative import draft_tokens
 
 PRE, POST = 0, 1
@@ -116,7 +116,8 @@ def pearl_generate(
     ``gamma=None`` picks the window from the measured cost curve and the acceptance rate seen so
     far, and re-picks it between rounds with nothing unverified (pearlmoe.decode.cost_model).
     ``draft_process``: draft in a child process (pearlmoe.decode.draft_process) instead of a
-    thread; by default when both models are on the CPU with the compile backend.
+    thread; by default when both models are on the CPU and either side compiles its step (the
+    fused backend's steps release the GIL, so its sides overlap on threads).
     ``bookkeeping``: "host" (greedy; the default on a CPU) or "device" (pearlmoe.decode.
     pearl_rounds)."""
     check_pair(target, draft)
@@ -134,7 +135,10 @@ def pearl_generate(
     # them all and the sides would only take turns.
     share = side_threads()
     if draft_process is None:  # a child process where the GIL would make the sides take turns
-        draft_process = target.device.type == draft.device.type == "cpu" and backend == "compile"
+        draft_process = target.device.type == draft.device.type == "cpu" and "compile" in (
+            effective_backend(target, backend),
+            effective_backend(draft, backend),
+        )  # the fused step runs without the GIL: its sides overlap on threads
     pool = ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(share,))
     device = target.device
     device = target.device

@@ -15,6 +15,9 @@ Backends:
              compiled code on disk, so a second run compiles in seconds.
   cudagraph  CUDA only: the eager step captured once per window width and replayed, as vLLM and
              gpt-fast do: a small model's forward is launch-bound.
+  fused      CPU only: the whole step as one C++ call over the eager step's kernels
+             (pearlmoe.decode.fused; bit-identical to eager), and a draft's γ tokens as one call.
+             For the models it covers (Llama and Hunyuan-style layers); others take compile.
 
 Shape letters: B sequences, S tokens per step, V vocabulary.
 """
@@ -30,9 +33,10 @@ import torch
 from torch import Tensor
 
 from ..model.transformer import Transformer
+from . import fused
 from .sampling import logits_to_probs
 
-BACKENDS = ("eager", "compile", "cudagraph")
+BACKENDS = ("eager", "compile", "cudagraph", "fused")
 
 # Called with a one-line note when a step is about to be compiled or captured (the CLI prints
 # it, so a first run does not look hung).
@@ -57,8 +61,18 @@ class Sampling:
 
 
 def default_backend(device: torch.device | str) -> str:
-    """cudagraph on CUDA, compile on the CPU (eager where torch.compile cannot run)."""
-    if torch.device(device).type == "cuda":
+    """cudagraph on CUDA, fused on the CPU (a runner whose model the fused step does not cover
+    compiles its step instead, or runs it eagerly where torch.compile cannot run)."""
+    return "cudagraph" if torch.device(device).type == "cuda" else "fused"
+
+
+def effective_backend(model: Transformer, backend: str) -> str:
+    """The backend a Runner of this model runs when asked for ``backend``: fused where the fused
+    step covers the model, else cudagraph on CUDA, compile on the CPU (eager without a C++
+    compiler)."""
+    if backend != "fused" or fused.unsupported(model) is None:
+        return backend
+    if model.device.type == "cuda":
         return "cudagraph"
     return "compile" if compile_available() else "eager"
 
@@ -81,7 +95,10 @@ def _step(
 ) -> tuple[Tensor | None, Tensor | None]:
     """The whole step, as one function for torch.compile and CUDA-graph capture: (probs [B, S, V]
     or None, greedy tokens [B, S] or None)."""
-    logits = model.step(ids, cache)  # [B, S, V] fp32
+    return _outputs(model.step(ids, cache), sampling)  # logits [B, S, V] fp32
+
+
+def _outputs(logits: Tensor, sampling: Sampling) -> tuple[Tensor | None, Tensor | None]:
     if sampling.logits:
         return logits, None
     if sampling.greedy:
@@ -109,6 +126,8 @@ class Runner:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if backend == "cudagraph" and model.device.type != "cuda":
             raise ValueError("the cudagraph backend needs a model on a CUDA device")
+        backend = effective_backend(model, backend)  # `runner.backend` says which one runs
+        self._fused = fused.build(model) if backend == "fused" else None
         self.model, self.backend, self.sampling = model, backend, sampling
         self.cache = model.new_cache(batch, capacity)
         self.device = model.device
@@ -164,6 +183,11 @@ class Runner:
         """(probs [B, S, V] or None, greedy tokens [B, S] or None) for ids [B, S]."""
         if self.backend == "eager":
             return _step(self.model, ids, self.cache, self.sampling)
+        if self._fused is not None:
+            c = self.cache
+            if self.sampling.greedy:
+                return None, self._fused.greedy(ids.long(), c.k, c.v, c.lens)
+            return _outputs(self._fused.logits(ids.long(), c.k, c.v, c.lens), self.sampling)
         if self.backend == "compile":
             ids = ids.reshape(-1).view(ids.shape)  # row-major strides, which the graph guards
             if ids.shape[1] > 1 and ids.shape[1] not in self._warm:
@@ -172,11 +196,23 @@ class Runner:
             return self._compiled(self.model, ids, self.cache, self.sampling)
         return self._replay(ids)
 
+    @property
+    def drafts_in_one_call(self) -> bool:
+        """Whether ``draft`` runs a draft's γ greedy steps as one call (the fused backend)."""
+        return self._fused is not None and self.sampling.greedy
+
+    @torch.inference_mode()
+    def draft(self, feed: Tensor, n: int) -> Tensor:
+        """n greedy tokens [B, n] after feed [B, w], in one call; the lengths advance by
+        w + n - 1 (``drafts_in_one_call`` runners only)."""
+        c = self.cache
+        return self._fused.draft(feed.long(), c.k, c.v, c.lens, n)
+
     def warmup(self, widths: Sequence[int]) -> float:
         """Build the steps for these window widths now (compile or capture), on scratch tokens
         past the cached ones (the lengths are restored; the scratch K/V lie past them); returns
-        the seconds it took. Nothing to do for the eager backend."""
-        if self.backend == "eager":
+        the seconds it took. Nothing to do for the eager and fused backends."""
+        if self.backend in ("eager", "fused"):
             return 0.0
         start = time.perf_counter()
         # Width classes that are new to this process (S = 1, S > 1), for the progress note.

@@ -40,6 +40,8 @@ def draft_tokens(
 ) -> tuple[Tensor, Tensor | None]:
     """γ draft tokens after ``feed`` [B, w] (which the draft caches): (tokens [B, γ], their
     distributions [B, γ, V] or None when greedy). Advances the draft's lengths by w + γ - 1."""
+    if drf.drafts_in_one_call:
+        return drf.draft(feed, gamma), None
     probs, greedy = drf(feed)
     drf.lens.add_(feed.shape[1])
     xs, qs = [], []

@@ -1,0 +1,266 @@
+// The fused CPU step (model_step.h): Transformer.step's layer loop in C++ over the CPU kernels.
+#include "model_step.h"
+
+#include <Python.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "../ops/checks.h"
+#include "../ops/ops.h"
+#include "cpu_kernels.h"
+
+namespace pearlmoe::cpu {
+namespace {
+
+using at::Tensor;
+constexpr const char* kStep = "ModelStep";
+
+// x += y elementwise in x's dtype (both contiguous, same shape): the residual adds, rounded as
+// torch's `x + y` rounds (the sum in fp32, then to x's dtype; fp64 stays fp64).
+void add_into(Tensor& x, const Tensor& y) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "residual", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    scalar_t* xp = x.mutable_data_ptr<scalar_t>();
+    const scalar_t* yp = y.const_data_ptr<scalar_t>();
+    const int64_t n = x.numel();
+    for (int64_t i = 0; i < n; ++i) {
+      xp[i] = static_cast<scalar_t>(static_cast<acc_t>(xp[i]) + static_cast<acc_t>(yp[i]));
+    }
+  });
+}
+
+// The step runs without the GIL (torch.classes methods are called holding it): PEARL's draft
+// thread runs its own steps meanwhile. Nothing below touches Python objects.
+class GilRelease {
+ public:
+  GilRelease() : state_(Py_IsInitialized() && PyGILState_Check() ? PyEval_SaveThread() : nullptr) {}
+  ~GilRelease() {
+    if (state_ != nullptr) PyEval_RestoreThread(state_);
+  }
+  GilRelease(const GilRelease&) = delete;
+  GilRelease& operator=(const GilRelease&) = delete;
+
+ private:
+  PyThreadState* state_;
+};
+
+std::optional<Tensor> maybe(const Tensor& t) {
+  return t.numel() > 0 ? std::optional<Tensor>(t) : std::nullopt;
+}
+
+}  // namespace
+
+ModelStep::ModelStep(std::vector<Tensor> weights, std::vector<int64_t> ints,
+                     std::vector<double> floats) {
+  PM_CHECK(ints.size() == 10 && floats.size() == 2, kStep,
+           "expected 10 ints and 2 floats of configuration, got ", ints.size(), " and ",
+           floats.size());
+  const int64_t num_layers = ints[0];
+  hidden_ = ints[1], q_heads_ = ints[2], kv_heads_ = ints[3], head_dim_ = ints[4], cla_ = ints[5];
+  qk_norm_ = ints[6] != 0, top_k_ = ints[7], renormalize_ = ints[8] != 0, vocab_ = ints[9];
+  eps_ = floats[0], rope_base_ = floats[1];
+  PM_CHECK(num_layers >= 1 && cla_ >= 1 && kv_heads_ >= 1 && q_heads_ % kv_heads_ == 0, kStep,
+           "bad configuration: ", num_layers, " layers, CLA ", cla_, ", ", q_heads_, "/", kv_heads_,
+           " heads");
+  PM_CHECK(static_cast<int64_t>(weights.size()) == kGlobalSlots + num_layers * kLayerSlots, kStep,
+           "expected ", kGlobalSlots + num_layers * kLayerSlots, " weight slots, got ",
+           weights.size());
+  for (const Tensor& w : weights) {
+    PM_CHECK(w.is_cpu() && (w.numel() == 0 || w.is_contiguous()), kStep,
+             "every weight must be a contiguous CPU tensor");
+  }
+  for (int i = 0; i < kGlobalSlots; ++i) global_[i] = weights[i];
+  layers_.resize(num_layers);
+  for (int64_t l = 0; l < num_layers; ++l) {
+    Layer& layer = layers_[l];
+    for (int s = 0; s < kLayerSlots; ++s) layer.w[s] = weights[kGlobalSlots + l * kLayerSlots + s];
+    layer.owns_kv = l % cla_ == 0;
+    layer.moe = layer.w[kRouter].numel() > 0;
+    PM_CHECK(!layer.owns_kv || layer.w[kK].numel() > 0, kStep, "layer ", l, " owns K/V but has ",
+             "no k_proj");
+  }
+  inv_freq_ = inv_freq_table(rope_base_, head_dim_);
+}
+
+void ModelStep::check_call(const Tensor& ids, const Tensor& k_cache, const Tensor& v_cache,
+                           const Tensor& lens) const {
+  check_dim(ids, 2, kStep, "ids");
+  check_dtype(ids, at::kLong, kStep, "ids");
+  check_dim(k_cache, 5, kStep, "k_cache");
+  check_dtype(lens, at::kInt, kStep, "lens");
+  PM_CHECK(ids.is_cpu() && k_cache.is_cpu() && v_cache.is_cpu() && lens.is_cpu(), kStep,
+           "ids, the caches and lens must be CPU tensors");
+  const int64_t groups = (static_cast<int64_t>(layers_.size()) + cla_ - 1) / cla_;
+  PM_CHECK(k_cache.sizes() == v_cache.sizes() && k_cache.size(0) == groups &&
+               k_cache.size(1) == ids.size(0) && k_cache.size(3) == kv_heads_ &&
+               k_cache.size(4) == head_dim_,
+           kStep, "k_cache and v_cache must be [G=", groups, ", B=", ids.size(0), ", C, ",
+           kv_heads_, ", ", head_dim_, "], got ", k_cache.sizes(), " and ", v_cache.sizes());
+  PM_CHECK(k_cache.scalar_type() == global_[kEmbed].scalar_type() &&
+               v_cache.scalar_type() == k_cache.scalar_type(),
+           kStep, "the caches must have the weights' dtype ", global_[kEmbed].scalar_type());
+  PM_CHECK(
+      k_cache.stride(4) == 1 && v_cache.stride(4) == 1 && k_cache.strides() == v_cache.strides(),
+      kStep, "the caches must share strides with a contiguous head dim");
+  PM_CHECK(lens.dim() == 1 && lens.size(0) == ids.size(0) && lens.is_contiguous(), kStep,
+           "lens must be contiguous [B=", ids.size(0), "], got ", lens.sizes());
+}
+
+Tensor ModelStep::head_rows(const Tensor& ids_in, const Tensor& k_cache, const Tensor& v_cache,
+                            const int32_t* lens) {
+  const int64_t batch = ids_in.size(0), steps = ids_in.size(1), rows = batch * steps;
+  const int64_t capacity = k_cache.size(2), hq = q_heads_, hkv = kv_heads_, d = head_dim_;
+  const Tensor ids = ids_in.contiguous();
+  const int64_t* idp = ids.const_data_ptr<int64_t>();
+  std::vector<int64_t> positions(rows);
+  std::vector<int32_t> kv_lens(batch);
+  for (int64_t b = 0; b < batch; ++b) {
+    PM_CHECK(lens[b] >= 0 && lens[b] + steps <= capacity, kStep, "sequence ", b, " holds ", lens[b],
+             " tokens: ", steps, " more exceed the cache's capacity ", capacity);
+    kv_lens[b] = static_cast<int32_t>(lens[b] + steps);
+    for (int64_t s = 0; s < steps; ++s) positions[b * steps + s] = lens[b] + s;
+  }
+
+  // Embedding rows (a trimmed vocabulary maps tokens to rows through vocab_rows).
+  const Tensor& embed = global_[kEmbed];
+  const auto opts = embed.options();
+  Tensor x = at::empty({rows, hidden_}, opts);  // [T, H]
+  const int64_t row_bytes = hidden_ * embed.element_size();
+  const int64_t* vocab_rows =
+      global_[kVocabRows].numel() > 0 ? global_[kVocabRows].const_data_ptr<int64_t>() : nullptr;
+  for (int64_t t = 0; t < rows; ++t) {
+    PM_CHECK(idp[t] >= 0 && idp[t] < vocab_, kStep, "ids[", t / steps, ", ", t % steps,
+             "] = ", idp[t], " is outside the vocabulary [0, ", vocab_, ")");
+    const int64_t row = vocab_rows ? vocab_rows[idp[t]] : idp[t];
+    std::memcpy(static_cast<char*>(x.data_ptr()) + t * row_bytes,
+                static_cast<const char*>(embed.const_data_ptr()) + row * row_bytes, row_bytes);
+  }
+
+  Tensor h = at::empty({rows, hidden_}, opts), proj = at::empty({rows, hidden_}, opts);
+  Tensor q = at::empty({rows, hq * d}, opts), q_rot = at::empty({batch, steps, hq, d}, opts);
+  Tensor k = at::empty({rows, hkv * d}, opts), v = at::empty({batch, steps, hkv, d}, opts);
+  Tensor k_hat = at::empty({batch, steps, hkv, d}, opts),
+         o = at::empty({batch, steps, hq, d}, opts);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+  for (size_t l = 0; l < layers_.size(); ++l) {
+    const Layer& layer = layers_[l];
+    const auto& w = layer.w;
+    rms_norm(x, w[kInNorm], eps_, h);
+    gemm_nt_out(h, w[kQ], q);
+    const Tensor qn = qk_norm_ ? w[kQNorm] : Tensor(), kn = qk_norm_ ? w[kKNorm] : Tensor();
+    rope_norm(q.view({rows, hq, d}), positions.data(), qn, kn, inv_freq_.data(), eps_, qk_norm_,
+              q_rot);
+    const int64_t group = static_cast<int64_t>(l) / cla_;
+    Tensor kc = k_cache.select(0, group), vc = v_cache.select(0, group);
+    if (layer.owns_kv) {
+      gemm_nt_out(h, w[kK], k);
+      Tensor v_rows = v.view({rows, hkv * d});
+      gemm_nt_out(h, w[kV], v_rows);
+      rope_norm(k.view({rows, hkv, d}), positions.data(), Tensor(), Tensor(), inv_freq_.data(),
+                eps_, qk_norm_, k_hat);
+      kv_cache_write(k_hat, v, positions.data(), kc, vc);
+    }
+    attention(q_rot, kc, vc, kv_lens.data(), scale, o);
+    gemm_nt_out(o.view({rows, hq * d}), w[kO], proj);
+    add_into(x, proj);
+    rms_norm(x, w[kPostNorm], eps_, h);
+    if (layer.moe) {
+      const Tensor y = moe_ffn_cpu(h, w[kRouter], w[kW13], w[kW2], top_k_, maybe(w[kSharedW13]),
+                                   maybe(w[kSharedW2]), renormalize_);
+      add_into(x, y);
+    } else {
+      const int64_t inter = w[kW2].size(1);
+      Tensor gate_up = at::empty({rows, 2 * inter}, opts);
+      gemm_nt_out(h, w[kW13], gate_up);
+      // F.silu(gate) * up in the model dtype, as the eager step computes it
+      Tensor act = at::silu(gate_up.narrow(1, 0, inter)).mul_(gate_up.narrow(1, inter, inter));
+      gemm_nt_out(act, w[kW2], proj);
+      add_into(x, proj);
+    }
+  }
+  rms_norm(x, global_[kFinalNorm], eps_, h);
+  const Tensor& head = global_[kHead];
+  Tensor out = at::empty({rows, head.size(0)}, opts);  // [T, V or V']
+  gemm_nt_out(h, head, out);
+  return out;
+}
+
+Tensor ModelStep::logits(const Tensor& ids, const Tensor& k_cache, const Tensor& v_cache,
+                         const Tensor& lens) {
+  check_call(ids, k_cache, v_cache, lens);
+  const GilRelease no_gil;
+  const std::lock_guard<std::mutex> lock(mutex_);
+  const int64_t batch = ids.size(0), steps = ids.size(1);
+  const Tensor rows =
+      head_rows(ids, k_cache, v_cache, lens.const_data_ptr<int32_t>()).to(at::kFloat);
+  if (global_[kVocabIds].numel() == 0) return rows.view({batch, steps, vocab_});
+  Tensor full =
+      at::full({batch * steps, vocab_}, -std::numeric_limits<float>::infinity(), rows.options());
+  full.index_copy_(1, global_[kVocabIds].to(at::kLong), rows);
+  return full.view({batch, steps, vocab_});
+}
+
+// torch.argmax over the full-vocabulary logits: the first maximum by token id, NaN above all.
+Tensor ModelStep::argmax_rows(const Tensor& rows, int64_t batch, int64_t steps) const {
+  Tensor tokens = at::empty({batch, steps}, rows.options().dtype(at::kLong));
+  int64_t* out = tokens.mutable_data_ptr<int64_t>();
+  const int64_t width = rows.size(1);
+  const int32_t* ids =
+      global_[kVocabIds].numel() > 0 ? global_[kVocabIds].const_data_ptr<int32_t>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, rows.scalar_type(), "argmax", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const scalar_t* p = rows.const_data_ptr<scalar_t>();
+    for (int64_t r = 0; r < batch * steps; ++r, p += width) {
+      // Every logit -inf (the unscored tokens of a trimmed vocabulary are): token 0 wins.
+      acc_t best = -std::numeric_limits<acc_t>::infinity();
+      int64_t best_token = 0, nan_token = -1;
+      for (int64_t i = 0; i < width; ++i) {
+        const acc_t value = static_cast<acc_t>(p[i]);
+        const int64_t token = ids ? ids[i] : i;
+        if (value != value) {  // NaN: the first one by token id is the argmax
+          if (nan_token < 0 || token < nan_token) nan_token = token;
+        } else if (value > best || (ids && value == best && token < best_token)) {
+          best = value, best_token = token;
+        }
+      }
+      out[r] = nan_token >= 0 ? nan_token : best_token;
+    }
+  });
+  return tokens;
+}
+
+Tensor ModelStep::greedy(const Tensor& ids, const Tensor& k_cache, const Tensor& v_cache,
+                         const Tensor& lens) {
+  check_call(ids, k_cache, v_cache, lens);
+  const GilRelease no_gil;
+  const std::lock_guard<std::mutex> lock(mutex_);
+  const Tensor rows = head_rows(ids, k_cache, v_cache, lens.const_data_ptr<int32_t>());
+  return argmax_rows(rows, ids.size(0), ids.size(1));
+}
+
+Tensor ModelStep::draft(const Tensor& ids, const Tensor& k_cache, const Tensor& v_cache,
+                        const Tensor& lens, int64_t n) {
+  check_call(ids, k_cache, v_cache, lens);
+  PM_CHECK(n >= 1, kStep, "draft needs n >= 1 tokens, got ", n);
+  const GilRelease no_gil;
+  const std::lock_guard<std::mutex> lock(mutex_);
+  const int64_t batch = ids.size(0);
+  int32_t* lp = lens.mutable_data_ptr<int32_t>();
+  Tensor tokens = at::empty({batch, n}, ids.options());
+  int64_t* out = tokens.mutable_data_ptr<int64_t>();
+  Tensor feed = ids, last = at::empty({batch, 1}, ids.options());
+  for (int64_t i = 0; i < n; ++i) {
+    const Tensor step = argmax_rows(head_rows(feed, k_cache, v_cache, lp), batch, feed.size(1));
+    const int64_t* sp = step.const_data_ptr<int64_t>();
+    for (int64_t b = 0; b < batch; ++b) {
+      out[b * n + i] = last.mutable_data_ptr<int64_t>()[b] = sp[(b + 1) * feed.size(1) - 1];
+    }
+    for (int64_t b = 0; b < batch; ++b) lp[b] += static_cast<int32_t>(feed.size(1));
+    feed = last;
+  }
+  return tokens;
+}
+
+}  // namespace pearlmoe::cpu

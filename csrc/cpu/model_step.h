@@ -1,0 +1,84 @@
+// A model's whole decode / verification step on the CPU in one call (the "fused" backend of
+// pearlmoe.decode.runner). The same kernels, in the same order and with the same rounding
+// points as Transformer.step on the eager ops, so its logits are bit-identical to theirs; what
+// it removes is everything between the kernels: ~45-100 dispatcher calls, output allocations and
+// Python (or a compiled graph's wrappers and guards) per step, which on the small models decode
+// and draft with cost more than the arithmetic.
+//
+// Supported: Llama and Hunyuan-style layers (GQA, CLA, QK-norm after RoPE, softmax top-k MoE
+// with an ungated shared expert, dense SwiGLU), tied or untied heads, a trimmed draft
+// vocabulary, fp32 / bf16 / fp16 weights. The Python side (pearlmoe.decode.fused) refuses other
+// configurations with the reason, and they run on the compile backend.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <torch/custom_class.h>
+
+#include <array>
+#include <mutex>
+#include <vector>
+
+namespace pearlmoe::cpu {
+
+class ModelStep : public torch::CustomClassHolder {
+ public:
+  // Layer slots in `weights`, kLayerSlots per layer after the kGlobalSlots model tensors; an
+  // absent tensor is an empty one. ints: {layers, hidden, q_heads, kv_heads, head_dim,
+  // cla_share_factor, qk_norm_after_rope, moe_top_k, renormalize, vocab_size};
+  // floats: {rms_norm_eps, rope_base}.
+  enum Global { kEmbed, kFinalNorm, kHead, kVocabRows, kVocabIds, kGlobalSlots };
+  enum Slot {
+    kInNorm,
+    kQ,
+    kK,
+    kV,
+    kO,
+    kQNorm,
+    kKNorm,
+    kPostNorm,
+    kRouter,
+    kW13,
+    kW2,
+    kSharedW13,
+    kSharedW2,
+    kLayerSlots
+  };
+
+  ModelStep(std::vector<at::Tensor> weights, std::vector<int64_t> ints, std::vector<double> floats);
+
+  // fp32 logits [B, S, V] over the whole vocabulary for ids [B, S] (int64) appended after each
+  // sequence's lens[b] (int32 [B]) in the cache k/v [G, B, C, Hkv, D]; lens are not moved.
+  at::Tensor logits(const at::Tensor& ids, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                    const at::Tensor& lens);
+  // The greedy tokens [B, S] (int64) of the same step: torch.argmax of those logits.
+  at::Tensor greedy(const at::Tensor& ids, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                    const at::Tensor& lens);
+  // n greedy tokens [B, n] after ids [B, S]: the step over ids, then n - 1 one-token steps on
+  // its own argmaxes; lens advance by S + n - 1 (the last token is not cached), as n calls of
+  // greedy() with the caller moving lens would.
+  at::Tensor draft(const at::Tensor& ids, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                   const at::Tensor& lens, int64_t n);
+
+ private:
+  struct Layer {
+    std::array<at::Tensor, kLayerSlots> w;
+    bool owns_kv = false, moe = false;
+  };
+
+  // The head's rows [B*S, V or V'] in the model dtype for ids [B, S] at lens.
+  at::Tensor head_rows(const at::Tensor& ids, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                       const int32_t* lens);
+  void check_call(const at::Tensor& ids, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                  const at::Tensor& lens) const;
+  at::Tensor argmax_rows(const at::Tensor& rows, int64_t batch, int64_t steps) const;
+
+  std::array<at::Tensor, kGlobalSlots> global_;
+  std::vector<Layer> layers_;
+  int64_t hidden_, q_heads_, kv_heads_, head_dim_, cla_, top_k_, vocab_;
+  bool qk_norm_, renormalize_;
+  double eps_, rope_base_;
+  std::array<float, 64> inv_freq_{};
+  std::mutex mutex_;  // one step at a time per model (scratch is not shared, the caches may be)
+};
+
+}  // namespace pearlmoe::cpu

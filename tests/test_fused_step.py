@@ -1,0 +1,242 @@
+"""The fused CPU step (pearlmoe.decode.fused, csrc/cpu/model_step.cpp): its logits and cache writes
+are bit-identical to the eager step's (same kernels, same rounding points) for the model shapes
+it covers, its greedy tokens are torch.argmax's (ties to the lowest token id, NaN first, trimmed
+vocabularies), a draft's γ tokens in one call equal γ calls, bad calls get a clear error, models
+it does not cover fall back to compile, and every decode loop on it emits the autoregressive
+tokens. Its speed is measured by `pearlmoe bench` (bench/NOTES.md), not here."""
+
+import sys
+import threading
+import time
+
+import pytest
+import torch
+from test_static_decode import PROMPTS4, _pair
+from test_trimmed_vocab import trimmed_copy
+
+import pearlmoe
+from pearlmoe.decode import fused, pearl_generate, speculative_generate
+from pearlmoe.decode.runner import Runner, Sampling, default_backend, effective_backend
+from pearlmoe.model import ModelConfig, Transformer
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _dense(dtype: torch.dtype, seed: int = 0) -> Transformer:
+    """A Llama-style model (dense SwiGLU, no CLA, no QK-norm) with an untied head and an odd
+    vocabulary."""
+    torch.manual_seed(seed)
+    config = ModelConfig(vocab_size=97, hidden_size=48, num_hidden_layers=3,
+                         num_attention_heads=6, num_key_value_heads=2, intermediate_size=40,
+                         head_dim=8, tie_word_embeddings=False, model_type="llama")  # fmt: skip
+    model = Transformer(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 1.5 * p.shape[-1] ** -0.5)
+    return model.to(dtype)
+
+
+def _models(dtype: torch.dtype) -> dict[str, Transformer]:
+    target, draft = _pair(dtype)
+    return {"moe_cla_qknorm": target, "dense": _dense(dtype), "draft": draft}
+
+
+def _runners(model: Transformer, batch: int, sampling: Sampling) -> dict[str, Runner]:
+    runners = {b: Runner(model, batch, 48, b, sampling) for b in ("eager", "fused")}
+    prompts = [[3 + i + j for j in range(5 + 7 * i)] for i in range(batch)]  # ragged
+    for r in runners.values():
+        r.prefill(prompts)
+    return runners
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_logits_and_cache_equal_the_eager_step(dtype, batch):
+    for name, model in _models(dtype).items():
+        assert fused.unsupported(model) is None, name
+        runners = _runners(model, batch, Sampling(logits=True))
+        assert runners["fused"].backend == "fused"
+        for width in (1, 2, 5):
+            ids = torch.randint(0, model.config.vocab_size, (batch, width))
+            eager, _ = runners["eager"](ids)
+            got, _ = runners["fused"](ids)
+            assert got.dtype == torch.float32 and got.shape == eager.shape
+            assert torch.equal(got, eager), (name, width, (got - eager).abs().max())
+            for r in runners.values():
+                with torch.inference_mode():
+                    r.lens.add_(width)
+        for part in ("k", "v"):
+            a, b = getattr(runners["eager"].cache, part), getattr(runners["fused"].cache, part)
+            assert torch.equal(a, b), (name, part)
+
+
+def test_greedy_is_torch_argmax_with_ties_and_nan():
+    model = _dense(torch.bfloat16)
+    with torch.no_grad():  # rows 10 = 20 = u and 30 = 40 = -u, large: one pair ties at the top
+        u = model.lm_head.abs().max(0).values * 8
+        model.lm_head[10] = model.lm_head[20] = u
+        model.lm_head[30] = model.lm_head[40] = -u
+    runners = _runners(model, 2, Sampling())
+    probe = _runners(model, 2, Sampling(logits=True))["eager"]
+    ids = torch.randint(0, 97, (2, 3))
+    logits, _ = probe(ids)
+    _, got = runners["fused"](ids)
+    assert torch.equal(got, logits.argmax(-1))
+    assert set(got.flatten().tolist()) <= {10, 30}  # the lower id of each tied pair
+    with torch.no_grad():
+        model.lm_head[50] = float("nan")  # NaN beats every number, as in torch.argmax
+    _, got = runners["fused"](ids)
+    assert (got == 50).all()
+
+
+def test_trimmed_vocabulary_draft():
+    _, draft = _pair(torch.float32)
+    kept = torch.randperm(96, generator=torch.Generator().manual_seed(3))[:50].tolist()
+    trimmed = trimmed_copy(draft, kept)
+    with torch.no_grad():  # two kept tokens tie above the rest: the lower token id wins
+        a, b = sorted(kept[10:12])
+        rows = {t: r for r, t in enumerate(kept)}
+        top = trimmed.embed_tokens.abs().max(0).values * 4
+        trimmed.embed_tokens[rows[a]] = trimmed.embed_tokens[rows[b]] = top
+    runners = _runners(trimmed, 2, Sampling(logits=True))
+    ids = torch.tensor([[kept[0], 95, 7], [kept[5], kept[6], 0]])
+    eager, _ = runners["eager"](ids)
+    got, _ = runners["fused"](ids)
+    assert torch.equal(got, eager)  # -inf outside the kept tokens
+    greedy = Runner(trimmed, 2, 48, "fused")
+    greedy.prefill([[1, 2, 3], [4]])
+    _, tokens = greedy(ids)
+    assert torch.equal(tokens, eager.argmax(-1))
+
+
+@pytest.mark.parametrize("width", [1, 2])
+def test_draft_in_one_call_equals_step_by_step(width):
+    _, draft = _pair(torch.bfloat16)
+    one, steps = (Runner(draft, 3, 48, "fused") for _ in range(2))
+    prompts = [[1, 2, 3, 4], [5, 6], [7, 8, 9, 10, 11, 12]]
+    one.prefill(prompts)
+    steps.prefill(prompts)
+    feed = torch.tensor([[13, 14], [15, 16], [17, 18]])[:, :width]
+    assert one.drafts_in_one_call
+    got = one.draft(feed, 4)
+    want, ids = [], feed
+    for _ in range(4):
+        _, tokens = steps(ids)
+        with torch.inference_mode():
+            steps.lens.add_(ids.shape[1])
+        want.append(tokens[:, -1])
+        ids = tokens[:, -1:]
+    assert torch.equal(got, torch.stack(want, 1))
+    # the last drafted token is not cached: lengths moved by width + 4 - 1
+    assert one.lens.tolist() == [len(p) + width + 3 for p in prompts]
+    assert torch.equal(one.cache.k, steps.cache.k)
+
+
+def test_bad_calls_name_the_problem():
+    model = _dense(torch.float32)
+    runner = Runner(model, 2, 8, "fused")
+    step, cache = runner._fused, runner.cache
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(RuntimeError, match=r"ModelStep: ids\[1, 2\] = 97 is outside the vocab"):
+        step.greedy(torch.tensor([[0, 0, 0], [0, 0, 97]]), cache.k, cache.v, cache.lens)
+    with pytest.raises(RuntimeError, match="ModelStep: ids must be Long"):
+        step.greedy(ids.int(), cache.k, cache.v, cache.lens)
+    with pytest.raises(RuntimeError, match="exceed the cache's capacity 8"):
+        step.greedy(torch.zeros(2, 9, dtype=torch.long), cache.k, cache.v, cache.lens)
+    with pytest.raises(RuntimeError, match="ModelStep: the caches must have the weights' dtype"):
+        step.greedy(ids, cache.k.half(), cache.v.half(), cache.lens)
+    with pytest.raises(RuntimeError, match=r"ModelStep: k_cache and v_cache must be \[G=3, B=2"):
+        step.greedy(ids, cache.k[:, :1], cache.v[:, :1], cache.lens)
+    with pytest.raises(RuntimeError, match="ModelStep: lens must be Int"):
+        step.greedy(ids, cache.k, cache.v, cache.lens.long())
+    with pytest.raises(RuntimeError, match="ModelStep: draft needs n >= 1"):
+        step.draft(ids, cache.k, cache.v, cache.lens, 0)
+    assert cache.lens.tolist() == [0, 0]  # nothing moved by the refused calls
+
+
+def test_models_it_does_not_cover_take_compile():
+    base = _dense(torch.float32)
+    variants = {
+        "attention biases": dict(qkv_bias=True),
+        "QK-norm before RoPE": dict(use_qk_norm=True, qk_norm_position="before_rope"),
+        "clip_qkv": dict(clip_qkv=4.0),
+        "partial rotary": dict(partial_rotary_factor=0.5),
+    }
+    for why, change in variants.items():
+        c = base.config
+        config = ModelConfig(**{**{f: getattr(c, f) for f in c.__dataclass_fields__}, **change})
+        model = Transformer(config)
+        assert why in fused.unsupported(model)
+        assert effective_backend(model, "fused") == "compile"
+        assert Runner(model, 1, 8, "fused").backend == "compile"
+        with pytest.raises(ValueError, match=f"fused backend does not run this model.*{why}"):
+            fused.build(model)
+    assert fused.unsupported(base.double()) == "torch.float64"
+    assert default_backend("cpu") == "fused"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_decode_loops_emit_the_autoregressive_tokens(dtype, batch):
+    target, draft = _pair(dtype)
+    prompts = PROMPTS4[:batch]
+    want = pearlmoe.generate(target, prompts, 24)
+    assert pearlmoe.generate(target, prompts, 24, backend="fused") == want
+    for loop in (speculative_generate, pearl_generate):
+        for gamma in (1, 3, 5):
+            got, stats = loop(target, draft, prompts, 24, gamma=gamma, backend="fused")
+            assert got == want, (loop.__name__, gamma)
+            assert 0 < stats.acceptance_rate < 1
+    _, stats = pearl_generate(target, draft, prompts, 8, gamma=2, backend="fused")
+    assert stats.extra["draft_process"] is False  # threads: the fused steps release the GIL
+    # EOS inside a window
+    eos = pearlmoe.generate(target, PROMPTS4, 24)[1][6]
+    want = pearlmoe.generate(target, PROMPTS4, 24, eos_token_id=eos)
+    for loop in (speculative_generate, pearl_generate):
+        got, _ = loop(target, draft, PROMPTS4, 24, gamma=4, eos_token_id=eos, backend="fused")
+        assert got == want
+
+
+def test_sampled_decoding_equals_eager_draw_for_draw():
+    """Bit-identical logits make the same seeded draws as the eager backend (whose sampling the
+    statistical tests in test_decode.py check against the target distribution)."""
+    target, draft = _pair(torch.float32)
+    for loop in (speculative_generate, pearl_generate):
+        runs = [
+            loop(target, draft, PROMPTS4, 16, gamma=3, temperature=0.9, top_p=0.95, backend=b,
+                 generator=torch.Generator().manual_seed(7))[0]
+            for b in ("eager", "fused")
+        ]  # fmt: skip
+        assert runs[0] == runs[1], loop.__name__
+
+
+def test_steps_run_without_the_gil():
+    """A fused step releases the GIL, so PEARL's draft thread runs its steps beside the target's.
+    With the switch interval out of the way, a thread that yields the GIL only by itself
+    (sleep(0)) can run while the main thread is inside a step only if the step released it."""
+    target, _ = _pair(torch.float32)
+    runner = Runner(target, 1, 64, "fused")
+    runner.prefill([[1, 2, 3]])
+    step, cache, ids = runner._fused, runner.cache, torch.tensor([[4]])
+    count, stop = [0], threading.Event()
+
+    def other():
+        while not stop.is_set():
+            count[0] += 1
+            time.sleep(0)  # releases the GIL; the main thread takes it back at once
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(100.0)  # no forced hand-overs
+    thread = threading.Thread(target=other)
+    try:
+        thread.start()
+        before = count[0]
+        for _ in range(20):
+            step.greedy(ids, cache.k, cache.v, cache.lens)
+        ran = count[0] - before
+    finally:
+        stop.set()
+        sys.setswitchinterval(interval)
+        thread.join()
+    assert ran > 0
