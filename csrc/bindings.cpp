@@ -6,6 +6,7 @@
 #include <string>
 
 #include "cpu/cpu_kernels.h"
+#include "cpu/draft_worker.h"
 #include "cpu/model_step.h"
 
 // `from . import _C` loads this shared library, which runs the registrations below. The module
@@ -100,6 +101,13 @@ TORCH_LIBRARY(pearlmoe, m) {
       .def("logits", &ModelStep::logits)
       .def("greedy", &ModelStep::greedy)
       .def("draft", &ModelStep::draft);
+  // PEARL's draft side as a C++ thread running a CpuModelStep's draft() (pearlmoe.decode.pearl).
+  using pearlmoe::cpu::DraftWorker;
+  m.class_<DraftWorker>("CpuDraftWorker")
+      .def(torch::init<c10::intrusive_ptr<ModelStep>, int64_t>())
+      .def("submit", &DraftWorker::submit)
+      .def("result", &DraftWorker::result)
+      .def("seconds", &DraftWorker::seconds);
 
   // ---- build info --------------------------------------------------------------------------
   // Whether this build compiled the CUDA kernels.

@@ -240,3 +240,48 @@ def test_steps_run_without_the_gil():
         sys.setswitchinterval(interval)
         thread.join()
     assert ran > 0
+
+
+def test_draft_worker_thread():
+    """PEARL's C++ draft thread: the same tokens as the step's own draft(), its errors raised
+    by result(), misuse refused, and workers that come and go join cleanly."""
+    _, draft = _pair(torch.float32)
+    mine, other = (Runner(draft, 2, 48, "fused") for _ in range(2))
+    for r in (mine, other):
+        r.prefill([[1, 2, 3], [4, 5]])
+    worker = torch.classes.pearlmoe.CpuDraftWorker(mine.fused_step, 1)
+    feed = torch.tensor([[6], [7]])
+    c = mine.cache
+    for n in (1, 3):
+        worker.submit(feed, c.k, c.v, c.lens, n)
+        got = worker.result()
+        assert torch.equal(got, other.draft(feed, n))
+        assert torch.equal(mine.lens, other.lens) and worker.seconds() > 0
+    with pytest.raises(RuntimeError, match="DraftWorker: result without a submitted job"):
+        worker.result()
+    worker.submit(torch.tensor([[6], [500]]), c.k, c.v, c.lens, 2)
+    with pytest.raises(RuntimeError, match=r"ModelStep: ids\[1, 0\] = 500 is outside"):
+        worker.result()
+    worker.submit(feed, c.k, c.v, c.lens, 1)
+    with pytest.raises(RuntimeError, match="DraftWorker: submit while a job is pending"):
+        worker.submit(feed, c.k, c.v, c.lens, 1)
+    worker.result()
+    for _ in range(20):  # idle or just used, a worker's thread joins when it goes
+        w = torch.classes.pearlmoe.CpuDraftWorker(mine.fused_step, 1)
+        w.submit(feed, c.k, c.v, c.lens, 1)
+        w.result()
+        del w
+    _, stats = pearl_generate(*_pair(torch.float32), [[1, 2, 3]], 8, gamma=2, backend="fused")
+    assert stats.extra["draft_side"] == "C++ thread"
+
+
+def test_draft_worker_dropped_mid_job_joins():
+    _, draft = _pair(torch.float32)
+    runner = Runner(draft, 1, 400, "fused")
+    runner.prefill([[1, 2, 3]])
+    c = runner.cache
+    for _ in range(5):
+        w = torch.classes.pearlmoe.CpuDraftWorker(runner.fused_step, 1)
+        w.submit(torch.tensor([[4]]), c.k, c.v, c.lens, 64)
+        del w  # its owner gone before result(): the thread finishes the job and joins
+        runner.lens.zero_().add_(3)

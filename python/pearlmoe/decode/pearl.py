@@ -95,6 +95,31 @@ class _ThreadDraft:
         return xs, qs, seconds
 
 
+class _FusedDraft:
+    """The draft side as a C++ thread (``torch.classes.pearlmoe.CpuDraftWorker``): greedy
+    drafting with the fused backend on the CPU. Handing a round's feed over and the drafts back
+    is an atomic flag each way, with no Python thread, future or GIL hand-over in between."""
+
+    def __init__(self, runner: Runner, side: _Side, pool: ThreadPoolExecutor) -> None:
+        self.runner, self.side, self.pool = runner, side, pool
+        self.worker = torch.classes.pearlmoe.CpuDraftWorker(runner.fused_step, side.cpu_threads)
+        self.lens, self.device = runner.lens, runner.device
+        self._future = None
+
+    def prefill(self, prompts: list[list[int]]) -> None:
+        self._future = self.pool.submit(self.side.run, lambda: self.runner.prefill(prompts))
+
+    def wait(self) -> None:
+        self._future.result()
+
+    def submit(self, first: Tensor, gamma: int) -> None:
+        c = self.runner.cache
+        self.worker.submit(first.unsqueeze(1).long(), c.k, c.v, c.lens, gamma)
+
+    def result(self) -> tuple[Tensor, None, float]:
+        return self.worker.result(), None, self.worker.seconds()
+
+
 @torch.inference_mode()
 def pearl_generate(
     target: Transformer,
@@ -155,7 +180,10 @@ def pearl_generate(
         else:
             runner = Runner(draft, batch, capacity, backend, sampling)
             runner.warmup([1])
-            drf = _ThreadDraft(runner, _Side(draft, share), pool, generator)
+            if runner.drafts_in_one_call:  # the fused backend, greedy
+                drf = _FusedDraft(runner, _Side(draft, share), pool)
+            else:
+                drf = _ThreadDraft(runner, _Side(draft, share), pool, generator)
         if bookkeeping == "auto":
             bookkeeping = "host" if greedy and device.type == "cpu" else "device"
         if bookkeeping == "host" and not greedy:
@@ -168,6 +196,8 @@ def pearl_generate(
             rounds.warmup()
         stats.extra["warmup_seconds"] += time.perf_counter() - began
     stats.extra["draft_process"] = bool(draft_process)
+    side_kind = "C++ thread" if isinstance(drf, _FusedDraft) else "thread"
+    stats.extra["draft_side"] = "process" if draft_process else side_kind
     stats.extra["bookkeeping"] = bookkeeping
     start = time.perf_counter()
     drf.prefill(draft_prompts)  # both sides prefill at once

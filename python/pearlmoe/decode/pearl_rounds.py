@@ -225,6 +225,10 @@ class HostRounds:
         self.active = [True] * len(prompts)
         self.t_lens = tgt.lens.tolist()
         self.d_lens = drf.lens.tolist()
+        # Writable views of both sides' CPU lengths: ~0.3 us a write instead of ~5 us for a
+        # tensor copy (None on other devices).
+        self._views = [lens.numpy() if lens.device.type == "cpu" else None
+                       for lens in (tgt.lens, drf.lens)]  # fmt: skip
         self.gamma = gamma
 
     def warmup(self) -> None:
@@ -283,5 +287,9 @@ class HostRounds:
         self._write_lens()
 
     def _write_lens(self) -> None:
-        self.tgt.lens.copy_(torch.tensor(self.t_lens, dtype=torch.int32))
-        self.drf.lens.copy_(torch.tensor(self.d_lens, dtype=torch.int32))
+        for view, values, side in zip(self._views, (self.t_lens, self.d_lens), (self.tgt, self.drf),
+                                      strict=True):  # fmt: skip
+            if view is not None:
+                view[:] = values
+            else:
+                side.lens.copy_(torch.tensor(values, dtype=torch.int32))

@@ -178,16 +178,19 @@ class Runner:
                 ids = torch.tensor([list(tokens)], device=self.device)
                 self.model(ids, self.cache.sequence(b))
 
-    @torch.inference_mode()
     def __call__(self, ids: Tensor) -> tuple[Tensor | None, Tensor | None]:
         """(probs [B, S, V] or None, greedy tokens [B, S] or None) for ids [B, S]."""
-        if self.backend == "eager":
-            return _step(self.model, ids, self.cache, self.sampling)
-        if self._fused is not None:
+        if self._fused is not None:  # one C++ call, no autograd: no inference-mode context
             c = self.cache
             if self.sampling.greedy:
                 return None, self._fused.greedy(ids.long(), c.k, c.v, c.lens)
             return _outputs(self._fused.logits(ids.long(), c.k, c.v, c.lens), self.sampling)
+        return self._call(ids)
+
+    @torch.inference_mode()
+    def _call(self, ids: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        if self.backend == "eager":
+            return _step(self.model, ids, self.cache, self.sampling)
         if self.backend == "compile":
             ids = ids.reshape(-1).view(ids.shape)  # row-major strides, which the graph guards
             if ids.shape[1] > 1 and ids.shape[1] not in self._warm:
@@ -201,7 +204,11 @@ class Runner:
         """Whether ``draft`` runs a draft's γ greedy steps as one call (the fused backend)."""
         return self._fused is not None and self.sampling.greedy
 
-    @torch.inference_mode()
+    @property
+    def fused_step(self) -> torch.ScriptObject | None:
+        """The fused backend's C++ step (``torch.classes.pearlmoe.CpuModelStep``), else None."""
+        return self._fused
+
     def draft(self, feed: Tensor, n: int) -> Tensor:
         """n greedy tokens [B, n] after feed [B, w], in one call; the lengths advance by
         w + n - 1 (``drafts_in_one_call`` runners only)."""

@@ -1,0 +1,115 @@
+// The C++ draft thread of PEARL on the CPU (draft_worker.h).
+#include "draft_worker.h"
+
+#include <ATen/Parallel.h>
+#include <Python.h>
+#include <c10/core/InferenceMode.h>
+
+#include <chrono>
+
+#include "../ops/checks.h"
+
+namespace pearlmoe::cpu {
+namespace {
+
+constexpr const char* kWorker = "DraftWorker";
+// Spin this long on a hand-off before sleeping on the condition variable: a round hands over
+// twice within a millisecond, and a futex wake-up costs tens of microseconds.
+constexpr auto kSpin = std::chrono::microseconds(200);
+
+class GilRelease {
+ public:
+  GilRelease() : state_(Py_IsInitialized() && PyGILState_Check() ? PyEval_SaveThread() : nullptr) {}
+  ~GilRelease() {
+    if (state_ != nullptr) PyEval_RestoreThread(state_);
+  }
+  GilRelease(const GilRelease&) = delete;
+  GilRelease& operator=(const GilRelease&) = delete;
+
+ private:
+  PyThreadState* state_;
+};
+
+}  // namespace
+
+DraftWorker::DraftWorker(c10::intrusive_ptr<ModelStep> step, int64_t threads)
+    : step_(std::move(step)), threads_(threads) {
+  PM_CHECK(threads_ >= 1, kWorker, "threads must be positive, got ", threads_);
+  thread_ = std::thread([this] { loop(); });
+}
+
+DraftWorker::~DraftWorker() {
+  {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    state_.store(3);
+  }
+  wake_.notify_all();
+  if (thread_.joinable()) thread_.join();
+}
+
+void DraftWorker::wait_for(int expected) {
+  const auto until = std::chrono::steady_clock::now() + kSpin;
+  while (state_.load(std::memory_order_acquire) != expected) {
+    if (std::chrono::steady_clock::now() > until) {
+      std::unique_lock<std::mutex> lock(mutex_);
+      wake_.wait(lock, [&] { return state_.load() == expected || state_.load() == 3; });
+      return;
+    }
+  }
+}
+
+void DraftWorker::loop() {
+  at::set_num_threads(static_cast<int>(threads_));
+  const c10::InferenceMode inference;  // the caches are inference tensors
+  while (true) {
+    const auto until = std::chrono::steady_clock::now() + kSpin;
+    int s;
+    while ((s = state_.load(std::memory_order_acquire)) != 1 && s != 3) {
+      if (std::chrono::steady_clock::now() > until) {
+        std::unique_lock<std::mutex> lock(mutex_);
+        wake_.wait(lock, [&] { return state_.load() == 1 || state_.load() == 3; });
+      }
+    }
+    if (state_.load() == 3) return;
+    const auto start = std::chrono::steady_clock::now();
+    try {
+      tokens_ = step_->draft(ids_, k_, v_, lens_, n_);
+    } catch (...) {
+      error_ = std::current_exception();
+    }
+    seconds_ = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    {
+      const std::lock_guard<std::mutex> lock(mutex_);
+      int posted = 1;  // a stop requested meanwhile (the owner went away mid-job) stays
+      state_.compare_exchange_strong(posted, 2, std::memory_order_acq_rel);
+    }
+    wake_.notify_all();
+  }
+}
+
+void DraftWorker::submit(const at::Tensor& ids, const at::Tensor& k_cache,
+                         const at::Tensor& v_cache, const at::Tensor& lens, int64_t n) {
+  PM_CHECK(state_.load() == 0, kWorker, "submit while a job is pending (call result first)");
+  ids_ = ids, k_ = k_cache, v_ = v_cache, lens_ = lens, n_ = n;
+  tokens_ = at::Tensor(), error_ = nullptr;
+  {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    state_.store(1, std::memory_order_release);
+  }
+  wake_.notify_all();
+}
+
+at::Tensor DraftWorker::result() {
+  const int s = state_.load();
+  PM_CHECK(s == 1 || s == 2, kWorker, "result without a submitted job");
+  {
+    const GilRelease no_gil;
+    wait_for(2);
+  }
+  ids_ = k_ = v_ = lens_ = at::Tensor();
+  state_.store(0);
+  if (error_) std::rethrow_exception(std::exchange(error_, nullptr));
+  return std::exchange(tokens_, at::Tensor());
+}
+
+}  // namespace pearlmoe::cpu

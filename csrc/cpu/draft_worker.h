@@ -1,0 +1,54 @@
+// PEARL's draft side on the CPU as a C++ thread (pearlmoe.decode.pearl with the fused backend):
+// the target's thread hands it a feed and a draft length, runs its own step, and collects the
+// drafted tokens. Hand-offs are an atomic flag each way, spun on briefly before sleeping, and
+// neither side holds the GIL while it waits or works: a Python worker thread cost ~60 us of
+// futures, wake-ups and GIL hand-overs a round, a tenth of a round on the embedded pair.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <torch/custom_class.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <exception>
+#include <mutex>
+#include <thread>
+
+#include "model_step.h"
+
+namespace pearlmoe::cpu {
+
+class DraftWorker : public torch::CustomClassHolder {
+ public:
+  // The worker runs step's draft() with `threads` intra-op threads of its own.
+  DraftWorker(c10::intrusive_ptr<ModelStep> step, int64_t threads);
+  ~DraftWorker() override;
+  DraftWorker(const DraftWorker&) = delete;
+  DraftWorker& operator=(const DraftWorker&) = delete;
+
+  // Start drafting n tokens after ids [B, S] on the cache k/v at lens (ModelStep::draft's
+  // arguments; the worker moves lens). One job at a time: submit, then result.
+  void submit(const at::Tensor& ids, const at::Tensor& k_cache, const at::Tensor& v_cache,
+              const at::Tensor& lens, int64_t n);
+  // The job's tokens [B, n]; rethrows its error.
+  at::Tensor result();
+  // Seconds the last job took on the worker.
+  double seconds() const { return seconds_; }
+
+ private:
+  void loop();
+  void wait_for(int expected);
+
+  c10::intrusive_ptr<ModelStep> step_;
+  int64_t threads_;
+  std::atomic<int> state_{0};  // 0 idle, 1 job posted, 2 job done, 3 stop
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  at::Tensor ids_, k_, v_, lens_, tokens_;
+  int64_t n_ = 0;
+  double seconds_ = 0;
+  std::exception_ptr error_;
+  std::thread thread_;
+};
+
+}  // namespace pearlmoe::cpu
