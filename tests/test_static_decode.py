@@ -402,3 +402,25 @@ def test_pearl_bookkeeping_choices(pair32):
     assert stats.extra["bookkeeping"] == "device"  # sampling keeps its state on the device
     _, stats = pearl_generate(target, draft, [[1, 2]], 4, gamma=2)
     assert stats.extra["bookkeeping"] == "host"  # greedy on a CPU
+
+
+def test_a_rounds_host_work_enters_the_rates_and_the_choice():
+    """h seconds of host work a round (the loop's Python, hand-offs): every speculative and PEARL
+    round pays it, so rates drop and longer windows (fewer rounds a token) win; the policy
+    learns h from the rounds and hands it to the next decode."""
+    curve = RISING
+    heavy = curve.scaled(1.0, 1.0, 1.5e-3)
+    assert heavy.host == 1.5e-3 and curve.host == 0.0
+    for mode in ("speculative", "pearl"):
+        for g in (1, 3):
+            assert cost_model.rate(heavy, 0.8, mode, g) < cost_model.rate(curve, 0.8, mode, g)
+        assert cost_model.best_gamma(heavy, 0.8, mode) > cost_model.best_gamma(curve, 0.8, mode)
+    # speculative: E tokens over γ·t_d + T(γ+1) + h
+    expected = (1 - 0.8**3) / (1 - 0.8) / (2 * 0.1e-3 + 1.7e-3 + 1.5e-3)
+    assert cost_model.rate(heavy, 0.8, "speculative", 2) == pytest.approx(expected)
+    policy = cost_model.GammaPolicy(curve, "pearl")
+    for _ in range(40):
+        policy.observe_host(0.5e-3)
+    policy.observe_host(-1.0)  # clock noise is not negative work
+    assert policy.live_curve.host == pytest.approx(0.5e-3, rel=0.1)
+    assert policy.learned()[3] == policy.host.value

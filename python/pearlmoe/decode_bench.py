@@ -48,6 +48,8 @@ def summarize(mode: str, tokens: int, seconds: float, stats_list: list) -> dict:
         }
         scales = [s.extra["side_scales"] for s in stats_list]
         row["side_scales"] = [sum(x[i] for x in scales) / len(scales) for i in (0, 1)]
+        hosts = [s.extra["round_host_seconds"] for s in stats_list]
+        row["round_host_ms"] = 1e3 * sum(hosts) / len(hosts)
         if mode == "pearl":
             wall = sum(s.extra["round_seconds"]["wall"] for s in stats_list)
             slower = sum(s.extra["round_seconds"]["slower"] for s in stats_list)
@@ -93,8 +95,8 @@ def bench_dtype(
             curve, alpha = curves[mode], row["acceptance_rate"]
             g = row["gammas"][-1]
             row["predicted_tokens_per_second"] = batch * rate(curve, alpha, mode, g)
-            # ... and with each side's cost as the loop observed it (rounds' Python excluded)
-            live = curve.scaled(*row["side_scales"])
+            # ... and with each side's cost and a round's host work as the loop observed them
+            live = curve.scaled(*row["side_scales"], row["round_host_ms"] / 1e3)
             row["predicted_with_observed_sides"] = batch * rate(live, alpha, mode, g)
             row["best_gamma_at_measured_alpha"] = best_gamma(curve, alpha, mode)
     rows["ar"]["predicted_tokens_per_second"] = batch * rate(curves["speculative"], 0, "ar", 0)
@@ -124,18 +126,22 @@ def print_run(run: dict) -> None:
           f"{run['cost_curve_pearl_threads']['target_ms'][0]:.3f}, draft "
           f"{run['cost_curve_pearl_threads']['draft_ms']:.3f} ms)")  # fmt: skip
     head = (f"{'dtype':<9}{'mode':<12}{'tok/s':>9}{'vs AR':>8}{'vs eager':>9}{'tok/call':>9}"
-            f"{'accept':>7}{'gamma':>8}{'overlap':>8}{'predicted':>10}")  # fmt: skip
+            f"{'accept':>7}{'gamma':>8}{'overlap':>8}{'predicted':>10}{'in-loop':>9}"
+            f"{'host ms':>8}")  # fmt: skip
     print(head)
     for mode, row in run["modes"].items():
         gammas = "->".join(map(str, row.get("gammas", []))) or "-"
         overlap = f"{row['overlap']:.2f}" if "overlap" in row else "-"
         predicted = row.get("predicted_tokens_per_second")
         predicted = "-" if predicted is None else f"{predicted:.0f}"
+        live = row.get("predicted_with_observed_sides")
+        live = "-" if live is None else f"{live:.0f}"
+        host = f"{row['round_host_ms']:.3f}" if "round_host_ms" in row else "-"
         print(f"{run['dtype']:<9}{mode:<12}{row['tokens_per_second']:>9.1f}"
               f"{row['speedup_vs_ar']:>7.2f}x{row['speedup_vs_eager_ar']:>8.2f}x"
               f"{row.get('mean_accepted_tokens', 1.0):>9.2f}"
               f"{row.get('acceptance_rate', float('nan')):>7.2f}{gammas:>8}{overlap:>8}"
-              f"{predicted:>10}")  # fmt: skip
+              f"{predicted:>10}{live:>9}{host:>8}")  # fmt: skip
 
 
 def write(result: dict, out: Path) -> None:

@@ -204,6 +204,7 @@ def end_decode(stats: DecodeStats, policy, start: float) -> None:
     stats.seconds = time.perf_counter() - start
     stats.extra["gammas"] = policy.history
     stats.extra["side_scales"] = (policy.target_scale.value, policy.draft_scale.value)
+    stats.extra["round_host_seconds"] = policy.host.value
     policy.remember()
 
 

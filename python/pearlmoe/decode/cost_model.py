@@ -15,7 +15,8 @@ curve over the window width, measured, and γ maximises the expected tokens per 
                   (its tokens per round reduce to pearl.md's (1−α^γ)/((1−α)(1+α−α^γ)))
 
 with α the per-token acceptance rate (re-estimated as decoding goes) and t_d the draft's time
-per token. ``pearlmoe bench`` prints the curve and the choice.
+per token; a round also pays h, the host work outside both sides (the loop's Python, the
+hand-offs), observed as decoding goes. ``pearlmoe bench`` prints the curve and the choice.
 """
 
 import time
@@ -44,12 +45,15 @@ def monotone_fit(values: list[float]) -> list[float]:
 @dataclass
 class CostCurve:
     """Measured step times in seconds: ``target[n - 1]`` for a window of n tokens per sequence,
-    ``draft`` per drafted token (a one-token draft step), at ``batch`` sequences."""
+    ``draft`` per drafted token (a one-token draft step), at ``batch`` sequences; ``host`` the
+    seconds a speculative or PEARL round spends outside both sides (0 until observed: with the
+    fused CPU step a round's Python is a fifth of a round on the embedded pair)."""
 
     target: list[float]
     draft: float
     batch: int = 1
     extra: dict = field(default_factory=dict)
+    host: float = 0.0
 
     def __post_init__(self) -> None:
         # A wider window never costs less than a narrower one: timing noise that says otherwise
@@ -58,11 +62,12 @@ class CostCurve:
         # maximum, which let one slow sample at a narrow width raise every wider one.
         self.target = monotone_fit(self.target)
 
-    def scaled(self, target: float, draft: float) -> "CostCurve":
-        """The same curve with every target time times ``target`` and the draft's times
-        ``draft``: what the sides cost inside the decode loop, as observed."""
+    def scaled(self, target: float, draft: float, host: float | None = None) -> "CostCurve":
+        """The same curve with every target time times ``target``, the draft's times ``draft``
+        and a round's host work ``host`` seconds (unchanged when None): what the sides and the
+        loop cost inside the decode loop, as observed."""
         return CostCurve([t * target for t in self.target], self.draft * draft, self.batch,
-                         dict(self.extra))  # fmt: skip
+                         dict(self.extra), self.host if host is None else host)  # fmt: skip
 
     def target_time(self, width: int) -> float:
         """T(width), extrapolated linearly past the measured widths."""
@@ -75,15 +80,15 @@ class CostCurve:
 def speculative_rate(curve: CostCurve, alpha: float, gamma: int) -> float:
     """Expected tokens per second (per sequence) of vanilla speculative decoding."""
     tokens = (gamma + 1) if alpha >= 1 else (1 - alpha ** (gamma + 1)) / (1 - alpha)
-    return tokens / (gamma * curve.draft + curve.target_time(gamma + 1))
+    return tokens / (gamma * curve.draft + curve.target_time(gamma + 1) + curve.host)
 
 
 def pearl_rate(curve: CostCurve, alpha: float, gamma: int) -> float:
     """Expected tokens per second (per sequence) of PEARL's pre/post-verify chain, each side's
     round cost the slower of γ draft steps and the target's window."""
     drafting = gamma * curve.draft
-    pre_cost = max(drafting, curve.target_time(1))
-    post_cost = max(drafting, curve.target_time(gamma))
+    pre_cost = max(drafting, curve.target_time(1)) + curve.host
+    post_cost = max(drafting, curve.target_time(gamma)) + curve.host
     if alpha >= 1:
         return gamma / post_cost
     stay_post = alpha**gamma
@@ -180,22 +185,24 @@ class GammaPolicy:
         self.fixed = gamma is not None
         self.memory = memory
         learned = memory[0].get(memory[1]) if memory is not None else None
-        alpha, target_scale, draft_scale = learned or (0.6, 1.0, 1.0)
+        alpha, target_scale, draft_scale, host = learned or (0.6, 1.0, 1.0, 0.0)
         self.estimate = AcceptanceEstimate(prior=alpha, weight=8.0 if learned is None else 32.0)
         # Observed / measured time of each side inside the loop (caches cold from the other
         # side's work, the sides contending for memory): running means, 1.0 until observed.
         seen = 0 if learned is None else 16
         self.target_scale = RunningRatio(value=target_scale, count=seen)
         self.draft_scale = RunningRatio(value=draft_scale, count=seen)
+        self.host = RunningRatio(value=host, count=seen)  # seconds a round outside the sides
         self.gamma = gamma if gamma is not None else best_gamma(self.live_curve,
                                                                 self.estimate.alpha, mode,
                                                                 max_gamma)  # fmt: skip
         self.history = [self.gamma]
         self._rounds = 0
 
-    def learned(self) -> tuple[float, float, float]:
-        """What this decode learned of the pair: (α, target scale, draft scale)."""
-        return self.estimate.alpha, self.target_scale.value, self.draft_scale.value
+    def learned(self) -> tuple[float, float, float, float]:
+        """What this decode learned of the pair: (α, target scale, draft scale, host seconds a
+        round)."""
+        return self.estimate.alpha, self.target_scale.value, self.draft_scale.value, self.host.value
 
     def remember(self) -> None:
         """Leave what was learned in ``memory`` for the next decode of the pair."""
@@ -212,12 +219,18 @@ class GammaPolicy:
         if drafted:
             self.draft_scale.add(draft_s / (drafted * self.curve.draft))
 
+    def observe_host(self, seconds: float) -> None:
+        """A round's wall time outside its two sides (the loop's host work, the hand-offs)."""
+        if self.curve is not None:
+            self.host.add(max(0.0, seconds))
+
     @property
     def live_curve(self) -> "CostCurve | None":
-        """The measured curve scaled by what the loop has observed."""
+        """The measured curve scaled by what the loop has observed, with its host work."""
         if self.curve is None:
             return None
-        return self.curve.scaled(self.target_scale.value, self.draft_scale.value)
+        return self.curve.scaled(self.target_scale.value, self.draft_scale.value,
+                                 self.host.value)  # fmt: skip
 
     def update(self, accepted: int, proposed: int) -> int:
         """Record a round's acceptance; returns the γ for the next rounds."""

@@ -213,6 +213,7 @@ def pearl_generate(
 
     with pool, num_threads(share):
         while not all(done):
+            round_top = time.perf_counter()
             if policy.gamma != gamma and not any(host_post):
                 gamma = policy.gamma  # a new window only between rounds with nothing unverified
                 rounds.set_gamma(gamma)
@@ -246,6 +247,8 @@ def pearl_generate(
                 if done[b]:
                     rounds.finish(b)
             end_round(stats, policy, step, proposed, round_accepted, callback)
+            if device.type == "cpu":  # the round's host work: its wall time beyond the slower side
+                policy.observe_host(time.perf_counter() - round_top - max(t_draft, t_target))
     end_decode(stats, policy, start)
     stats.extra["overlap"] = round_times["wall"] / max(round_times["slower"], 1e-12)
     if round_times["alone"]:  # against the measured cost curve: what contention costs the sides

@@ -198,6 +198,7 @@ def speculative_generate(
     timed = device.type == drf.device.type == "cpu"
 
     while not all(done):
+        round_top = time.perf_counter()
         if policy.gamma != gamma:
             gamma = policy.gamma
             gamma_t = torch.tensor(gamma, device=device)
@@ -209,8 +210,9 @@ def speculative_generate(
         drafts = drafts.to(device)
         drafted = time.perf_counter()
         p, target_tokens = tgt(torch.cat([last.unsqueeze(1), drafts], 1))  # over γ+1 tokens
+        sides_end = time.perf_counter()
         if timed:  # on a CPU the phases' wall times are the sides' costs (a GPU queues them)
-            policy.observe(gamma + 1, time.perf_counter() - drafted, gamma, drafted - began)
+            policy.observe(gamma + 1, sides_end - drafted, gamma, drafted - began)
         stats.draft_calls += gamma
         stats.target_calls += 1
         if bookkeeping == "host":
@@ -245,5 +247,7 @@ def speculative_generate(
             if done[b]:
                 active[b] = False
         end_round(stats, policy, step, proposed, round_accepted, callback)
+        if timed:  # the round's host work: its wall time outside the two sides
+            policy.observe_host(time.perf_counter() - round_top - (sides_end - began))
     end_decode(stats, policy, start)
     return outputs, stats
