@@ -100,7 +100,8 @@ TORCH_LIBRARY(pearlmoe, m) {
       .def(torch::init<std::vector<at::Tensor>, std::vector<int64_t>, std::vector<double>>())
       .def("logits", &ModelStep::logits)
       .def("greedy", &ModelStep::greedy)
-      .def("draft", &ModelStep::draft);
+      .def("draft", &ModelStep::draft)
+      .def("speculative_round", &ModelStep::speculative_round);
   // PEARL's draft side as a C++ thread running a CpuModelStep's draft() (pearlmoe.decode.pearl).
   using pearlmoe::cpu::DraftWorker;
   m.class_<DraftWorker>("CpuDraftWorker")

@@ -4,6 +4,8 @@
 #include <Python.h>
 #include <c10/core/InferenceMode.h>
 
+#include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -265,6 +267,75 @@ Tensor ModelStep::draft(const Tensor& ids, const Tensor& k_cache, const Tensor& 
     feed = last;
   }
   return tokens;
+}
+
+std::tuple<Tensor, Tensor> ModelStep::speculative_round(
+    const c10::intrusive_ptr<ModelStep>& draft, const Tensor& feed, const Tensor& prev,
+    const Tensor& last, int64_t gamma, const Tensor& t_k, const Tensor& t_v, const Tensor& t_lens,
+    const Tensor& d_k, const Tensor& d_v, const Tensor& d_lens, const Tensor& active) {
+  const int64_t batch = feed.size(0), width = feed.dim() == 2 ? feed.size(1) : 0;
+  PM_CHECK(gamma >= 1, kStep, "speculative_round needs gamma >= 1, got ", gamma);
+  for (const Tensor* t : {&prev, &last}) {
+    PM_CHECK(t->dim() == 1 && t->size(0) == batch && t->scalar_type() == at::kLong &&
+                 t->is_contiguous() && t->is_cpu(),
+             kStep, "prev and last must be contiguous int64 CPU [B=", batch, "]");
+  }
+  PM_CHECK(active.dim() == 1 && active.size(0) == batch && active.scalar_type() == at::kBool &&
+               active.is_contiguous() && active.is_cpu(),
+           kStep, "active must be a contiguous bool CPU [B=", batch, "]");
+  PM_CHECK(
+      t_lens.dim() == 1 && d_lens.dim() == 1 && t_lens.size(0) == batch && d_lens.size(0) == batch,
+      kStep, "t_lens and d_lens must be [B=", batch, "]");
+  Tensor rows = at::full({batch, gamma + 2}, -1, feed.options().dtype(at::kLong));
+  Tensor seconds = at::empty({2}, feed.options().dtype(at::kDouble));
+  const GilRelease no_gil;
+  const auto start = std::chrono::steady_clock::now();
+  const Tensor drafted = draft->draft(feed, d_k, d_v, d_lens, gamma);  // [B, gamma]
+  const auto drafted_at = std::chrono::steady_clock::now();
+  Tensor window = at::empty({batch, gamma + 1}, rows.options());  // [last, d_1..d_gamma]
+  int64_t* wp = window.mutable_data_ptr<int64_t>();
+  const int64_t* dp = drafted.const_data_ptr<int64_t>();
+  int64_t* lastp = last.mutable_data_ptr<int64_t>();
+  int64_t* prevp = prev.mutable_data_ptr<int64_t>();
+  for (int64_t b = 0; b < batch; ++b) {
+    wp[b * (gamma + 1)] = lastp[b];
+    std::copy_n(dp + b * gamma, gamma, wp + b * (gamma + 1) + 1);
+  }
+  check_call(window, t_k, t_v, t_lens);
+  Tensor scored;
+  {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    scored = argmax_rows(head_rows(window, t_k, t_v, t_lens.const_data_ptr<int32_t>()), batch,
+                         gamma + 1);
+  }
+  const auto scored_at = std::chrono::steady_clock::now();
+  const int64_t* sp = scored.const_data_ptr<int64_t>();
+  const bool* on = active.const_data_ptr<bool>();
+  int32_t* tl = t_lens.mutable_data_ptr<int32_t>();
+  int32_t* dl = d_lens.mutable_data_ptr<int32_t>();
+  int64_t* rp = rows.mutable_data_ptr<int64_t>();
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t* d = dp + b * gamma;
+    const int64_t* t = sp + b * (gamma + 1);
+    int64_t a = 0;
+    while (a < gamma && d[a] == t[a]) ++a;
+    int64_t* row = rp + b * (gamma + 2);
+    row[0] = a;
+    std::copy_n(d, a, row + 1);
+    row[a + 1] = t[a];
+    if (!on[b]) {  // keeps its state: the draft back to where it was
+      dl[b] -= static_cast<int32_t>(width + gamma - 1);
+      continue;
+    }
+    tl[b] += static_cast<int32_t>(a + 1);      // last and the accepted drafts
+    dl[b] -= static_cast<int32_t>(gamma - a);  // all but the last accepted (re-fed) and after
+    prevp[b] = a > 0 ? d[a - 1] : lastp[b];
+    lastp[b] = t[a];
+  }
+  double* sec = seconds.mutable_data_ptr<double>();
+  sec[0] = std::chrono::duration<double>(drafted_at - start).count();
+  sec[1] = std::chrono::duration<double>(scored_at - drafted_at).count();
+  return {rows, seconds};
 }
 
 }  // namespace pearlmoe::cpu

@@ -16,6 +16,7 @@
 
 #include <array>
 #include <mutex>
+#include <tuple>
 #include <vector>
 
 namespace pearlmoe::cpu {
@@ -58,6 +59,18 @@ class ModelStep : public torch::CustomClassHolder {
   // greedy() with the caller moving lens would.
   at::Tensor draft(const at::Tensor& ids, const at::Tensor& k_cache, const at::Tensor& v_cache,
                    const at::Tensor& lens, int64_t n);
+  // One greedy speculative round with this model as the target, in one call: `draft` drafts
+  // gamma tokens after feed [B, w] on its cache (d_lens advance by w + gamma - 1), this model
+  // scores [last, drafts] at t_lens, and each sequence with active[b] keeps its accepted drafts
+  // and the token after them: t_lens += a + 1, d_lens -= gamma - a, prev and last ([B] int64)
+  // move on; an inactive one keeps its state. Returns the rows [B, gamma + 2] (int64: the
+  // accepted count a, the a drafts and the token after them, then -1) and the two sides'
+  // seconds [2] (fp64: draft, target).
+  std::tuple<at::Tensor, at::Tensor> speculative_round(
+      const c10::intrusive_ptr<ModelStep>& draft, const at::Tensor& feed, const at::Tensor& prev,
+      const at::Tensor& last, int64_t gamma, const at::Tensor& t_k, const at::Tensor& t_v,
+      const at::Tensor& t_lens, const at::Tensor& d_k, const at::Tensor& d_v,
+      const at::Tensor& d_lens, const at::Tensor& active);
 
  private:
   struct Layer {

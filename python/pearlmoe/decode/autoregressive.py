@@ -51,10 +51,17 @@ def generate_stream(
     runner.prefill([p[:-1] for p in prompts])
     tokens = torch.tensor([p[-1] for p in prompts], device=model.device)  # [B]
     done = [False] * len(prompts)
+    # The CPU lengths through a numpy view (~0.3 us a step instead of a ~4 us tensor op), and
+    # only the cudagraph backend's outputs need copying out of its static buffers.
+    lens = runner.lens.numpy() if runner.lens.device.type == "cpu" else runner.lens
+    fresh = runner.backend != "cudagraph"
     for _ in range(max_new_tokens):
         probs, greedy = runner(tokens.unsqueeze(1))
-        runner.lens.add_(1)  # finished rows decode on, unused
-        tokens = greedy[:, 0].clone() if greedy is not None else sample(probs[:, 0], generator)
+        lens += 1  # finished rows decode on, unused
+        if greedy is not None:
+            tokens = greedy[:, 0] if fresh else greedy[:, 0].clone()
+        else:
+            tokens = sample(probs[:, 0], generator)
         out: list[int | None] = []
         for b, token in enumerate(tokens.tolist()):  # the step's one host sync
             out.append(None if done[b] else token)

@@ -196,44 +196,59 @@ def speculative_generate(
     first = True
     gamma = gamma_t = None
     timed = device.type == drf.device.type == "cpu"
+    # Greedy on fused steps: the whole round (draft, verify, commit) is one C++ call.
+    one_call = bookkeeping == "host" and tgt.fused_step is not None and drf.drafts_in_one_call
+    stats.extra["round"] = "C++" if one_call else "Python"
 
     while not all(done):
         round_top = time.perf_counter()
         if policy.gamma != gamma:
             gamma = policy.gamma
             gamma_t = torch.tensor(gamma, device=device)
-        feed = last.unsqueeze(1) if first else torch.stack([prev, last], 1)  # [B, 1 or 2]
-        if bookkeeping == "device":
-            t0, d0 = tgt.lens.clone(), drf.lens.clone()
-        began = time.perf_counter()
-        drafts, q = draft_tokens(drf, feed.to(drf.device), gamma, generator)  # [B, γ]
-        drafts = drafts.to(device)
-        drafted = time.perf_counter()
-        p, target_tokens = tgt(torch.cat([last.unsqueeze(1), drafts], 1))  # over γ+1 tokens
-        sides_end = time.perf_counter()
-        if timed:  # on a CPU the phases' wall times are the sides' costs (a GPU queues them)
-            policy.observe(gamma + 1, sides_end - drafted, gamma, drafted - began)
-        stats.draft_calls += gamma
-        stats.target_calls += 1
-        if bookkeeping == "host":
-            rows, prev, last = _host_round(
-                drafts, target_tokens, prev, last, done, feed.shape[1], tgt, drf
-            )
+        feed = last.unsqueeze(1).clone() if first else torch.stack([prev, last], 1)  # [B, 1|2]
+        if one_call:  # prev, last and both sides' lengths move in place
+            began = time.perf_counter()
+            rows, seconds = tgt.fused_step.speculative_round(
+                drf.fused_step, feed, prev, last, gamma, tgt.cache.k, tgt.cache.v, tgt.lens,
+                drf.cache.k, drf.cache.v, drf.lens, active,
+            )  # fmt: skip
+            sides_end = time.perf_counter()
+            rows, (draft_s, target_s) = rows.tolist(), seconds.tolist()
+            policy.observe(gamma + 1, target_s, gamma, draft_s)
+            stats.draft_calls += gamma
+            stats.target_calls += 1
         else:
-            d_now, d0 = drf.lens.to(device), d0.to(device)
-            if bookkeep is not None:
-                t_lens, d_lens, prev, last, host = bookkeep(
-                    pad(drafts, width_g), pad(target_tokens, width_g + 1), gamma_t, active, t0,
-                    d_now, d0, prev, last,
-                )  # fmt: skip
-            else:  # rejection sampling (ops.spec_verify) with the draft's distributions
-                accepted, after = sampled_verify(p, drafts, q.to(device), generator)
-                t_lens, d_lens, prev, last, host = _commit(
-                    drafts, accepted, after, gamma, active, t0, d_now, d0, prev, last
+            if bookkeeping == "device":
+                t0, d0 = tgt.lens.clone(), drf.lens.clone()
+            began = time.perf_counter()
+            drafts, q = draft_tokens(drf, feed.to(drf.device), gamma, generator)  # [B, γ]
+            drafts = drafts.to(device)
+            drafted = time.perf_counter()
+            p, target_tokens = tgt(torch.cat([last.unsqueeze(1), drafts], 1))  # over γ+1 tokens
+            sides_end = time.perf_counter()
+            if timed:  # on a CPU the phases' wall times are the sides' costs (a GPU queues them)
+                policy.observe(gamma + 1, sides_end - drafted, gamma, drafted - began)
+            stats.draft_calls += gamma
+            stats.target_calls += 1
+            if bookkeeping == "host":
+                rows, prev, last = _host_round(
+                    drafts, target_tokens, prev, last, done, feed.shape[1], tgt, drf
                 )
-            tgt.lens.copy_(t_lens)
-            drf.lens.copy_(d_lens.to(drf.device))
-            rows = host.tolist()  # the round's host sync: accepted counts and emitted tokens
+            else:
+                d_now, d0 = drf.lens.to(device), d0.to(device)
+                if bookkeep is not None:
+                    t_lens, d_lens, prev, last, host = bookkeep(
+                        pad(drafts, width_g), pad(target_tokens, width_g + 1), gamma_t, active, t0,
+                        d_now, d0, prev, last,
+                    )  # fmt: skip
+                else:  # rejection sampling (ops.spec_verify) with the draft's distributions
+                    accepted, after = sampled_verify(p, drafts, q.to(device), generator)
+                    t_lens, d_lens, prev, last, host = _commit(
+                        drafts, accepted, after, gamma, active, t0, d_now, d0, prev, last
+                    )
+                tgt.lens.copy_(t_lens)
+                drf.lens.copy_(d_lens.to(drf.device))
+                rows = host.tolist()  # the round's host sync: accepted counts and emitted tokens
         first = False
 
         step: list[list[int]] = [[] for _ in prompts]
