@@ -8,6 +8,7 @@
 #include "cpu/cpu_kernels.h"
 #include "cpu/draft_worker.h"
 #include "cpu/model_step.h"
+#include "cpu/pearl_rounds.h"
 
 // `from . import _C` loads this shared library, which runs the registrations below. The module
 // itself is empty: ops are reached through torch.ops.pearlmoe, never through pybind11.
@@ -108,7 +109,16 @@ TORCH_LIBRARY(pearlmoe, m) {
       .def(torch::init<c10::intrusive_ptr<ModelStep>, int64_t>())
       .def("submit", &DraftWorker::submit)
       .def("result", &DraftWorker::result)
-      .def("seconds", &DraftWorker::seconds);
+      .def("seconds", &DraftWorker::seconds)
+      .def("latency", &DraftWorker::latency);
+  // PEARL's greedy rounds, one call each, over a target CpuModelStep and a CpuDraftWorker.
+  using pearlmoe::cpu::PearlRounds;
+  m.class_<PearlRounds>("CpuPearlRounds")
+      .def(torch::init<c10::intrusive_ptr<ModelStep>, c10::intrusive_ptr<DraftWorker>, at::Tensor,
+                       at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                       std::vector<int64_t>, std::vector<int64_t>>())
+      .def("round", &PearlRounds::round)
+      .def("finish", &PearlRounds::finish);
 
   // ---- build info --------------------------------------------------------------------------
   // Whether this build compiled the CUDA kernels.

@@ -190,6 +190,12 @@ def test_decode_loops_emit_the_autoregressive_tokens(dtype, batch):
             assert 0 < stats.acceptance_rate < 1
     _, stats = pearl_generate(target, draft, prompts, 8, gamma=2, backend="fused")
     assert stats.extra["draft_process"] is False  # threads: the fused steps release the GIL
+    assert stats.extra["round"] == "C++"  # greedy rounds are one call each
+    _, stats = speculative_generate(target, draft, prompts, 8, gamma=2, backend="fused")
+    assert stats.extra["round"] == "C++"
+    _, stats = speculative_generate(target, draft, prompts, 8, gamma=2, temperature=0.5,
+                                    backend="fused")  # fmt: skip
+    assert stats.extra["round"] == "Python"  # sampled rounds verify in Python (spec_verify)
     # EOS inside a window
     eos = pearlmoe.generate(target, PROMPTS4, 24)[1][6]
     want = pearlmoe.generate(target, PROMPTS4, 24, eos_token_id=eos)
@@ -285,3 +291,24 @@ def test_draft_worker_dropped_mid_job_joins():
         w.submit(torch.tensor([[4]]), c.k, c.v, c.lens, 64)
         del w  # its owner gone before result(): the thread finishes the job and joins
         runner.lens.zero_().add_(3)
+
+
+def test_pearl_rounds_refuse_a_gamma_change_with_drafts_unverified():
+    target, draft = _pair(torch.float32)
+    tgt, drf = Runner(target, 1, 64, "fused"), Runner(draft, 1, 64, "fused")
+    prompt = [1, 2, 3, 4]
+    tgt.prefill([prompt[:-1]])
+    drf.prefill([prompt[:-1]])
+    worker = torch.classes.pearlmoe.CpuDraftWorker(drf.fused_step, 1)
+    t, d = tgt.cache, drf.cache
+    rounds = torch.classes.pearlmoe.CpuPearlRounds(
+        tgt.fused_step, worker, t.k, t.v, t.lens, d.k, d.v, d.lens, [4], [4]
+    )
+    for _ in range(20):  # a noisy copy of the target agrees often: all accepted soon
+        rows, _, _ = rounds.round(3)
+        all_accepted = rows[0, 1] == (3 if rows[0, 0] else 1)
+        if all_accepted:  # post-verify now, with e_2, e_3 unverified
+            break
+    assert all_accepted
+    with pytest.raises(RuntimeError, match="PearlRounds: gamma changed to 2 while sequence 0"):
+        rounds.round(2)

@@ -15,7 +15,7 @@ namespace {
 constexpr const char* kWorker = "DraftWorker";
 // Spin this long on a hand-off before sleeping on the condition variable: a round hands over
 // twice within a millisecond, and a futex wake-up costs tens of microseconds.
-constexpr auto kSpin = std::chrono::microseconds(200);
+constexpr auto kSpin = std::chrono::microseconds(2000);
 
 class GilRelease {
  public:
@@ -72,6 +72,7 @@ void DraftWorker::loop() {
     }
     if (state_.load() == 3) return;
     const auto start = std::chrono::steady_clock::now();
+    latency_ = std::chrono::duration<double>(start - posted_).count();
     try {
       tokens_ = step_->draft(ids_, k_, v_, lens_, n_);
     } catch (...) {
@@ -92,6 +93,7 @@ void DraftWorker::submit(const at::Tensor& ids, const at::Tensor& k_cache,
   PM_CHECK(state_.load() == 0, kWorker, "submit while a job is pending (call result first)");
   ids_ = ids, k_ = k_cache, v_ = v_cache, lens_ = lens, n_ = n;
   tokens_ = at::Tensor(), error_ = nullptr;
+  posted_ = std::chrono::steady_clock::now();
   {
     const std::lock_guard<std::mutex> lock(mutex_);
     state_.store(1, std::memory_order_release);

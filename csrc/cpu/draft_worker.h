@@ -9,6 +9,7 @@
 #include <torch/custom_class.h>
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <exception>
 #include <mutex>
@@ -32,8 +33,9 @@ class DraftWorker : public torch::CustomClassHolder {
               const at::Tensor& lens, int64_t n);
   // The job's tokens [B, n]; rethrows its error.
   at::Tensor result();
-  // Seconds the last job took on the worker.
+  // Seconds the last job took on the worker, and from its submit to its start (the hand-off).
   double seconds() const { return seconds_; }
+  double latency() const { return latency_; }
 
  private:
   void loop();
@@ -46,7 +48,8 @@ class DraftWorker : public torch::CustomClassHolder {
   std::condition_variable wake_;
   at::Tensor ids_, k_, v_, lens_, tokens_;
   int64_t n_ = 0;
-  double seconds_ = 0;
+  double seconds_ = 0, latency_ = 0;
+  std::chrono::steady_clock::time_point posted_;
   std::exception_ptr error_;
   std::thread thread_;
 };

@@ -204,8 +204,16 @@ def pearl_generate(
     with num_threads(share):
         tgt.prefill(draft_prompts)
     drf.wait()
-    if bookkeeping == "host":
+    one_call = bookkeeping == "host" and isinstance(drf, _FusedDraft) and tgt.fused_step is not None
+    if one_call:  # greedy on fused steps: the whole round is one C++ call
+        t, d = tgt.cache, drf.runner.cache
+        rounds = torch.classes.pearlmoe.CpuPearlRounds(
+            tgt.fused_step, drf.worker, t.k, t.v, t.lens, d.k, d.v, d.lens,
+            [p[-1] for p in prompts], [len(p) for p in prompts],
+        )  # fmt: skip
+    elif bookkeeping == "host":
         rounds = HostRounds(prompts, gamma, tgt, drf)
+    stats.extra["round"] = "C++" if one_call else "Python"
     target_side = _Side(target, share)
     host_post = [False] * batch  # the mode on the host: the target's width needs no sync
     outputs: list[list[int]] = [[] for _ in prompts]
@@ -216,14 +224,21 @@ def pearl_generate(
             round_top = time.perf_counter()
             if policy.gamma != gamma and not any(host_post):
                 gamma = policy.gamma  # a new window only between rounds with nothing unverified
-                rounds.set_gamma(gamma)
-            rounds.begin()
-            width = gamma if any(host_post) else 1
-            round_start = time.perf_counter()
-            drf.submit(rounds.first(), gamma)
-            (p, target_tokens), t_target = target_side.run(lambda w=width: tgt(rounds.feed(w)))
-            xs, qs, t_draft = drf.result()
-            round_times["wall"] += time.perf_counter() - round_start
+                if not one_call:
+                    rounds.set_gamma(gamma)
+            if one_call:
+                round_start = time.perf_counter()
+                host, seconds, width = rounds.round(gamma)
+                round_times["wall"] += time.perf_counter() - round_start
+                host, (t_draft, t_target) = host.tolist(), seconds.tolist()
+            else:
+                rounds.begin()
+                width = gamma if any(host_post) else 1
+                round_start = time.perf_counter()
+                drf.submit(rounds.first(), gamma)
+                (p, target_tokens), t_target = target_side.run(lambda w=width: tgt(rounds.feed(w)))
+                xs, qs, t_draft = drf.result()
+                round_times["wall"] += time.perf_counter() - round_start
             round_times["draft"] += t_draft
             round_times["target"] += t_target
             round_times["slower"] += max(t_draft, t_target)
@@ -233,7 +248,8 @@ def pearl_generate(
             policy.observe(width, t_target, gamma, t_draft)  # joined: both times are real
             stats.draft_calls += gamma
             stats.target_calls += 1
-            host = rounds.commit(xs, qs, p, target_tokens)
+            if not one_call:
+                host = rounds.commit(xs, qs, p, target_tokens)
             step: list[list[int]] = [[] for _ in prompts]
             proposed, round_accepted = 0, 0
             for b, (was_post, a, k, *tokens) in enumerate(host):

@@ -1,0 +1,164 @@
+// PEARL's greedy rounds in C++ (pearl_rounds.h); the same rules as pearl_rounds.HostRounds.
+#include "pearl_rounds.h"
+
+#include <Python.h>
+
+#include <algorithm>
+#include <chrono>
+
+#include "../ops/checks.h"
+
+namespace pearlmoe::cpu {
+namespace {
+
+constexpr const char* kRounds = "PearlRounds";
+
+class GilRelease {
+ public:
+  GilRelease() : state_(Py_IsInitialized() && PyGILState_Check() ? PyEval_SaveThread() : nullptr) {}
+  ~GilRelease() {
+    if (state_ != nullptr) PyEval_RestoreThread(state_);
+  }
+  GilRelease(const GilRelease&) = delete;
+  GilRelease& operator=(const GilRelease&) = delete;
+
+ private:
+  PyThreadState* state_;
+};
+
+}  // namespace
+
+PearlRounds::PearlRounds(c10::intrusive_ptr<ModelStep> target,
+                         c10::intrusive_ptr<DraftWorker> draft, at::Tensor t_k, at::Tensor t_v,
+                         at::Tensor t_lens, at::Tensor d_k, at::Tensor d_v, at::Tensor d_lens,
+                         std::vector<int64_t> last, std::vector<int64_t> committed)
+    : target_(std::move(target)),
+      draft_(std::move(draft)),
+      t_k_(std::move(t_k)),
+      t_v_(std::move(t_v)),
+      t_lens_(std::move(t_lens)),
+      d_k_(std::move(d_k)),
+      d_v_(std::move(d_v)),
+      d_lens_(std::move(d_lens)),
+      last_(std::move(last)),
+      committed_(std::move(committed)) {
+  const size_t batch = last_.size();
+  PM_CHECK(batch >= 1 && committed_.size() == batch, kRounds,
+           "last and committed must give every sequence, got ", last_.size(), " and ",
+           committed_.size());
+  for (const at::Tensor* t : {&t_lens_, &d_lens_}) {
+    PM_CHECK(t->dim() == 1 && t->size(0) == static_cast<int64_t>(batch) &&
+                 t->scalar_type() == at::kInt && t->is_contiguous() && t->is_cpu(),
+             kRounds, "both lengths must be contiguous int32 CPU [B=", batch, "]");
+  }
+  const int32_t* tl = t_lens_.const_data_ptr<int32_t>();
+  const int32_t* dl = d_lens_.const_data_ptr<int32_t>();
+  t_len_.assign(tl, tl + batch);
+  d_len_.assign(dl, dl + batch);
+  unverified_.resize(batch);
+  post_.assign(batch, false);
+  active_.assign(batch, true);
+}
+
+void PearlRounds::write_lens() {
+  int32_t* tl = t_lens_.mutable_data_ptr<int32_t>();
+  int32_t* dl = d_lens_.mutable_data_ptr<int32_t>();
+  for (size_t b = 0; b < last_.size(); ++b) {
+    tl[b] = static_cast<int32_t>(t_len_[b]);
+    dl[b] = static_cast<int32_t>(d_len_[b]);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, int64_t> PearlRounds::round(int64_t gamma) {
+  PM_CHECK(gamma >= 1, kRounds, "gamma must be positive, got ", gamma);
+  const int64_t batch = static_cast<int64_t>(last_.size());
+  bool any_post = false;
+  for (int64_t b = 0; b < batch; ++b) {
+    any_post = any_post || post_[b];
+    PM_CHECK(!post_[b] || static_cast<int64_t>(unverified_[b].size()) == gamma - 1, kRounds,
+             "gamma changed to ", gamma, " while sequence ", b, " holds ", unverified_[b].size(),
+             " unverified drafts");
+  }
+  const int64_t width = any_post ? gamma : 1;
+  const auto opts = at::TensorOptions().dtype(at::kLong);
+  // The draft's first token: e_gamma after the unverified ones (post-verify), else last.
+  at::Tensor first = at::empty({batch, 1}, opts), feed = at::zeros({batch, width}, opts);
+  int64_t* fp = first.mutable_data_ptr<int64_t>();
+  int64_t* wp = feed.mutable_data_ptr<int64_t>();
+  for (int64_t b = 0; b < batch; ++b) {
+    const auto& u = unverified_[b];
+    fp[b] = post_[b] && !u.empty() ? u.back() : last_[b];
+    wp[b * width] = last_[b];  // [last, e_2..e_gamma] (post-verify) or [last] (right-padded)
+    for (int64_t i = 1; i < width && i - 1 < static_cast<int64_t>(u.size()); ++i) {
+      wp[b * width + i] = u[i - 1];
+    }
+  }
+  at::Tensor rows = at::full({batch, 3 + gamma}, -1, opts);
+  at::Tensor seconds = at::empty({2}, opts.dtype(at::kDouble));
+  at::Tensor drafted, scored;
+  {
+    const GilRelease no_gil;
+    draft_->submit(first, d_k_, d_v_, d_lens_, gamma);
+    const auto start = std::chrono::steady_clock::now();
+    try {
+      scored = target_->greedy(feed, t_k_, t_v_, t_lens_);  // [B, width]
+    } catch (...) {
+      try {
+        draft_->result();  // the worker's job ends before the target's error leaves
+      } catch (...) {
+      }
+      throw;
+    }
+    seconds.mutable_data_ptr<double>()[1] =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    drafted = draft_->result();  // [B, gamma]
+    seconds.mutable_data_ptr<double>()[0] = draft_->seconds();
+  }
+  const int64_t* dp = drafted.const_data_ptr<int64_t>();
+  const int64_t* sp = scored.const_data_ptr<int64_t>();
+  int64_t* rp = rows.mutable_data_ptr<int64_t>();
+  std::vector<int64_t> window;
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t* d = dp + b * gamma;
+    const int64_t* s = sp + b * width;
+    const bool was_post = post_[b];
+    const int64_t n = was_post ? gamma : 1;
+    window.assign(unverified_[b].begin(), unverified_[b].end());
+    if (!was_post) window.clear();
+    window.push_back(d[0]);  // e_1 (pre) or f_1 after e_2..e_gamma (post)
+    int64_t accepted = 0;
+    while (accepted < n && window[accepted] == s[accepted]) ++accepted;
+    const bool all_in = accepted == n;
+    const int64_t kept = all_in ? n : accepted + 1;
+    int64_t* row = rp + b * (3 + gamma);
+    row[0] = was_post, row[1] = accepted, row[2] = kept;
+    std::copy_n(window.begin(), all_in ? n : accepted, row + 3);
+    if (!all_in) row[3 + accepted] = s[accepted];
+    if (!active_[b]) continue;
+    committed_[b] += kept;
+    last_[b] = row[3 + kept - 1];
+    if (all_in) {  // the target keeps what it fed, the draft all it drafted
+      t_len_[b] += n;
+      d_len_[b] += gamma;
+      unverified_[b].assign(d + 1, d + gamma);
+    } else {  // both roll back to the new committed[:-1]
+      t_len_[b] = d_len_[b] = committed_[b] - 1;
+      unverified_[b].clear();
+    }
+    post_[b] = all_in;
+  }
+  write_lens();
+  return {rows, seconds, width};
+}
+
+void PearlRounds::finish(int64_t b) {
+  PM_CHECK(b >= 0 && b < static_cast<int64_t>(last_.size()), kRounds, "sequence ", b,
+           " out of range");
+  active_[b] = false;
+  post_[b] = false;
+  unverified_[b].clear();
+  t_len_[b] = d_len_[b] = committed_[b] - 1;
+  write_lens();
+}
+
+}  // namespace pearlmoe::cpu

@@ -1,0 +1,45 @@
+// PEARL's greedy rounds on the CPU in one C++ call each (pearlmoe.decode.pearl with the fused
+// backend): the state of pearl_rounds.HostRounds (each sequence's last committed token, its
+// committed length, its mode and unverified drafts) kept here, the draft side a DraftWorker
+// thread, the target's step on the calling thread. A round is: hand the draft its first token,
+// score the target's window, collect the drafts, verify and commit, write both lengths.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <torch/custom_class.h>
+
+#include <tuple>
+#include <vector>
+
+#include "draft_worker.h"
+#include "model_step.h"
+
+namespace pearlmoe::cpu {
+
+class PearlRounds : public torch::CustomClassHolder {
+ public:
+  // last: each sequence's last committed token (fed to neither side yet); committed: its
+  // committed length (prompt included). The caches hold committed - 1 tokens on each side.
+  PearlRounds(c10::intrusive_ptr<ModelStep> target, c10::intrusive_ptr<DraftWorker> draft,
+              at::Tensor t_k, at::Tensor t_v, at::Tensor t_lens, at::Tensor d_k, at::Tensor d_v,
+              at::Tensor d_lens, std::vector<int64_t> last, std::vector<int64_t> committed);
+
+  // One round at draft length gamma (change it only while no sequence is in post-verify).
+  // Returns rows [B, 3 + gamma] (int64: was post-verify, accepted, kept, then the kept tokens,
+  // then -1), the sides' seconds [2] (fp64: draft, target) and the target's window width.
+  std::tuple<at::Tensor, at::Tensor, int64_t> round(int64_t gamma);
+  // Sequence b stops: it keeps its committed tokens, both caches roll back to them.
+  void finish(int64_t b);
+
+ private:
+  void write_lens();
+
+  c10::intrusive_ptr<ModelStep> target_;
+  c10::intrusive_ptr<DraftWorker> draft_;
+  at::Tensor t_k_, t_v_, t_lens_, d_k_, d_v_, d_lens_;
+  std::vector<int64_t> last_, committed_, t_len_, d_len_;
+  std::vector<std::vector<int64_t>> unverified_;  // e_2..e_gamma of a post-verify sequence
+  std::vector<bool> post_, active_;
+};
+
+}  // namespace pearlmoe::cpu
