@@ -2,12 +2,12 @@
 #include "draft_worker.h"
 
 #include <ATen/Parallel.h>
-#include <Python.h>
 #include <c10/core/InferenceMode.h>
 
 #include <chrono>
 
 #include "../ops/checks.h"
+#include "gil.h"
 
 namespace pearlmoe::cpu {
 namespace {
@@ -16,19 +16,6 @@ constexpr const char* kWorker = "DraftWorker";
 // Spin this long on a hand-off before sleeping on the condition variable: a round hands over
 // twice within a millisecond, and a futex wake-up costs tens of microseconds.
 constexpr auto kSpin = std::chrono::microseconds(2000);
-
-class GilRelease {
- public:
-  GilRelease() : state_(Py_IsInitialized() && PyGILState_Check() ? PyEval_SaveThread() : nullptr) {}
-  ~GilRelease() {
-    if (state_ != nullptr) PyEval_RestoreThread(state_);
-  }
-  GilRelease(const GilRelease&) = delete;
-  GilRelease& operator=(const GilRelease&) = delete;
-
- private:
-  PyThreadState* state_;
-};
 
 }  // namespace
 

@@ -1,7 +1,6 @@
 // The fused CPU step (model_step.h): Transformer.step's layer loop in C++ over the CPU kernels.
 #include "model_step.h"
 
-#include <Python.h>
 #include <c10/core/InferenceMode.h>
 
 #include <algorithm>
@@ -11,6 +10,7 @@
 #include <limits>
 
 #include "../ops/checks.h"
+#include "gil.h"
 #include "../ops/ops.h"
 #include "cpu_kernels.h"
 
@@ -33,21 +33,6 @@ void add_into(Tensor& x, const Tensor& y) {
     }
   });
 }
-
-// The step runs without the GIL (torch.classes methods are called holding it): PEARL's draft
-// thread runs its own steps meanwhile. Nothing below touches Python objects.
-class GilRelease {
- public:
-  GilRelease() : state_(Py_IsInitialized() && PyGILState_Check() ? PyEval_SaveThread() : nullptr) {}
-  ~GilRelease() {
-    if (state_ != nullptr) PyEval_RestoreThread(state_);
-  }
-  GilRelease(const GilRelease&) = delete;
-  GilRelease& operator=(const GilRelease&) = delete;
-
- private:
-  PyThreadState* state_;
-};
 
 std::optional<Tensor> maybe(const Tensor& t) {
   return t.numel() > 0 ? std::optional<Tensor>(t) : std::nullopt;

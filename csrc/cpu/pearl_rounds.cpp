@@ -1,30 +1,16 @@
 // PEARL's greedy rounds in C++ (pearl_rounds.h); the same rules as pearl_rounds.HostRounds.
 #include "pearl_rounds.h"
 
-#include <Python.h>
-
 #include <algorithm>
 #include <chrono>
 
 #include "../ops/checks.h"
+#include "gil.h"
 
 namespace pearlmoe::cpu {
 namespace {
 
 constexpr const char* kRounds = "PearlRounds";
-
-class GilRelease {
- public:
-  GilRelease() : state_(Py_IsInitialized() && PyGILState_Check() ? PyEval_SaveThread() : nullptr) {}
-  ~GilRelease() {
-    if (state_ != nullptr) PyEval_RestoreThread(state_);
-  }
-  GilRelease(const GilRelease&) = delete;
-  GilRelease& operator=(const GilRelease&) = delete;
-
- private:
-  PyThreadState* state_;
-};
 
 }  // namespace
 
