@@ -95,28 +95,21 @@ class _ThreadDraft:
         return xs, qs, seconds
 
 
-class _FusedDraft:
+class _FusedDraft(_ThreadDraft):
     """The draft side as a C++ thread (``torch.classes.pearlmoe.CpuDraftWorker``): greedy
     drafting with the fused backend on the CPU. Handing a round's feed over and the drafts back
-    is an atomic flag each way, with no Python thread, future or GIL hand-over in between."""
+    is an atomic flag each way, with no Python thread, future or GIL hand-over in between (the
+    prefill still runs on the pool's thread)."""
 
     def __init__(self, runner: Runner, side: _Side, pool: ThreadPoolExecutor) -> None:
-        self.runner, self.side, self.pool = runner, side, pool
+        super().__init__(runner, side, pool, None)
         self.worker = torch.classes.pearlmoe.CpuDraftWorker(runner.fused_step, side.cpu_threads)
-        self.lens, self.device = runner.lens, runner.device
-        self._future = None
-
-    def prefill(self, prompts: list[list[int]]) -> None:
-        self._future = self.pool.submit(self.side.run, lambda: self.runner.prefill(prompts))
-
-    def wait(self) -> None:
-        self._future.result()
 
     def submit(self, first: Tensor, gamma: int) -> None:
         c = self.runner.cache
         self.worker.submit(first.unsqueeze(1).long(), c.k, c.v, c.lens, gamma)
 
-    def result(self) -> tuple[Tensor, None, float]:
+    def result(self) -> tuple[Tensor, None, float]:  # type: ignore[override]
         return self.worker.result(), None, self.worker.seconds()
 
 
