@@ -98,7 +98,8 @@ TORCH_LIBRARY(pearlmoe, m) {
   // eager step's kernels without the dispatcher, allocations and Python between them.
   using pearlmoe::cpu::ModelStep;
   m.class_<ModelStep>("CpuModelStep")
-      .def(torch::init<std::vector<at::Tensor>, std::vector<int64_t>, std::vector<double>>())
+      .def(torch::init<std::vector<at::Tensor>, std::vector<std::string>, std::vector<int64_t>,
+                       std::vector<double>>())
       .def("logits", &ModelStep::logits)
       .def("greedy", &ModelStep::greedy)
       .def("draft", &ModelStep::draft)

@@ -10,6 +10,7 @@ import importlib.util
 
 import pytest
 import torch
+from test_gguf import _fused_equals_eager
 
 import pearlmoe
 from pearlmoe.decode import pearl_generate, speculative_generate
@@ -131,6 +132,7 @@ def test_quantized_target_keeps_q4_blocks_and_stays_lossless(smollm2, shipped_dr
     out = pearlmoe.generate(quant, ids.tolist(), 3)[0]
     assert tokenizer.decode(out).startswith(" Paris")
     q16 = pearlmoe.from_pretrained(path, dtype=torch.bfloat16, quantized=True)
+    assert _fused_equals_eager(q16, ids[:, :4], ids[:, 4:])  # q/k/v stacked in one qkv_proj
     d16 = copy.deepcopy(draft).to(torch.bfloat16)
     prompt = [tokenizer.encode("def read_lines(path):\n    with open(path) as f:\n").ids]
     want = pearlmoe.generate(q16, prompt, 24)
@@ -138,3 +140,5 @@ def test_quantized_target_keeps_q4_blocks_and_stays_lossless(smollm2, shipped_dr
         got, stats = loop(q16, d16, prompt, 24, gamma=3)
         assert got == want, loop.__name__
         assert stats.accepted >= 4, (loop.__name__, stats)
+        got, stats = loop(q16, d16, prompt, 24, gamma=3, backend="fused")
+        assert got == want and stats.extra["round"] == "C++", loop.__name__

@@ -40,8 +40,16 @@ std::optional<Tensor> maybe(const Tensor& t) {
 
 }  // namespace
 
-ModelStep::ModelStep(std::vector<Tensor> weights, std::vector<int64_t> ints,
-                     std::vector<double> floats) {
+void ModelStep::project(const Tensor& x, const Tensor& w, const std::string& format, Tensor& out) {
+  if (format.empty()) {
+    gemm_nt_out(x, w, out);
+  } else {
+    out.copy_(qlinear_cpu(x, w, format));  // the op's own path: the eager step's numbers
+  }
+}
+
+ModelStep::ModelStep(std::vector<Tensor> weights, std::vector<std::string> formats,
+                     std::vector<int64_t> ints, std::vector<double> floats) {
   PM_CHECK(ints.size() == 10 && floats.size() == 2, kStep,
            "expected 10 ints and 2 floats of configuration, got ", ints.size(), " and ",
            floats.size());
@@ -55,19 +63,31 @@ ModelStep::ModelStep(std::vector<Tensor> weights, std::vector<int64_t> ints,
   PM_CHECK(static_cast<int64_t>(weights.size()) == kGlobalSlots + num_layers * kLayerSlots, kStep,
            "expected ", kGlobalSlots + num_layers * kLayerSlots, " weight slots, got ",
            weights.size());
-  for (const Tensor& w : weights) {
+  PM_CHECK(formats.size() == weights.size(), kStep, "expected a format for each of the ",
+           weights.size(), " weights, got ", formats.size());
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const Tensor& w = weights[i];
     PM_CHECK(w.is_cpu() && (w.numel() == 0 || w.is_contiguous()), kStep,
              "every weight must be a contiguous CPU tensor");
+    PM_CHECK(formats[i].empty() == (w.scalar_type() != at::kByte), kStep, "weight ", i,
+             " must be uint8 GGUF blocks exactly when it has a format, got ", w.scalar_type(),
+             " with format '", formats[i], "'");
   }
   for (int i = 0; i < kGlobalSlots; ++i) global_[i] = weights[i];
+  head_format_ = formats[kHead];
   layers_.resize(num_layers);
   for (int64_t l = 0; l < num_layers; ++l) {
     Layer& layer = layers_[l];
-    for (int s = 0; s < kLayerSlots; ++s) layer.w[s] = weights[kGlobalSlots + l * kLayerSlots + s];
+    for (int s = 0; s < kLayerSlots; ++s) {
+      layer.w[s] = weights[kGlobalSlots + l * kLayerSlots + s];
+      layer.format[s] = formats[kGlobalSlots + l * kLayerSlots + s];
+    }
     layer.owns_kv = l % cla_ == 0;
     layer.moe = layer.w[kRouter].numel() > 0;
-    PM_CHECK(!layer.owns_kv || layer.w[kK].numel() > 0, kStep, "layer ", l, " owns K/V but has ",
-             "no k_proj");
+    layer.stacked_qkv = layer.owns_kv && layer.w[kK].numel() == 0 &&
+                        layer.w[kQ].size(0) == (q_heads_ + 2 * kv_heads_) * head_dim_;
+    PM_CHECK(!layer.owns_kv || layer.w[kK].numel() > 0 || layer.stacked_qkv, kStep, "layer ", l,
+             " owns K/V but has no k_proj");
   }
   inv_freq_ = inv_freq_table(rope_base_, head_dim_);
 }
@@ -140,23 +160,33 @@ Tensor ModelStep::head_rows(const Tensor& ids_in, const Tensor& k_cache, const T
   for (size_t l = 0; l < layers_.size(); ++l) {
     const Layer& layer = layers_[l];
     const auto& w = layer.w;
+    const auto& fmt = layer.format;
     rms_norm(x, w[kInNorm], eps_, h);
-    gemm_nt_out(h, w[kQ], q);
+    Tensor v_rows = v.view({rows, hkv * d});
+    if (layer.stacked_qkv) {  // one quantised [q; k; v] projection, split as the eager step does
+      const Tensor qkv = qlinear_cpu(h, w[kQ], fmt[kQ]);  // [T, (Hq + 2 Hkv) D]
+      q.copy_(qkv.narrow(1, 0, hq * d));
+      k.copy_(qkv.narrow(1, hq * d, hkv * d));
+      v_rows.copy_(qkv.narrow(1, (hq + hkv) * d, hkv * d));
+    } else {
+      project(h, w[kQ], fmt[kQ], q);
+    }
     const Tensor qn = qk_norm_ ? w[kQNorm] : Tensor(), kn = qk_norm_ ? w[kKNorm] : Tensor();
     rope_norm(q.view({rows, hq, d}), positions.data(), qn, kn, inv_freq_.data(), eps_, qk_norm_,
               q_rot);
     const int64_t group = static_cast<int64_t>(l) / cla_;
     Tensor kc = k_cache.select(0, group), vc = v_cache.select(0, group);
     if (layer.owns_kv) {
-      gemm_nt_out(h, w[kK], k);
-      Tensor v_rows = v.view({rows, hkv * d});
-      gemm_nt_out(h, w[kV], v_rows);
+      if (!layer.stacked_qkv) {
+        project(h, w[kK], fmt[kK], k);
+        project(h, w[kV], fmt[kV], v_rows);
+      }
       rope_norm(k.view({rows, hkv, d}), positions.data(), Tensor(), Tensor(), inv_freq_.data(),
                 eps_, qk_norm_, k_hat);
       kv_cache_write(k_hat, v, positions.data(), kc, vc);
     }
     attention(q_rot, kc, vc, kv_lens.data(), scale, o);
-    gemm_nt_out(o.view({rows, hq * d}), w[kO], proj);
+    project(o.view({rows, hq * d}), w[kO], fmt[kO], proj);
     add_into(x, proj);
     rms_norm(x, w[kPostNorm], eps_, h);
     if (layer.moe) {
@@ -164,17 +194,17 @@ Tensor ModelStep::head_rows(const Tensor& ids_in, const Tensor& k_cache, const T
                                    maybe(w[kSharedW2]), renormalize_);
       add_into(x, y);
     } else {
-      const int64_t inter = w[kW2].size(1);
+      const int64_t inter = w[kW13].size(0) / 2;
       Tensor gate_up = at::empty({rows, 2 * inter}, opts);
-      gemm_nt_out(h, w[kW13], gate_up);
+      project(h, w[kW13], fmt[kW13], gate_up);
       // F.silu(gate) * up in the model dtype, as the eager step computes it
       Tensor act = at::silu(gate_up.narrow(1, 0, inter)).mul_(gate_up.narrow(1, inter, inter));
-      gemm_nt_out(act, w[kW2], proj);
+      project(act, w[kW2], fmt[kW2], proj);
       add_into(x, proj);
     }
   }
   rms_norm(x, global_[kFinalNorm], eps_, h);
-  gemm_nt_out(h, global_[kHead], out);
+  project(h, global_[kHead], head_format_, out);
   return out;
 }
 

@@ -16,6 +16,7 @@
 
 #include <array>
 #include <mutex>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -24,9 +25,11 @@ namespace pearlmoe::cpu {
 class ModelStep : public torch::CustomClassHolder {
  public:
   // Layer slots in `weights`, kLayerSlots per layer after the kGlobalSlots model tensors; an
-  // absent tensor is an empty one. ints: {layers, hidden, q_heads, kv_heads, head_dim,
-  // cla_share_factor, qk_norm_after_rope, moe_top_k, renormalize, vocab_size};
-  // floats: {rms_norm_eps, rope_base}.
+  // absent tensor is an empty one. formats[i]: "" for a dense weight, else the GGUF block format
+  // of a uint8 projection weight (pearlmoe.qlinear's 'q4_0', 'q4_1', 'q8_0'); a layer whose
+  // kQ slot holds q, k and v stacked (one quantised qkv_proj) has empty kK and kV slots.
+  // ints: {layers, hidden, q_heads, kv_heads, head_dim, cla_share_factor, qk_norm_after_rope,
+  // moe_top_k, renormalize, vocab_size}; floats: {rms_norm_eps, rope_base}.
   enum Global { kEmbed, kFinalNorm, kHead, kVocabRows, kVocabIds, kGlobalSlots };
   enum Slot {
     kInNorm,
@@ -45,7 +48,8 @@ class ModelStep : public torch::CustomClassHolder {
     kLayerSlots
   };
 
-  ModelStep(std::vector<at::Tensor> weights, std::vector<int64_t> ints, std::vector<double> floats);
+  ModelStep(std::vector<at::Tensor> weights, std::vector<std::string> formats,
+            std::vector<int64_t> ints, std::vector<double> floats);
 
   // fp32 logits [B, S, V] over the whole vocabulary for ids [B, S] (int64) appended after each
   // sequence's lens[b] (int32 [B]) in the cache k/v [G, B, C, Hkv, D]; lens are not moved.
@@ -75,8 +79,13 @@ class ModelStep : public torch::CustomClassHolder {
  private:
   struct Layer {
     std::array<at::Tensor, kLayerSlots> w;
-    bool owns_kv = false, moe = false;
+    std::array<std::string, kLayerSlots> format;  // "" dense, else the weight's block format
+    bool owns_kv = false, moe = false, stacked_qkv = false;
   };
+
+  // out = x · w^T for a dense weight (the skinny GEMM) or a GGUF-block one (qlinear).
+  static void project(const at::Tensor& x, const at::Tensor& w, const std::string& format,
+                      at::Tensor& out);
 
   // The head's rows [B*S, V or V'] in the model dtype for ids [B, S] at lens.
   at::Tensor head_rows(const at::Tensor& ids, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -86,6 +95,7 @@ class ModelStep : public torch::CustomClassHolder {
   at::Tensor argmax_rows(const at::Tensor& rows, int64_t batch, int64_t steps) const;
 
   std::array<at::Tensor, kGlobalSlots> global_;
+  std::string head_format_;
   std::vector<Layer> layers_;
   int64_t hidden_, q_heads_, kv_heads_, head_dim_, cla_, top_k_, vocab_;
   bool qk_norm_, renormalize_;

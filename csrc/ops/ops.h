@@ -46,6 +46,9 @@ at::Tensor moe_ffn_cpu(const at::Tensor& x, const at::Tensor& router_w, const at
                        const std::optional<at::Tensor>& shared_w13,
                        const std::optional<at::Tensor>& shared_w2, bool renormalize);
 
+// The CPU qlinear op: x [..., K] times a GGUF-block weight (format 'q4_0', 'q4_1' or 'q8_0').
+at::Tensor qlinear_cpu(const at::Tensor& x, const at::Tensor& qweight, c10::string_view format);
+
 // RoPE's inverse frequencies base^(-2i/D) for i < D/2 (D <= 128), computed once per (base, D)
 // in fp32 as the reference does: [D/2] used of the 64.
 using InvFreq = std::array<float, 64>;

@@ -90,6 +90,8 @@ Tensor dequantize_fp32_cpu(const Tensor& qweight, Format f) {
   return out;
 }
 
+}  // namespace
+
 Tensor qlinear_cpu(const Tensor& x, const Tensor& qweight, c10::string_view format) {
   check_device(x, c10::kCPU, kQLinear, "x");
   const Format f = check_qlinear(x, qweight, format);
@@ -119,6 +121,8 @@ Tensor qlinear_cpu(const Tensor& x, const Tensor& qweight, c10::string_view form
   }
   return (direct ? out : out.to(x.scalar_type())).view(out_shape(x, n));
 }
+
+namespace {
 
 Tensor dequantize_cpu(const Tensor& qweight, c10::string_view format, at::ScalarType dtype) {
   check_device(qweight, c10::kCPU, kDequantize, "qweight");

@@ -9,9 +9,10 @@ and running Python than in the kernels, and a compiled step still pays its wrapp
 (~60-100 µs a call, more when they run cold between steps; bench/NOTES.md). ``draft`` also runs a
 draft's γ one-token steps in one call.
 
-Models it does not cover (biases, pre-RoPE or whole-width QK-norm, clamps, partial rotary, gated
-shared experts, grouped routing, quantised weights, expert parallelism) get the reason from
-``unsupported`` and take the compile backend.
+Projections kept in a GGUF file's blocks (``QuantizedWeight``: ``from_pretrained(...,
+quantized=True)``) go through the qlinear op's own CPU path. Models it does not cover (biases,
+pre-RoPE or whole-width QK-norm, clamps, partial rotary, gated shared experts, grouped routing,
+expert parallelism) get the reason from ``unsupported`` and take the compile backend.
 """
 
 import torch
@@ -38,17 +39,18 @@ def unsupported(model: Transformer) -> str | None:
         (c.is_moe and c.shared_expert_gate, "a gated shared expert"),
         (c.head_dim > 128 or c.head_dim % 2, f"head_dim {c.head_dim}"),
         (model.dtype not in (torch.float32, torch.bfloat16, torch.float16), str(model.dtype)),
-        (
-            any(isinstance(m, QuantizedWeight) for m in model.modules()),
-            "quantised weights",
-        ),
     ]
     reasons = [why for bad, why in checks if bad]
     return ", ".join(reasons) if reasons else None
 
 
-def _w(t: Tensor | None) -> Tensor:
-    return _EMPTY if t is None else t.detach().contiguous()
+def _w(t: Tensor | QuantizedWeight | None) -> tuple[Tensor, str]:
+    """A weight slot: (the tensor, "" when dense or its GGUF block format when quantised)."""
+    if t is None:
+        return _EMPTY, ""
+    if isinstance(t, QuantizedWeight):
+        return t.qweight.contiguous(), t.format
+    return t.detach().contiguous(), ""
 
 
 def build(model: Transformer) -> torch.ScriptObject:
@@ -58,16 +60,17 @@ def build(model: Transformer) -> torch.ScriptObject:
         raise ValueError(f"the fused backend does not run this model ({why}); use compile")
     c = model.config
     vocab_rows = None if model.vocab_rows is None else model.vocab_rows.long()
-    weights = [_w(model.embed_tokens), _w(model.norm.weight), _w(model._head()),
-               _w(vocab_rows), _w(model.vocab_ids)]  # fmt: skip
+    slots = [_w(model.embed_tokens), _w(model.norm.weight), _w(model._head()),
+             _w(vocab_rows), _w(model.vocab_ids)]  # fmt: skip
     for block in model.layers:
         a, mlp = block.self_attn, block.mlp
         moe = isinstance(mlp, MoE)
-        weights += [
+        stacked = a.qkv_proj is not None  # [q; k; v] in one quantised weight, in the q slot
+        slots += [
             _w(block.input_layernorm.weight),
-            _w(a.q_proj),
-            _w(getattr(a, "k_proj", None)),
-            _w(getattr(a, "v_proj", None)),
+            _w(a.qkv_proj if stacked else a.q_proj),
+            _w(None if stacked else getattr(a, "k_proj", None)),
+            _w(None if stacked else getattr(a, "v_proj", None)),
             _w(a.o_proj),
             _w(getattr(a, "query_layernorm", None)),
             _w(getattr(a, "key_layernorm", None)),
@@ -81,4 +84,6 @@ def build(model: Transformer) -> torch.ScriptObject:
     ints = [c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads,
             c.head_dim, c.cla_share_factor, int(c.use_qk_norm), c.moe_topk,
             int(c.renormalize), c.vocab_size]  # fmt: skip
-    return torch.classes.pearlmoe.CpuModelStep(weights, ints, [c.rms_norm_eps, c.rope_base])
+    weights, formats = [w for w, _ in slots], [f for _, f in slots]
+    return torch.classes.pearlmoe.CpuModelStep(weights, formats, ints,
+                                               [c.rms_norm_eps, c.rope_base])  # fmt: skip
