@@ -67,10 +67,10 @@ DEMO_PROMPT ?= def parse_args(argv):\n    parser = argparse.ArgumentParser(
 demo: build
 	$(VENV)/bin/pearlmoe generate "$$(printf '$(DEMO_PROMPT)')" --mode pearl --max-new-tokens 96 --vs-ar
 
-# A real pretrained model: SmolLM2-135M-Instruct from its GGUF (eager steps: compiling its
-# 30-layer step takes ~2 minutes the first time and decodes no faster).
+# A real pretrained model: SmolLM2-135M-Instruct from its GGUF (fused C++ steps: nothing to
+# compile).
 demo-real: build
-	$(VENV)/bin/pearlmoe generate --target smollm2-135m --mode ar --backend eager --chat \
+	$(VENV)/bin/pearlmoe generate --target smollm2-135m --mode ar --chat \
 	  "What is the capital of France? Answer in one sentence."
 
 # Rebuild the shipped SmolLM2-135M draft (python/pearlmoe/embedded/smollm2-135m-draft): fetches
