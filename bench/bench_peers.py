@@ -148,6 +148,18 @@ def hf_generate(model, prompt: list[int], n: int, assistant=None, counter=None) 
 # ---- llama.cpp -----------------------------------------------------------------------------
 
 
+def llama_cpp_cpu_flags() -> str:
+    """ggml's CPU flags: the native build, except on CPUs with AMX, where the native build
+    (0.3.36, 2026-12-01, a 2-core Intel Xeon VM) crashed with a segmentation fault in its
+    first decode, even with torch not imported; there AVX-512 (with BF16 and VNNI) without AMX,
+    which decodes correctly."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists() and " amx_tile" in cpuinfo.read_text():
+        return ("-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON "
+                "-DGGML_AVX512=ON -DGGML_AVX512_BF16=ON -DGGML_AVX512_VNNI=ON")  # fmt: skip
+    return "-DGGML_NATIVE=ON"
+
+
 def ensure_llama_cpp() -> bool:
     """Import llama_cpp, installing the cached wheel (or building it into the cache) first."""
     if importlib.util.find_spec("llama_cpp") is not None:
@@ -156,7 +168,7 @@ def ensure_llama_cpp() -> bool:
     if not list(WHEELS.glob("llama_cpp_python-*.whl")):
         print(f"building {LLAMA_CPP} into {WHEELS} (~10+ minutes on 2 cores) ...", flush=True)
         WHEELS.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "CMAKE_ARGS": "-DGGML_NATIVE=ON -DLLAMA_CURL=OFF"}
+        env = {**os.environ, "CMAKE_ARGS": f"{llama_cpp_cpu_flags()} -DLLAMA_CURL=OFF"}
         subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", LLAMA_CPP,
                         "-w", str(WHEELS)], check=True, env=env)  # fmt: skip
     wheel = sorted(WHEELS.glob("llama_cpp_python-*.whl"))[-1]
