@@ -34,30 +34,27 @@ DraftWorker::~DraftWorker() {
   if (thread_.joinable()) thread_.join();
 }
 
-void DraftWorker::wait_for(int expected) {
+int DraftWorker::wait_for(int expected) {
+  const auto seen = [&] {
+    const int s = state_.load(std::memory_order_acquire);
+    return s == expected || s == 3;
+  };
   const auto until = std::chrono::steady_clock::now() + kSpin;
-  while (state_.load(std::memory_order_acquire) != expected) {
+  while (!seen()) {
     if (std::chrono::steady_clock::now() > until) {
       std::unique_lock<std::mutex> lock(mutex_);
-      wake_.wait(lock, [&] { return state_.load() == expected || state_.load() == 3; });
-      return;
+      wake_.wait(lock, seen);
+      break;
     }
   }
+  return state_.load(std::memory_order_acquire);
 }
 
 void DraftWorker::loop() {
   at::set_num_threads(static_cast<int>(threads_));
   const c10::InferenceMode inference;  // the caches are inference tensors
   while (true) {
-    const auto until = std::chrono::steady_clock::now() + kSpin;
-    int s;
-    while ((s = state_.load(std::memory_order_acquire)) != 1 && s != 3) {
-      if (std::chrono::steady_clock::now() > until) {
-        std::unique_lock<std::mutex> lock(mutex_);
-        wake_.wait(lock, [&] { return state_.load() == 1 || state_.load() == 3; });
-      }
-    }
-    if (state_.load() == 3) return;
+    if (wait_for(1) == 3) return;
     const auto start = std::chrono::steady_clock::now();
     latency_ = std::chrono::duration<double>(start - posted_).count();
     try {

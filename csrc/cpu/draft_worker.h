@@ -39,7 +39,9 @@ class DraftWorker : public torch::CustomClassHolder {
 
  private:
   void loop();
-  void wait_for(int expected);
+  // Waits until state_ is `expected` or stop: spinning for kSpin, then sleeping on wake_.
+  // Returns the state seen.
+  int wait_for(int expected);
 
   c10::intrusive_ptr<ModelStep> step_;
   int64_t threads_;

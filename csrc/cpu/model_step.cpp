@@ -208,14 +208,18 @@ Tensor ModelStep::head_rows(const Tensor& ids_in, const Tensor& k_cache, const T
   return out;
 }
 
-Tensor ModelStep::logits(const Tensor& ids, const Tensor& k_cache, const Tensor& v_cache,
-                         const Tensor& lens) {
+Tensor ModelStep::checked_head_rows(const Tensor& ids, const Tensor& k_cache, const Tensor& v_cache,
+                                    const Tensor& lens) {
   check_call(ids, k_cache, v_cache, lens);
   const GilRelease no_gil;
   const std::lock_guard<std::mutex> lock(mutex_);
+  return head_rows(ids, k_cache, v_cache, lens.const_data_ptr<int32_t>());
+}
+
+Tensor ModelStep::logits(const Tensor& ids, const Tensor& k_cache, const Tensor& v_cache,
+                         const Tensor& lens) {
   const int64_t batch = ids.size(0), steps = ids.size(1);
-  const Tensor rows =
-      head_rows(ids, k_cache, v_cache, lens.const_data_ptr<int32_t>()).to(at::kFloat);
+  const Tensor rows = checked_head_rows(ids, k_cache, v_cache, lens).to(at::kFloat);
   if (global_[kVocabIds].numel() == 0) return rows.view({batch, steps, vocab_});
   Tensor full =
       at::full({batch * steps, vocab_}, -std::numeric_limits<float>::infinity(), rows.options());
@@ -254,11 +258,7 @@ Tensor ModelStep::argmax_rows(const Tensor& rows, int64_t batch, int64_t steps) 
 
 Tensor ModelStep::greedy(const Tensor& ids, const Tensor& k_cache, const Tensor& v_cache,
                          const Tensor& lens) {
-  check_call(ids, k_cache, v_cache, lens);
-  const GilRelease no_gil;
-  const std::lock_guard<std::mutex> lock(mutex_);
-  const Tensor rows = head_rows(ids, k_cache, v_cache, lens.const_data_ptr<int32_t>());
-  return argmax_rows(rows, ids.size(0), ids.size(1));
+  return argmax_rows(checked_head_rows(ids, k_cache, v_cache, lens), ids.size(0), ids.size(1));
 }
 
 Tensor ModelStep::draft(const Tensor& ids, const Tensor& k_cache, const Tensor& v_cache,
@@ -316,13 +316,7 @@ std::tuple<Tensor, Tensor> ModelStep::speculative_round(
     wp[b * (gamma + 1)] = lastp[b];
     std::copy_n(dp + b * gamma, gamma, wp + b * (gamma + 1) + 1);
   }
-  check_call(window, t_k, t_v, t_lens);
-  Tensor scored;
-  {
-    const std::lock_guard<std::mutex> lock(mutex_);
-    scored = argmax_rows(head_rows(window, t_k, t_v, t_lens.const_data_ptr<int32_t>()), batch,
-                         gamma + 1);
-  }
+  const Tensor scored = greedy(window, t_k, t_v, t_lens);  // [B, gamma + 1]
   const auto scored_at = std::chrono::steady_clock::now();
   const int64_t* sp = scored.const_data_ptr<int64_t>();
   const bool* on = active.const_data_ptr<bool>();

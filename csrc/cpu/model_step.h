@@ -87,6 +87,9 @@ class ModelStep : public torch::CustomClassHolder {
   static void project(const at::Tensor& x, const at::Tensor& w, const std::string& format,
                       at::Tensor& out);
 
+  // head_rows after checking the call, without the GIL and holding this step's lock.
+  at::Tensor checked_head_rows(const at::Tensor& ids, const at::Tensor& k_cache,
+                               const at::Tensor& v_cache, const at::Tensor& lens);
   // The head's rows [B*S, V or V'] in the model dtype for ids [B, S] at lens.
   at::Tensor head_rows(const at::Tensor& ids, const at::Tensor& k_cache, const at::Tensor& v_cache,
                        const int32_t* lens);

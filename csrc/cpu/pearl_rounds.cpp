@@ -109,8 +109,8 @@ std::tuple<at::Tensor, at::Tensor, int64_t> PearlRounds::round(int64_t gamma) {
     const int64_t* s = sp + b * width;
     const bool was_post = post_[b];
     const int64_t n = was_post ? gamma : 1;
-    window.assign(unverified_[b].begin(), unverified_[b].end());
-    if (!was_post) window.clear();
+    window.clear();
+    if (was_post) window = unverified_[b];
     window.push_back(d[0]);  // e_1 (pre) or f_1 after e_2..e_gamma (post)
     int64_t accepted = 0;
     while (accepted < n && window[accepted] == s[accepted]) ++accepted;
