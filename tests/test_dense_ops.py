@@ -72,6 +72,24 @@ def test_linear_rows_are_independent(dtype):
         assert torch.equal(ops.linear(x[:rows], w), alone[:rows]), rows
 
 
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_linear_same_on_any_thread_count(dtype):
+    """Columns split across threads in 4-column blocks, so a product is bitwise the same on one
+    thread as on two, including the tail columns of a width that is not a multiple of 4."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(9, 256, generator=g).to(dtype)
+    w = torch.randn(301, 256, generator=g).to(dtype)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.linear(x, w)
+        torch.set_num_threads(2)
+        two = ops.linear(x, w)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
 def test_linear_every_cpu_code_path():
     """The skinny kernel's generic and AVX-512 paths (PEARLMOE_CPU_ISA caps the detected one),
     each in a fresh process, against the reference."""

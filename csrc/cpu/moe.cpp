@@ -39,6 +39,9 @@ void for_each_group(const int32_t* offs, int64_t num_groups, Fn&& fn) {
 
 }  // namespace
 
+// Work (multiply-adds) from which a call's independent parts go to the thread pool.
+constexpr int64_t kThreadedMacs = int64_t{1} << 18;
+
 void gemm_nt_out(const Tensor& a, const Tensor& b, Tensor& out) {
   const auto dtype = a.scalar_type();
   const bool skinny = a.size(0) <= moe_gemm::kSkinnyMaxRows && a.size(0) > 0 &&
@@ -49,7 +52,14 @@ void gemm_nt_out(const Tensor& a, const Tensor& b, Tensor& out) {
     return;
   }
   const int64_t rows = a.size(0), k = a.size(1), n = b.size(0);
-  cpu::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
+  // Columns split across threads once a call has kThreadedMacs of work (a verification window's
+  // projections; a 1-token step's stay inline, where a fork/join costs more than it saves). The
+  // split falls on 4-column blocks: the kernel sums a column of a 4-block and a tail column in
+  // different orders, so a column's numbers must not depend on where a thread's share ends.
+  const int64_t blocks = (n + 3) / 4;
+  const int64_t grain = rows * n * k >= kThreadedMacs ? 16 : blocks;
+  cpu::parallel_for(0, blocks, grain, [&](int64_t first, int64_t last) {
+    const int64_t begin = 4 * first, end = std::min(4 * last, n);
     if (dtype == at::kFloat) {
       moe_gemm::skinny_gemm_nt(a.const_data_ptr<float>(), a.stride(0), rows, k,
                                b.const_data_ptr<float>(), begin, end, out.mutable_data_ptr<float>(),
@@ -150,7 +160,7 @@ void moe_ffn_small(const Tensor& x, const float* weights, const int64_t* ids, in
     }
   };
   const int64_t macs = (slots * inter + tokens * shared) * 3 * hidden;
-  if (macs >= (int64_t{1} << 22) && tasks > 1) {
+  if (macs >= kThreadedMacs && tasks > 1) {
     cpu::parallel_for(0, tasks, 1, run);
   } else {
     run(0, tasks);
