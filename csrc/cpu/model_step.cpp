@@ -90,6 +90,43 @@ ModelStep::ModelStep(std::vector<Tensor> weights, std::vector<std::string> forma
              " owns K/V but has no k_proj");
   }
   inv_freq_ = inv_freq_table(rope_base_, head_dim_);
+  for (const Layer& layer : layers_) {
+    if (layer.moe) continue;
+    const int64_t inter = layer.w[kW13].size(0) / 2;
+    dense_inter_ = dense_inter_ == 0 || dense_inter_ == inter ? inter : -1;
+  }
+}
+
+ModelStep::Scratch& ModelStep::scratch_for(int64_t batch, int64_t steps) {
+  for (auto& [shape, scratch] : scratch_) {
+    if (shape.first == batch && shape.second == steps) return scratch;
+  }
+  if (scratch_.size() >= 16) scratch_.clear();  // a server's shapes come and go: stay bounded
+  const int64_t rows = batch * steps, hq = q_heads_, hkv = kv_heads_, d = head_dim_;
+  const auto opts = global_[kEmbed].options();
+  Scratch s;
+  s.x = at::empty({rows, hidden_}, opts);
+  s.h = at::empty({rows, hidden_}, opts);
+  s.proj = at::empty({rows, hidden_}, opts);
+  s.q = at::empty({rows, hq * d}, opts);
+  s.q3 = s.q.view({rows, hq, d});
+  s.q_rot = at::empty({batch, steps, hq, d}, opts);
+  s.k = at::empty({rows, hkv * d}, opts);
+  s.k3 = s.k.view({rows, hkv, d});
+  s.v = at::empty({batch, steps, hkv, d}, opts);
+  s.v_rows = s.v.view({rows, hkv * d});
+  s.k_hat = at::empty({batch, steps, hkv, d}, opts);
+  s.o = at::empty({batch, steps, hq, d}, opts);
+  s.o_rows = s.o.view({rows, hq * d});
+  s.out = at::empty({rows, global_[kHead].size(0)}, opts);
+  if (dense_inter_ > 0) {
+    s.gate_up = at::empty({rows, 2 * dense_inter_}, opts);
+    s.gate = s.gate_up.narrow(1, 0, dense_inter_);
+    s.up = s.gate_up.narrow(1, dense_inter_, dense_inter_);
+    s.act = at::empty({rows, dense_inter_}, opts);
+  }
+  scratch_.emplace_back(std::make_pair(batch, steps), std::move(s));
+  return scratch_.back().second;
 }
 
 void ModelStep::check_call(const Tensor& ids, const Tensor& k_cache, const Tensor& v_cache,
@@ -117,7 +154,7 @@ void ModelStep::check_call(const Tensor& ids, const Tensor& k_cache, const Tenso
 }
 
 Tensor ModelStep::head_rows(const Tensor& ids_in, const Tensor& k_cache, const Tensor& v_cache,
-                            const int32_t* lens) {
+                            const int32_t* lens, bool fresh_out) {
   const int64_t batch = ids_in.size(0), steps = ids_in.size(1), rows = batch * steps;
   const int64_t capacity = k_cache.size(2), hq = q_heads_, hkv = kv_heads_, d = head_dim_;
   const Tensor ids = ids_in.contiguous();
@@ -131,15 +168,16 @@ Tensor ModelStep::head_rows(const Tensor& ids_in, const Tensor& k_cache, const T
     for (int64_t s = 0; s < steps; ++s) positions[b * steps + s] = lens[b] + s;
   }
 
-  // The output is made first, outside inference mode, so callers may update it in place; the
-  // scratch below is made inside it, which skips autograd's view and version bookkeeping (a
+  // A fresh output is made first, outside inference mode, so callers may update it in place;
+  // the scratch is made inside it, which skips autograd's view and version bookkeeping (a
   // draft step took 147 us without it, 69 us with it).
   const Tensor& embed = global_[kEmbed];
   const auto opts = embed.options();
-  Tensor out = at::empty({rows, global_[kHead].size(0)}, opts);  // [T, V or V']
+  Tensor fresh = fresh_out ? at::empty({rows, global_[kHead].size(0)}, opts) : Tensor();  // [T, V]
   const c10::InferenceMode inference;
+  Scratch& s = scratch_for(batch, steps);
+  Tensor& x = s.x;  // [T, H]
   // Embedding rows (a trimmed vocabulary maps tokens to rows through vocab_rows).
-  Tensor x = at::empty({rows, hidden_}, opts);  // [T, H]
   const int64_t row_bytes = hidden_ * embed.element_size();
   const int64_t* vocab_rows =
       global_[kVocabRows].numel() > 0 ? global_[kVocabRows].const_data_ptr<int64_t>() : nullptr;
@@ -151,60 +189,60 @@ Tensor ModelStep::head_rows(const Tensor& ids_in, const Tensor& k_cache, const T
                 static_cast<const char*>(embed.const_data_ptr()) + row * row_bytes, row_bytes);
   }
 
-  Tensor h = at::empty({rows, hidden_}, opts), proj = at::empty({rows, hidden_}, opts);
-  Tensor q = at::empty({rows, hq * d}, opts), q_rot = at::empty({batch, steps, hq, d}, opts);
-  Tensor k = at::empty({rows, hkv * d}, opts), v = at::empty({batch, steps, hkv, d}, opts);
-  Tensor k_hat = at::empty({batch, steps, hkv, d}, opts),
-         o = at::empty({batch, steps, hq, d}, opts);
   const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+  const Tensor none;
+  Tensor kc, vc;  // the current CLA group's cache [B, C, Hkv, D]
   for (size_t l = 0; l < layers_.size(); ++l) {
     const Layer& layer = layers_[l];
     const auto& w = layer.w;
     const auto& fmt = layer.format;
-    rms_norm(x, w[kInNorm], eps_, h);
-    Tensor v_rows = v.view({rows, hkv * d});
+    rms_norm(x, w[kInNorm], eps_, s.h);
     if (layer.stacked_qkv) {  // one quantised [q; k; v] projection, split as the eager step does
-      const Tensor qkv = qlinear_cpu(h, w[kQ], fmt[kQ]);  // [T, (Hq + 2 Hkv) D]
-      q.copy_(qkv.narrow(1, 0, hq * d));
-      k.copy_(qkv.narrow(1, hq * d, hkv * d));
-      v_rows.copy_(qkv.narrow(1, (hq + hkv) * d, hkv * d));
+      const Tensor qkv = qlinear_cpu(s.h, w[kQ], fmt[kQ]);  // [T, (Hq + 2 Hkv) D]
+      s.q.copy_(qkv.narrow(1, 0, hq * d));
+      s.k.copy_(qkv.narrow(1, hq * d, hkv * d));
+      s.v_rows.copy_(qkv.narrow(1, (hq + hkv) * d, hkv * d));
     } else {
-      project(h, w[kQ], fmt[kQ], q);
+      project(s.h, w[kQ], fmt[kQ], s.q);
     }
-    const Tensor qn = qk_norm_ ? w[kQNorm] : Tensor(), kn = qk_norm_ ? w[kKNorm] : Tensor();
-    rope_norm(q.view({rows, hq, d}), positions.data(), qn, kn, inv_freq_.data(), eps_, qk_norm_,
-              q_rot);
-    const int64_t group = static_cast<int64_t>(l) / cla_;
-    Tensor kc = k_cache.select(0, group), vc = v_cache.select(0, group);
+    rope_norm(s.q3, positions.data(), qk_norm_ ? w[kQNorm] : none, qk_norm_ ? w[kKNorm] : none,
+              inv_freq_.data(), eps_, qk_norm_, s.q_rot);
+    if (static_cast<int64_t>(l) % cla_ == 0) {
+      const int64_t group = static_cast<int64_t>(l) / cla_;
+      kc = k_cache.select(0, group), vc = v_cache.select(0, group);
+    }
     if (layer.owns_kv) {
       if (!layer.stacked_qkv) {
-        project(h, w[kK], fmt[kK], k);
-        project(h, w[kV], fmt[kV], v_rows);
+        project(s.h, w[kK], fmt[kK], s.k);
+        project(s.h, w[kV], fmt[kV], s.v_rows);
       }
-      rope_norm(k.view({rows, hkv, d}), positions.data(), Tensor(), Tensor(), inv_freq_.data(),
-                eps_, qk_norm_, k_hat);
-      kv_cache_write(k_hat, v, positions.data(), kc, vc);
+      rope_norm(s.k3, positions.data(), none, none, inv_freq_.data(), eps_, qk_norm_, s.k_hat);
+      kv_cache_write(s.k_hat, s.v, positions.data(), kc, vc);
     }
-    attention(q_rot, kc, vc, kv_lens.data(), scale, o);
-    project(o.view({rows, hq * d}), w[kO], fmt[kO], proj);
-    add_into(x, proj);
-    rms_norm(x, w[kPostNorm], eps_, h);
+    attention(s.q_rot, kc, vc, kv_lens.data(), scale, s.o);
+    project(s.o_rows, w[kO], fmt[kO], s.proj);
+    add_into(x, s.proj);
+    rms_norm(x, w[kPostNorm], eps_, s.h);
     if (layer.moe) {
-      const Tensor y = moe_ffn_cpu(h, w[kRouter], w[kW13], w[kW2], top_k_, maybe(w[kSharedW13]),
+      const Tensor y = moe_ffn_cpu(s.h, w[kRouter], w[kW13], w[kW2], top_k_, maybe(w[kSharedW13]),
                                    maybe(w[kSharedW2]), renormalize_);
       add_into(x, y);
     } else {
       const int64_t inter = w[kW13].size(0) / 2;
-      Tensor gate_up = at::empty({rows, 2 * inter}, opts);
-      project(h, w[kW13], fmt[kW13], gate_up);
+      const bool cached = inter == dense_inter_;
+      Tensor gate_up = cached ? s.gate_up : at::empty({rows, 2 * inter}, opts);
+      project(s.h, w[kW13], fmt[kW13], gate_up);
       // F.silu(gate) * up in the model dtype, as the eager step computes it
-      Tensor act = at::silu(gate_up.narrow(1, 0, inter)).mul_(gate_up.narrow(1, inter, inter));
-      project(act, w[kW2], fmt[kW2], proj);
-      add_into(x, proj);
+      Tensor act = cached ? s.act : at::empty({rows, inter}, opts);
+      at::silu_out(act, cached ? s.gate : gate_up.narrow(1, 0, inter));
+      act.mul_(cached ? s.up : gate_up.narrow(1, inter, inter));
+      project(act, w[kW2], fmt[kW2], s.proj);
+      add_into(x, s.proj);
     }
   }
-  rms_norm(x, global_[kFinalNorm], eps_, h);
-  project(h, global_[kHead], head_format_, out);
+  rms_norm(x, global_[kFinalNorm], eps_, s.h);
+  Tensor& out = fresh_out ? fresh : s.out;
+  project(s.h, global_[kHead], head_format_, out);
   return out;
 }
 
@@ -213,7 +251,7 @@ Tensor ModelStep::checked_head_rows(const Tensor& ids, const Tensor& k_cache, co
   check_call(ids, k_cache, v_cache, lens);
   const GilRelease no_gil;
   const std::lock_guard<std::mutex> lock(mutex_);
-  return head_rows(ids, k_cache, v_cache, lens.const_data_ptr<int32_t>());
+  return head_rows(ids, k_cache, v_cache, lens.const_data_ptr<int32_t>(), true);
 }
 
 Tensor ModelStep::logits(const Tensor& ids, const Tensor& k_cache, const Tensor& v_cache,
@@ -258,7 +296,11 @@ Tensor ModelStep::argmax_rows(const Tensor& rows, int64_t batch, int64_t steps) 
 
 Tensor ModelStep::greedy(const Tensor& ids, const Tensor& k_cache, const Tensor& v_cache,
                          const Tensor& lens) {
-  return argmax_rows(checked_head_rows(ids, k_cache, v_cache, lens), ids.size(0), ids.size(1));
+  check_call(ids, k_cache, v_cache, lens);
+  const GilRelease no_gil;
+  const std::lock_guard<std::mutex> lock(mutex_);  // held while the scratch rows are read
+  return argmax_rows(head_rows(ids, k_cache, v_cache, lens.const_data_ptr<int32_t>(), false),
+                     ids.size(0), ids.size(1));
 }
 
 Tensor ModelStep::draft(const Tensor& ids, const Tensor& k_cache, const Tensor& v_cache,
@@ -273,7 +315,8 @@ Tensor ModelStep::draft(const Tensor& ids, const Tensor& k_cache, const Tensor& 
   int64_t* out = tokens.mutable_data_ptr<int64_t>();
   Tensor feed = ids, last = at::empty({batch, 1}, ids.options());
   for (int64_t i = 0; i < n; ++i) {
-    const Tensor step = argmax_rows(head_rows(feed, k_cache, v_cache, lp), batch, feed.size(1));
+    const Tensor step =
+        argmax_rows(head_rows(feed, k_cache, v_cache, lp, false), batch, feed.size(1));
     const int64_t* sp = step.const_data_ptr<int64_t>();
     for (int64_t b = 0; b < batch; ++b) {
       out[b * n + i] = last.mutable_data_ptr<int64_t>()[b] = sp[(b + 1) * feed.size(1) - 1];
