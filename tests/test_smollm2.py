@@ -104,14 +104,16 @@ def test_shipped_draft_agrees_on_held_out_code(smollm2, shipped_draft):
 def test_speculative_and_pearl_with_the_shipped_draft(smollm2, shipped_draft):
     model, tokenizer, _ = smollm2
     draft, _ = shipped_draft
-    prompt = [tokenizer.encode("def read_lines(path):\n    with open(path) as f:\n").ids]
+    prompt = [
+        tokenizer.encode('class Stack:\n    """A simple stack."""\n\n    def __init__(self):\n').ids
+    ]
     want = pearlmoe.generate(model, prompt, 24)
     for loop in (speculative_generate, pearl_generate):
         got, stats = loop(model, draft, prompt, 24, gamma=4)
         assert got == want, loop.__name__
-        # Greedy fp32, so deterministic: measured 8 of 64 drafts accepted by speculative (1.5
-        # tokens per target call) and 8 of 40 by PEARL (1.09) on this prompt.
-        assert stats.accepted >= 6, (loop.__name__, stats)
+        # Greedy fp32, so deterministic: measured 14 of 56 drafts accepted by speculative and
+        # 11 of 42 by PEARL on this prompt (a draft that does not help accepts ~0).
+        assert stats.accepted >= 8, (loop.__name__, stats)
 
 
 def test_quantized_target_keeps_q4_blocks_and_stays_lossless(smollm2, shipped_draft):
@@ -134,11 +136,14 @@ def test_quantized_target_keeps_q4_blocks_and_stays_lossless(smollm2, shipped_dr
     q16 = pearlmoe.from_pretrained(path, dtype=torch.bfloat16, quantized=True)
     assert _fused_equals_eager(q16, ids[:, :4], ids[:, 4:])  # q/k/v stacked in one qkv_proj
     d16 = copy.deepcopy(draft).to(torch.bfloat16)
-    prompt = [tokenizer.encode("def read_lines(path):\n    with open(path) as f:\n").ids]
+    prompt = [
+        tokenizer.encode('class Stack:\n    """A simple stack."""\n\n    def __init__(self):\n').ids
+    ]
     want = pearlmoe.generate(q16, prompt, 24)
     for loop in (speculative_generate, pearl_generate):
         got, stats = loop(q16, d16, prompt, 24, gamma=3)
         assert got == want, loop.__name__
-        assert stats.accepted >= 4, (loop.__name__, stats)
+        # measured on this prompt: 14 of 36 drafts accepted by speculative, 14 of 32 by PEARL
+        assert stats.accepted >= 8, (loop.__name__, stats)
         got, stats = loop(q16, d16, prompt, 24, gamma=3, backend="fused")
         assert got == want and stats.extra["round"] == "C++", loop.__name__

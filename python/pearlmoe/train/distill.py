@@ -40,8 +40,9 @@ from .trainer import load_optimizer_tensors, optimizer_tensors
 class DistillConfig:
     target: str = "smollm2-135m"
     seq_len: int = 256
-    train_windows: int = 5120  # windows drawn, half code, half English, in a fixed order
-    labelled_windows: int = 5120  # the first ones labelled and trained on (1.31 M tokens)
+    code_windows: int = 4000  # training windows drawn from the code stream
+    english_windows: int = 7400  # ... and from the English one (nearly all of its 1.9 M tokens)
+    labelled_windows: int = 11400  # the first ones of the shuffled set labelled and trained on
     held_out_windows: int = 64  # per domain
     topk: int = 16
     shard_windows: int = 32
@@ -51,7 +52,7 @@ class DistillConfig:
     heads: int = 6
     kv_heads: int = 2
     intermediate_size: int = 896
-    steps: int = 2400
+    steps: int = 3000
     batch_size: int = 16
     peak_lr: float = 2e-3
     warmup_steps: int = 100
@@ -304,10 +305,9 @@ def run(cfg: DistillConfig, work: Path, out: Path, corpus_dir: Path, threads: in
     tokenizer = read_tokenizer(target_path)
     streams = build_corpus(work, tokenizer, corpus_dir)
     target = from_pretrained(cfg.target, dtype=torch.bfloat16)
-    half = cfg.train_windows // 2
     train_ids = torch.cat([
-        windows(streams["code_train"], cfg.seq_len, half, cfg.seed),
-        windows(streams["english_train"], cfg.seq_len, cfg.train_windows - half, cfg.seed + 1),
+        windows(streams["code_train"], cfg.seq_len, cfg.code_windows, cfg.seed),
+        windows(streams["english_train"], cfg.seq_len, cfg.english_windows, cfg.seed + 1),
     ])  # fmt: skip
     train_ids = train_ids[
         torch.randperm(train_ids.shape[0], generator=torch.Generator().manual_seed(cfg.seed))
