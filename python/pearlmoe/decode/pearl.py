@@ -193,10 +193,17 @@ def pearl_generate(
     stats.extra["draft_side"] = "process" if draft_process else side_kind
     stats.extra["bookkeeping"] = bookkeeping
     start = time.perf_counter()
-    drf.prefill(draft_prompts)  # both sides prefill at once
-    with num_threads(share):
+    if isinstance(drf, _FusedDraft):
+        # One after the other, each on all the cores: a prompt's prefill is a batched GEMM that
+        # two threads speed up (the embedded target's 63 tokens: 10.4 ms on one, 6.6 on two),
+        # where side by side the target's would take one core and the draft's the other.
         tgt.prefill(draft_prompts)
-    drf.wait()
+        drf.runner.prefill(draft_prompts)
+    else:
+        drf.prefill(draft_prompts)  # both sides prefill at once
+        with num_threads(share):
+            tgt.prefill(draft_prompts)
+        drf.wait()
     one_call = bookkeeping == "host" and isinstance(drf, _FusedDraft) and tgt.fused_step is not None
     if one_call:  # greedy on fused steps: the whole round is one C++ call
         t, d = tgt.cache, drf.runner.cache
