@@ -98,8 +98,8 @@ class _ThreadDraft:
 class _FusedDraft(_ThreadDraft):
     """The draft side as a C++ thread (``torch.classes.pearlmoe.CpuDraftWorker``): greedy
     drafting with the fused backend on the CPU. Handing a round's feed over and the drafts back
-    is an atomic flag each way, with no Python thread, future or GIL hand-over in between (the
-    prefill still runs on the pool's thread)."""
+    is an atomic flag each way, with no Python thread, future or GIL hand-over in between (its
+    prefill runs on the caller's thread, after the target's: see pearl_generate)."""
 
     def __init__(self, runner: Runner, side: _Side, pool: ThreadPoolExecutor) -> None:
         super().__init__(runner, side, pool, None)
@@ -158,7 +158,6 @@ def pearl_generate(
             effective_backend(draft, backend),
         )  # the fused step runs without the GIL: its sides overlap on threads
     pool = ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(share,))
-    device = target.device
     device = target.device
     draft_prompts = [p[:-1] for p in prompts]
     with num_threads(share):  # compiled code is specialised to its thread count
