@@ -27,6 +27,7 @@ from .model import ModelConfig, Transformer, from_pretrained
 from .model.config import estimate
 from .model.gguf_checkpoint import is_gguf
 from .model.named import draft_for, resolve
+from .train.data import held_out_prompts
 from .train.presets import EMBEDDED, TOKENIZER
 
 TARGET, DRAFT = EMBEDDED / "tiny-target", EMBEDDED / "tiny-draft"
@@ -337,21 +338,6 @@ def cmd_serve(args) -> int:
         f"{device} {str(dtype).removeprefix('torch.')} {backend}; warm-up {warm:.1f} s) at "
         f"{url}/v1"))  # fmt: skip
     return 0
-
-
-def held_out_prompts(tokenizer, count: int, length: int) -> list[list[int]]:
-    """The opening tokens of held-out stdlib files (the split the pair never trained on)."""
-    from .train import data
-
-    _, held_out = data.split_files(data.stdlib_files())
-    prompts = []
-    for text in data.read(held_out):
-        ids = tokenizer.encode(text).ids
-        if len(ids) >= length:
-            prompts.append(ids[:length])
-        if len(prompts) == count:
-            break
-    return prompts
 
 
 def cmd_bench(args) -> int:

@@ -60,3 +60,17 @@ def encode(tokenizer: Tokenizer, texts: list[str]) -> Tensor:
         ids.extend(encoding.ids)
         ids.append(eos)
     return torch.tensor(ids, dtype=torch.int64)
+
+
+def held_out_prompts(tokenizer: Tokenizer, count: int, length: int) -> list[list[int]]:
+    """The opening tokens of held-out stdlib files (the split the embedded pair never trained
+    on): the prompts of `pearlmoe bench` and of the drafts' decode agreement."""
+    _, held_out = split_files(stdlib_files())
+    prompts = []
+    for text in read(held_out):
+        ids = tokenizer.encode(text).ids
+        if len(ids) >= length:
+            prompts.append(ids[:length])
+        if len(prompts) == count:
+            break
+    return prompts

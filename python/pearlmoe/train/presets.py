@@ -23,6 +23,7 @@ from torch import Tensor
 from ..model import ModelConfig, Transformer, from_pretrained, save_pretrained
 from ..model.named import EMBEDDED
 from . import data
+from .on_policy import decode_agreement, on_policy_windows
 from .trainer import TrainConfig, train
 
 TOKENIZER = "tokenizer.json"
@@ -190,12 +191,21 @@ def run(
             teacher = from_pretrained(teacher_dir, dtype=torch.float32, device=device)
     started = time.perf_counter()
     tokenizer, train_tokens, eval_tokens = corpus(tokenizer_path)
+    windows, decoding = None, time.perf_counter()
+    if teacher is not None and cfg.on_policy_windows:
+        # Decoded by the bf16 target, the dtype pearlmoe decodes in on the CPU by default.
+        windows = on_policy_windows(
+            from_pretrained(teacher_dir, dtype=torch.bfloat16, device=device), train_tokens,
+            cfg.on_policy_windows, cfg.seq_len, cfg.on_policy_prompt,
+            tuple(cfg.on_policy_temperatures), cfg.seed, work / "on_policy.safetensors",
+        )  # fmt: skip
+    decoding = time.perf_counter() - decoding
     torch.manual_seed(cfg.seed)
     model = Transformer(preset.config, dtype=torch.float32, device=device)
     init_for_training(model, cfg.seed)
     history = train(
         model, train_tokens, eval_tokens, cfg, work, resume=resume, progress=progress,
-        teacher=teacher,
+        teacher=teacher, on_policy=windows,
     )  # fmt: skip
     seconds = time.perf_counter() - started
 
@@ -214,6 +224,7 @@ def run(
         "train_tokens_seen": cfg.steps * cfg.batch_size * cfg.seq_len,
         "corpus_tokens": {"train": train_tokens.numel(), "held_out": eval_tokens.numel()},
         "wall_seconds": round(seconds, 1),
+        "on_policy_decode_seconds": round(decoding, 1),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip()
         + f", {torch.get_num_threads()} threads, {device}",
         "torch": torch.__version__,
@@ -223,5 +234,7 @@ def run(
     if preset.teacher is not None:
         target = from_pretrained(teacher_dir, dtype=torch.bfloat16, device=device)
         report["vs_" + preset.teacher] = held_out_metrics(target, eval_tokens, other=exported)
+        prompts = data.held_out_prompts(tokenizer, 32, 64)  # `pearlmoe bench`'s kind of prompt
+        report["vs_" + preset.teacher]["decode"] = decode_agreement(target, exported, prompts, 128)
     (out / "training.json").write_text(json.dumps(report, indent=1) + "\n")
     return report

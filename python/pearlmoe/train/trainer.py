@@ -42,6 +42,12 @@ class TrainConfig:
     eval_batches: int = 8
     seed: int = 0
     distill: float = 0.0  # weight of KL(teacher || model) against the cross-entropy, with a teacher
+    # On-policy data (with a teacher): windows of a corpus prefix and the teacher's continuation
+    # at each temperature (0: greedy), and the share of each batch's rows drawn from them.
+    on_policy_windows: int = 0
+    on_policy_share: float = 0.0
+    on_policy_prompt: int = 64
+    on_policy_temperatures: tuple[float, ...] = (0.0, 1.0)
 
 
 def param_groups(model: Transformer, cfg: TrainConfig) -> list[dict]:
@@ -64,13 +70,25 @@ def param_groups(model: Transformer, cfg: TrainConfig) -> list[dict]:
 
 
 def batches(
-    tokens: Tensor, batch_size: int, seq_len: int, generator: torch.Generator
+    tokens: Tensor,
+    batch_size: int,
+    seq_len: int,
+    generator: torch.Generator,
+    extra: Tensor | None = None,
+    extra_rows: int = 0,
 ) -> Iterator[Tensor]:
-    """Random windows of seq_len + 1 tokens from a 1-D token stream: [B, S+1]."""
+    """Random windows of seq_len + 1 tokens from a 1-D token stream: [B, S+1]; with extra
+    ([N, S+1] windows), the last extra_rows rows of each batch are drawn from it instead."""
     limit = tokens.numel() - seq_len - 1
+    if extra is None:
+        extra_rows = 0
     while True:
-        starts = torch.randint(0, limit, (batch_size,), generator=generator)
-        yield torch.stack([tokens[s : s + seq_len + 1] for s in starts.tolist()])
+        starts = torch.randint(0, limit, (batch_size - extra_rows,), generator=generator)
+        rows = [tokens[s : s + seq_len + 1] for s in starts.tolist()]
+        if extra_rows:
+            picks = torch.randint(0, extra.shape[0], (extra_rows,), generator=generator)
+            rows += list(extra[picks])
+        yield torch.stack(rows)
 
 
 def loss_fn(
@@ -166,11 +184,14 @@ def train(
     progress: bool = True,
     stop_at: int | None = None,
     teacher: Transformer | None = None,
+    on_policy: Tensor | None = None,
 ) -> list[dict]:
     """Train in place; returns the history (step, loss, aux, lr, tokens/s, held-out perplexity).
     With out_dir, checkpoints land there at every evaluation and at the end; resume=True picks up
     from the checkpoint in out_dir. stop_at ends the run early (checkpointed) on cfg's schedule.
-    With a teacher (same vocabulary), the loss mixes in cfg.distill × KL(teacher || model)."""
+    With a teacher (same vocabulary), the loss mixes in cfg.distill × KL(teacher || model);
+    on_policy ([N, seq_len + 1] windows, see on_policy.py) supplies cfg.on_policy_share of each
+    batch's rows."""
     if teacher is not None and teacher.config.vocab_size != model.config.vocab_size:
         raise ValueError(
             f"teacher vocab_size {teacher.config.vocab_size} != model vocab_size "
@@ -186,7 +207,11 @@ def train(
     if resume and out is not None and (out / "trainer_state.json").exists():
         start, history = _resume(model, optimizer, (g, route_g), out)
     model.train()
-    data = batches(train_tokens, cfg.batch_size, cfg.seq_len, g)
+    extra_rows = round(cfg.batch_size * cfg.on_policy_share) if on_policy is not None else 0
+    if on_policy is not None and on_policy.shape[1] != cfg.seq_len + 1:
+        raise ValueError(f"on_policy windows hold {on_policy.shape[1]} tokens, expected "
+                         f"seq_len + 1 = {cfg.seq_len + 1}")  # fmt: skip
+    data = batches(train_tokens, cfg.batch_size, cfg.seq_len, g, on_policy, extra_rows)
     autocast = cfg.bf16 and model.dtype == torch.float32
     bar = None
     if progress:
