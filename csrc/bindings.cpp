@@ -103,6 +103,7 @@ TORCH_LIBRARY(pearlmoe, m) {
       .def("logits", &ModelStep::logits)
       .def("greedy", &ModelStep::greedy)
       .def("draft", &ModelStep::draft)
+      .def("draft_history", &ModelStep::draft_history)
       .def("speculative_round", &ModelStep::speculative_round);
   // PEARL's draft side as a C++ thread running a CpuModelStep's draft() (pearlmoe.decode.pearl).
   using pearlmoe::cpu::DraftWorker;
@@ -117,7 +118,8 @@ TORCH_LIBRARY(pearlmoe, m) {
   m.class_<PearlRounds>("CpuPearlRounds")
       .def(torch::init<c10::intrusive_ptr<ModelStep>, c10::intrusive_ptr<DraftWorker>, at::Tensor,
                        at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                       std::vector<int64_t>, std::vector<int64_t>>())
+                       std::vector<int64_t>, std::vector<int64_t>, at::Tensor, at::Tensor,
+                       int64_t>())
       .def("round", &PearlRounds::round)
       .def("finish", &PearlRounds::finish);
 

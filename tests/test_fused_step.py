@@ -304,8 +304,9 @@ def test_pearl_rounds_refuse_a_gamma_change_with_drafts_unverified():
     worker = torch.classes.pearlmoe.CpuDraftWorker(drf.fused_step, 1)
     t, d = tgt.cache, drf.cache
     rounds = torch.classes.pearlmoe.CpuPearlRounds(
-        tgt.fused_step, worker, t.k, t.v, t.lens, d.k, d.v, d.lens, [4], [4]
-    )
+        tgt.fused_step, worker, t.k, t.v, t.lens, d.k, d.v, d.lens, [4], [4],
+        torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64), 0,
+    )  # fmt: skip
     for _ in range(20):  # a noisy copy of the target agrees often: all accepted soon
         rows, _, _ = rounds.round(3)
         all_accepted = rows[0, 1] == (3 if rows[0, 0] else 1)

@@ -83,6 +83,7 @@ ModelStep::ModelStep(std::vector<Tensor> weights, std::vector<std::string> forma
       layer.format[s] = formats[kGlobalSlots + l * kLayerSlots + s];
     }
     layer.owns_kv = l % cla_ == 0;
+    if (layer.owns_kv) last_kv_layer_ = l;
     layer.moe = layer.w[kRouter].numel() > 0;
     layer.stacked_qkv = layer.owns_kv && layer.w[kK].numel() == 0 &&
                         layer.w[kQ].size(0) == (q_heads_ + 2 * kv_heads_) * head_dim_;
@@ -154,7 +155,7 @@ void ModelStep::check_call(const Tensor& ids, const Tensor& k_cache, const Tenso
 }
 
 Tensor ModelStep::head_rows(const Tensor& ids_in, const Tensor& k_cache, const Tensor& v_cache,
-                            const int32_t* lens, bool fresh_out) {
+                            const int32_t* lens, bool fresh_out, bool kv_only) {
   const int64_t batch = ids_in.size(0), steps = ids_in.size(1), rows = batch * steps;
   const int64_t capacity = k_cache.size(2), hq = q_heads_, hkv = kv_heads_, d = head_dim_;
   const Tensor ids = ids_in.contiguous();
@@ -196,17 +197,21 @@ Tensor ModelStep::head_rows(const Tensor& ids_in, const Tensor& k_cache, const T
     const Layer& layer = layers_[l];
     const auto& w = layer.w;
     const auto& fmt = layer.format;
+    // kv_only: the last layer that writes the cache stops after writing it.
+    const bool last = kv_only && static_cast<int64_t>(l) == last_kv_layer_;
     rms_norm(x, w[kInNorm], eps_, s.h);
     if (layer.stacked_qkv) {  // one quantised [q; k; v] projection, split as the eager step does
       const Tensor qkv = qlinear_cpu(s.h, w[kQ], fmt[kQ]);  // [T, (Hq + 2 Hkv) D]
       s.q.copy_(qkv.narrow(1, 0, hq * d));
       s.k.copy_(qkv.narrow(1, hq * d, hkv * d));
       s.v_rows.copy_(qkv.narrow(1, (hq + hkv) * d, hkv * d));
-    } else {
+    } else if (!last) {
       project(s.h, w[kQ], fmt[kQ], s.q);
     }
-    rope_norm(s.q3, positions.data(), qk_norm_ ? w[kQNorm] : none, qk_norm_ ? w[kKNorm] : none,
-              inv_freq_.data(), eps_, qk_norm_, s.q_rot);
+    if (!last) {
+      rope_norm(s.q3, positions.data(), qk_norm_ ? w[kQNorm] : none, qk_norm_ ? w[kKNorm] : none,
+                inv_freq_.data(), eps_, qk_norm_, s.q_rot);
+    }
     if (static_cast<int64_t>(l) % cla_ == 0) {
       const int64_t group = static_cast<int64_t>(l) / cla_;
       kc = k_cache.select(0, group), vc = v_cache.select(0, group);
@@ -219,6 +224,7 @@ Tensor ModelStep::head_rows(const Tensor& ids_in, const Tensor& k_cache, const T
       rope_norm(s.k3, positions.data(), none, none, inv_freq_.data(), eps_, qk_norm_, s.k_hat);
       kv_cache_write(s.k_hat, s.v, positions.data(), kc, vc);
     }
+    if (last) return Tensor();
     attention(s.q_rot, kc, vc, kv_lens.data(), scale, s.o);
     project(s.o_rows, w[kO], fmt[kO], s.proj);
     add_into(x, s.proj);
@@ -303,23 +309,78 @@ Tensor ModelStep::greedy(const Tensor& ids, const Tensor& k_cache, const Tensor&
                      ids.size(0), ids.size(1));
 }
 
+Contexts contexts_from(const char* op, const Tensor& history, const Tensor& history_lens,
+                       int64_t batch, int64_t room) {
+  PM_CHECK(history.dim() == 2 && history.size(0) == batch && history.scalar_type() == at::kLong &&
+               history.is_contiguous() && history.is_cpu() && history_lens.dim() == 1 &&
+               history_lens.size(0) == batch && history_lens.scalar_type() == at::kLong &&
+               history_lens.is_contiguous() && history_lens.is_cpu(),
+           op, "history must be contiguous int64 CPU [B=", batch,
+           ", C] and history_lens contiguous int64 CPU [B]");
+  const int64_t* hp = history.const_data_ptr<int64_t>();
+  const int64_t* hl = history_lens.const_data_ptr<int64_t>();
+  const int64_t cap = history.size(1);
+  Contexts contexts(batch);
+  for (int64_t b = 0; b < batch; ++b) {
+    PM_CHECK(hl[b] >= 1 && hl[b] + room <= cap, op, "history_lens[", b, "] = ", hl[b],
+             " must be in [1, ", cap - room, "] (history holds ", cap, " tokens, ", room,
+             " kept free)");
+    contexts[b].reserve(hl[b] + room);
+    contexts[b].assign(hp + b * cap, hp + b * cap + hl[b]);
+  }
+  return contexts;
+}
+
+Tensor ModelStep::draft_history(const Tensor& ids, const Tensor& k_cache, const Tensor& v_cache,
+                                const Tensor& lens, int64_t n, const Tensor& history,
+                                const Tensor& history_lens, int64_t ngram) {
+  PM_CHECK(ngram >= 0, kStep, "draft_history's ngram must be >= 0, got ", ngram);
+  Contexts contexts = contexts_from(kStep, history, history_lens, ids.size(0), 0);
+  return draft_lookup(ids, k_cache, v_cache, lens, n, &contexts, ngram);
+}
+
 Tensor ModelStep::draft(const Tensor& ids, const Tensor& k_cache, const Tensor& v_cache,
                         const Tensor& lens, int64_t n) {
+  return draft_lookup(ids, k_cache, v_cache, lens, n, nullptr, 0);
+}
+
+Tensor ModelStep::draft_lookup(const Tensor& ids, const Tensor& k_cache, const Tensor& v_cache,
+                               const Tensor& lens, int64_t n, Contexts* contexts, int64_t ngram) {
   check_call(ids, k_cache, v_cache, lens);
   PM_CHECK(n >= 1, kStep, "draft needs n >= 1 tokens, got ", n);
+  const int64_t batch = ids.size(0);
+  const bool lookup = contexts != nullptr && ngram > 0;
+  PM_CHECK(!lookup || static_cast<int64_t>(contexts->size()) == batch, kStep,
+           "draft's lookup needs a context per sequence: ", contexts ? contexts->size() : 0,
+           " for ", batch);
   const GilRelease no_gil;
   const std::lock_guard<std::mutex> lock(mutex_);
-  const int64_t batch = ids.size(0);
   int32_t* lp = lens.mutable_data_ptr<int32_t>();
   Tensor tokens = at::empty({batch, n}, ids.options());
   int64_t* out = tokens.mutable_data_ptr<int64_t>();
   Tensor feed = ids, last = at::empty({batch, 1}, ids.options());
+  int64_t* lastp = last.mutable_data_ptr<int64_t>();
+  std::vector<int64_t> found(batch, -1);
   for (int64_t i = 0; i < n; ++i) {
-    const Tensor step =
-        argmax_rows(head_rows(feed, k_cache, v_cache, lp, false), batch, feed.size(1));
-    const int64_t* sp = step.const_data_ptr<int64_t>();
+    bool all_found = lookup;
+    for (int64_t b = 0; lookup && b < batch; ++b) {
+      found[b] = lookup_next((*contexts)[b], ngram);
+      all_found = all_found && found[b] >= 0;
+    }
+    if (all_found) {  // every next token is the lookup's: the step only fills the cache
+      head_rows(feed, k_cache, v_cache, lp, false, true);
+    } else {
+      const Tensor step =
+          argmax_rows(head_rows(feed, k_cache, v_cache, lp, false), batch, feed.size(1));
+      const int64_t* sp = step.const_data_ptr<int64_t>();
+      for (int64_t b = 0; b < batch; ++b) {
+        if (found[b] < 0) found[b] = sp[(b + 1) * feed.size(1) - 1];
+      }
+    }
     for (int64_t b = 0; b < batch; ++b) {
-      out[b * n + i] = last.mutable_data_ptr<int64_t>()[b] = sp[(b + 1) * feed.size(1) - 1];
+      if (lookup) (*contexts)[b].push_back(found[b]);
+      out[b * n + i] = lastp[b] = found[b];
+      found[b] = -1;
     }
     for (int64_t b = 0; b < batch; ++b) lp[b] += static_cast<int32_t>(feed.size(1));
     feed = last;
@@ -330,7 +391,8 @@ Tensor ModelStep::draft(const Tensor& ids, const Tensor& k_cache, const Tensor& 
 std::tuple<Tensor, Tensor> ModelStep::speculative_round(
     const c10::intrusive_ptr<ModelStep>& draft, const Tensor& feed, const Tensor& prev,
     const Tensor& last, int64_t gamma, const Tensor& t_k, const Tensor& t_v, const Tensor& t_lens,
-    const Tensor& d_k, const Tensor& d_v, const Tensor& d_lens, const Tensor& active) {
+    const Tensor& d_k, const Tensor& d_v, const Tensor& d_lens, const Tensor& active,
+    const Tensor& history, const Tensor& history_lens, int64_t ngram) {
   const int64_t batch = feed.size(0), width = feed.dim() == 2 ? feed.size(1) : 0;
   PM_CHECK(gamma >= 1, kStep, "speculative_round needs gamma >= 1, got ", gamma);
   for (const Tensor* t : {&prev, &last}) {
@@ -344,11 +406,23 @@ std::tuple<Tensor, Tensor> ModelStep::speculative_round(
   PM_CHECK(
       t_lens.dim() == 1 && d_lens.dim() == 1 && t_lens.size(0) == batch && d_lens.size(0) == batch,
       kStep, "t_lens and d_lens must be [B=", batch, "]");
+  PM_CHECK(ngram >= 0, kStep, "speculative_round's ngram must be >= 0, got ", ngram);
+  Contexts contexts;
+  int64_t* hp = nullptr;
+  int64_t* hl = nullptr;
+  int64_t hcap = 0;
+  if (ngram > 0) {
+    contexts = contexts_from(kStep, history, history_lens, batch, gamma + 1);
+    hp = history.mutable_data_ptr<int64_t>();
+    hl = history_lens.mutable_data_ptr<int64_t>();
+    hcap = history.size(1);
+  }
   Tensor rows = at::full({batch, gamma + 2}, -1, feed.options().dtype(at::kLong));
   Tensor seconds = at::empty({2}, feed.options().dtype(at::kDouble));
   const GilRelease no_gil;
   const auto start = std::chrono::steady_clock::now();
-  const Tensor drafted = draft->draft(feed, d_k, d_v, d_lens, gamma);  // [B, gamma]
+  const Tensor drafted = draft->draft_lookup(feed, d_k, d_v, d_lens, gamma,
+                                             ngram > 0 ? &contexts : nullptr, ngram);  // [B, γ]
   const auto drafted_at = std::chrono::steady_clock::now();
   Tensor window = at::empty({batch, gamma + 1}, rows.options());  // [last, d_1..d_gamma]
   int64_t* wp = window.mutable_data_ptr<int64_t>();
@@ -378,6 +452,10 @@ std::tuple<Tensor, Tensor> ModelStep::speculative_round(
     if (!on[b]) {  // keeps its state: the draft back to where it was
       dl[b] -= static_cast<int32_t>(width + gamma - 1);
       continue;
+    }
+    if (hp != nullptr) {  // the kept tokens join the history
+      std::copy_n(row + 1, a + 1, hp + b * hcap + hl[b]);
+      hl[b] += a + 1;
     }
     tl[b] += static_cast<int32_t>(a + 1);      // last and the accepted drafts
     dl[b] -= static_cast<int32_t>(gamma - a);  // all but the last accepted (re-fed) and after

@@ -20,7 +20,14 @@
 #include <tuple>
 #include <vector>
 
+#include "lookup.h"
+
 namespace pearlmoe::cpu {
+
+// The lookup's contexts from history [B, C] and history_lens [B] (both int64 CPU), checked for
+// op's error messages: each length in [1, C - room].
+Contexts contexts_from(const char* op, const at::Tensor& history, const at::Tensor& history_lens,
+                       int64_t batch, int64_t room);
 
 class ModelStep : public torch::CustomClassHolder {
  public:
@@ -63,18 +70,35 @@ class ModelStep : public torch::CustomClassHolder {
   // greedy() with the caller moving lens would.
   at::Tensor draft(const at::Tensor& ids, const at::Tensor& k_cache, const at::Tensor& v_cache,
                    const at::Tensor& lens, int64_t n);
+  // The same with a prompt lookup of ngram tokens (lookup.h) over contexts (one per sequence,
+  // ending at the token before the first drafted one): where it finds a match, its token is
+  // drafted (and fed on) instead of the model's argmax. Each drafted token is appended to its
+  // sequence's context.
+  // draft_lookup over history [B, C] (int64: each sequence's tokens, the first history_lens[b]
+  // of a row; int64 [B]), for tests and callers that keep their tokens in tensors.
+  at::Tensor draft_history(const at::Tensor& ids, const at::Tensor& k_cache,
+                           const at::Tensor& v_cache, const at::Tensor& lens, int64_t n,
+                           const at::Tensor& history, const at::Tensor& history_lens,
+                           int64_t ngram);
+  at::Tensor draft_lookup(const at::Tensor& ids, const at::Tensor& k_cache,
+                          const at::Tensor& v_cache, const at::Tensor& lens, int64_t n,
+                          Contexts* contexts, int64_t ngram);
   // One greedy speculative round with this model as the target, in one call: `draft` drafts
   // gamma tokens after feed [B, w] on its cache (d_lens advance by w + gamma - 1), this model
   // scores [last, drafts] at t_lens, and each sequence with active[b] keeps its accepted drafts
   // and the token after them: t_lens += a + 1, d_lens -= gamma - a, prev and last ([B] int64)
-  // move on; an inactive one keeps its state. Returns the rows [B, gamma + 2] (int64: the
-  // accepted count a, the a drafts and the token after them, then -1) and the two sides'
-  // seconds [2] (fp64: draft, target).
+  // move on; an inactive one keeps its state. With ngram > 0 the drafts use a prompt lookup
+  // over history [B, C] (int64: each sequence's committed tokens, last included, in its first
+  // history_lens[b] entries), and each active sequence's kept tokens are appended to it; with
+  // ngram == 0 history may be empty. Returns the rows [B, gamma + 2] (int64: the accepted count
+  // a, the a drafts and the token after them, then -1) and the two sides' seconds [2] (fp64:
+  // draft, target).
   std::tuple<at::Tensor, at::Tensor> speculative_round(
       const c10::intrusive_ptr<ModelStep>& draft, const at::Tensor& feed, const at::Tensor& prev,
       const at::Tensor& last, int64_t gamma, const at::Tensor& t_k, const at::Tensor& t_v,
       const at::Tensor& t_lens, const at::Tensor& d_k, const at::Tensor& d_v,
-      const at::Tensor& d_lens, const at::Tensor& active);
+      const at::Tensor& d_lens, const at::Tensor& active, const at::Tensor& history,
+      const at::Tensor& history_lens, int64_t ngram);
 
  private:
   struct Layer {
@@ -100,9 +124,10 @@ class ModelStep : public torch::CustomClassHolder {
   at::Tensor checked_head_rows(const at::Tensor& ids, const at::Tensor& k_cache,
                                const at::Tensor& v_cache, const at::Tensor& lens);
   // The head's rows [B*S, V or V'] in the model dtype for ids [B, S] at lens: a new tensor when
-  // fresh_out, else this step's scratch (valid until its next call).
+  // fresh_out, else this step's scratch (valid until its next call). kv_only: only the cache
+  // writes (the layers up to the last one that owns K/V, that one up to its write), no rows.
   at::Tensor head_rows(const at::Tensor& ids, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                       const int32_t* lens, bool fresh_out);
+                       const int32_t* lens, bool fresh_out, bool kv_only = false);
   void check_call(const at::Tensor& ids, const at::Tensor& k_cache, const at::Tensor& v_cache,
                   const at::Tensor& lens) const;
   at::Tensor argmax_rows(const at::Tensor& rows, int64_t batch, int64_t steps) const;
@@ -114,7 +139,9 @@ class ModelStep : public torch::CustomClassHolder {
   bool qk_norm_, renormalize_;
   double eps_, rope_base_;
   std::array<float, 64> inv_freq_{};
-  int64_t dense_inter_ = 0;  // the dense layers' intermediate width (0: none, -1: they differ)
+  int64_t dense_inter_ = 0;
+  int64_t last_kv_layer_ = 0;  // the last layer that writes K/V (later ones share its cache)  //
+                               // the dense layers' intermediate width (0: none, -1: they differ)
   std::vector<std::pair<std::pair<int64_t, int64_t>, Scratch>> scratch_;  // by (batch, steps)
   std::mutex mutex_;  // one step at a time per model (scratch is not shared, the caches may be)
 };

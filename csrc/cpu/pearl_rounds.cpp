@@ -17,7 +17,8 @@ constexpr const char* kRounds = "PearlRounds";
 PearlRounds::PearlRounds(c10::intrusive_ptr<ModelStep> target,
                          c10::intrusive_ptr<DraftWorker> draft, at::Tensor t_k, at::Tensor t_v,
                          at::Tensor t_lens, at::Tensor d_k, at::Tensor d_v, at::Tensor d_lens,
-                         std::vector<int64_t> last, std::vector<int64_t> committed)
+                         std::vector<int64_t> last, std::vector<int64_t> committed,
+                         at::Tensor history, at::Tensor history_lens, int64_t ngram)
     : target_(std::move(target)),
       draft_(std::move(draft)),
       t_k_(std::move(t_k)),
@@ -27,7 +28,8 @@ PearlRounds::PearlRounds(c10::intrusive_ptr<ModelStep> target,
       d_v_(std::move(d_v)),
       d_lens_(std::move(d_lens)),
       last_(std::move(last)),
-      committed_(std::move(committed)) {
+      committed_(std::move(committed)),
+      ngram_(ngram) {
   const size_t batch = last_.size();
   PM_CHECK(batch >= 1 && committed_.size() == batch, kRounds,
            "last and committed must give every sequence, got ", last_.size(), " and ",
@@ -41,6 +43,10 @@ PearlRounds::PearlRounds(c10::intrusive_ptr<ModelStep> target,
   const int32_t* dl = d_lens_.const_data_ptr<int32_t>();
   t_len_.assign(tl, tl + batch);
   d_len_.assign(dl, dl + batch);
+  PM_CHECK(ngram_ >= 0, kRounds, "ngram must be >= 0, got ", ngram_);
+  if (ngram_ > 0) {
+    tokens_ = contexts_from(kRounds, history, history_lens, static_cast<int64_t>(batch), 0);
+  }
   unverified_.resize(batch);
   post_.assign(batch, false);
   active_.assign(batch, true);
@@ -84,7 +90,15 @@ std::tuple<at::Tensor, at::Tensor, int64_t> PearlRounds::round(int64_t gamma) {
   at::Tensor drafted, scored;
   {
     const GilRelease no_gil;
-    draft_->submit(first, d_k_, d_v_, d_lens_, gamma);
+    if (ngram_ > 0) {  // the draft's context: the committed tokens, then any unverified ones
+      Contexts contexts(tokens_);
+      for (int64_t b = 0; b < batch; ++b) {
+        contexts[b].insert(contexts[b].end(), unverified_[b].begin(), unverified_[b].end());
+      }
+      draft_->submit_lookup(first, d_k_, d_v_, d_lens_, gamma, std::move(contexts), ngram_);
+    } else {
+      draft_->submit(first, d_k_, d_v_, d_lens_, gamma);
+    }
     const auto start = std::chrono::steady_clock::now();
     try {
       scored = target_->greedy(feed, t_k_, t_v_, t_lens_);  // [B, width]
@@ -121,6 +135,7 @@ std::tuple<at::Tensor, at::Tensor, int64_t> PearlRounds::round(int64_t gamma) {
     std::copy_n(window.begin(), all_in ? n : accepted, row + 3);
     if (!all_in) row[3 + accepted] = s[accepted];
     if (!active_[b]) continue;
+    if (ngram_ > 0) tokens_[b].insert(tokens_[b].end(), row + 3, row + 3 + kept);
     committed_[b] += kept;
     last_[b] = row[3 + kept - 1];
     if (all_in) {  // the target keeps what it fed, the draft all it drafted

@@ -20,9 +20,12 @@ class PearlRounds : public torch::CustomClassHolder {
  public:
   // last: each sequence's last committed token (fed to neither side yet); committed: its
   // committed length (prompt included). The caches hold committed - 1 tokens on each side.
+  // With ngram > 0 the draft uses a prompt lookup (lookup.h) over each sequence's tokens, which
+  // start as history (int64 [B, C]: the prompts, the first history_lens[b] entries of a row).
   PearlRounds(c10::intrusive_ptr<ModelStep> target, c10::intrusive_ptr<DraftWorker> draft,
               at::Tensor t_k, at::Tensor t_v, at::Tensor t_lens, at::Tensor d_k, at::Tensor d_v,
-              at::Tensor d_lens, std::vector<int64_t> last, std::vector<int64_t> committed);
+              at::Tensor d_lens, std::vector<int64_t> last, std::vector<int64_t> committed,
+              at::Tensor history, at::Tensor history_lens, int64_t ngram);
 
   // One round at draft length gamma (change it only while no sequence is in post-verify).
   // Returns rows [B, 3 + gamma] (int64: was post-verify, accepted, kept, then the kept tokens,
@@ -39,6 +42,8 @@ class PearlRounds : public torch::CustomClassHolder {
   at::Tensor t_k_, t_v_, t_lens_, d_k_, d_v_, d_lens_;
   std::vector<int64_t> last_, committed_, t_len_, d_len_;
   std::vector<std::vector<int64_t>> unverified_;  // e_2..e_gamma of a post-verify sequence
+  Contexts tokens_;  // each sequence's committed tokens, kept for the lookup when ngram_ > 0
+  int64_t ngram_ = 0;
   std::vector<bool> post_, active_;
 };
 

@@ -20,7 +20,7 @@ import torch
 
 from . import ops
 from .decode import generate, pearl_generate, runner, speculative_generate
-from .decode.common import measured_curve
+from .decode.common import LOOKUP, measured_curve
 from .decode.cost_model import plan
 from .decode.runner import BACKENDS, compile_available, default_backend
 from .model import ModelConfig, Transformer, from_pretrained
@@ -151,6 +151,7 @@ def decode(
     seed: int,
     on_tokens: Callable[[list[int]], None] | None = None,
     backend: str = "eager",
+    lookup: int = LOOKUP,
 ) -> tuple[list[int], dict]:
     """One prompt in one mode: the new tokens and the run's statistics. ``seconds`` is decoding
     only; compiling or capturing the steps is ``warmup_seconds``."""
@@ -178,7 +179,7 @@ def decode(
             on_tokens(tokens[0])
 
     outs, stats = run(target, draft, [prompt], max_new_tokens, gamma=gamma, callback=chunk,
-                      **common)  # fmt: skip
+                      lookup=lookup, **common)  # fmt: skip
     seconds = stats.seconds
     return outs[0], {
         "mode": mode, "tokens": len(outs[0]), "seconds": seconds,
@@ -292,7 +293,8 @@ def cmd_generate(args) -> int:
     print(args.prompt + ("\n" if args.chat else ""), end="", flush=True)
     streamer = _Streamer(tokenizer)
     _, stats = decode(mode, target, draft, prompt, args.max_new_tokens, args.gamma,
-                      args.temperature, args.top_p, args.seed, streamer, backend)  # fmt: skip
+                      args.temperature, args.top_p, args.seed, streamer, backend,
+                      args.lookup)  # fmt: skip
     streamer.finish()
     line = (f"\n\n[{mode}] {stats['tokens']} tokens in {stats['seconds']:.2f} s: "
             f"{stats['tokens_per_second']:.1f} tokens/s")  # fmt: skip
@@ -371,7 +373,7 @@ def cmd_bench(args) -> int:
         "threads": torch.get_num_threads(), "cpu_isa": ops.cpu_isa(), "batch": args.batch,
         "target": str(args.target), "draft": str(args.draft), "prompts": len(batches),
         "prompt_tokens": args.prompt_tokens, "max_new_tokens": args.max_new_tokens,
-        "temperature": args.temperature, "gamma": args.gamma, "runs": [],
+        "temperature": args.temperature, "gamma": args.gamma, "lookup": args.lookup, "runs": [],
     }  # fmt: skip
     for dtype in dtypes:
         target = load_model(args.target, device, dtype, args.quantized)
@@ -492,6 +494,12 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--seed", type=int, default=0)  # fmt: skip
 
+    def lookup(p) -> None:
+        p.add_argument("--lookup", type=_non_negative_int, default=LOOKUP, metavar="N",
+                       help="greedy drafts on fused CPU steps take the token after an earlier "
+                       "occurrence of the last N tokens where there is one (prompt lookup); "
+                       f"0: the draft model alone (default {LOOKUP})")  # fmt: skip
+
     g = sub.add_parser("generate", help="stream a continuation of PROMPT")
     g.add_argument("prompt", metavar="PROMPT")
     g.add_argument("--chat", action="store_true",
@@ -508,6 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=_probability)
     g.add_argument("--max-new-tokens", type=_positive, default=128)
     models(g)
+    lookup(g)
     g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                    help="auto: bf16 on GPUs and AVX512-BF16 CPUs, else fp32")  # fmt: skip
     g.set_defaults(fn=cmd_generate)
@@ -520,6 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch", type=_positive, default=1, help="sequences decoded together")
     b.add_argument("--out", default="bench/out", help="directory for the JSON and PNG")
     models(b)
+    lookup(b)
     b.add_argument("--dtypes", default="auto", help="comma-separated; auto: the CLI's default "
                    "dtype, and float32 beside it when that is bf16")  # fmt: skip
     b.set_defaults(fn=cmd_bench)
@@ -568,6 +578,16 @@ def _positive(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
     return value
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .decode import generate, pearl_generate, speculative_generate
-from .decode.common import measured_curve
+from .decode.common import LOOKUP, measured_curve
 from .decode.cost_model import CostCurve, best_gamma, rate
 
 MODES = ("ar", "speculative", "pearl")
@@ -20,7 +20,7 @@ EAGER_AR = "ar-eager"
 
 def decode_one(
     mode: str, target, draft, batch: list[list[int]], max_new_tokens: int, gamma: int | None,
-    temperature: float, seed: int, backend: str,
+    temperature: float, seed: int, backend: str, lookup: int = LOOKUP,
 ):  # fmt: skip
     """One batch of prompts in one mode: (outputs, decode seconds, stats or None for AR)."""
     generator = torch.Generator(device=target.device).manual_seed(seed)
@@ -31,7 +31,7 @@ def decode_one(
         outs = generate(target, batch, max_new_tokens, **common)
         return outs, time.perf_counter() - start, None
     loop = pearl_generate if mode == "pearl" else speculative_generate
-    outs, stats = loop(target, draft, batch, max_new_tokens, gamma=gamma, **common)
+    outs, stats = loop(target, draft, batch, max_new_tokens, gamma=gamma, lookup=lookup, **common)
     return outs, time.perf_counter() - start - stats.extra.get("warmup_seconds", 0.0), stats
 
 
@@ -72,7 +72,7 @@ def bench_dtype(
     def run(mode: str, prompts, max_new: int, seed: int):
         name, mode_backend = mode.removesuffix("-eager"), "eager" if mode == EAGER_AR else backend
         return decode_one(name, target, draft, prompts, max_new, args.gamma, args.temperature,
-                          seed, mode_backend)  # fmt: skip
+                          seed, mode_backend, args.lookup)  # fmt: skip
 
     for mode in modes:  # warm-up outside the timings: compile/capture, allocator, thread pools
         run(mode, batches[0], 8, 0)

@@ -32,6 +32,7 @@ from torch import Tensor
 from ..model.transformer import Transformer
 from .autoregressive import _eos_set, _prompts
 from .common import (
+    LOOKUP,
     DecodeStats,
     check_pair,
     emit,
@@ -40,6 +41,7 @@ from .common import (
     gamma_policy,
     num_threads,
     side_threads,
+    token_history,
 )
 from .draft_process import DraftProcess
 from .pearl_rounds import DeviceRounds, HostRounds
@@ -129,6 +131,7 @@ def pearl_generate(
     backend: str = "eager",
     draft_process: bool | None = None,
     bookkeeping: str = "auto",
+    lookup: int = LOOKUP,
 ) -> tuple[list[list[int]], DecodeStats]:
     """Each sequence's new tokens (up to and including its EOS) and the run's statistics.
     ``gamma=None`` picks the window from the measured cost curve and the acceptance rate seen so
@@ -137,7 +140,10 @@ def pearl_generate(
     thread; by default when both models are on the CPU and either side compiles its step (the
     fused backend's steps release the GIL, so its sides overlap on threads).
     ``bookkeeping``: "host" (greedy; the default on a CPU) or "device" (pearlmoe.decode.
-    pearl_rounds)."""
+    pearl_rounds). ``lookup``: the prompt lookup's n-gram length for greedy drafts on fused CPU
+    steps (pearlmoe.decode.common.LOOKUP; 0: the draft model alone, as on other paths)."""
+    if lookup < 0:
+        raise ValueError(f"pearl_generate: lookup must be >= 0, got {lookup}")
     check_pair(target, draft)
     prompts = _prompts(input_ids)
     batch, eos = len(prompts), _eos_set(eos_token_id)
@@ -204,11 +210,15 @@ def pearl_generate(
             tgt.prefill(draft_prompts)
         drf.wait()
     one_call = bookkeeping == "host" and isinstance(drf, _FusedDraft) and tgt.fused_step is not None
+    lookup = lookup if one_call else 0
+    stats.extra["lookup"] = lookup
     if one_call:  # greedy on fused steps: the whole round is one C++ call
         t, d = tgt.cache, drf.runner.cache
+        history, history_lens = token_history(prompts, max(map(len, prompts))) if lookup else (
+            torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64))  # fmt: skip
         rounds = torch.classes.pearlmoe.CpuPearlRounds(
             tgt.fused_step, drf.worker, t.k, t.v, t.lens, d.k, d.v, d.lens,
-            [p[-1] for p in prompts], [len(p) for p in prompts],
+            [p[-1] for p in prompts], [len(p) for p in prompts], history, history_lens, lookup,
         )  # fmt: skip
     elif bookkeeping == "host":
         rounds = HostRounds(prompts, gamma, tgt, drf)

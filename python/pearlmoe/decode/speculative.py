@@ -21,6 +21,7 @@ from .. import ops
 from ..model.transformer import Transformer
 from .autoregressive import _eos_set, _prompts
 from .common import (
+    LOOKUP,
     DecodeStats,
     check_pair,
     emit,
@@ -30,6 +31,7 @@ from .common import (
     pad,
     round_fn,
     stand_ins,
+    token_history,
 )
 from .runner import Runner, Sampling
 from .sampling import sample
@@ -148,10 +150,13 @@ def speculative_generate(
     callback: Callable[[list[list[int]]], None] | None = None,
     backend: str = "eager",
     bookkeeping: str = "auto",
+    lookup: int = LOOKUP,
 ) -> tuple[list[list[int]], DecodeStats]:
     """Each sequence's new tokens (up to and including its EOS) and the run's statistics.
     ``gamma=None`` picks the draft length from the measured cost curve and the acceptance rate
     seen so far, and re-picks it as decoding goes (pearlmoe.decode.cost_model).
+    ``lookup``: the prompt lookup's n-gram length for greedy drafts on fused CPU steps (0: the
+    draft model alone; other paths draft with the model alone).
     ``bookkeeping``: verify and commit a round with tensor ops on the device ("device", what a
     GPU and sampling use) or on the host's ints ("host", greedy; the default on a CPU, where
     the tensor ops' fixed cost is most of the work: pearlmoe.decode.pearl_rounds)."""
@@ -199,6 +204,12 @@ def speculative_generate(
     # Greedy on fused steps: the whole round (draft, verify, commit) is one C++ call.
     one_call = bookkeeping == "host" and tgt.fused_step is not None and drf.drafts_in_one_call
     stats.extra["round"] = "C++" if one_call else "Python"
+    if lookup < 0:
+        raise ValueError(f"speculative_generate: lookup must be >= 0, got {lookup}")
+    lookup = lookup if one_call else 0
+    stats.extra["lookup"] = lookup
+    history, history_lens = token_history(prompts, capacity + policy.max_gamma + 1) if lookup \
+        else (torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64))  # fmt: skip
 
     while not all(done):
         round_top = time.perf_counter()
@@ -210,7 +221,7 @@ def speculative_generate(
             began = time.perf_counter()
             rows, seconds = tgt.fused_step.speculative_round(
                 drf.fused_step, feed, prev, last, gamma, tgt.cache.k, tgt.cache.v, tgt.lens,
-                drf.cache.k, drf.cache.v, drf.lens, active,
+                drf.cache.k, drf.cache.v, drf.lens, active, history, history_lens, lookup,
             )  # fmt: skip
             sides_end = time.perf_counter()
             rows, (draft_s, target_s) = rows.tolist(), seconds.tolist()

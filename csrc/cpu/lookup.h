@@ -1,0 +1,28 @@
+// Prompt lookup (Saxena 2023; llama.cpp's lookup decoding) for greedy drafting: where a
+// sequence's last n tokens occurred before in its own context, the token that followed them
+// then is the guess for the next one. Decoding loops, repeated identifiers and copied lines are
+// where a small draft model guesses worst and this guesses best; the target's verification
+// keeps the output lossless whichever proposes.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace pearlmoe::cpu {
+
+// Each sequence's tokens so far: committed ones, then any drafts not yet verified.
+using Contexts = std::vector<std::vector<int64_t>>;
+
+// The token after the latest earlier occurrence of the context's last n tokens, or -1.
+inline int64_t lookup_next(const std::vector<int64_t>& ctx, int64_t n) {
+  const auto len = static_cast<int64_t>(ctx.size());
+  if (n <= 0 || len <= n) return -1;
+  const int64_t* key = ctx.data() + len - n;
+  for (int64_t s = len - n - 1; s >= 0; --s) {
+    if (std::equal(key, key + n, ctx.data() + s)) return ctx[s + n];
+  }
+  return -1;
+}
+
+}  // namespace pearlmoe::cpu

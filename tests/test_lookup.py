@@ -1,0 +1,121 @@
+"""Prompt lookup in greedy drafting (csrc/cpu/lookup.h): drafts follow an earlier occurrence of
+the context's last n tokens where there is one and the draft model elsewhere, the rounds keep
+each sequence's tokens for it, decoding stays lossless, and bad histories are refused."""
+
+import pytest
+import torch
+from test_static_decode import _pair
+
+from pearlmoe.decode import generate, pearl_generate, speculative_generate
+from pearlmoe.decode.common import token_history
+from pearlmoe.decode.runner import Runner
+
+
+def lookup_next(ctx: list[int], n: int) -> int | None:
+    """The reference: the token after the latest earlier occurrence of ctx's last n tokens."""
+    for s in range(len(ctx) - n - 1, -1, -1):
+        if ctx[s : s + n] == ctx[-n:]:
+            return ctx[s + n]
+    return None
+
+
+MIXED = [[3, 4, 5, 6, 3, 4, 5], [9, 10, 11, 12, 13, 14], [7, 8, 7, 8, 7], [2]]
+REPEATS = [[3, 4, 5, 6, 3, 4, 5, 6, 3], [7, 8, 7, 8, 7, 8, 7]]  # every step found: K/V-only steps
+
+
+@pytest.mark.parametrize("contexts", [MIXED, REPEATS], ids=["mixed", "repeats"])
+@pytest.mark.parametrize("ngram", [1, 2, 3])
+def test_drafts_take_the_lookup_where_it_matches_and_the_model_elsewhere(ngram, contexts):
+    """Contexts ending in a repeat (the lookup decides), in nothing seen before (the model
+    decides) and in a pattern the drafts themselves continue; where every sequence's next token
+    is found the step only writes the cache, which must hold what full steps write."""
+    _, draft = _pair(torch.float32)
+    batch = len(contexts)
+    fused, eager = Runner(draft, batch, 64, "fused"), Runner(draft, batch, 64, "eager")
+    for r in (fused, eager):
+        r.prefill([c[:-1] for c in contexts])
+    history, lens = token_history(contexts, 24)
+    feed = torch.tensor([[c[-1]] for c in contexts])  # [B, 1]
+    got = fused.fused_step.draft_history(feed, fused.cache.k, fused.cache.v, fused.lens, 5,
+                                         history, lens, ngram)  # fmt: skip
+    want, ctx, ids, from_lookup = [], [list(c) for c in contexts], feed, 0
+    for _ in range(5):  # the reference: eager greedy steps, overridden by lookup_next
+        _, tokens = eager(ids)
+        with torch.inference_mode():
+            eager.lens.add_(1)
+        step = []
+        for b, model_token in enumerate(tokens[:, -1].tolist()):
+            found = lookup_next(ctx[b], ngram)
+            from_lookup += found is not None and found != model_token
+            step.append(model_token if found is None else found)
+            ctx[b].append(step[-1])
+        want.append(step)
+        ids = torch.tensor(step).unsqueeze(1)
+    assert got.tolist() == torch.tensor(want).T.tolist()
+    assert from_lookup > 0  # the lookup changed some drafts, so this checks it
+    assert torch.equal(fused.cache.k, eager.cache.k) and torch.equal(fused.cache.v, eager.cache.v)
+    assert history.tolist() == token_history(contexts, 24)[0].tolist()  # read, not written
+    assert fused.lens.tolist() == [len(c) - 1 + 5 for c in contexts]  # as draft() moves them
+
+
+def test_lookup_raises_acceptance_on_the_embedded_pairs_loops():
+    """The embedded pair's greedy continuations of held-out prompts repeat themselves; drafts
+    that look up the context are accepted more often, and every output stays AR's."""
+    from pearlmoe.cli import DRAFT, TARGET, load_tokenizer
+    from pearlmoe.model import from_pretrained
+    from pearlmoe.train.data import held_out_prompts
+
+    target, draft = (from_pretrained(d, dtype=torch.bfloat16) for d in (TARGET, DRAFT))
+    prompts = held_out_prompts(load_tokenizer(TARGET), 3, 48)
+    ref = generate(target, prompts, 64, backend="fused")
+    for loop in (speculative_generate, pearl_generate):
+        rates = {}
+        for n in (0, 3):
+            outs, stats = loop(target, draft, prompts, 64, gamma=3, backend="fused", lookup=n)
+            assert outs == ref, (loop.__name__, n)
+            assert stats.extra["lookup"] == n
+            rates[n] = stats.accepted / stats.proposed
+        assert rates[3] > rates[0] + 0.05, (loop.__name__, rates)
+
+
+@pytest.mark.parametrize("loop", [speculative_generate, pearl_generate])
+def test_lossless_with_lookup_at_batch_4_with_eos_mid_window(loop):
+    target, draft = _pair(torch.float32)
+    prompts = [[5, 6, 7, 5, 6, 7, 5, 6], [9, 10], [3, 3, 3, 3], [1, 2, 3, 4, 5, 1, 2, 3]]
+    ref = generate(target, prompts, 24, backend="fused")
+    eos = next(t for row in ref for t in row[3:])  # a token that stops a sequence mid-stream
+    ref = generate(target, prompts, 24, backend="fused", eos_token_id=eos)
+    for n in (1, 2, 4):
+        outs, _ = loop(target, draft, prompts, 24, gamma=4, backend="fused", eos_token_id=eos,
+                       lookup=n)  # fmt: skip
+        assert outs == ref, n
+
+
+def test_bad_lookups_and_histories_are_refused():
+    target, draft = _pair(torch.float32)
+    for loop in (speculative_generate, pearl_generate):
+        with pytest.raises(ValueError, match=f"{loop.__name__}: lookup must be >= 0, got -1"):
+            loop(target, draft, [[1, 2]], 4, backend="fused", lookup=-1)
+    runner = Runner(draft, 2, 16, "fused")
+    runner.prefill([[1], [2]])
+    step, c, feed = runner.fused_step, runner.cache, torch.tensor([[3], [4]])
+    history, lens = token_history([[1, 3], [2, 4]], 8)
+    call = lambda h, hl, n=2: step.draft_history(feed, c.k, c.v, c.lens, 2, h, hl, n)  # noqa: E731
+    with pytest.raises(RuntimeError, match="history must be contiguous int64 CPU"):
+        call(history.int(), lens)
+    with pytest.raises(RuntimeError, match="history must be contiguous int64 CPU"):
+        call(history[:1], lens)
+    with pytest.raises(RuntimeError, match=r"history_lens\[1\] = 9 must be in \[1, 8\]"):
+        call(history, torch.tensor([2, 9]))
+    with pytest.raises(RuntimeError, match=r"history_lens\[0\] = 0 must be in \[1, 8\]"):
+        call(history, torch.tensor([0, 2]))
+    with pytest.raises(RuntimeError, match="draft_history's ngram must be >= 0, got -1"):
+        call(history, lens, -1)
+    assert runner.lens.tolist() == [1, 1]  # refused calls leave the cache as it was
+    worker = torch.classes.pearlmoe.CpuDraftWorker(step, 1)
+    t = Runner(target, 2, 16, "fused")
+    with pytest.raises(RuntimeError, match=r"PearlRounds.*history_lens\[0\] = 5 must be in"):
+        torch.classes.pearlmoe.CpuPearlRounds(
+            t.fused_step, worker, t.cache.k, t.cache.v, t.lens, c.k, c.v, c.lens, [3, 4], [2, 2],
+            history[:, :4].contiguous(), torch.tensor([5, 2]), 3,
+        )  # fmt: skip
