@@ -23,12 +23,14 @@ MIXED = [[3, 4, 5, 6, 3, 4, 5], [9, 10, 11, 12, 13, 14], [7, 8, 7, 8, 7], [2]]
 REPEATS = [[3, 4, 5, 6, 3, 4, 5, 6, 3], [7, 8, 7, 8, 7, 8, 7]]  # every step found: K/V-only steps
 
 
+@pytest.mark.parametrize("extend", [0, 3])
 @pytest.mark.parametrize("contexts", [MIXED, REPEATS], ids=["mixed", "repeats"])
 @pytest.mark.parametrize("ngram", [1, 2, 3])
-def test_drafts_take_the_lookup_where_it_matches_and_the_model_elsewhere(ngram, contexts):
+def test_drafts_take_the_lookup_where_it_matches_and_the_model_elsewhere(ngram, contexts, extend):
     """Contexts ending in a repeat (the lookup decides), in nothing seen before (the model
     decides) and in a pattern the drafts themselves continue; where every sequence's next token
-    is found the step only writes the cache, which must hold what full steps write."""
+    is found the step only writes the cache, which must hold what full steps write; after the
+    5 tokens asked for, up to `extend` more while every sequence's next token is found."""
     _, draft = _pair(torch.float32)
     batch = len(contexts)
     fused, eager = Runner(draft, batch, 64, "fused"), Runner(draft, batch, 64, "eager")
@@ -37,9 +39,11 @@ def test_drafts_take_the_lookup_where_it_matches_and_the_model_elsewhere(ngram, 
     history, lens = token_history(contexts, 24)
     feed = torch.tensor([[c[-1]] for c in contexts])  # [B, 1]
     got = fused.fused_step.draft_history(feed, fused.cache.k, fused.cache.v, fused.lens, 5,
-                                         history, lens, ngram)  # fmt: skip
+                                         history, lens, ngram, extend)  # fmt: skip
     want, ctx, ids, from_lookup = [], [list(c) for c in contexts], feed, 0
-    for _ in range(5):  # the reference: eager greedy steps, overridden by lookup_next
+    for i in range(5 + extend):  # the reference: eager greedy steps, overridden by lookup_next
+        if i >= 5 and any(lookup_next(c, ngram) is None for c in ctx):
+            break
         _, tokens = eager(ids)
         with torch.inference_mode():
             eager.lens.add_(1)
@@ -55,7 +59,9 @@ def test_drafts_take_the_lookup_where_it_matches_and_the_model_elsewhere(ngram, 
     assert from_lookup > 0  # the lookup changed some drafts, so this checks it
     assert torch.equal(fused.cache.k, eager.cache.k) and torch.equal(fused.cache.v, eager.cache.v)
     assert history.tolist() == token_history(contexts, 24)[0].tolist()  # read, not written
-    assert fused.lens.tolist() == [len(c) - 1 + 5 for c in contexts]  # as draft() moves them
+    assert fused.lens.tolist() == [len(c) - 1 + len(want) for c in contexts]  # as draft() does
+    if contexts is REPEATS:  # every step found: all the extension is drafted
+        assert len(want) == 5 + extend
 
 
 def test_lookup_raises_acceptance_on_the_embedded_pairs_loops():
@@ -75,6 +81,8 @@ def test_lookup_raises_acceptance_on_the_embedded_pairs_loops():
             assert outs == ref, (loop.__name__, n)
             assert stats.extra["lookup"] == n
             rates[n] = stats.accepted / stats.proposed
+            if loop is speculative_generate:  # loops drafted past γ = 3 where the lookup runs
+                assert (stats.draft_calls > 3 * stats.target_calls) == (n > 0), stats
         assert rates[3] > rates[0] + 0.05, (loop.__name__, rates)
 
 
@@ -100,7 +108,7 @@ def test_bad_lookups_and_histories_are_refused():
     runner.prefill([[1], [2]])
     step, c, feed = runner.fused_step, runner.cache, torch.tensor([[3], [4]])
     history, lens = token_history([[1, 3], [2, 4]], 8)
-    call = lambda h, hl, n=2: step.draft_history(feed, c.k, c.v, c.lens, 2, h, hl, n)  # noqa: E731
+    call = lambda h, hl, n=2, e=0: step.draft_history(feed, c.k, c.v, c.lens, 2, h, hl, n, e)  # noqa: E731
     with pytest.raises(RuntimeError, match="history must be contiguous int64 CPU"):
         call(history.int(), lens)
     with pytest.raises(RuntimeError, match="history must be contiguous int64 CPU"):
@@ -111,6 +119,8 @@ def test_bad_lookups_and_histories_are_refused():
         call(history, torch.tensor([0, 2]))
     with pytest.raises(RuntimeError, match="draft_history's ngram must be >= 0, got -1"):
         call(history, lens, -1)
+    with pytest.raises(RuntimeError, match="draft's extend must be >= 0, got -2"):
+        call(history, lens, 2, -2)
     assert runner.lens.tolist() == [1, 1]  # refused calls leave the cache as it was
     worker = torch.classes.pearlmoe.CpuDraftWorker(step, 1)
     t = Runner(target, 2, 16, "fused")

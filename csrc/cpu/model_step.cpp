@@ -333,10 +333,10 @@ Contexts contexts_from(const char* op, const Tensor& history, const Tensor& hist
 
 Tensor ModelStep::draft_history(const Tensor& ids, const Tensor& k_cache, const Tensor& v_cache,
                                 const Tensor& lens, int64_t n, const Tensor& history,
-                                const Tensor& history_lens, int64_t ngram) {
+                                const Tensor& history_lens, int64_t ngram, int64_t extend) {
   PM_CHECK(ngram >= 0, kStep, "draft_history's ngram must be >= 0, got ", ngram);
   Contexts contexts = contexts_from(kStep, history, history_lens, ids.size(0), 0);
-  return draft_lookup(ids, k_cache, v_cache, lens, n, &contexts, ngram);
+  return draft_lookup(ids, k_cache, v_cache, lens, n, &contexts, ngram, extend);
 }
 
 Tensor ModelStep::draft(const Tensor& ids, const Tensor& k_cache, const Tensor& v_cache,
@@ -345,9 +345,11 @@ Tensor ModelStep::draft(const Tensor& ids, const Tensor& k_cache, const Tensor& 
 }
 
 Tensor ModelStep::draft_lookup(const Tensor& ids, const Tensor& k_cache, const Tensor& v_cache,
-                               const Tensor& lens, int64_t n, Contexts* contexts, int64_t ngram) {
+                               const Tensor& lens, int64_t n, Contexts* contexts, int64_t ngram,
+                               int64_t extend) {
   check_call(ids, k_cache, v_cache, lens);
   PM_CHECK(n >= 1, kStep, "draft needs n >= 1 tokens, got ", n);
+  PM_CHECK(extend >= 0, kStep, "draft's extend must be >= 0, got ", extend);
   const int64_t batch = ids.size(0);
   const bool lookup = contexts != nullptr && ngram > 0;
   PM_CHECK(!lookup || static_cast<int64_t>(contexts->size()) == batch, kStep,
@@ -356,17 +358,20 @@ Tensor ModelStep::draft_lookup(const Tensor& ids, const Tensor& k_cache, const T
   const GilRelease no_gil;
   const std::lock_guard<std::mutex> lock(mutex_);
   int32_t* lp = lens.mutable_data_ptr<int32_t>();
-  Tensor tokens = at::empty({batch, n}, ids.options());
+  const int64_t most = lookup ? n + extend : n;
+  Tensor tokens = at::empty({batch, most}, ids.options());
   int64_t* out = tokens.mutable_data_ptr<int64_t>();
   Tensor feed = ids, last = at::empty({batch, 1}, ids.options());
   int64_t* lastp = last.mutable_data_ptr<int64_t>();
   std::vector<int64_t> found(batch, -1);
-  for (int64_t i = 0; i < n; ++i) {
+  int64_t drafted = 0;
+  for (int64_t i = 0; i < most; ++i) {
     bool all_found = lookup;
     for (int64_t b = 0; lookup && b < batch; ++b) {
       found[b] = lookup_next((*contexts)[b], ngram);
       all_found = all_found && found[b] >= 0;
     }
+    if (i >= n && !all_found) break;  // past n tokens only while every sequence looks up
     if (all_found) {  // every next token is the lookup's: the step only fills the cache
       head_rows(feed, k_cache, v_cache, lp, false, true);
     } else {
@@ -379,20 +384,21 @@ Tensor ModelStep::draft_lookup(const Tensor& ids, const Tensor& k_cache, const T
     }
     for (int64_t b = 0; b < batch; ++b) {
       if (lookup) (*contexts)[b].push_back(found[b]);
-      out[b * n + i] = lastp[b] = found[b];
+      out[b * most + i] = lastp[b] = found[b];
       found[b] = -1;
     }
     for (int64_t b = 0; b < batch; ++b) lp[b] += static_cast<int32_t>(feed.size(1));
     feed = last;
+    ++drafted;
   }
-  return tokens;
+  return drafted == most ? tokens : tokens.narrow(1, 0, drafted).contiguous();
 }
 
-std::tuple<Tensor, Tensor> ModelStep::speculative_round(
+std::tuple<Tensor, Tensor, int64_t> ModelStep::speculative_round(
     const c10::intrusive_ptr<ModelStep>& draft, const Tensor& feed, const Tensor& prev,
     const Tensor& last, int64_t gamma, const Tensor& t_k, const Tensor& t_v, const Tensor& t_lens,
     const Tensor& d_k, const Tensor& d_v, const Tensor& d_lens, const Tensor& active,
-    const Tensor& history, const Tensor& history_lens, int64_t ngram) {
+    const Tensor& history, const Tensor& history_lens, int64_t ngram, int64_t extend) {
   const int64_t batch = feed.size(0), width = feed.dim() == 2 ? feed.size(1) : 0;
   PM_CHECK(gamma >= 1, kStep, "speculative_round needs gamma >= 1, got ", gamma);
   for (const Tensor* t : {&prev, &last}) {
@@ -406,23 +412,27 @@ std::tuple<Tensor, Tensor> ModelStep::speculative_round(
   PM_CHECK(
       t_lens.dim() == 1 && d_lens.dim() == 1 && t_lens.size(0) == batch && d_lens.size(0) == batch,
       kStep, "t_lens and d_lens must be [B=", batch, "]");
-  PM_CHECK(ngram >= 0, kStep, "speculative_round's ngram must be >= 0, got ", ngram);
+  PM_CHECK(ngram >= 0 && extend >= 0, kStep,
+           "speculative_round's ngram and extend must be >= 0, got ", ngram, " and ", extend);
+  if (ngram == 0) extend = 0;
+  const int64_t most = gamma + extend;  // the drafts this round may hold
   Contexts contexts;
   int64_t* hp = nullptr;
   int64_t* hl = nullptr;
   int64_t hcap = 0;
   if (ngram > 0) {
-    contexts = contexts_from(kStep, history, history_lens, batch, gamma + 1);
+    contexts = contexts_from(kStep, history, history_lens, batch, most + 1);
     hp = history.mutable_data_ptr<int64_t>();
     hl = history_lens.mutable_data_ptr<int64_t>();
     hcap = history.size(1);
   }
-  Tensor rows = at::full({batch, gamma + 2}, -1, feed.options().dtype(at::kLong));
+  Tensor rows = at::full({batch, most + 2}, -1, feed.options().dtype(at::kLong));
   Tensor seconds = at::empty({2}, feed.options().dtype(at::kDouble));
   const GilRelease no_gil;
   const auto start = std::chrono::steady_clock::now();
   const Tensor drafted = draft->draft_lookup(feed, d_k, d_v, d_lens, gamma,
-                                             ngram > 0 ? &contexts : nullptr, ngram);  // [B, γ]
+                                             ngram > 0 ? &contexts : nullptr, ngram, extend);
+  gamma = drafted.size(1);  // [B, gamma]: the lookup may have drafted past it
   const auto drafted_at = std::chrono::steady_clock::now();
   Tensor window = at::empty({batch, gamma + 1}, rows.options());  // [last, d_1..d_gamma]
   int64_t* wp = window.mutable_data_ptr<int64_t>();
@@ -445,7 +455,7 @@ std::tuple<Tensor, Tensor> ModelStep::speculative_round(
     const int64_t* t = sp + b * (gamma + 1);
     int64_t a = 0;
     while (a < gamma && d[a] == t[a]) ++a;
-    int64_t* row = rp + b * (gamma + 2);
+    int64_t* row = rp + b * (most + 2);
     row[0] = a;
     std::copy_n(d, a, row + 1);
     row[a + 1] = t[a];
@@ -465,7 +475,7 @@ std::tuple<Tensor, Tensor> ModelStep::speculative_round(
   double* sec = seconds.mutable_data_ptr<double>();
   sec[0] = std::chrono::duration<double>(drafted_at - start).count();
   sec[1] = std::chrono::duration<double>(scored_at - drafted_at).count();
-  return {rows, seconds};
+  return {rows, seconds, gamma};
 }
 
 }  // namespace pearlmoe::cpu

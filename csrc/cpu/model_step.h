@@ -73,16 +73,17 @@ class ModelStep : public torch::CustomClassHolder {
   // The same with a prompt lookup of ngram tokens (lookup.h) over contexts (one per sequence,
   // ending at the token before the first drafted one): where it finds a match, its token is
   // drafted (and fed on) instead of the model's argmax. Each drafted token is appended to its
-  // sequence's context.
+  // sequence's context. After n tokens, up to extend more while every sequence's next token is
+  // found by the lookup: [B, n..n + extend] tokens.
   // draft_lookup over history [B, C] (int64: each sequence's tokens, the first history_lens[b]
   // of a row; int64 [B]), for tests and callers that keep their tokens in tensors.
   at::Tensor draft_history(const at::Tensor& ids, const at::Tensor& k_cache,
                            const at::Tensor& v_cache, const at::Tensor& lens, int64_t n,
-                           const at::Tensor& history, const at::Tensor& history_lens,
-                           int64_t ngram);
+                           const at::Tensor& history, const at::Tensor& history_lens, int64_t ngram,
+                           int64_t extend);
   at::Tensor draft_lookup(const at::Tensor& ids, const at::Tensor& k_cache,
                           const at::Tensor& v_cache, const at::Tensor& lens, int64_t n,
-                          Contexts* contexts, int64_t ngram);
+                          Contexts* contexts, int64_t ngram, int64_t extend = 0);
   // One greedy speculative round with this model as the target, in one call: `draft` drafts
   // gamma tokens after feed [B, w] on its cache (d_lens advance by w + gamma - 1), this model
   // scores [last, drafts] at t_lens, and each sequence with active[b] keeps its accepted drafts
@@ -90,15 +91,17 @@ class ModelStep : public torch::CustomClassHolder {
   // move on; an inactive one keeps its state. With ngram > 0 the drafts use a prompt lookup
   // over history [B, C] (int64: each sequence's committed tokens, last included, in its first
   // history_lens[b] entries), and each active sequence's kept tokens are appended to it; with
-  // ngram == 0 history may be empty. Returns the rows [B, gamma + 2] (int64: the accepted count
-  // a, the a drafts and the token after them, then -1) and the two sides' seconds [2] (fp64:
-  // draft, target).
-  std::tuple<at::Tensor, at::Tensor> speculative_round(
+  // ngram == 0 history may be empty; the drafts may then run up to extend past gamma where the
+  // lookup finds every sequence's next token (a loop in the output verifies in one long window).
+  // Returns the rows [B, gamma + extend + 2] (int64: the accepted count a, the a drafts and the
+  // token after them, then -1), the two sides' seconds [2] (fp64: draft, target) and the number
+  // of tokens drafted, g (the window was g + 1; lens moved as for gamma = g).
+  std::tuple<at::Tensor, at::Tensor, int64_t> speculative_round(
       const c10::intrusive_ptr<ModelStep>& draft, const at::Tensor& feed, const at::Tensor& prev,
       const at::Tensor& last, int64_t gamma, const at::Tensor& t_k, const at::Tensor& t_v,
       const at::Tensor& t_lens, const at::Tensor& d_k, const at::Tensor& d_v,
       const at::Tensor& d_lens, const at::Tensor& active, const at::Tensor& history,
-      const at::Tensor& history_lens, int64_t ngram);
+      const at::Tensor& history_lens, int64_t ngram, int64_t extend);
 
  private:
   struct Layer {
