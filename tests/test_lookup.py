@@ -129,3 +129,21 @@ def test_bad_lookups_and_histories_are_refused():
             t.fused_step, worker, t.cache.k, t.cache.v, t.lens, c.k, c.v, c.lens, [3, 4], [2, 2],
             history[:, :4].contiguous(), torch.tensor([5, 2]), 3,
         )  # fmt: skip
+
+
+def test_batch_of_loops_where_sequences_finish_at_different_rounds():
+    """The embedded pair at batch 4 (pearlmoe bench's batch run): sequences that finish keep
+    drafting and scoring windows up to max_gamma long while the others go on, so the caches need
+    room for that past the budget (a capacity error before the fix); outputs stay AR's."""
+    from pearlmoe.cli import DRAFT, TARGET, load_tokenizer
+    from pearlmoe.model import from_pretrained
+    from pearlmoe.train.data import held_out_prompts
+
+    target, draft = (from_pretrained(d, dtype=torch.bfloat16) for d in (TARGET, DRAFT))
+    prompts = held_out_prompts(load_tokenizer(TARGET), 4, 64)
+    eos = target.config.eos_token_id
+    ref = generate(target, prompts, 128, backend="fused", eos_token_id=eos)
+    outs, stats = speculative_generate(target, draft, prompts, 128, gamma=3, backend="fused",
+                                       eos_token_id=eos)  # fmt: skip
+    assert outs == ref
+    assert stats.draft_calls > stats.gamma * stats.target_calls  # windows ran past gamma

@@ -166,7 +166,9 @@ def speculative_generate(
     sampling = Sampling(temperature, top_k, top_p)
     policy = gamma_policy(target, draft, batch, "speculative", backend, gamma)
     stats = DecodeStats(gamma=policy.gamma)
-    capacity = max(map(len, prompts)) + max_new_tokens + policy.max_gamma + 2
+    # A sequence's last round may commit max_gamma + 1 tokens past its budget, and once done it
+    # drafts and scores windows on (unused) until every sequence is: twice max_gamma of room.
+    capacity = max(map(len, prompts)) + max_new_tokens + 2 * policy.max_gamma + 2
     tgt = Runner(target, batch, capacity, backend, sampling)
     drf = Runner(draft, batch, capacity, backend, sampling)
     device = target.device
