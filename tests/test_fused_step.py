@@ -295,9 +295,13 @@ def test_draft_worker_dropped_mid_job_joins():
         runner.lens.zero_().add_(3)
 
 
-def test_pearl_rounds_refuse_a_gamma_change_with_drafts_unverified():
+def test_pearl_rounds_verify_the_drafts_a_sequence_holds_when_gamma_changes():
+    """A post-verify sequence's window is the drafts it holds, whatever γ the next round asks
+    for: γ may change between any rounds, and the committed tokens stay the target's own."""
+    from pearlmoe.decode import generate
+
     target, draft = _pair(torch.float32)
-    tgt, drf = Runner(target, 1, 64, "fused"), Runner(draft, 1, 64, "fused")
+    tgt, drf = Runner(target, 1, 96, "fused"), Runner(draft, 1, 96, "fused")
     prompt = [1, 2, 3, 4]
     tgt.prefill([prompt[:-1]])
     drf.prefill([prompt[:-1]])
@@ -307,11 +311,20 @@ def test_pearl_rounds_refuse_a_gamma_change_with_drafts_unverified():
         tgt.fused_step, worker, t.k, t.v, t.lens, d.k, d.v, d.lens, [4], [4],
         torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64), 0,
     )  # fmt: skip
-    for _ in range(20):  # a noisy copy of the target agrees often: all accepted soon
-        rows, _, _ = rounds.round(3)
-        all_accepted = rows[0, 1] == (3 if rows[0, 0] else 1)
-        if all_accepted:  # post-verify now, with e_2, e_3 unverified
-            break
-    assert all_accepted
-    with pytest.raises(RuntimeError, match="PearlRounds: gamma changed to 2 while sequence 0"):
-        rounds.round(2)
+    emitted, widths, changed_in_post, before = [], [], 0, None
+    for i in range(40):  # a noisy copy of the target agrees often
+        gamma = 3 if i % 3 else 2  # changes while drafts are unverified, too
+        rows, _, width, drafted = rounds.round(gamma, 0)
+        was_post, _, kept = rows[0, :3].tolist()
+        assert drafted == gamma  # no lookup: exactly γ
+        # post-verify: the window is [last, the drafts the round before left unverified]
+        assert width == (before if was_post else 1), (i, width, before)
+        changed_in_post += was_post and before != gamma
+        widths.append(width)
+        before = drafted
+        emitted += rows[0, 3 : 3 + kept].tolist()
+    assert changed_in_post > 0  # a γ change met unverified drafts
+    assert set(widths) >= {1, 2, 3}  # pre-verify rounds and windows of both lengths
+    assert emitted == generate(target, [prompt], len(emitted))[0]
+    with pytest.raises(RuntimeError, match="gamma must be positive and extend >= 0, got 0"):
+        rounds.round(0, 0)

@@ -58,7 +58,7 @@ void DraftWorker::loop() {
     const auto start = std::chrono::steady_clock::now();
     latency_ = std::chrono::duration<double>(start - posted_).count();
     try {
-      tokens_ = step_->draft_lookup(ids_, k_, v_, lens_, n_, &contexts_, ngram_);
+      tokens_ = step_->draft_lookup(ids_, k_, v_, lens_, n_, &contexts_, ngram_, extend_);
     } catch (...) {
       error_ = std::current_exception();
     }
@@ -79,10 +79,10 @@ void DraftWorker::submit(const at::Tensor& ids, const at::Tensor& k_cache,
 
 void DraftWorker::submit_lookup(const at::Tensor& ids, const at::Tensor& k_cache,
                                 const at::Tensor& v_cache, const at::Tensor& lens, int64_t n,
-                                Contexts contexts, int64_t ngram) {
+                                Contexts contexts, int64_t ngram, int64_t extend) {
   PM_CHECK(state_.load() == 0, kWorker, "submit while a job is pending (call result first)");
   ids_ = ids, k_ = k_cache, v_ = v_cache, lens_ = lens, n_ = n;
-  contexts_ = std::move(contexts), ngram_ = ngram;
+  contexts_ = std::move(contexts), ngram_ = ngram, extend_ = extend;
   tokens_ = at::Tensor(), error_ = nullptr;
   posted_ = std::chrono::steady_clock::now();
   {

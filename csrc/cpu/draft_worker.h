@@ -33,7 +33,8 @@ class DraftWorker : public torch::CustomClassHolder {
               const at::Tensor& lens, int64_t n);
   // The same job drafting with a prompt lookup over contexts (ModelStep::draft_lookup).
   void submit_lookup(const at::Tensor& ids, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                     const at::Tensor& lens, int64_t n, Contexts contexts, int64_t ngram);
+                     const at::Tensor& lens, int64_t n, Contexts contexts, int64_t ngram,
+                     int64_t extend = 0);
   // The job's tokens [B, n]; rethrows its error.
   at::Tensor result();
   // Seconds the last job took on the worker, and from its submit to its start (the hand-off).
@@ -52,7 +53,7 @@ class DraftWorker : public torch::CustomClassHolder {
   std::mutex mutex_;
   std::condition_variable wake_;
   at::Tensor ids_, k_, v_, lens_, tokens_;
-  int64_t n_ = 0, ngram_ = 0;
+  int64_t n_ = 0, ngram_ = 0, extend_ = 0;
   Contexts contexts_;
   double seconds_ = 0, latency_ = 0;
   std::chrono::steady_clock::time_point posted_;

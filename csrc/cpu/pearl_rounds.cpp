@@ -61,17 +61,21 @@ void PearlRounds::write_lens() {
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, int64_t> PearlRounds::round(int64_t gamma) {
-  PM_CHECK(gamma >= 1, kRounds, "gamma must be positive, got ", gamma);
+std::tuple<at::Tensor, at::Tensor, int64_t, int64_t> PearlRounds::round(int64_t gamma,
+                                                                        int64_t extend) {
+  PM_CHECK(gamma >= 1 && extend >= 0, kRounds, "gamma must be positive and extend >= 0, got ",
+           gamma, " and ", extend);
   const int64_t batch = static_cast<int64_t>(last_.size());
-  bool any_post = false;
+  // A post-verify sequence's window is [last, its unverified drafts]: every such sequence got
+  // them in the same round, so they are as many.
+  int64_t width = 1;
   for (int64_t b = 0; b < batch; ++b) {
-    any_post = any_post || post_[b];
-    PM_CHECK(!post_[b] || static_cast<int64_t>(unverified_[b].size()) == gamma - 1, kRounds,
-             "gamma changed to ", gamma, " while sequence ", b, " holds ", unverified_[b].size(),
-             " unverified drafts");
+    if (!post_[b]) continue;
+    const auto n = static_cast<int64_t>(unverified_[b].size()) + 1;
+    PM_CHECK(width == 1 || width == n, kRounds, "sequence ", b, " holds ", n - 1,
+             " unverified drafts where another holds ", width - 1);
+    width = n;
   }
-  const int64_t width = any_post ? gamma : 1;
   const auto opts = at::TensorOptions().dtype(at::kLong);
   // The draft's first token: e_gamma after the unverified ones (post-verify), else last.
   at::Tensor first = at::empty({batch, 1}, opts), feed = at::zeros({batch, width}, opts);
@@ -85,7 +89,7 @@ std::tuple<at::Tensor, at::Tensor, int64_t> PearlRounds::round(int64_t gamma) {
       wp[b * width + i] = u[i - 1];
     }
   }
-  at::Tensor rows = at::full({batch, 3 + gamma}, -1, opts);
+  at::Tensor rows = at::full({batch, 3 + std::max(gamma + extend, width)}, -1, opts);
   at::Tensor seconds = at::empty({2}, opts.dtype(at::kDouble));
   at::Tensor drafted, scored;
   {
@@ -95,7 +99,7 @@ std::tuple<at::Tensor, at::Tensor, int64_t> PearlRounds::round(int64_t gamma) {
       for (int64_t b = 0; b < batch; ++b) {
         contexts[b].insert(contexts[b].end(), unverified_[b].begin(), unverified_[b].end());
       }
-      draft_->submit_lookup(first, d_k_, d_v_, d_lens_, gamma, std::move(contexts), ngram_);
+      draft_->submit_lookup(first, d_k_, d_v_, d_lens_, gamma, std::move(contexts), ngram_, extend);
     } else {
       draft_->submit(first, d_k_, d_v_, d_lens_, gamma);
     }
@@ -111,18 +115,19 @@ std::tuple<at::Tensor, at::Tensor, int64_t> PearlRounds::round(int64_t gamma) {
     }
     seconds.mutable_data_ptr<double>()[1] =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    drafted = draft_->result();  // [B, gamma]
+    drafted = draft_->result();  // [B, g]: gamma, or more where the lookup ran on
     seconds.mutable_data_ptr<double>()[0] = draft_->seconds();
   }
+  const int64_t g = drafted.size(1);
   const int64_t* dp = drafted.const_data_ptr<int64_t>();
   const int64_t* sp = scored.const_data_ptr<int64_t>();
   int64_t* rp = rows.mutable_data_ptr<int64_t>();
   std::vector<int64_t> window;
   for (int64_t b = 0; b < batch; ++b) {
-    const int64_t* d = dp + b * gamma;
+    const int64_t* d = dp + b * g;
     const int64_t* s = sp + b * width;
     const bool was_post = post_[b];
-    const int64_t n = was_post ? gamma : 1;
+    const int64_t n = was_post ? width : 1;
     window.clear();
     if (was_post) window = unverified_[b];
     window.push_back(d[0]);  // e_1 (pre) or f_1 after e_2..e_gamma (post)
@@ -130,7 +135,7 @@ std::tuple<at::Tensor, at::Tensor, int64_t> PearlRounds::round(int64_t gamma) {
     while (accepted < n && window[accepted] == s[accepted]) ++accepted;
     const bool all_in = accepted == n;
     const int64_t kept = all_in ? n : accepted + 1;
-    int64_t* row = rp + b * (3 + gamma);
+    int64_t* row = rp + b * rows.size(1);
     row[0] = was_post, row[1] = accepted, row[2] = kept;
     std::copy_n(window.begin(), all_in ? n : accepted, row + 3);
     if (!all_in) row[3 + accepted] = s[accepted];
@@ -140,8 +145,8 @@ std::tuple<at::Tensor, at::Tensor, int64_t> PearlRounds::round(int64_t gamma) {
     last_[b] = row[3 + kept - 1];
     if (all_in) {  // the target keeps what it fed, the draft all it drafted
       t_len_[b] += n;
-      d_len_[b] += gamma;
-      unverified_[b].assign(d + 1, d + gamma);
+      d_len_[b] += g;
+      unverified_[b].assign(d + 1, d + g);
     } else {  // both roll back to the new committed[:-1]
       t_len_[b] = d_len_[b] = committed_[b] - 1;
       unverified_[b].clear();
@@ -149,7 +154,7 @@ std::tuple<at::Tensor, at::Tensor, int64_t> PearlRounds::round(int64_t gamma) {
     post_[b] = all_in;
   }
   write_lens();
-  return {rows, seconds, width};
+  return {rows, seconds, width, g};
 }
 
 void PearlRounds::finish(int64_t b) {

@@ -27,10 +27,13 @@ class PearlRounds : public torch::CustomClassHolder {
               at::Tensor d_lens, std::vector<int64_t> last, std::vector<int64_t> committed,
               at::Tensor history, at::Tensor history_lens, int64_t ngram);
 
-  // One round at draft length gamma (change it only while no sequence is in post-verify).
-  // Returns rows [B, 3 + gamma] (int64: was post-verify, accepted, kept, then the kept tokens,
-  // then -1), the sides' seconds [2] (fp64: draft, target) and the target's window width.
-  std::tuple<at::Tensor, at::Tensor, int64_t> round(int64_t gamma);
+  // One round at draft length gamma; with the lookup, the draft runs on up to extend more
+  // tokens while it finds every sequence's next one. A post-verify sequence's window is its
+  // unverified drafts, however many the round before drafted. Returns rows [B, 3 + max(gamma +
+  // extend, width)] (int64: was post-verify, accepted, kept, then the kept tokens, then -1), the
+  // sides' seconds [2] (fp64: draft, target), the target's window width (a post-verify
+  // sequence verified width tokens, a pre-verify one 1) and the number of tokens drafted.
+  std::tuple<at::Tensor, at::Tensor, int64_t, int64_t> round(int64_t gamma, int64_t extend);
   // Sequence b stops: it keeps its committed tokens, both caches roll back to them.
   void finish(int64_t b);
 

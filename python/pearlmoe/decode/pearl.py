@@ -231,13 +231,19 @@ def pearl_generate(
     with pool, num_threads(share):
         while not all(done):
             round_top = time.perf_counter()
-            if policy.gamma != gamma and not any(host_post):
-                gamma = policy.gamma  # a new window only between rounds with nothing unverified
+            if policy.gamma != gamma and (one_call or not any(host_post)):
+                # The C++ rounds verify however many drafts a sequence holds; HostRounds takes a
+                # new γ only between rounds with nothing unverified.
+                gamma = policy.gamma
                 if not one_call:
                     rounds.set_gamma(gamma)
+            drafted = gamma
             if one_call:
+                # With the lookup the draft runs on to max_gamma while it finds every next token:
+                # the next round verifies them all in one window (post-verify).
+                extend = policy.max_gamma - gamma if lookup else 0
                 round_start = time.perf_counter()
-                host, seconds, width = rounds.round(gamma)
+                host, seconds, width, drafted = rounds.round(gamma, extend)
                 round_times["wall"] += time.perf_counter() - round_start
                 host, (t_draft, t_target) = host.tolist(), seconds.tolist()
             else:
@@ -253,9 +259,9 @@ def pearl_generate(
             round_times["slower"] += max(t_draft, t_target)
             if policy.curve is not None:  # the sides as fast as each runs alone
                 curve = policy.curve
-                round_times["alone"] += max(gamma * curve.draft, curve.target_time(width))
-            policy.observe(width, t_target, gamma, t_draft)  # joined: both times are real
-            stats.draft_calls += gamma
+                round_times["alone"] += max(drafted * curve.draft, curve.target_time(width))
+            policy.observe(width, t_target, drafted, t_draft)  # joined: both times are real
+            stats.draft_calls += drafted
             stats.target_calls += 1
             if not one_call:
                 host = rounds.commit(xs, qs, p, target_tokens)
@@ -264,11 +270,12 @@ def pearl_generate(
             for b, (was_post, a, k, *tokens) in enumerate(host):
                 if done[b]:
                     continue
-                proposed += gamma if was_post else 1
+                verified = width if was_post else 1  # the drafts this round checked for b
+                proposed += verified
                 round_accepted += a
                 stats.extra["post_rounds" if was_post else "pre_rounds"] += 1
                 done[b] = emit(tokens[:k], outputs[b], step[b], eos, max_new_tokens)
-                host_post[b] = not done[b] and a == (gamma if was_post else 1)
+                host_post[b] = not done[b] and a == verified
                 if done[b]:
                     rounds.finish(b)
             end_round(stats, policy, step, proposed, round_accepted, callback)
