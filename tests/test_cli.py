@@ -141,6 +141,7 @@ def test_bench_writes_json_and_png(tmp_path, capsys):
     assert set(run["modes"]) == {"ar-eager", "ar", "speculative", "pearl"}
     assert run["greedy_outputs_identical"] is True and run["compiled_equals_eager"] is True
     assert run["modes"]["ar"]["speedup_vs_ar"] == 1.0 and result["batch"] == 2
+    assert result["lookup"] == 3  # the default, recorded
     assert len(run["cost_curve"]["target_ms"]) == 9 and run["cost_curve"]["draft_ms"] > 0
     for mode in ("speculative", "pearl"):  # γ chosen from the curve, with a prediction
         assert run["modes"][mode]["gammas"] and run["modes"][mode]["predicted_tokens_per_second"]
@@ -172,6 +173,8 @@ def _incompatible_draft(tmp_path: Path) -> Path:
         ),
         (["generate", "x", "--draft", "/nonexistent/d"], "--draft /nonexistent/d: no such"),
         (["generate", "x", "--gamma", "0"], "--gamma: expected a positive integer"),
+        (["generate", "x", "--lookup", "-1"], "--lookup: expected an integer >= 0, got -1"),
+        (["bench", "--lookup", "two"], "--lookup: expected an integer >= 0, got 'two'"),
         (["generate", "x", "--temperature", "-1"], "--temperature: expected a number >= 0"),
         (["generate", "x", "--top-p", "1.5"], "--top-p: expected a probability"),
         (["generate", "x", "--mode", "beam"], "invalid choice: 'beam'"),
