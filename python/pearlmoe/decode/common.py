@@ -226,9 +226,13 @@ def emit(tokens: list[int], output: list[int], step: list[int], eos: set[int], b
 LOOKUP = 3
 
 
-def token_history(prompts: list[list[int]], capacity: int) -> tuple[Tensor, Tensor]:
+def token_history(
+    prompts: list[list[int]], capacity: int, lookup: int = 1
+) -> tuple[Tensor, Tensor]:
     """Each sequence's tokens for the lookup, its prompt to start with: ([B, capacity] int64,
-    lengths [B] int64); the C++ rounds append what they commit."""
+    lengths [B] int64); the C++ rounds append what they commit. Empty when lookup is 0."""
+    if lookup == 0:
+        return torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64)
     history = torch.zeros(len(prompts), capacity, dtype=torch.int64)
     for b, p in enumerate(prompts):
         history[b, : len(p)] = torch.tensor(p)

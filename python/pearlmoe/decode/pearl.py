@@ -214,8 +214,7 @@ def pearl_generate(
     stats.extra["lookup"] = lookup
     if one_call:  # greedy on fused steps: the whole round is one C++ call
         t, d = tgt.cache, drf.runner.cache
-        history, history_lens = token_history(prompts, max(map(len, prompts))) if lookup else (
-            torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64))  # fmt: skip
+        history, history_lens = token_history(prompts, max(map(len, prompts)), lookup)
         rounds = torch.classes.pearlmoe.CpuPearlRounds(
             tgt.fused_step, drf.worker, t.k, t.v, t.lens, d.k, d.v, d.lens,
             [p[-1] for p in prompts], [len(p) for p in prompts], history, history_lens, lookup,

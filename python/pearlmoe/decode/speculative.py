@@ -160,6 +160,8 @@ def speculative_generate(
     ``bookkeeping``: verify and commit a round with tensor ops on the device ("device", what a
     GPU and sampling use) or on the host's ints ("host", greedy; the default on a CPU, where
     the tensor ops' fixed cost is most of the work: pearlmoe.decode.pearl_rounds)."""
+    if lookup < 0:
+        raise ValueError(f"speculative_generate: lookup must be >= 0, got {lookup}")
     check_pair(target, draft)
     prompts = _prompts(input_ids)
     batch, eos = len(prompts), _eos_set(eos_token_id)
@@ -206,12 +208,9 @@ def speculative_generate(
     # Greedy on fused steps: the whole round (draft, verify, commit) is one C++ call.
     one_call = bookkeeping == "host" and tgt.fused_step is not None and drf.drafts_in_one_call
     stats.extra["round"] = "C++" if one_call else "Python"
-    if lookup < 0:
-        raise ValueError(f"speculative_generate: lookup must be >= 0, got {lookup}")
     lookup = lookup if one_call else 0
     stats.extra["lookup"] = lookup
-    history, history_lens = token_history(prompts, capacity + policy.max_gamma + 1) if lookup \
-        else (torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64))  # fmt: skip
+    history, history_lens = token_history(prompts, capacity + policy.max_gamma + 1, lookup)
 
     while not all(done):
         round_top = time.perf_counter()
