@@ -218,20 +218,20 @@ def speculative_generate(
             gamma = policy.gamma
             gamma_t = torch.tensor(gamma, device=device)
         feed = last.unsqueeze(1).clone() if first else torch.stack([prev, last], 1)  # [B, 1|2]
-        drafted = gamma
+        n_drafted = gamma  # this round's drafts: γ, or more where the lookup ran on
         if one_call:  # prev, last and both sides' lengths move in place
             # Where the lookup finds every next token the drafts run on to max_gamma: a loop in
             # the output is verified in one long window, other text in windows of γ + 1.
             extend = policy.max_gamma - gamma if lookup else 0
             began = time.perf_counter()
-            rows, seconds, drafted = tgt.fused_step.speculative_round(
+            rows, seconds, n_drafted = tgt.fused_step.speculative_round(
                 drf.fused_step, feed, prev, last, gamma, tgt.cache.k, tgt.cache.v, tgt.lens,
                 drf.cache.k, drf.cache.v, drf.lens, active, history, history_lens, lookup, extend,
             )  # fmt: skip
             sides_end = time.perf_counter()
             rows, (draft_s, target_s) = rows.tolist(), seconds.tolist()
-            policy.observe(drafted + 1, target_s, drafted, draft_s)
-            stats.draft_calls += drafted
+            policy.observe(n_drafted + 1, target_s, n_drafted, draft_s)
+            stats.draft_calls += n_drafted
             stats.target_calls += 1
         else:
             if bookkeeping == "device":
@@ -272,7 +272,7 @@ def speculative_generate(
         for b, (a, *tokens) in enumerate(rows):
             if done[b]:
                 continue
-            proposed += drafted
+            proposed += n_drafted
             round_accepted += a
             done[b] = emit(tokens[: a + 1], outputs[b], step[b], eos, max_new_tokens)
             if done[b]:
