@@ -73,30 +73,30 @@ template <typename P, int MB, int NB>
 inline void block(const typename P::A* a, int64_t lda, int64_t k, const typename P::B* b,
                   int64_t ldb, float* out, const typename P::B* ahead) {
   __m512 acc[MB][NB];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int r = 0; r < MB; ++r) {
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int j = 0; j < NB; ++j) acc[r][j] = _mm512_setzero_ps();
   }
   for (int64_t i = 0; i < k; i += P::kStep) {
     const typename P::Mask m = tail_mask<P>(k - i);
     decltype(P::load_b(b, m)) bv[NB];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int j = 0; j < NB; ++j) bv[j] = P::load_b(b + j * ldb + i, m);
     if (ahead != nullptr) {
-#pragma GCC unroll 4
+#pragma GCC unroll 8
       for (int j = 0; j < NB; ++j) {
         _mm_prefetch(reinterpret_cast<const char*>(ahead + j * ldb + i), _MM_HINT_T0);
       }
     }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int r = 0; r < MB; ++r) {
       const auto av = P::load_a(a + r * lda + i, m);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
       for (int j = 0; j < NB; ++j) acc[r][j] = P::madd(acc[r][j], av, bv[j]);
     }
   }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int r = 0; r < MB; ++r) {
     if constexpr (NB == 4) {
       _mm_storeu_ps(out + r * 4, reduce4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]));
@@ -114,15 +114,23 @@ template <typename P, int NB, typename T>
 inline void column_block(const typename P::A* a, int64_t lda, int64_t rows, int64_t k,
                          const typename P::B* b, int64_t ldb, int64_t n, int64_t n_end, T* c,
                          int64_t ldc) {
-  float out[4 * 4];
+  float out[6 * 4];
   const typename P::B* bn = b + n * ldb;
   // Only rows this call reads later (another thread's rows are its own to fetch).
   const typename P::B* ahead = n + kPrefetchRows + NB <= n_end ? bn + kPrefetchRows * ldb : nullptr;
-  for (int64_t r0 = 0; r0 < rows; r0 += 4) {
-    const int64_t mb = rows - r0 < 4 ? rows - r0 : 4;
+  for (int64_t r0 = 0; r0 < rows;) {
+    // Groups of 4 rows, but 5 or 6 left go in one pass (24 accumulators + 4 b + 1 a registers
+    // of the 32): a verification window of 5-6 tokens reads each weight once, not twice. Each
+    // (row, column) sum runs in the same order whatever its group, so results do not change.
+    const int64_t left = rows - r0;
+    const int64_t mb = left == 5 || left == 6 ? left : left < 4 ? left : 4;
     const typename P::A* ar = a + r0 * lda;
     const typename P::B* pf = r0 == 0 ? ahead : nullptr;  // later row groups find b cached
-    if (mb == 4) {
+    if (mb == 6) {
+      block<P, 6, NB>(ar, lda, k, bn, ldb, out, pf);
+    } else if (mb == 5) {
+      block<P, 5, NB>(ar, lda, k, bn, ldb, out, pf);
+    } else if (mb == 4) {
       block<P, 4, NB>(ar, lda, k, bn, ldb, out, pf);
     } else if (mb == 3) {
       block<P, 3, NB>(ar, lda, k, bn, ldb, out, pf);
@@ -134,6 +142,7 @@ inline void column_block(const typename P::A* a, int64_t lda, int64_t rows, int6
     for (int64_t r = 0; r < mb; ++r) {
       for (int j = 0; j < NB; ++j) store(c + (r0 + r) * ldc + n + j, out[r * 4 + j]);
     }
+    r0 += mb;
   }
 }
 
