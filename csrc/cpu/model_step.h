@@ -70,17 +70,17 @@ class ModelStep : public torch::CustomClassHolder {
   // greedy() with the caller moving lens would.
   at::Tensor draft(const at::Tensor& ids, const at::Tensor& k_cache, const at::Tensor& v_cache,
                    const at::Tensor& lens, int64_t n);
-  // The same with a prompt lookup of ngram tokens (lookup.h) over contexts (one per sequence,
-  // ending at the token before the first drafted one): where it finds a match, its token is
-  // drafted (and fed on) instead of the model's argmax. Each drafted token is appended to its
-  // sequence's context. After n tokens, up to extend more while every sequence's next token is
-  // found by the lookup: [B, n..n + extend] tokens.
   // draft_lookup over history [B, C] (int64: each sequence's tokens, the first history_lens[b]
   // of a row; int64 [B]), for tests and callers that keep their tokens in tensors.
   at::Tensor draft_history(const at::Tensor& ids, const at::Tensor& k_cache,
                            const at::Tensor& v_cache, const at::Tensor& lens, int64_t n,
                            const at::Tensor& history, const at::Tensor& history_lens, int64_t ngram,
                            int64_t extend);
+  // draft() with a prompt lookup of ngram tokens (lookup.h) over contexts (one per sequence,
+  // ending at the token before the first drafted one): where it finds a match, its token is
+  // drafted (and fed on) instead of the model's argmax. Each drafted token is appended to its
+  // sequence's context. After n tokens, up to extend more while every sequence's next token is
+  // found by the lookup: [B, n..n + extend] tokens.
   at::Tensor draft_lookup(const at::Tensor& ids, const at::Tensor& k_cache,
                           const at::Tensor& v_cache, const at::Tensor& lens, int64_t n,
                           Contexts* contexts, int64_t ngram, int64_t extend = 0);
@@ -90,9 +90,10 @@ class ModelStep : public torch::CustomClassHolder {
   // and the token after them: t_lens += a + 1, d_lens -= gamma - a, prev and last ([B] int64)
   // move on; an inactive one keeps its state. With ngram > 0 the drafts use a prompt lookup
   // over history [B, C] (int64: each sequence's committed tokens, last included, in its first
-  // history_lens[b] entries), and each active sequence's kept tokens are appended to it; with
-  // ngram == 0 history may be empty; the drafts may then run up to extend past gamma where the
-  // lookup finds every sequence's next token (a loop in the output verifies in one long window).
+  // history_lens[b] entries), each active sequence's kept tokens are appended to it, and the
+  // drafts may run up to extend past gamma while the lookup finds every sequence's next token
+  // (a loop in the output verifies in one long window); with ngram == 0 history may be empty
+  // and extend is ignored.
   // Returns the rows [B, gamma + extend + 2] (int64: the accepted count a, the a drafts and the
   // token after them, then -1), the two sides' seconds [2] (fp64: draft, target) and the number
   // of tokens drafted, g (the window was g + 1; lens moved as for gamma = g).

@@ -191,12 +191,15 @@ def run(
             teacher = from_pretrained(teacher_dir, dtype=torch.float32, device=device)
     started = time.perf_counter()
     tokenizer, train_tokens, eval_tokens = corpus(tokenizer_path)
+    # The bf16 target (the dtype pearlmoe decodes in on the CPU by default) writes the on-policy
+    # windows and is what the exported draft is measured against.
+    target = None
+    if preset.teacher is not None:
+        target = from_pretrained(teacher_dir, dtype=torch.bfloat16, device=device)
     windows, decoding = None, time.perf_counter()
     if teacher is not None and cfg.on_policy_windows:
-        # Decoded by the bf16 target, the dtype pearlmoe decodes in on the CPU by default.
         windows = on_policy_windows(
-            from_pretrained(teacher_dir, dtype=torch.bfloat16, device=device), train_tokens,
-            cfg.on_policy_windows, cfg.seq_len, cfg.on_policy_prompt,
+            target, train_tokens, cfg.on_policy_windows, cfg.seq_len, cfg.on_policy_prompt,
             tuple(cfg.on_policy_temperatures), cfg.seed, work / "on_policy.safetensors",
         )  # fmt: skip
     decoding = time.perf_counter() - decoding
@@ -231,8 +234,7 @@ def run(
         "final_train_loss": history[-1]["loss"] if history else None,
         "held_out": held_out_metrics(exported, eval_tokens),
     }
-    if preset.teacher is not None:
-        target = from_pretrained(teacher_dir, dtype=torch.bfloat16, device=device)
+    if target is not None:
         report["vs_" + preset.teacher] = held_out_metrics(target, eval_tokens, other=exported)
         prompts = data.held_out_prompts(tokenizer, 32, 64)  # `pearlmoe bench`'s kind of prompt
         report["vs_" + preset.teacher]["decode"] = decode_agreement(target, exported, prompts, 128)
