@@ -100,6 +100,7 @@ TORCH_LIBRARY(pearlmoe, m) {
   m.class_<ModelStep>("CpuModelStep")
       .def(torch::init<std::vector<at::Tensor>, std::vector<std::string>, std::vector<int64_t>,
                        std::vector<double>>())
+      .def("fill", &ModelStep::fill)
       .def("logits", &ModelStep::logits)
       .def("greedy", &ModelStep::greedy)
       .def("draft", &ModelStep::draft)

@@ -348,10 +348,10 @@ def test_attention_cpu_prefill_leading_block_of_minus_inf_scores():
     """Issue 13 item 11: when every score of a leading key block is -inf (q·k overflows), the
     CPU's blocked path shifted by m = -inf and returned NaN; the reference and the decode path
     stay finite, since later keys are visible."""
-    q_len, keys, dim = 64, 600, 8
+    q_len, keys, dim = 128, 700, 8  # past the direct path's 2^16 query-key pairs
     q = torch.ones(1, q_len, 1, dim)
     k = torch.randn(1, keys, 1, dim, generator=torch.Generator().manual_seed(0))
-    k[:, :512] = -3e38  # the first key block (512 keys at 64 rows) scores -inf in fp32
+    k[:, :512] = -3e38  # the first key blocks (256 keys at 128 rows) score -inf in fp32
     v = torch.randn(1, keys, 1, dim, generator=torch.Generator().manual_seed(1))
     lens = torch.tensor([keys], dtype=torch.int32)
     want = reference.attention(q, k, v, lens)

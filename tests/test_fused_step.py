@@ -71,6 +71,43 @@ def test_logits_and_cache_equal_the_eager_step(dtype, batch):
             assert torch.equal(a, b), (name, part)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_fills_the_eager_cache(dtype):
+    """The fused prefill computes only what the cache holds (no head, no layers past the last
+    K/V write; prompts of one length in one call): its cache is the eager prefill's bit for bit,
+    for prompts past the kept scratch shapes (> 16 tokens), one after another of varying lengths,
+    and its lens and host lengths agree."""
+    g = torch.Generator().manual_seed(1)
+    for name, model in _models(dtype).items():
+        vocab = model.config.vocab_size
+        for lengths in ([40, 40, 40], [17, 1, 33], [5, 0, 21]):
+            prompts = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+            runners = {b: Runner(model, 3, 96, b) for b in ("eager", "fused")}
+            for r in runners.values():
+                r.prefill(prompts)
+                r.prefill([p[:3] for p in prompts])  # a second fill after the first
+            eager, fused_ = runners["eager"].cache, runners["fused"].cache
+            assert fused_.seq_lens() == eager.seq_lens() == [n + min(n, 3) for n in lengths]
+            assert torch.equal(fused_.lens, eager.lens)
+            for g_ in range(eager.k.shape[0]):  # the written rows (the rest is uninitialised)
+                for b, n in enumerate(eager.seq_lens()):
+                    for part in ("k", "v"):
+                        want = getattr(eager, part)[g_, b, :n]
+                        assert torch.equal(getattr(fused_, part)[g_, b, :n], want), (name, part)
+
+
+def test_prefill_past_the_capacity_is_refused_before_any_write():
+    model = _dense(torch.float32)
+    runner = Runner(model, 2, 8, "fused")
+    with pytest.raises(RuntimeError, match="KVCache: sequence 1 would hold 9 tokens"):
+        runner.prefill([[1, 2], list(range(9))])
+    assert runner.lens.tolist() == [0, 0] and runner.cache.seq_lens() == [0, 0]
+    with pytest.raises(RuntimeError, match="ModelStep: sequence 0 holds 0 tokens: 9 more exceed"):
+        runner._fused.fill(torch.zeros(2, 9, dtype=torch.long), runner.cache.k, runner.cache.v,
+                           runner.lens)  # fmt: skip
+    assert runner.lens.tolist() == [0, 0]
+
+
 def test_greedy_is_torch_argmax_with_ties_and_nan():
     model = _dense(torch.bfloat16)
     with torch.no_grad():  # rows 10 = 20 = u and 30 = 40 = -u, large: one pair ties at the top

@@ -30,6 +30,11 @@ int64_t key_block(int64_t score_rows) { return std::clamp<int64_t>(32768 / score
 // decode step and in a verification window of up to 16 tokens, which keeps greedy speculative
 // decoding equal to autoregressive decoding bit for bit.
 constexpr int64_t kDirectMaxQueries = 16;
+// A short prompt's prefill takes it too while the call has at most this many query-key pairs:
+// there its ~20 ATen calls per task cost more than the arithmetic (a 63-token prompt, 4 query
+// heads on 2 KV heads, bf16, 2 threads: 226-240 us blocked, 65-100 us direct; even at 256
+// tokens; blocked is faster from 512; bench/NOTES.md).
+constexpr int64_t kDirectMaxPairs = int64_t{1} << 16;
 
 template <typename acc_t, typename scalar_t>
 acc_t dot(const acc_t* a, const scalar_t* b, int64_t n) {
@@ -135,7 +140,7 @@ void attention(const Tensor& q, const Tensor& k, const Tensor& v, const int32_t*
   const int64_t kv_heads = k.size(2), group = q_heads / kv_heads;
   int64_t longest = 0;
   for (int64_t b = 0; b < batch; ++b) longest = std::max<int64_t>(longest, kv_lens[b]);
-  if (q_len <= kDirectMaxQueries) {
+  if (q_len <= kDirectMaxQueries || batch * q_len * longest <= kDirectMaxPairs) {
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kBFloat16, at::kHalf, q.scalar_type(), "attention_cpu",
         [&] { attention_direct<scalar_t>(q, k, v, kv_lens, longest, scale, o); });

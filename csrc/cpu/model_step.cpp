@@ -99,10 +99,13 @@ ModelStep::ModelStep(std::vector<Tensor> weights, std::vector<std::string> forma
 }
 
 ModelStep::Scratch& ModelStep::scratch_for(int64_t batch, int64_t steps) {
+  const std::pair<int64_t, int64_t> key{batch, steps};
+  if (steps > kKeptSteps && prefill_scratch_.first == key) return prefill_scratch_.second;
   for (auto& [shape, scratch] : scratch_) {
-    if (shape.first == batch && shape.second == steps) return scratch;
+    if (shape == key) return scratch;
   }
-  if (scratch_.size() >= 16) scratch_.clear();  // a server's shapes come and go: stay bounded
+  // A server's shapes come and go: stay bounded.
+  if (steps <= kKeptSteps && scratch_.size() >= 16) scratch_.clear();
   const int64_t rows = batch * steps, hq = q_heads_, hkv = kv_heads_, d = head_dim_;
   const auto opts = global_[kEmbed].options();
   Scratch s;
@@ -119,14 +122,19 @@ ModelStep::Scratch& ModelStep::scratch_for(int64_t batch, int64_t steps) {
   s.k_hat = at::empty({batch, steps, hkv, d}, opts);
   s.o = at::empty({batch, steps, hq, d}, opts);
   s.o_rows = s.o.view({rows, hq * d});
-  s.out = at::empty({rows, global_[kHead].size(0)}, opts);
+  // A prefill's rows over the vocabulary are made only if a call asks for them (fill does not).
+  if (steps <= kKeptSteps) s.out = at::empty({rows, global_[kHead].size(0)}, opts);
   if (dense_inter_ > 0) {
     s.gate_up = at::empty({rows, 2 * dense_inter_}, opts);
     s.gate = s.gate_up.narrow(1, 0, dense_inter_);
     s.up = s.gate_up.narrow(1, dense_inter_, dense_inter_);
     s.act = at::empty({rows, dense_inter_}, opts);
   }
-  scratch_.emplace_back(std::make_pair(batch, steps), std::move(s));
+  if (steps > kKeptSteps) {
+    prefill_scratch_ = {key, std::move(s)};
+    return prefill_scratch_.second;
+  }
+  scratch_.emplace_back(key, std::move(s));
   return scratch_.back().second;
 }
 
@@ -247,6 +255,7 @@ Tensor ModelStep::head_rows(const Tensor& ids_in, const Tensor& k_cache, const T
     }
   }
   rms_norm(x, global_[kFinalNorm], eps_, s.h);
+  if (!fresh_out && !s.out.defined()) s.out = at::empty({rows, global_[kHead].size(0)}, opts);
   Tensor& out = fresh_out ? fresh : s.out;
   project(s.h, global_[kHead], head_format_, out);
   return out;
@@ -298,6 +307,16 @@ Tensor ModelStep::argmax_rows(const Tensor& rows, int64_t batch, int64_t steps) 
     }
   });
   return tokens;
+}
+
+void ModelStep::fill(const Tensor& ids, const Tensor& k_cache, const Tensor& v_cache,
+                     const Tensor& lens) {
+  check_call(ids, k_cache, v_cache, lens);
+  const GilRelease no_gil;
+  const std::lock_guard<std::mutex> lock(mutex_);
+  int32_t* lp = lens.mutable_data_ptr<int32_t>();
+  head_rows(ids, k_cache, v_cache, lp, false, true);
+  for (int64_t b = 0; b < ids.size(0); ++b) lp[b] += static_cast<int32_t>(ids.size(1));
 }
 
 Tensor ModelStep::greedy(const Tensor& ids, const Tensor& k_cache, const Tensor& v_cache,

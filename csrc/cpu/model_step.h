@@ -62,6 +62,11 @@ class ModelStep : public torch::CustomClassHolder {
   // sequence's lens[b] (int32 [B]) in the cache k/v [G, B, C, Hkv, D]; lens are not moved.
   at::Tensor logits(const at::Tensor& ids, const at::Tensor& k_cache, const at::Tensor& v_cache,
                     const at::Tensor& lens);
+  // A prompt's prefill: caches ids [B, S] after lens and moves lens by S, computing only what
+  // the cache holds (the layers up to the last one that writes K/V, no head); the cache's
+  // contents are the eager step's bit for bit.
+  void fill(const at::Tensor& ids, const at::Tensor& k_cache, const at::Tensor& v_cache,
+            const at::Tensor& lens);
   // The greedy tokens [B, S] (int64) of the same step: torch.argmax of those logits.
   at::Tensor greedy(const at::Tensor& ids, const at::Tensor& k_cache, const at::Tensor& v_cache,
                     const at::Tensor& lens);
@@ -117,7 +122,8 @@ class ModelStep : public torch::CustomClassHolder {
 
   // A step's buffers for one (batch, steps) shape and the views of them it reads, made once and
   // reused: allocating ~12 tensors and ~8 views per layer per call cost the embedded draft's
-  // one-token step ~30 of its ~120 us.
+  // one-token step ~30 of its ~120 us. Decode and verification shapes (up to kKeptSteps tokens)
+  // are kept; a prefill's, whose lengths vary, only until the next prefill.
   struct Scratch {
     at::Tensor x, h, proj, q, q3, q_rot, k, k3, v, v_rows, k_hat, o, o_rows, out;
     at::Tensor gate_up, gate, up, act;  // the dense SwiGLU's, at width dense_inter_
@@ -146,7 +152,9 @@ class ModelStep : public torch::CustomClassHolder {
   int64_t dense_inter_ = 0;
   int64_t last_kv_layer_ = 0;  // the last layer that writes K/V (later ones share its cache)  //
                                // the dense layers' intermediate width (0: none, -1: they differ)
+  static constexpr int64_t kKeptSteps = 16;
   std::vector<std::pair<std::pair<int64_t, int64_t>, Scratch>> scratch_;  // by (batch, steps)
+  std::pair<std::pair<int64_t, int64_t>, Scratch> prefill_scratch_{{0, 0}, {}};
   std::mutex mutex_;  // one step at a time per model (scratch is not shared, the caches may be)
 };
 

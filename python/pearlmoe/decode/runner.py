@@ -173,10 +173,27 @@ class Runner:
         skipped)."""
         if len(prompts) != self.batch:
             raise ValueError(f"prefill: {len(prompts)} prompts for a batch of {self.batch}")
+        if self._fused is not None:
+            self._fill(prompts)
+            return
         for b, tokens in enumerate(prompts):
             if tokens:
                 ids = torch.tensor([list(tokens)], device=self.device)
                 self.model(ids, self.cache.sequence(b))
+
+    def _fill(self, prompts: Sequence[Sequence[int]]) -> None:
+        """The fused prefill: only the cache writes (no logits, no layers after the last that
+        writes K/V), prompts of one length in one call, ragged ones one at a time."""
+        c = self.cache
+        c._check_room([len(t) for t in prompts])  # the eager path's error, before any write
+        if len({len(t) for t in prompts}) == 1:
+            parts = [(c, prompts)] if prompts[0] else []
+        else:
+            parts = [(c.sequence(b), [t]) for b, t in enumerate(prompts) if t]
+        for cache, tokens in parts:
+            ids = torch.tensor([list(t) for t in tokens])  # [B', S]
+            self._fused.fill(ids, cache.k, cache.v, cache.lens)
+        c.set_lens(c.lens.clone())  # moved in place: the host copy is stale
 
     def __call__(self, ids: Tensor) -> tuple[Tensor | None, Tensor | None]:
         """(probs [B, S, V] or None, greedy tokens [B, S] or None) for ids [B, S]."""
