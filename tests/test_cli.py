@@ -141,6 +141,7 @@ def test_bench_writes_json_and_png(tmp_path, capsys):
     assert set(run["modes"]) == {"ar-eager", "ar", "speculative", "pearl"}
     assert run["greedy_outputs_identical"] is True and run["compiled_equals_eager"] is True
     assert run["modes"]["ar"]["speedup_vs_ar"] == 1.0 and result["batch"] == 2
+    assert run["modes"]["ar"]["paired_vs_ar"] == {"geomean": 1.0, "p10": 1.0, "p90": 1.0}
     assert result["lookup"] == 3  # the default, recorded
     assert len(run["cost_curve"]["target_ms"]) == 9 and run["cost_curve"]["draft_ms"] > 0
     for mode in ("speculative", "pearl"):  # γ chosen from the curve, with a prediction
@@ -253,3 +254,10 @@ def test_malformed_configs_and_impossible_bench_are_one_line(tmp_path):
         done = run_cli(*args)
         lines = done.stderr.strip().splitlines()
         assert done.returncode == 2 and len(lines) == 1 and message in lines[0], (args, done.stderr)
+
+
+def test_paired_ratio_is_the_geomean_of_per_batch_ratios():
+    from pearlmoe.decode_bench import paired_ratio
+
+    got = paired_ratio([2.0, 8.0, 3.0], [1.0, 2.0, 3.0])  # ratios 2, 4, 1
+    assert got["geomean"] == pytest.approx(2.0) and (got["p10"], got["p90"]) == (1.0, 4.0)
