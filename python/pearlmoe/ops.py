@@ -322,7 +322,8 @@ def attention(
     (``Skv`` = capacity); ``kv_lens`` counts each sequence's valid keys, the queries' own included,
     so ``Sq <= kv_lens[b] <= Skv``. GQA: query head ``h`` reads KV head ``h // (Hq / Hkv)``.
     Softmax and accumulation in fp32. CUDA: bf16/fp16, head_dim 64, 80 or 128. CPU: any float
-    dtype; blocked online softmax, never an Sq×Skv matrix.
+    dtype; a row at a time for up to 16 query rows and for prefills of up to 2^16 query-key
+    pairs, blocked online softmax beyond; never an Sq×Skv matrix.
 
     Checks: shapes, dtypes and devices always, on the host. ``kv_lens`` values:
       * on the CPU (with q on any device): checked on the host, free, to be in [Sq, Skv]; for a
