@@ -163,7 +163,7 @@ void ModelStep::check_call(const Tensor& ids, const Tensor& k_cache, const Tenso
 }
 
 Tensor ModelStep::head_rows(const Tensor& ids_in, const Tensor& k_cache, const Tensor& v_cache,
-                            const int32_t* lens, bool fresh_out, bool kv_only) {
+                            const int32_t* lens, bool fresh_out, bool kv_only, bool last_only) {
   const int64_t batch = ids_in.size(0), steps = ids_in.size(1), rows = batch * steps;
   const int64_t capacity = k_cache.size(2), hq = q_heads_, hkv = kv_heads_, d = head_dim_;
   const Tensor ids = ids_in.contiguous();
@@ -253,6 +253,14 @@ Tensor ModelStep::head_rows(const Tensor& ids_in, const Tensor& k_cache, const T
       project(act, w[kW2], fmt[kW2], s.proj);
       add_into(x, s.proj);
     }
+  }
+  if (last_only && steps > 1) {  // each sequence's last row: [B, H] -> [B, V or V']
+    const Tensor last_rows = x.view({batch, steps, hidden_}).select(1, steps - 1).contiguous();
+    Tensor normed = at::empty_like(last_rows),
+           rows_out = at::empty({batch, global_[kHead].size(0)}, opts);
+    rms_norm(last_rows, global_[kFinalNorm], eps_, normed);
+    project(normed, global_[kHead], head_format_, rows_out);
+    return rows_out;
   }
   rms_norm(x, global_[kFinalNorm], eps_, s.h);
   if (!fresh_out && !s.out.defined()) s.out = at::empty({rows, global_[kHead].size(0)}, opts);
@@ -380,9 +388,34 @@ Tensor ModelStep::draft_lookup(const Tensor& ids, const Tensor& k_cache, const T
   const int64_t most = lookup ? n + extend : n;
   Tensor tokens = at::empty({batch, most}, ids.options());
   int64_t* out = tokens.mutable_data_ptr<int64_t>();
-  Tensor feed = ids, last = at::empty({batch, 1}, ids.options());
-  int64_t* lastp = last.mutable_data_ptr<int64_t>();
-  std::vector<int64_t> found(batch, -1);
+  // Tokens not yet cached, [B, width] row-major: a step whose next tokens all come from the
+  // lookup needs no logits, so its tokens wait and are cached with the next step that runs the
+  // model (or at the end) in one multi-token step, which reads the weights once for all of them.
+  // Each row's K/V is the same in any step (the kernels are row-independent), so the cache
+  // holds what one-token steps write. At most kMaxPending wait, so a step stays a decode shape.
+  constexpr int64_t kMaxPending = 8;
+  const Tensor first = ids.contiguous();
+  std::vector<int64_t> pending(first.const_data_ptr<int64_t>(),
+                               first.const_data_ptr<int64_t>() + first.numel());
+  int64_t width = ids.size(1);
+  auto step_ids = [&] {  // the waiting tokens as a [B, width] tensor
+    return at::from_blob(pending.data(), {batch, width}, ids.options()).clone();
+  };
+  auto append = [&](const std::vector<int64_t>& column) {  // one more token per sequence
+    std::vector<int64_t> grown(batch * (width + 1));
+    for (int64_t b = 0; b < batch; ++b) {
+      std::copy_n(pending.begin() + b * width, width, grown.begin() + b * (width + 1));
+      grown[b * (width + 1) + width] = column[b];
+    }
+    pending.swap(grown);
+    ++width;
+  };
+  auto cached = [&] {  // the waiting tokens are in the cache now
+    for (int64_t b = 0; b < batch; ++b) lp[b] += static_cast<int32_t>(width);
+    pending.clear();
+    width = 0;
+  };
+  std::vector<int64_t> found(batch, -1), previous(batch);
   int64_t drafted = 0;
   for (int64_t i = 0; i < most; ++i) {
     bool all_found = lookup;
@@ -391,24 +424,30 @@ Tensor ModelStep::draft_lookup(const Tensor& ids, const Tensor& k_cache, const T
       all_found = all_found && found[b] >= 0;
     }
     if (i >= n && !all_found) break;  // past n tokens only while every sequence looks up
-    if (all_found) {  // every next token is the lookup's: the step only fills the cache
-      head_rows(feed, k_cache, v_cache, lp, false, true);
-    } else {
+    if (i > 0) append(previous);      // this step's input: the token drafted last
+    if (!all_found) {
+      // Only each sequence's last row needs logits: the head runs on those alone.
       const Tensor step =
-          argmax_rows(head_rows(feed, k_cache, v_cache, lp, false), batch, feed.size(1));
+          argmax_rows(head_rows(step_ids(), k_cache, v_cache, lp, false, false, true), batch, 1);
       const int64_t* sp = step.const_data_ptr<int64_t>();
       for (int64_t b = 0; b < batch; ++b) {
-        if (found[b] < 0) found[b] = sp[(b + 1) * feed.size(1) - 1];
+        if (found[b] < 0) found[b] = sp[b];
       }
+      cached();
+    } else if (width >= kMaxPending) {  // every next token is the lookup's: no logits needed
+      head_rows(step_ids(), k_cache, v_cache, lp, false, true);
+      cached();
     }
     for (int64_t b = 0; b < batch; ++b) {
       if (lookup) (*contexts)[b].push_back(found[b]);
-      out[b * most + i] = lastp[b] = found[b];
+      out[b * most + i] = previous[b] = found[b];
       found[b] = -1;
     }
-    for (int64_t b = 0; b < batch; ++b) lp[b] += static_cast<int32_t>(feed.size(1));
-    feed = last;
     ++drafted;
+  }
+  if (width > 0) {  // the inputs still waiting (never the last drafted token, which is not cached)
+    head_rows(step_ids(), k_cache, v_cache, lp, false, true);
+    cached();
   }
   return drafted == most ? tokens : tokens.narrow(1, 0, drafted).contiguous();
 }

@@ -136,8 +136,10 @@ class ModelStep : public torch::CustomClassHolder {
   // The head's rows [B*S, V or V'] in the model dtype for ids [B, S] at lens: a new tensor when
   // fresh_out, else this step's scratch (valid until its next call). kv_only: only the cache
   // writes (the layers up to the last one that owns K/V, that one up to its write), no rows.
+  // last_only: the rows [B, V or V'] of each sequence's last token alone (a new tensor).
   at::Tensor head_rows(const at::Tensor& ids, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                       const int32_t* lens, bool fresh_out, bool kv_only = false);
+                       const int32_t* lens, bool fresh_out, bool kv_only = false,
+                       bool last_only = false);
   void check_call(const at::Tensor& ids, const at::Tensor& k_cache, const at::Tensor& v_cache,
                   const at::Tensor& lens) const;
   at::Tensor argmax_rows(const at::Tensor& rows, int64_t batch, int64_t steps) const;
