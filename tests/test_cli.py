@@ -147,6 +147,8 @@ def test_bench_writes_json_and_png(tmp_path, capsys):
     for mode in ("speculative", "pearl"):  # γ chosen from the curve, with a prediction
         assert run["modes"][mode]["gammas"] and run["modes"][mode]["predicted_tokens_per_second"]
     assert run["modes"]["pearl"]["overlap"] > 0
+    for mode in ("speculative", "pearl"):
+        assert run["modes"][mode]["ceiling_vs_ar"]["ratio"] > 0
     assert "target step ms by window" in captured.out
     assert (tmp_path / "pearlmoe_bench.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -240,6 +240,25 @@ def test_gamma_follows_the_cost_curve():
     assert cost_model.best_gamma(FLAT, 0.9, "pearl", max_gamma=12) in (9, 10, 11)
 
 
+def test_ceiling_is_the_rate_with_perfect_free_drafts():
+    """The ceiling a target speed-up is checked against: on a flat curve a window of 9 is 9
+    tokens per step; on the rising (MoE) one the best window is shorter and the ceiling lower;
+    PEARL on sides twice as slow (a CPU's half the cores) cannot reach what it does on the full
+    curve, and no acceptance rate beats the ceiling."""
+    assert cost_model.ceiling(FLAT, "speculative") == (8, pytest.approx(9 / FLAT.target[0]))
+    assert cost_model.ceiling(FLAT, "pearl") == (8, pytest.approx(8 / FLAT.target[0]))
+    g, top = cost_model.ceiling(RISING, "speculative")
+    assert top == pytest.approx((g + 1) / RISING.target_time(g + 1)) and top < 9 / FLAT.target[0]
+    halved = _curve([2.0 * t * 1e3 for t in RISING.target], 0.1)
+    assert cost_model.ceiling(halved, "pearl")[1] == pytest.approx(
+        cost_model.ceiling(RISING, "pearl")[1] / 2
+    )
+    for mode in ("speculative", "pearl"):
+        for alpha in (0.5, 0.9, 0.99):
+            best = max(cost_model.rate(RISING, alpha, mode, g) for g in range(1, 9))
+            assert best < cost_model.ceiling(RISING, mode)[1]
+
+
 def test_plan_falls_back_to_autoregressive_when_speculation_cannot_win():
     assert cost_model.plan(RISING, 0.05).mode == "ar"
     good = cost_model.plan(FLAT, 0.8)

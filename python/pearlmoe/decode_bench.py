@@ -13,7 +13,7 @@ import torch
 
 from .decode import generate, pearl_generate, speculative_generate
 from .decode.common import LOOKUP, measured_curve
-from .decode.cost_model import CostCurve, best_gamma, rate
+from .decode.cost_model import CostCurve, ar_rate, best_gamma, ceiling, rate
 
 MODES = ("ar", "speculative", "pearl")
 EAGER_AR = "ar-eager"
@@ -114,6 +114,9 @@ def bench_dtype(
             live = curve.scaled(*row["side_scales"], row["round_host_ms"] / 1e3)
             row["predicted_with_observed_sides"] = batch * rate(live, alpha, mode, g)
             row["best_gamma_at_measured_alpha"] = best_gamma(curve, alpha, mode)
+            # The most this mode could do on these curves with perfect, free drafts.
+            g_max, top = ceiling(curve, mode)
+            row["ceiling_vs_ar"] = {"gamma": g_max, "ratio": top / ar_rate(curves["speculative"])}
     rows["ar"]["predicted_tokens_per_second"] = batch * rate(curves["speculative"], 0, "ar", 0)
     greedy = args.temperature <= 0
     return {
@@ -143,6 +146,11 @@ def print_run(run: dict) -> None:
     head = (f"{'dtype':<9}{'mode':<12}{'tok/s':>9}{'vs AR':>8}{'paired':>8}{'vs eager':>9}"
             f"{'tok/call':>9}{'accept':>7}{'gamma':>8}{'overlap':>8}{'predicted':>10}{'in-loop':>9}"
             f"{'host ms':>8}")  # fmt: skip
+    tops = "; ".join(
+        f"{m} {top['ratio']:.2f}x AR (gamma {top['gamma']})"
+        for m, top in ((m, run["modes"][m]["ceiling_vs_ar"]) for m in ("speculative", "pearl"))
+    )
+    print(f"[{run['dtype']}] ceiling with every draft accepted, drafting free: {tops}")
     print(head)
     for mode, row in run["modes"].items():
         gammas = "->".join(map(str, row.get("gammas", []))) or "-"

@@ -113,6 +113,15 @@ def best_gamma(curve: CostCurve, alpha: float, mode: str, max_gamma: int = 8) ->
     return max(range(1, max_gamma + 1), key=lambda g: rate(curve, alpha, mode, g))
 
 
+def ceiling(curve: CostCurve, mode: str, max_gamma: int = 8) -> tuple[int, float]:
+    """(γ, tokens/s per sequence): the most a mode can reach on this curve whatever its drafts,
+    with every draft accepted, drafting free and no host work between the sides. A speed-up
+    target above it is out of reach for this target model on this machine."""
+    free = CostCurve(curve.target, 0.0, curve.batch, dict(curve.extra))
+    g = best_gamma(free, 1.0, mode, max_gamma)
+    return g, rate(free, 1.0, mode, g)
+
+
 @dataclass
 class Plan:
     """The fastest mode and its γ, with every mode's predicted tokens/s (at its best γ)."""
