@@ -59,9 +59,14 @@ void attention_direct(const Tensor& q, const Tensor& k, const Tensor& v, const i
   const scalar_t* vp = v.const_data_ptr<scalar_t>();
   scalar_t* op = o.mutable_data_ptr<scalar_t>();
   const int64_t tasks = batch * q_len * kv_heads;
-  // Inline (no thread pool) while the whole call is a few hundred thousand multiply-adds.
+  // Inline (no thread pool) while the whole call is a few hundred thousand multiply-adds, or
+  // from 2^15 when there are at least 4 tasks: a verification window's rows (2 per KV head and
+  // token) then split over the threads, which the decode step's serial attention left idle
+  // (9-token window of the embedded target, 64-150 keys, paired A/B: 0.92-0.99x the time; a
+  // one-token step's 2 tasks stay inline, where the fork costs what it saves).
   const int64_t macs = tasks * group * longest * dim;
-  const int64_t grain = macs < (1 << 18) ? tasks : 1;
+  const bool inline_call = macs < (1 << 18) && (tasks < 4 || macs < (1 << 15));
+  const int64_t grain = inline_call ? tasks : 1;
   // The AVX-512 row kernel (attention_rows_cpu.h) for fp32 and bf16 with contiguous head dims.
   using Simd = std::conditional_t<
       std::is_same_v<scalar_t, float>, float,
