@@ -176,6 +176,7 @@ def _incompatible_draft(tmp_path: Path) -> Path:
         ),
         (["generate", "x", "--draft", "/nonexistent/d"], "--draft /nonexistent/d: no such"),
         (["generate", "x", "--gamma", "0"], "--gamma: expected a positive integer"),
+        (["generate", "x", "--gamma", "16"], "--gamma: expected at most 15"),
         (["generate", "x", "--lookup", "-1"], "--lookup: expected an integer >= 0, got -1"),
         (["bench", "--lookup", "two"], "--lookup: expected an integer >= 0, got 'two'"),
         (["generate", "x", "--temperature", "-1"], "--temperature: expected a number >= 0"),

@@ -248,8 +248,9 @@ def test_distributed_pearl_bad_arguments():
     model = _pair()[1]
     with pytest.raises(ValueError, match="role must be"):
         distributed_pearl_generate(model, [1], 4, 2, "oracle", 1)
-    with pytest.raises(ValueError, match="gamma must be >= 1"):
-        distributed_pearl_generate(model, [1], 4, 0, "draft", 1)
+    for gamma in (0, 16):
+        with pytest.raises(ValueError, match=rf"gamma must be in \[1, 15\], got {gamma}"):
+            distributed_pearl_generate(model, [1], 4, gamma, "draft", 1)
 
 
 def test_expert_parallel_needs_an_initialised_group():

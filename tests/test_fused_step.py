@@ -96,6 +96,33 @@ def test_prefill_fills_the_eager_cache(dtype):
                         assert torch.equal(getattr(fused_, part)[g_, b, :n], want), (name, part)
 
 
+def test_batched_prefill_stays_where_rows_are_computed_alone():
+    """Equal-length prompts prefill in one call only while every kernel computes each row as
+    the prompt alone would (≤ 256 rows for the skinny GEMM and the experts, ≤ 2^16 query-key
+    pairs for attention's per-row path): 4 prompts of 100 tokens (400 rows, BLAS territory) must
+    still fill the cache the eager one-at-a-time prefill fills (on the embedded target, whose
+    cache differs when the 4 go in one call)."""
+    from pearlmoe.cli import TARGET
+    from pearlmoe.model import from_pretrained
+
+    g = torch.Generator().manual_seed(2)
+    model = from_pretrained(TARGET, dtype=torch.bfloat16)
+    prompts = torch.randint(0, model.config.vocab_size, (4, 100), generator=g).tolist()
+    runners = {b: Runner(model, 4, 128, b) for b in ("eager", "fused")}
+    for r in runners.values():
+        r.prefill(prompts)
+    for part in ("k", "v"):
+        eager, got = getattr(runners["eager"].cache, part), getattr(runners["fused"].cache, part)
+        assert torch.equal(got[:, :, :100], eager[:, :, :100]), part
+
+
+def test_pearl_and_speculative_refuse_windows_past_16_tokens():
+    target, draft = _models(torch.float32)["moe_cla_qknorm"], _models(torch.float32)["draft"]
+    for loop in (speculative_generate, pearl_generate):
+        with pytest.raises(ValueError, match=r"gamma must be in \[1, 15\], got 16"):
+            loop(target, draft, [[1, 2, 3]], 4, gamma=16)
+
+
 def test_prefill_past_the_capacity_is_refused_before_any_write():
     model = _dense(torch.float32)
     runner = Runner(model, 2, 8, "fused")

@@ -20,7 +20,7 @@ import torch
 
 from . import ops
 from .decode import generate, pearl_generate, runner, speculative_generate
-from .decode.common import LOOKUP, measured_curve
+from .decode.common import LOOKUP, MAX_GAMMA, measured_curve
 from .decode.cost_model import plan
 from .decode.runner import BACKENDS, compile_available, default_backend
 from .model import ModelConfig, Transformer, from_pretrained
@@ -483,8 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "(pearlmoe.qlinear) instead of being expanded to --dtype")  # fmt: skip
         p.add_argument(
             "--gamma",
-            type=_positive,
-            help="draft length (default: chosen from the measured cost curve)",
+            type=_gamma,
+            help=f"draft length, 1..{MAX_GAMMA} (default: chosen from the measured cost curve)",
         )
         p.add_argument(
             "--backend",
@@ -587,6 +587,15 @@ def _int_at_least(low: int, what: str) -> Callable[[str], int]:
 
 
 _positive = _int_at_least(1, "a positive integer")
+
+
+def _gamma(text: str) -> int:
+    value = _positive(text)
+    if value > MAX_GAMMA:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_GAMMA}, got {value}")
+    return value
+
+
 _non_negative_int = _int_at_least(0, "an integer >= 0")
 
 

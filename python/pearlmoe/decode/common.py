@@ -118,6 +118,12 @@ def measured_curve(
         return measure(target, draft, batch, backend)
 
 
+# The longest draft: a window of up to 16 tokens is computed row by row as a decode step is (the
+# CPU attention's exact per-row path; csrc/cpu/attention.cpp), so greedy speculative and PEARL
+# decoding stay equal to autoregressive decoding bit for bit at any context length.
+MAX_GAMMA = 15
+
+
 def gamma_policy(
     target: Transformer, draft: Transformer, batch: int, mode: str, backend: str,
     gamma: int | None, max_gamma: int = 8,
@@ -126,8 +132,8 @@ def gamma_policy(
     measured cost curve."""
     from .cost_model import GammaPolicy
 
-    if gamma is not None and gamma < 1:
-        raise ValueError(f"gamma must be >= 1, got {gamma}")
+    if gamma is not None and not 1 <= gamma <= MAX_GAMMA:
+        raise ValueError(f"gamma must be in [1, {MAX_GAMMA}], got {gamma}")
     curve = None if gamma else measured_curve(target, draft, batch, mode, backend)
     # Start from what the last decode of this pair in this mode learned (α, the sides' costs in
     # the loop), and leave what this one learns for the next (``GammaPolicy.remember``).

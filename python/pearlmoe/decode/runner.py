@@ -106,6 +106,12 @@ def _outputs(logits: Tensor, sampling: Sampling) -> tuple[Tensor | None, Tensor 
     return logits_to_probs(logits, sampling.temperature, sampling.top_k, sampling.top_p), None
 
 
+# A batched fused prefill stays within these (csrc/cpu): up to 256 rows the projections and the
+# experts take the row-independent skinny kernels (BLAS beyond), and up to 2^16 query-key pairs
+# attention takes its per-row path, as each prompt alone would.
+FILL_ROWS, FILL_PAIRS = 256, 1 << 16
+
+
 class Runner:
     """A model with a static KV cache for ``batch`` sequences of up to ``capacity`` tokens.
 
@@ -183,17 +189,23 @@ class Runner:
 
     def _fill(self, prompts: Sequence[Sequence[int]]) -> None:
         """The fused prefill: only the cache writes (no logits, no layers after the last that
-        writes K/V), prompts of one length in one call, ragged ones one at a time."""
+        writes K/V). Prompts of one length go in one call while the call stays where every
+        kernel computes a row as it would alone (the eager prefill's one sequence at a time):
+        at most FILL_ROWS rows and FILL_PAIRS query-key pairs. Else one at a time."""
         c = self.cache
-        c._check_room([len(t) for t in prompts])  # the eager path's error, before any write
-        if len({len(t) for t in prompts}) == 1:
+        lengths = [len(t) for t in prompts]
+        c._check_room(lengths)  # the eager path's error, before any write
+        rows, longest = sum(lengths), max(n + m for n, m in zip(c.seq_lens(), lengths, strict=True))
+        if len(set(lengths)) == 1 and rows <= FILL_ROWS and rows * longest <= FILL_PAIRS:
             parts = [(c, prompts)] if prompts[0] else []
         else:
             parts = [(c.sequence(b), [t]) for b, t in enumerate(prompts) if t]
-        for cache, tokens in parts:
-            ids = torch.tensor([list(t) for t in tokens])  # [B', S]
-            self._fused.fill(ids, cache.k, cache.v, cache.lens)
-        c.set_lens(c.lens.clone())  # moved in place: the host copy is stale
+        try:
+            for cache, tokens in parts:
+                ids = torch.tensor([list(t) for t in tokens])  # [B', S]
+                self._fused.fill(ids, cache.k, cache.v, cache.lens)
+        finally:
+            c.set_lens(c.lens.clone())  # moved in place: the host copy is stale
 
     def __call__(self, ids: Tensor) -> tuple[Tensor | None, Tensor | None]:
         """(probs [B, S, V] or None, greedy tokens [B, S] or None) for ids [B, S]."""
