@@ -139,13 +139,17 @@ void attention_direct(const Tensor& q, const Tensor& k, const Tensor& v, const i
 
 }  // namespace
 
+bool attention_rows_alone(int64_t batch, int64_t q_len, int64_t longest) {
+  return q_len <= kDirectMaxQueries || batch * q_len * longest <= kDirectMaxPairs;
+}
+
 void attention(const Tensor& q, const Tensor& k, const Tensor& v, const int32_t* kv_lens,
                double scale, Tensor& o) {
   const int64_t batch = q.size(0), q_len = q.size(1), q_heads = q.size(2), dim = q.size(3);
   const int64_t kv_heads = k.size(2), group = q_heads / kv_heads;
   int64_t longest = 0;
   for (int64_t b = 0; b < batch; ++b) longest = std::max<int64_t>(longest, kv_lens[b]);
-  if (q_len <= kDirectMaxQueries || batch * q_len * longest <= kDirectMaxPairs) {
+  if (attention_rows_alone(batch, q_len, longest)) {
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kBFloat16, at::kHalf, q.scalar_type(), "attention_cpu",
         [&] { attention_direct<scalar_t>(q, k, v, kv_lens, longest, scale, o); });

@@ -28,6 +28,9 @@ namespace pearlmoe::cpu {
 // b (decode, verification) stream b once through the skinny kernel, split over N across threads;
 // everything else goes to BLAS.
 void gemm_nt_out(const at::Tensor& a, const at::Tensor& b, at::Tensor& out);
+// Whether gemm_nt_out (and qlinear) computes each of `rows` rows of a dtype-typed a as a call
+// holding that row alone would: the skinny kernels, fp32 / bf16 up to kSkinnyMaxRows rows.
+bool gemm_rows_alone(int64_t rows, at::ScalarType dtype);
 
 // The name of the skinny kernel's instruction set on this CPU (avx512bf16, avx512 or generic).
 const char* skinny_isa();
@@ -68,6 +71,10 @@ namespace pearlmoe::cpu {
 //   -> o [B, Sq, Hq, D] contiguous.
 void attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                const int32_t* kv_lens, double scale, at::Tensor& o);
+// Whether attention computes each query row on its own (an exact softmax over its keys) for
+// batch x q_len queries over at most `longest` keys: every row's result is then what a call
+// holding that row alone computes.
+bool attention_rows_alone(int64_t batch, int64_t q_len, int64_t longest);
 
 // k_cache[b, positions[b, s]] = k[b, s] (v likewise): k, v [B, S, Hkv, D] contiguous, the caches
 // one group [B, C, Hkv, D] with a contiguous head dim, positions host [B, S] validated.

@@ -323,8 +323,22 @@ void ModelStep::fill(const Tensor& ids, const Tensor& k_cache, const Tensor& v_c
   const GilRelease no_gil;
   const std::lock_guard<std::mutex> lock(mutex_);
   int32_t* lp = lens.mutable_data_ptr<int32_t>();
-  head_rows(ids, k_cache, v_cache, lp, false, true);
-  for (int64_t b = 0; b < ids.size(0); ++b) lp[b] += static_cast<int32_t>(ids.size(1));
+  const int64_t batch = ids.size(0), steps = ids.size(1);
+  int64_t longest = 0;
+  for (int64_t b = 0; b < batch; ++b) longest = std::max<int64_t>(longest, lp[b] + steps);
+  // One call while every kernel computes each row as it would for its sequence alone (what the
+  // eager prefill, one sequence at a time, computes): the projections' and experts' skinny
+  // kernels (BLAS beyond) and attention's per-row path. Else one sequence at a time.
+  if (gemm_rows_alone(batch * steps, global_[kEmbed].scalar_type()) &&
+      attention_rows_alone(batch, steps, longest)) {
+    head_rows(ids, k_cache, v_cache, lp, false, true);
+  } else {
+    for (int64_t b = 0; b < batch; ++b) {
+      head_rows(ids.narrow(0, b, 1), k_cache.narrow(1, b, 1), v_cache.narrow(1, b, 1), lp + b,
+                false, true);
+    }
+  }
+  for (int64_t b = 0; b < batch; ++b) lp[b] += static_cast<int32_t>(steps);
 }
 
 Tensor ModelStep::greedy(const Tensor& ids, const Tensor& k_cache, const Tensor& v_cache,

@@ -64,7 +64,8 @@ class ModelStep : public torch::CustomClassHolder {
                     const at::Tensor& lens);
   // A prompt's prefill: caches ids [B, S] after lens and moves lens by S, computing only what
   // the cache holds (the layers up to the last one that writes K/V, no head); the cache's
-  // contents are the eager step's bit for bit.
+  // contents are the eager step's bit for bit, one sequence at a time as the eager prefill is
+  // (the batch goes in one pass only where that computes each row the same).
   void fill(const at::Tensor& ids, const at::Tensor& k_cache, const at::Tensor& v_cache,
             const at::Tensor& lens);
   // The greedy tokens [B, S] (int64) of the same step: torch.argmax of those logits.
@@ -151,9 +152,8 @@ class ModelStep : public torch::CustomClassHolder {
   bool qk_norm_, renormalize_;
   double eps_, rope_base_;
   std::array<float, 64> inv_freq_{};
-  int64_t dense_inter_ = 0;
-  int64_t last_kv_layer_ = 0;  // the last layer that writes K/V (later ones share its cache)  //
-                               // the dense layers' intermediate width (0: none, -1: they differ)
+  int64_t dense_inter_ = 0;    // the dense layers' intermediate width (0: none, -1: they differ)
+  int64_t last_kv_layer_ = 0;  // the last layer that writes K/V (later ones share its cache)
   static constexpr int64_t kKeptSteps = 16;
   std::vector<std::pair<std::pair<int64_t, int64_t>, Scratch>> scratch_;  // by (batch, steps)
   std::pair<std::pair<int64_t, int64_t>, Scratch> prefill_scratch_{{0, 0}, {}};

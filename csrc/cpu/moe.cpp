@@ -42,10 +42,13 @@ void for_each_group(const int32_t* offs, int64_t num_groups, Fn&& fn) {
 // Work (multiply-adds) from which a call's independent parts go to the thread pool.
 constexpr int64_t kThreadedMacs = int64_t{1} << 18;
 
+bool gemm_rows_alone(int64_t rows, at::ScalarType dtype) {
+  return rows <= moe_gemm::kSkinnyMaxRows && (dtype == at::kFloat || dtype == at::kBFloat16);
+}
+
 void gemm_nt_out(const Tensor& a, const Tensor& b, Tensor& out) {
   const auto dtype = a.scalar_type();
-  const bool skinny = a.size(0) <= moe_gemm::kSkinnyMaxRows && a.size(0) > 0 &&
-                      (dtype == at::kFloat || dtype == at::kBFloat16) && a.stride(1) == 1 &&
+  const bool skinny = a.size(0) > 0 && gemm_rows_alone(a.size(0), dtype) && a.stride(1) == 1 &&
                       b.is_contiguous() && out.is_contiguous();
   if (!skinny) {
     at::mm_out(out, a, b.t());

@@ -106,12 +106,6 @@ def _outputs(logits: Tensor, sampling: Sampling) -> tuple[Tensor | None, Tensor 
     return logits_to_probs(logits, sampling.temperature, sampling.top_k, sampling.top_p), None
 
 
-# A batched fused prefill stays within these (csrc/cpu): up to 256 rows the projections and the
-# experts take the row-independent skinny kernels (BLAS beyond), and up to 2^16 query-key pairs
-# attention takes its per-row path, as each prompt alone would.
-FILL_ROWS, FILL_PAIRS = 256, 1 << 16
-
-
 class Runner:
     """A model with a static KV cache for ``batch`` sequences of up to ``capacity`` tokens.
 
@@ -189,14 +183,12 @@ class Runner:
 
     def _fill(self, prompts: Sequence[Sequence[int]]) -> None:
         """The fused prefill: only the cache writes (no logits, no layers after the last that
-        writes K/V). Prompts of one length go in one call while the call stays where every
-        kernel computes a row as it would alone (the eager prefill's one sequence at a time):
-        at most FILL_ROWS rows and FILL_PAIRS query-key pairs. Else one at a time."""
+        writes K/V). Prompts of one length go in one call (which itself goes one sequence at a
+        time where a batched pass would compute a row differently), ragged ones one at a time."""
         c = self.cache
         lengths = [len(t) for t in prompts]
         c._check_room(lengths)  # the eager path's error, before any write
-        rows, longest = sum(lengths), max(n + m for n, m in zip(c.seq_lens(), lengths, strict=True))
-        if len(set(lengths)) == 1 and rows <= FILL_ROWS and rows * longest <= FILL_PAIRS:
+        if len(set(lengths)) == 1:
             parts = [(c, prompts)] if prompts[0] else []
         else:
             parts = [(c.sequence(b), [t]) for b, t in enumerate(prompts) if t]
