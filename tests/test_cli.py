@@ -28,6 +28,16 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
+def run_main(args: list[str], capsys) -> tuple[int, str]:
+    """`pearlmoe ARGS` in this process (argparse exits with SystemExit): (exit code, stderr)."""
+    capsys.readouterr()
+    try:
+        code = cli.main(list(args))
+    except SystemExit as exit_:
+        code = exit_.code
+    return code, capsys.readouterr().err
+
+
 # ---- the embedded pair --------------------------------------------------------------------------
 
 
@@ -189,11 +199,13 @@ def _incompatible_draft(tmp_path: Path) -> Path:
         (["generate", "", "--device", "cpu"], "PROMPT is empty"),
     ],
 )
-def test_errors_are_one_line(args, message):
-    done = run_cli(*args)
-    assert done.returncode == 2
-    assert "Traceback" not in done.stderr
-    lines = done.stderr.strip().splitlines()
+def test_errors_are_one_line(args, message, capsys):
+    code, err = run_main(
+        args, capsys
+    )  # in-process: the subprocess tests below cover the entry point
+    assert code == 2
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("pearlmoe: error:") and message in lines[0]
 
 
@@ -233,7 +245,7 @@ def test_runtime_errors_are_one_line_unless_debugging(monkeypatch, capsys):
         cli.main(args)
 
 
-def test_malformed_configs_and_impossible_bench_are_one_line(tmp_path):
+def test_malformed_configs_and_impossible_bench_are_one_line(tmp_path, capsys):
     (tmp_path / "partial.json").write_text('{"model_type": "llama"}')
     (tmp_path / "list.json").write_text("[1]")
     (tmp_path / "zero").mkdir()
@@ -254,9 +266,9 @@ def test_malformed_configs_and_impossible_bench_are_one_line(tmp_path):
         ),
     ]
     for args, message in cases:
-        done = run_cli(*args)
-        lines = done.stderr.strip().splitlines()
-        assert done.returncode == 2 and len(lines) == 1 and message in lines[0], (args, done.stderr)
+        code, err = run_main(args, capsys)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and message in lines[0], (args, err)
 
 
 def test_paired_ratio_is_the_geomean_of_per_batch_ratios():

@@ -321,7 +321,7 @@ def _sampling_worker(rank: int, world: int, init: str, out: str, n: int) -> None
 def test_distributed_pearl_sampling_follows_the_target_distribution(tmp_path):
     """The marginals of both sampled positions match the exact target distribution (and not
     the draft's), as for the single-process loops in test_decode."""
-    n = 4000
+    n = 2000  # L1 error of n draws over 16 tokens ~ 0.05; the draft's own is > 0.2 away
     _spawn(_sampling_worker, 2, tmp_path, str(tmp_path), n)
     tokens = load_file(str(tmp_path / "tokens.safetensors"))["tokens"]  # [n, 2]
     target, draft = tiny_pair(vocab=16, noise=0.6, seed=1)

@@ -3,6 +3,7 @@
 // projections of a 4-bit model against the same model in bf16.
 #include <benchmark/benchmark.h>
 
+#include <algorithm>
 #include <random>
 #include <vector>
 
@@ -14,12 +15,17 @@ namespace {
 using pearlmoe::moe_gemm::BF16;
 using pearlmoe::quant::Format;
 
-constexpr int kCopies = 16;  // cycled through so the weights come from memory, as in decode
+// Copies of the weights cycled through so they come from memory, as in decode: enough for
+// 128 MiB (past any L3 here), 2 to 16 of them.
+int copies_for(int64_t bytes) {
+  return static_cast<int>(std::clamp<int64_t>((int64_t{128} << 20) / bytes, 2, 16));
+}
 
+// Uniform in [-1, 1) from 24 random bits: the values only have to be finite and varied, and a
+// normal distribution over 16 copies of the 49152 x 576 head took half a minute to draw.
 std::vector<BF16> random_bf16(int64_t n, std::mt19937& rng) {
-  std::normal_distribution<float> dist;
   std::vector<BF16> out(n);
-  for (auto& v : out) pearlmoe::moe_gemm::store(&v, dist(rng));
+  for (auto& v : out) pearlmoe::moe_gemm::store(&v, static_cast<float>(rng() >> 8) * 0x1p-23f - 1);
   return out;
 }
 
@@ -31,18 +37,19 @@ void BM_QLinear(benchmark::State& state) {
   std::mt19937 rng(0);
   const std::vector<BF16> x = random_bf16(rows * k, rng);
   std::vector<BF16> c(rows * n);
-  std::vector<std::vector<uint8_t>> w(kCopies, std::vector<uint8_t>(n * row_bytes));
-  for (auto& copy : w) {
-    for (auto& b : copy) b = static_cast<uint8_t>(rng());
-    for (int64_t blk = 0; blk < n * k / 32; ++blk) {  // scale (and min) 0x2000: a small fp16
-      uint8_t* p = copy.data() + blk * pearlmoe::quant::block_bytes(format);
-      p[0] = 0, p[1] = 0x20;
-      if (format == Format::kQ4_1) p[2] = 0, p[3] = 0xa0;
-    }
+  std::vector<uint8_t> blocks(n * row_bytes);
+  for (auto& b : blocks) b = static_cast<uint8_t>(rng());
+  for (int64_t blk = 0; blk < n * k / 32; ++blk) {  // scale (and min) 0x2000: a small fp16
+    uint8_t* p = blocks.data() + blk * pearlmoe::quant::block_bytes(format);
+    p[0] = 0, p[1] = 0x20;
+    if (format == Format::kQ4_1) p[2] = 0, p[3] = 0xa0;
   }
+  // Copies in separate memory (their values need not differ).
+  const std::vector<std::vector<uint8_t>> w(copies_for(n * row_bytes), blocks);
+  const int copies = static_cast<int>(w.size());
   int i = 0;
   for (auto _ : state) {
-    pearlmoe::quant::qlinear_rows(format, x.data(), k, rows, k, w[i++ % kCopies].data(), row_bytes,
+    pearlmoe::quant::qlinear_rows(format, x.data(), k, rows, k, w[i++ % copies].data(), row_bytes,
                                   0, n, c.data(), n);
     benchmark::DoNotOptimize(c.data());
     benchmark::ClobberMemory();
@@ -56,12 +63,12 @@ void BM_SkinnyBf16(benchmark::State& state) {
   std::mt19937 rng(0);
   const std::vector<BF16> x = random_bf16(rows * k, rng);
   std::vector<BF16> c(rows * n);
-  std::vector<std::vector<BF16>> w;
-  for (int j = 0; j < kCopies; ++j) w.push_back(random_bf16(n * k, rng));
+  const std::vector<std::vector<BF16>> w(copies_for(n * k * 2), random_bf16(n * k, rng));
+  const int copies = static_cast<int>(w.size());
   int i = 0;
   for (auto _ : state) {
-    pearlmoe::moe_gemm::skinny_gemm_nt(x.data(), k, rows, k, w[i++ % kCopies].data(), 0, n,
-                                       c.data(), n);
+    pearlmoe::moe_gemm::skinny_gemm_nt(x.data(), k, rows, k, w[i++ % copies].data(), 0, n, c.data(),
+                                       n);
     benchmark::DoNotOptimize(c.data());
     benchmark::ClobberMemory();
   }
