@@ -8,6 +8,7 @@ tokens. Its speed is measured by `pearlmoe bench` (bench/NOTES.md), not here."""
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from test_trimmed_vocab import trimmed_copy
 
 import pearlmoe
 from pearlmoe.decode import fused, pearl_generate, speculative_generate
+from pearlmoe.decode.common import num_threads
 from pearlmoe.decode.runner import Runner, Sampling, default_backend, effective_backend
 from pearlmoe.model import ModelConfig, Transformer
 
@@ -357,6 +359,37 @@ def test_draft_worker_dropped_mid_job_joins():
         w.submit(torch.tensor([[4]]), c.k, c.v, c.lens, 64)
         del w  # its owner gone before result(): the thread finishes the job and joins
         runner.lens.zero_().add_(3)
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc (Linux)")
+def test_pearl_rounds_end_the_callers_spinning_openmp_helpers():
+    """A prefill on all the cores leaves the caller's OpenMP helpers spinning at their barrier,
+    where they took the draft thread's core for milliseconds: the rounds end them."""
+    target, draft = _pair(torch.float32)
+    tgt, drf = Runner(target, 1, 96, "fused"), Runner(draft, 1, 96, "fused")
+
+    def threads() -> int:
+        return len(list(Path("/proc/self/task").iterdir()))
+
+    with num_threads(2):
+        tgt.prefill([[1, 2, 3]])
+        drf.prefill([[1, 2, 3]])
+        a = torch.randn(256, 256)
+        a @ a  # an OpenMP region on two threads: a helper now waits in the caller's pool
+        worker = torch.classes.pearlmoe.CpuDraftWorker(drf.fused_step, 1)
+        before = threads()
+        t, d = tgt.cache, drf.cache
+        rounds = torch.classes.pearlmoe.CpuPearlRounds(
+            tgt.fused_step, worker, t.k, t.v, t.lens, d.k, d.v, d.lens, [4], [4],
+            torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64), 0,
+        )  # fmt: skip
+        deadline = time.monotonic() + 5
+        while threads() >= before and time.monotonic() < deadline:
+            time.sleep(0.01)  # a released helper leaves its thread a moment after
+        assert threads() < before
+        rounds.round(2, 0)
+        a @ a  # and the pool comes back for the next region on two threads
+        assert threads() == before
 
 
 def test_pearl_rounds_verify_the_drafts_a_sequence_holds_when_gamma_changes():
