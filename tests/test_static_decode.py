@@ -12,6 +12,7 @@ import torch
 import pearlmoe
 from conftest import requires_cuda
 from pearlmoe.decode import cost_model, pearl_generate, speculative_generate
+from pearlmoe.decode.common import num_threads
 from pearlmoe.decode.runner import Runner, Sampling, _step
 from pearlmoe.model import KVCache, ModelConfig, Transformer
 
@@ -349,6 +350,35 @@ def test_measured_curve_has_every_width(pair32):
     curve = cost_model.measure(target, draft, batch=1, max_width=4)
     assert len(curve.target) == 4 and all(t > 0 for t in curve.target) and curve.draft > 0
     assert curve.target_time(6) > 0
+
+
+def test_interleaved_curves_are_what_measure_then_returns(pair32, monkeypatch):
+    """Each thread count's curve is its fastest over alternating rounds (the rounds run one
+    count, then the other), and measure() at that count returns it instead of measuring anew."""
+    target, draft = pair32
+    order = []
+    real = cost_model.step_seconds
+    # per call, a scale: round 1 threads 1 (target, draft), threads 2 (target, draft); round 2
+    passes = iter([0.5, 0.2, 0.3, 0.1, 0.4, 0.25, 0.35, 0.05])
+
+    def fake(model, widths, *args, **kwargs):
+        order.append((torch.get_num_threads(), model is target))
+        scale = next(passes)
+        return [scale * w for w in widths] if model is target else [scale]
+
+    monkeypatch.setattr(cost_model, "step_seconds", fake)
+    before = torch.get_num_threads()
+    curves = cost_model.measure_interleaved(target, draft, [1, 2], backend="fused", rounds=2,
+                                            max_width=3)  # fmt: skip
+    assert torch.get_num_threads() == before
+    assert [t for t, _ in order] == [1, 1, 2, 2, 1, 1, 2, 2]  # alternating rounds
+    assert curves[1].target == pytest.approx([0.4, 0.8, 1.2]) and curves[1].draft == 0.2
+    assert curves[2].target == pytest.approx([0.3, 0.6, 0.9]) and curves[2].draft == 0.05
+    monkeypatch.setattr(cost_model, "step_seconds", real)
+    for threads in (1, 2):
+        with num_threads(threads):
+            measured = cost_model.measure(target, draft, 1, "fused", max_width=3)
+        assert measured is curves[threads] and measured.extra["threads"] == threads
 
 
 # ---- CUDA (run by bench/device_check.sh on a lent GPU; skipped elsewhere) ------------------------

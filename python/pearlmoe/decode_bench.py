@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 from .decode import generate, pearl_generate, speculative_generate
-from .decode.common import LOOKUP, measured_curve
-from .decode.cost_model import CostCurve, ar_rate, best_gamma, ceiling, rate
+from .decode.common import LOOKUP, measured_curve, side_threads
+from .decode.cost_model import CostCurve, ar_rate, best_gamma, ceiling, measure_interleaved, rate
 
 MODES = ("ar", "speculative", "pearl")
 EAGER_AR = "ar-eager"
@@ -78,6 +78,9 @@ def bench_dtype(
     """Every mode on one dtype: the cost curves, the rows and whether outputs agree. The modes
     take turns prompt by prompt (in a rotating order), so the machine's drift over the run, which
     on a shared VM is ±10-25% between minutes, weighs on every mode alike."""
+    if target.device.type == "cpu":  # both sides' thread counts in alternating rounds
+        threads = sorted({torch.get_num_threads(), side_threads()})
+        measure_interleaved(target, draft, threads, batch, backend)
     curves = {m: measured_curve(target, draft, batch, m, backend) for m in ("speculative", "pearl")}
     modes = (EAGER_AR, *MODES)
 
