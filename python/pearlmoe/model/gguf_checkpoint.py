@@ -10,6 +10,7 @@ rotates the two halves); ``_unpermute`` is the inverse of its ``permute``.
 Shape letters: V vocabulary, H hidden, Hq/Hkv heads, D head dim.
 """
 
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,13 @@ def is_gguf(path: str | Path) -> bool:
     return path.suffix.lower() == ".gguf" and path.is_file()
 
 
+# Parsed files, newest last: opening SmolLM2's took 2.7 s of parsing its header (the tokenizer,
+# the config and the tensors each open the file). Keyed by the file's identity and version, so
+# a changed file is parsed again; the readers only read (a read-only memory map).
+_READERS: "OrderedDict[tuple, Any]" = OrderedDict()
+_KEEP_READERS = 2
+
+
 def _reader(path: Path):
     try:
         import gguf
@@ -54,7 +62,14 @@ def _reader(path: Path):
             f"reading {path} needs the gguf package: pip install gguf (pure Python + numpy)"
         ) from None
     try:
-        return gguf.GGUFReader(path)
+        st = path.stat()
+        key = (str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        if key not in _READERS:
+            _READERS[key] = gguf.GGUFReader(path)
+            while len(_READERS) > _KEEP_READERS:
+                _READERS.popitem(last=False)
+        _READERS.move_to_end(key)
+        return _READERS[key]
     except Exception as err:  # the reader raises ValueError, struct.error, OSError, ...
         raise CheckpointError(f"{path}: not a readable GGUF file ({err})") from None
 
