@@ -270,6 +270,22 @@ def test_decode_loops_emit_the_autoregressive_tokens(dtype, batch):
         assert got == want
 
 
+@pytest.mark.parametrize("lookup", [0, 3])
+def test_finished_sequences_leave_the_speculative_rounds(lookup):
+    """A finished sequence gives its slot to a live one: the rounds score fewer rows, and every
+    sequence's tokens stay the autoregressive ones, whichever order they finish in."""
+    target, draft = _pair(torch.float32)
+    prompts = [*PROMPTS4, [16, 17], [18, 19, 20]]
+    eos = pearlmoe.generate(target, prompts, 24)[1][6]
+    want = pearlmoe.generate(target, prompts, 24, eos_token_id=eos)
+    assert len({len(w) for w in want}) > 1  # they finish at different rounds
+    got, stats = speculative_generate(target, draft, prompts, 24, gamma=3, eos_token_id=eos,
+                                      backend="fused", lookup=lookup)  # fmt: skip
+    assert got == want
+    every_slot = len(prompts) * (stats.draft_calls + stats.target_calls)
+    assert stats.extra["target_rows"] < every_slot
+
+
 def test_sampled_decoding_equals_eager_draw_for_draw():
     """Bit-identical logits make the same seeded draws as the eager backend (whose sampling the
     statistical tests in test_decode.py check against the target distribution)."""
