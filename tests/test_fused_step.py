@@ -384,8 +384,8 @@ def test_pearl_rounds_end_the_callers_spinning_openmp_helpers():
     target, draft = _pair(torch.float32)
     tgt, drf = Runner(target, 1, 96, "fused"), Runner(draft, 1, 96, "fused")
 
-    def threads() -> int:
-        return len(list(Path("/proc/self/task").iterdir()))
+    def thread_ids() -> set[int]:
+        return {int(p.name) for p in Path("/proc/self/task").iterdir()}
 
     with num_threads(2):
         tgt.prefill([[1, 2, 3]])
@@ -393,19 +393,20 @@ def test_pearl_rounds_end_the_callers_spinning_openmp_helpers():
         a = torch.randn(256, 256)
         a @ a  # an OpenMP region on two threads: a helper now waits in the caller's pool
         worker = torch.classes.pearlmoe.CpuDraftWorker(drf.fused_step, 1)
-        before = threads()
+        before = thread_ids()
         t, d = tgt.cache, drf.cache
         rounds = torch.classes.pearlmoe.CpuPearlRounds(
             tgt.fused_step, worker, t.k, t.v, t.lens, d.k, d.v, d.lens, [4], [4],
             torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64), 0,
         )  # fmt: skip
         deadline = time.monotonic() + 5
-        while threads() >= before and time.monotonic() < deadline:
+        while not before - thread_ids() and time.monotonic() < deadline:
             time.sleep(0.01)  # a released helper leaves its thread a moment after
-        assert threads() < before
+        assert before - thread_ids()  # the helper is gone
+        after = thread_ids()
         rounds.round(2, 0)
         a @ a  # and the pool comes back for the next region on two threads
-        assert threads() == before
+        assert thread_ids() - after
 
 
 def test_pearl_rounds_verify_the_drafts_a_sequence_holds_when_gamma_changes():

@@ -367,6 +367,7 @@ def test_interleaved_curves_are_what_measure_then_returns(pair32, monkeypatch):
         return [scale * w for w in widths] if model is target else [scale]
 
     monkeypatch.setattr(cost_model, "step_seconds", fake)
+    monkeypatch.setattr(cost_model, "_curves", {})  # the fake curves stay in this test
     before = torch.get_num_threads()
     curves = cost_model.measure_interleaved(target, draft, [1, 2], backend="fused", rounds=2,
                                             max_width=3)  # fmt: skip

@@ -55,8 +55,8 @@ PearlRounds::PearlRounds(c10::intrusive_ptr<ModelStep> target,
   post_.assign(batch, false);
   active_.assign(batch, true);
 #ifdef _OPENMP  // omp_pause_resource: OpenMP 5.0, in libgomp since GCC 9
-  // The rounds run one thread a side. The caller's OpenMP helpers, left by a prefill on all the
-  // cores, spin at their barrier for milliseconds and take the draft thread's core (measured:
+  // The rounds split the cores between the sides. The caller's OpenMP helpers, left by a
+  // prefill on all of them, spin at their barrier for milliseconds on the draft's (measured:
   // the draft starting 2-7 ms late in ~1 of 10 rounds of a call; PEARL's rounds 1.31-1.34x
   // their slower side, 1.12-1.15x without). End them: the next parallel region on all the
   // cores starts them again (~0.1 ms).

@@ -3,7 +3,8 @@ with per-sequence acceptance and rollback. Lossless: greedy output equals greedy
 output; sampled output follows the target distribution (``ops.spec_verify``).
 
 Every round has the same shapes, so each side's steps are static (pearlmoe.decode.runner): the
-target scores [last, d_1..d_γ] (γ+1 tokens) for every sequence; the draft re-feeds the committed
+target scores [last, d_1..d_γ] (γ+1 tokens) for every sequence (greedy C++ rounds: every sequence
+still decoding, finished ones leaving their slots); the draft re-feeds the committed
 token before ``last`` together with ``last`` (2 tokens; in place, at the same position, so its
 cache is unchanged) and then drafts. Acceptance moves each side's lengths with tensor ops; the
 round's only host sync is reading the emitted tokens.
@@ -138,24 +139,26 @@ def _host_round(
 def _retire_finished(
     slots: list[int], live: int, done: list[bool], per_slot: list[Tensor], caches: list[Tensor]
 ) -> int:
-    """Moves finished sequences out of slots 0..live-1, each swapping places with the last live
-    slot in every per-slot tensor (batch first; empty ones skipped) and cache (batch second):
-    a row's results do not depend on the others', so the rest decode on unchanged. Returns the
-    new live count."""
+    """Moves finished sequences out of slots 0..live-1: the last live sequence's state is copied
+    into a finished one's slot in every per-slot tensor (batch first; empty ones skipped) and
+    cache (batch second); a finished sequence's own state is not read again. A row's results do
+    not depend on the others', so the rest decode on unchanged. Returns the new live count."""
     slot = 0
     while slot < live:
         if not done[slots[slot]]:
             slot += 1
             continue
         live -= 1
-        if slot != live:
-            pair, swapped = [slot, live], [live, slot]
+        while live > slot and done[slots[live]]:  # finished at the end: nothing to move
+            live -= 1
+        if live > slot:
             for t in per_slot:
                 if t.numel():
-                    t[pair] = t[swapped]
+                    t[slot] = t[live]
             for t in caches:
-                t[:, pair] = t[:, swapped]
+                t[:, slot] = t[:, live]
             slots[slot], slots[live] = slots[live], slots[slot]
+            slot += 1
     return live
 
 
@@ -261,7 +264,8 @@ def speculative_generate(
             stats.extra["target_rows"] += n * (n_drafted + 1)
             sides_end = time.perf_counter()
             rows, (draft_s, target_s) = rows.tolist(), seconds.tolist()
-            policy.observe(n_drafted + 1, target_s, n_drafted, draft_s)
+            if n == batch:  # the curve is the whole batch's: fewer rows would skew its scales
+                policy.observe(n_drafted + 1, target_s, n_drafted, draft_s)
             stats.draft_calls += n_drafted
             stats.target_calls += 1
         else:
@@ -315,7 +319,7 @@ def speculative_generate(
             caches = [tgt.cache.k, tgt.cache.v, drf.cache.k, drf.cache.v]  # [G, B, ...]
             live = _retire_finished(slots, live, done, per_slot, caches)
         end_round(stats, policy, step, proposed, round_accepted, callback)
-        if timed:  # the round's host work: its wall time outside the two sides
+        if timed and (not one_call or n == batch):  # the round's host work outside the sides
             policy.observe_host(time.perf_counter() - round_top - (sides_end - began))
     end_decode(stats, policy, start)
     return outputs, stats

@@ -10,6 +10,7 @@ rotates the two halves); ``_unpermute`` is the inverse of its ``permute``.
 Shape letters: V vocabulary, H hidden, Hq/Hkv heads, D head dim.
 """
 
+import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ def is_gguf(path: str | Path) -> bool:
 # a changed file is parsed again; the readers only read (a read-only memory map).
 _READERS: "OrderedDict[tuple, Any]" = OrderedDict()
 _KEEP_READERS = 2
+_READERS_LOCK = threading.Lock()
 
 
 def _reader(path: Path):
@@ -64,12 +66,16 @@ def _reader(path: Path):
     try:
         st = path.stat()
         key = (str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-        if key not in _READERS:
-            _READERS[key] = gguf.GGUFReader(path)
+        with _READERS_LOCK:
+            reader = _READERS.get(key)
+        if reader is None:
+            reader = gguf.GGUFReader(path)
+        with _READERS_LOCK:
+            _READERS[key] = reader
+            _READERS.move_to_end(key)
             while len(_READERS) > _KEEP_READERS:
                 _READERS.popitem(last=False)
-        _READERS.move_to_end(key)
-        return _READERS[key]
+        return reader
     except Exception as err:  # the reader raises ValueError, struct.error, OSError, ...
         raise CheckpointError(f"{path}: not a readable GGUF file ({err})") from None
 
