@@ -200,9 +200,8 @@ def _incompatible_draft(tmp_path: Path) -> Path:
     ],
 )
 def test_errors_are_one_line(args, message, capsys):
-    code, err = run_main(
-        args, capsys
-    )  # in-process: the subprocess tests below cover the entry point
+    # In-process: the subprocess tests below cover the entry point.
+    code, err = run_main(args, capsys)
     assert code == 2
     assert "Traceback" not in err
     lines = err.strip().splitlines()

@@ -124,6 +124,12 @@ def measured_curve(
 MAX_GAMMA = 15
 
 
+def check_gamma(gamma: int) -> None:
+    """A draft length every loop accepts: 1..MAX_GAMMA."""
+    if not 1 <= gamma <= MAX_GAMMA:
+        raise ValueError(f"gamma must be in [1, {MAX_GAMMA}], got {gamma}")
+
+
 def gamma_policy(
     target: Transformer, draft: Transformer, batch: int, mode: str, backend: str,
     gamma: int | None, max_gamma: int = 8,
@@ -132,8 +138,8 @@ def gamma_policy(
     measured cost curve."""
     from .cost_model import GammaPolicy
 
-    if gamma is not None and not 1 <= gamma <= MAX_GAMMA:
-        raise ValueError(f"gamma must be in [1, {MAX_GAMMA}], got {gamma}")
+    if gamma is not None:
+        check_gamma(gamma)
     curve = None if gamma else measured_curve(target, draft, batch, mode, backend)
     # Start from what the last decode of this pair in this mode learned (α, the sides' costs in
     # the loop), and leave what this one learns for the next (``GammaPolicy.remember``).

@@ -315,12 +315,14 @@ def measure(
     """The target's cost curve over widths 1..max_width and the draft's step time, with this
     thread's torch thread count (cached per pair of models, batch, backend and thread count)."""
     threads = torch.get_num_threads()
-    key = (id(target), id(draft), batch, backend, max_width, threads)
+    key = _curve_key(target, draft, batch, backend, max_width, threads)
     if key not in _curves:
-        target_times = step_seconds(target, list(range(1, max_width + 1)), batch, backend)
-        draft_time = step_seconds(draft, [1], batch, backend)[0]
-        _curves[key] = CostCurve(target_times, draft_time, batch, {"threads": threads})
+        measure_interleaved(target, draft, [threads], batch, backend, 1, max_width)
     return _curves[key]
+
+
+def _curve_key(target, draft, batch: int, backend: str, max_width: int, threads: int) -> tuple:
+    return (id(target), id(draft), batch, backend, max_width, threads)
 
 
 def measure_interleaved(
@@ -354,6 +356,6 @@ def measure_interleaved(
         torch.set_num_threads(before)
     curves = {}
     for threads, (t, d) in best.items():
-        key = (id(target), id(draft), batch, backend, max_width, threads)
+        key = _curve_key(target, draft, batch, backend, max_width, threads)
         _curves[key] = curves[threads] = CostCurve(t, d, batch, {"threads": threads})
     return curves

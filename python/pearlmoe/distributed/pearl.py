@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .. import ops
 from ..decode.autoregressive import _eos_set
-from ..decode.common import MAX_GAMMA, CachedModel, DecodeStats, emit
+from ..decode.common import CachedModel, DecodeStats, check_gamma, emit
 from ..decode.sampling import logits_to_probs, sample
 from ..model.transformer import Transformer
 from .expert_parallel import comm_device
@@ -59,8 +59,7 @@ def distributed_pearl_generate(
     two sides first exchange and compare vocabulary size, γ, greedy flag, budget and prompt."""
     if role not in ("draft", "target"):
         raise ValueError(f"role must be 'draft' or 'target', got {role!r}")
-    if not 1 <= gamma <= MAX_GAMMA:  # a longer window is not computed as decode steps are
-        raise ValueError(f"gamma must be in [1, {MAX_GAMMA}], got {gamma}")
+    check_gamma(gamma)  # a longer window is not computed as decode steps are
     prompt = list(prompt)
     if not prompt:
         raise ValueError("prompt must hold at least one token")
