@@ -3,12 +3,16 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <string>
+#include <vector>
 
 #include "cpu/cpu_kernels.h"
 #include "cpu/draft_worker.h"
 #include "cpu/model_step.h"
 #include "cpu/pearl_rounds.h"
+#include "cpu/parallel.h"
+#include "cpu/thread_pool.h"
 
 // `from . import _C` loads this shared library, which runs the registrations below. The module
 // itself is empty: ops are reached through torch.ops.pearlmoe, never through pybind11.
@@ -129,4 +133,30 @@ TORCH_LIBRARY(pearlmoe, m) {
   m.def("built_with_cuda() -> bool", [] { return kBuiltWithCuda; });
   // The instruction set of the CPU kernels' skinny GEMM on this machine.
   m.def("cpu_isa() -> str", [] { return std::string(pearlmoe::cpu::skinny_isa()); });
+  // The CPU kernels' fork/join: "claim" (pearlmoe's pool) or "openmp" (csrc/cpu/thread_pool.h).
+  m.def("cpu_pool() -> str", [] { return pearlmoe::cpu::pool_kind(); });
+  m.def("set_cpu_pool(str kind) -> ()",
+        [](const std::string& kind) { pearlmoe::cpu::set_pool_kind(kind); });
+  // How often the pool found the machine loaded (other processes on its cores) and ran solo.
+  m.def("cpu_pool_solo_spells() -> int", [] { return pearlmoe::cpu::pool_solo_spells(); });
+  // For the tests: cpu::parallel_for over [0, n) with this grain inside a fused step's pool scope;
+  // returns how often each index ran (each chunk throws at index throw_at, if in range).
+  m.def("_cpu_pool_selftest(int n, int grain, int throw_at) -> int[]",
+        [](int64_t n, int64_t grain, int64_t throw_at) {
+          std::vector<std::atomic<int64_t>> runs(static_cast<size_t>(std::max<int64_t>(n, 0)));
+          {
+            const pearlmoe::cpu::PoolScope scope;
+            pearlmoe::cpu::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+              TORCH_CHECK(begin >= 0 && begin < end && end <= n, "bad range ", begin, "..", end);
+              for (int64_t i = begin; i < end; ++i) {
+                runs[i].fetch_add(1);
+                TORCH_CHECK(i != throw_at, "pool selftest: thrown at ", i);
+              }
+            });
+          }
+          std::vector<int64_t> out;
+          out.reserve(runs.size());
+          for (const auto& r : runs) out.push_back(r.load());
+          return out;
+        });
 }

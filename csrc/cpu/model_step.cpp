@@ -11,6 +11,7 @@
 
 #include "../ops/checks.h"
 #include "gil.h"
+#include "thread_pool.h"
 #include "../ops/ops.h"
 #include "cpu_kernels.h"
 
@@ -273,6 +274,7 @@ Tensor ModelStep::checked_head_rows(const Tensor& ids, const Tensor& k_cache, co
                                     const Tensor& lens) {
   check_call(ids, k_cache, v_cache, lens);
   const GilRelease no_gil;
+  const PoolScope pool_scope;
   const std::lock_guard<std::mutex> lock(mutex_);
   return head_rows(ids, k_cache, v_cache, lens.const_data_ptr<int32_t>(), true);
 }
@@ -321,6 +323,7 @@ void ModelStep::fill(const Tensor& ids, const Tensor& k_cache, const Tensor& v_c
                      const Tensor& lens) {
   check_call(ids, k_cache, v_cache, lens);
   const GilRelease no_gil;
+  const PoolScope pool_scope;
   const std::lock_guard<std::mutex> lock(mutex_);
   int32_t* lp = lens.mutable_data_ptr<int32_t>();
   const int64_t batch = ids.size(0), steps = ids.size(1);
@@ -339,12 +342,17 @@ void ModelStep::fill(const Tensor& ids, const Tensor& k_cache, const Tensor& v_c
     }
   }
   for (int64_t b = 0; b < batch; ++b) lp[b] += static_cast<int32_t>(steps);
+  // A decode follows: ATen's OpenMP team (the caches' zeros were an OpenMP region) would spin
+  // for milliseconds beside the pool's helpers (measured: ~9 ms a request, and the pool judging
+  // the machine loaded).
+  if (pool_claims()) rest_openmp();
 }
 
 Tensor ModelStep::greedy(const Tensor& ids, const Tensor& k_cache, const Tensor& v_cache,
                          const Tensor& lens) {
   check_call(ids, k_cache, v_cache, lens);
   const GilRelease no_gil;
+  const PoolScope pool_scope;
   const std::lock_guard<std::mutex> lock(mutex_);  // held while the scratch rows are read
   return argmax_rows(head_rows(ids, k_cache, v_cache, lens.const_data_ptr<int32_t>(), false),
                      ids.size(0), ids.size(1));
@@ -397,6 +405,7 @@ Tensor ModelStep::draft_lookup(const Tensor& ids, const Tensor& k_cache, const T
            "draft's lookup needs a context per sequence: ", contexts ? contexts->size() : 0,
            " for ", batch);
   const GilRelease no_gil;
+  const PoolScope pool_scope;
   const std::lock_guard<std::mutex> lock(mutex_);
   int32_t* lp = lens.mutable_data_ptr<int32_t>();
   const int64_t most = lookup ? n + extend : n;
@@ -501,6 +510,7 @@ std::tuple<Tensor, Tensor, int64_t> ModelStep::speculative_round(
   Tensor rows = at::full({batch, most + 2}, -1, feed.options().dtype(at::kLong));
   Tensor seconds = at::empty({2}, feed.options().dtype(at::kDouble));
   const GilRelease no_gil;
+  const PoolScope pool_scope;
   const auto start = std::chrono::steady_clock::now();
   const Tensor drafted = draft->draft_lookup(feed, d_k, d_v, d_lens, gamma,
                                              ngram > 0 ? &contexts : nullptr, ngram, extend);

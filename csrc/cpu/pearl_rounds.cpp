@@ -6,10 +6,7 @@
 
 #include "../ops/checks.h"
 #include "gil.h"
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include "thread_pool.h"
 
 namespace pearlmoe::cpu {
 namespace {
@@ -54,14 +51,13 @@ PearlRounds::PearlRounds(c10::intrusive_ptr<ModelStep> target,
   unverified_.resize(batch);
   post_.assign(batch, false);
   active_.assign(batch, true);
-#ifdef _OPENMP  // omp_pause_resource: OpenMP 5.0, in libgomp since GCC 9
   // The rounds split the cores between the sides. The caller's OpenMP helpers, left by a
   // prefill on all of them, spin at their barrier for milliseconds on the draft's (measured:
   // the draft starting 2-7 ms late in ~1 of 10 rounds of a call; PEARL's rounds 1.31-1.34x
-  // their slower side, 1.12-1.15x without). End them: the next parallel region on all the
-  // cores starts them again (~0.1 ms).
-  omp_pause_resource(omp_pause_soft, omp_get_initial_device());
-#endif
+  // their slower side, 1.12-1.15x without). End them, and let pearlmoe's own pool's helpers
+  // sleep rather than spin.
+  rest_openmp();
+  pool_rest();
 }
 
 void PearlRounds::write_lens() {

@@ -1,0 +1,385 @@
+// The claiming fork/join pool (thread_pool.h).
+#include "thread_pool.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <c10/util/Exception.h>
+#include <pthread.h>
+#include <sched.h>
+#include <time.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdlib>
+#include <exception>
+#include <mutex>
+#include <optional>
+#include <thread>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
+
+namespace pearlmoe::cpu {
+namespace {
+
+// A helper spins this long after a job before it sleeps: a decode step's jobs come 10-300 us
+// apart (at batch 1 most regions are too small to share), and waking a sleeper costs the caller
+// a futex call and, on a loaded machine, its core (the woken helper preempts it). A helper that
+// sleeps through a job's start costs only its help.
+constexpr auto kSpin = std::chrono::microseconds(5000);
+// A job's chunks are split into one contiguous part per thread (at most kMaxParts), each
+// claimed through its own word: epoch (32 bits) | next chunk (16) | end of the part (16). A
+// thread runs its own part first, in order, so that it touches the same slice of the weights
+// every step, as OpenMP's static schedule does; then it takes what is left of the others'.
+constexpr int kMaxParts = 16;
+constexpr int64_t kMaxChunks = 0xffff;
+
+inline uint64_t word(uint64_t epoch, int64_t next, int64_t end) {
+  return epoch << 32 | static_cast<uint64_t>(next) << 16 | static_cast<uint64_t>(end);
+}
+
+inline void relax() {
+#if defined(__x86_64__) || defined(_M_X64)
+  _mm_pause();
+#endif
+}
+
+// Load: over windows of kWindow of back-to-back jobs the pool compares the caller's CPU time
+// with the wall time, and counts its waits for chunks a helper claimed. A window that shows the
+// machine loaded (the caller runnable but off its core, or a helper taken off its core
+// mid-chunk) sends the work to the caller alone for kSolo, doubling up to kSoloMost while the
+// load lasts: beside one busy process on a 2-core VM two threads decoded at ~1300 tok/s and the
+// caller alone at ~2500 (the caller got ~75% of a core, sharing two with its helper and the
+// other process).
+constexpr auto kWindow = std::chrono::milliseconds(20);
+constexpr auto kGap = std::chrono::milliseconds(2);  // a pause between jobs starts a new window
+constexpr auto kSolo = std::chrono::milliseconds(20);
+constexpr auto kSoloMost = std::chrono::milliseconds(1600);
+constexpr double kLoadedCpuShare = 0.85;  // the caller's CPU time / wall time below this
+// ... or this many jobs whose caller waited kStall, and 4 of its own chunks' time, for a chunk a
+// helper had claimed (its usual lag is a few microseconds).
+constexpr int kLoadedStalls = 4;
+constexpr auto kStall = std::chrono::microseconds(100);
+
+using Clock = std::chrono::steady_clock;
+
+// This thread's CPU time.
+std::chrono::nanoseconds thread_cpu() {
+  timespec ts{};
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return std::chrono::seconds(ts.tv_sec) + std::chrono::nanoseconds(ts.tv_nsec);
+}
+
+thread_local bool t_in_job = false;
+thread_local int t_scope_depth = 0;
+
+// Sets this thread's OpenMP thread count (ATen's get_num_threads) to 1 while it runs chunks.
+class SerialOpenMP {
+ public:
+  SerialOpenMP() {
+#ifdef _OPENMP
+    saved_ = omp_get_max_threads();
+    if (saved_ != 1) omp_set_num_threads(1);
+#endif
+    t_in_job = true;
+  }
+  ~SerialOpenMP() {
+    t_in_job = false;
+#ifdef _OPENMP
+    if (saved_ != 1) omp_set_num_threads(saved_);
+#endif
+  }
+  SerialOpenMP(const SerialOpenMP&) = delete;
+  SerialOpenMP& operator=(const SerialOpenMP&) = delete;
+
+ private:
+  int saved_ = 1;
+};
+
+class Pool {
+ public:
+  bool run(int64_t chunks, int threads, const at::ThreadLocalState* state, ChunkFn fn, void* ctx) {
+    TORCH_CHECK(chunks >= 0 && chunks <= kMaxChunks, "pearlmoe thread pool: ", chunks,
+                " chunks (at most ", kMaxChunks, ")");
+    std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
+    if (!busy.owns_lock()) return false;
+    const auto start = Clock::now();
+    if (start < solo_until_) return false;  // loaded: the caller alone
+    if (window_thread_ != std::this_thread::get_id() || start - last_end_ > kGap) {
+      begin_window(start);  // a new caller, or the first job after a pause
+    }
+    const int helpers = std::max(0, threads - 1);
+    while (static_cast<int>(helpers_.size()) < helpers) {
+      const int index = static_cast<int>(helpers_.size());
+      helpers_.emplace_back([this, index] { helper(index); });
+      helpers_.back().detach();  // never joined: see thread_pool.h
+    }
+    // The job's fields, then its parts' words, then its epoch (a helper that claims a chunk
+    // through a word of this epoch sees the fields; one still on the last job claims nothing).
+    const int parts = std::min(threads, kMaxParts);
+    const uint32_t epoch = epoch_.load(std::memory_order_relaxed) + 1;
+    wanted_.store(helpers, std::memory_order_relaxed);
+    parts_.store(parts, std::memory_order_relaxed);
+    fn_.store(fn, std::memory_order_relaxed);
+    ctx_.store(ctx, std::memory_order_relaxed);
+    state_.store(state, std::memory_order_relaxed);
+    done_.store(0, std::memory_order_relaxed);
+    error_ = nullptr;
+    for (int p = 0; p < parts; ++p) {
+      parts_words_[p].word.store(word(epoch, p * chunks / parts, (p + 1) * chunks / parts),
+                                 std::memory_order_release);
+    }
+    caller_cpu_.store(sched_getcpu(), std::memory_order_relaxed);
+    epoch_.store(epoch);  // seq_cst, paired with a sleeper's: one of the two sees the other's
+    if (sleepers_.load() > 0) {
+      const std::lock_guard<std::mutex> lock(sleep_mutex_);
+      wake_.notify_all();
+    }
+    int64_t own = 0;  // chunks the caller ran
+    {
+      const SerialOpenMP serial;
+      own = work(epoch, 0, false);
+    }
+    const auto own_done = Clock::now();
+    // Only chunks a helper claimed can be left: wait for those, yielding the core after a while
+    // (on a loaded machine the helper may be waiting for this one).
+    for (int spins = 0; done_.load(std::memory_order_acquire) < chunks; ++spins) {
+      if (spins < 2000) {
+        relax();
+      } else {
+        std::this_thread::yield();
+      }
+    }
+    const auto end = Clock::now();
+    const auto chunk_time = own > 0 ? (own_done - start) / own : Clock::duration::zero();
+    window_stalls_ += end - own_done > std::max<Clock::duration>(kStall, 4 * chunk_time);
+    last_end_ = end;
+    if (end - window_start_ > kWindow) judge_window(end);
+    if (error_) {
+      std::exception_ptr error = error_;
+      error_ = nullptr;
+      std::rethrow_exception(error);
+    }
+    return true;
+  }
+
+  void rest() { rest_.fetch_add(1); }
+  int64_t solo_spells() const { return solo_spells_.load(std::memory_order_relaxed); }
+
+ private:
+  void begin_window(Clock::time_point now) {
+    window_thread_ = std::this_thread::get_id();
+    window_start_ = now;
+    window_cpu_ = thread_cpu();
+    window_stalls_ = 0;
+  }
+
+  // Whether the window just ended saw the machine loaded; if so, the next jobs run solo.
+  void judge_window(Clock::time_point now) {
+    const double share = static_cast<double>((thread_cpu() - window_cpu_).count()) /
+                         static_cast<double>(std::chrono::nanoseconds(now - window_start_).count());
+    const bool loaded = share < kLoadedCpuShare || window_stalls_ >= kLoadedStalls;
+    if (loaded) {
+      rest();  // the helpers sleep through the solo spell
+      solo_for_ = std::min<Clock::duration>(
+          solo_for_ == Clock::duration::zero() ? kSolo : 2 * solo_for_, kSoloMost);
+      solo_until_ = now + solo_for_;
+      solo_spells_.fetch_add(1, std::memory_order_relaxed);
+    } else {
+      solo_for_ = Clock::duration::zero();
+    }
+    begin_window(now);
+  }
+
+  // Claims and runs chunks of job `epoch`, its own part first, then the others' (until none is
+  // left, or a newer job is up); returns how many it ran.
+  int64_t work(uint32_t epoch, int part, bool helper) {
+    std::optional<at::ThreadLocalStateGuard> state;
+    std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
+    int64_t ran = 0;
+    const int parts = parts_.load(std::memory_order_relaxed);
+    for (int k = 0; k < parts; ++k) {
+      std::atomic<uint64_t>& w = parts_words_[(part + k) % parts].word;
+      uint64_t claim = w.load(std::memory_order_acquire);
+      while (claim >> 32 == epoch) {
+        const auto next = static_cast<int64_t>(claim >> 16 & 0xffff);
+        if (next >= static_cast<int64_t>(claim & 0xffff)) break;  // the part is done
+        if (!w.compare_exchange_weak(claim, claim + (uint64_t{1} << 16), std::memory_order_acq_rel,
+                                     std::memory_order_acquire)) {
+          continue;  // claim holds the word's new value
+        }
+        // Claimed: the job cannot end before this chunk does, so its fields are this job's.
+        if (helper && !state) {
+          state.emplace(*state_.load(std::memory_order_relaxed));
+          below_autograd.emplace();
+        }
+        try {
+          fn_.load(std::memory_order_relaxed)(ctx_.load(std::memory_order_relaxed), next);
+        } catch (...) {
+          const std::lock_guard<std::mutex> lock(error_mutex_);
+          if (!error_) error_ = std::current_exception();
+        }
+        done_.fetch_add(1, std::memory_order_acq_rel);
+        ++ran;
+        claim = w.load(std::memory_order_acquire);
+      }
+      if (claim >> 32 != epoch) break;  // a newer job: this one is over
+    }
+    return ran;
+  }
+
+  void helper(int index) {
+    (void)at::get_num_threads();  // ATen's per-thread set-up first: it would reset the count
+    const SerialOpenMP serial;
+    uint32_t seen = 0;
+    while (true) {
+      seen = wait_after(seen);
+      if (index < wanted_.load(std::memory_order_relaxed) && !beside_caller()) {
+        work(seen, (index + 1) % std::max(1, parts_.load(std::memory_order_relaxed)), true);
+      }
+    }
+  }
+
+  // Whether this helper runs on the caller's CPU. A woken helper can land there (the scheduler
+  // places a wakee near its waker), and one that claims a chunk there waits for the caller's
+  // time slice to end while the caller waits for it. Such a helper yields instead, and leaves
+  // the job to the caller.
+  bool beside_caller() const {
+    const int cpu = sched_getcpu();
+    if (cpu < 0 || cpu != caller_cpu_.load(std::memory_order_relaxed)) return false;
+    std::this_thread::yield();
+    return true;
+  }
+
+  // Spins, then sleeps, until a job newer than `seen` is posted; returns its epoch.
+  uint32_t wait_after(uint32_t seen) {
+    const uint64_t rest = rest_.load(std::memory_order_relaxed);
+    const auto until = Clock::now() + kSpin;
+    for (int spins = 0;; ++spins) {
+      const uint32_t now = epoch_.load(std::memory_order_acquire);
+      if (now != seen) return now;
+      if ((spins & 63) == 63) {
+        if (rest_.load(std::memory_order_relaxed) != rest || Clock::now() > until) break;
+        (void)beside_caller();  // spinning there would take the caller's time
+      }
+      relax();
+    }
+    std::unique_lock<std::mutex> lock(sleep_mutex_);
+    sleepers_.fetch_add(1);
+    wake_.wait(lock, [&] { return epoch_.load() != seen; });
+    sleepers_.fetch_sub(1);
+    return epoch_.load(std::memory_order_acquire);
+  }
+
+  struct alignas(64) PartWord {
+    std::atomic<uint64_t> word{0};
+  };
+
+  std::mutex busy_;  // held by the caller whose job this is
+  std::vector<std::thread> helpers_;
+  // The words every chunk touches, each on its own cache line; the job's fields after them.
+  PartWord parts_words_[kMaxParts];
+  alignas(64) std::atomic<int64_t> done_{0};
+  alignas(64) std::atomic<uint32_t> epoch_{0};
+  std::atomic<int> parts_{1};
+  std::atomic<ChunkFn> fn_{nullptr};
+  std::atomic<void*> ctx_{nullptr};
+  std::atomic<const at::ThreadLocalState*> state_{nullptr};
+  std::atomic<int> wanted_{0};       // helpers 0..wanted-1 take part in the job
+  std::atomic<int> caller_cpu_{-1};  // the CPU the job's caller posted it from
+  std::mutex error_mutex_;
+  std::exception_ptr error_;
+  std::mutex sleep_mutex_;
+  std::condition_variable wake_;
+  std::atomic<int> sleepers_{0};
+  std::atomic<uint64_t> rest_{0};
+  // The load watch (under busy_).
+  std::thread::id window_thread_;
+  Clock::time_point window_start_, solo_until_, last_end_;
+  std::chrono::nanoseconds window_cpu_{};
+  Clock::duration solo_for_{};
+  int window_stalls_ = 0;
+  std::atomic<int64_t> solo_spells_{0};  // windows judged loaded
+};
+
+std::atomic<Pool*> g_pool{nullptr};
+
+Pool& pool() {
+  Pool* p = g_pool.load(std::memory_order_acquire);
+  if (p != nullptr) return *p;
+  static const int registered = [] {
+    // A forked child has none of the parent's helpers: it starts a pool of its own (the old
+    // one is left, as its threads are gone).
+    return pthread_atfork(nullptr, nullptr, [] { g_pool.store(nullptr); });
+  }();
+  (void)registered;
+  auto* fresh = new Pool();
+  if (!g_pool.compare_exchange_strong(p, fresh)) {
+    delete fresh;
+    return *p;
+  }
+  return *fresh;
+}
+
+// 0: not read yet, 1: claim, 2: openmp.
+std::atomic<int> g_kind{0};
+
+int kind_from(const std::string& name, const char* where) {
+  if (name == "claim") return 1;
+  if (name == "openmp") return 2;
+  TORCH_CHECK(false, "pearlmoe: ", where, " must be 'claim' or 'openmp', got '", name, "'");
+}
+
+}  // namespace
+
+bool pool_run(int64_t chunks, int threads, const at::ThreadLocalState* state, ChunkFn fn,
+              void* ctx) {
+  return pool().run(chunks, threads, state, fn, ctx);
+}
+
+bool in_pool_job() { return t_in_job; }
+
+PoolScope::PoolScope() { ++t_scope_depth; }
+PoolScope::~PoolScope() { --t_scope_depth; }
+bool in_pool_scope() { return t_scope_depth > 0; }
+
+int64_t pool_solo_spells() {
+  Pool* p = g_pool.load(std::memory_order_acquire);
+  return p == nullptr ? 0 : p->solo_spells();
+}
+
+void pool_rest() {
+  if (Pool* p = g_pool.load(std::memory_order_acquire)) p->rest();
+}
+
+void rest_openmp() {
+#ifdef _OPENMP  // omp_pause_resource: OpenMP 5.0, in libgomp since GCC 9; this thread's team only
+  if (!in_pool_job() && omp_in_parallel() == 0) {
+    omp_pause_resource(omp_pause_soft, omp_get_initial_device());
+  }
+#endif
+}
+
+bool pool_claims() {
+  int kind = g_kind.load(std::memory_order_relaxed);
+  if (kind == 0) {
+    const char* env = std::getenv("PEARLMOE_CPU_POOL");
+    kind = env == nullptr || *env == '\0' ? 1 : kind_from(env, "PEARLMOE_CPU_POOL");
+    g_kind.store(kind, std::memory_order_relaxed);
+  }
+  return kind == 1;
+}
+
+std::string pool_kind() { return pool_claims() ? "claim" : "openmp"; }
+
+void set_pool_kind(const std::string& kind) {
+  g_kind.store(kind_from(kind, "set_cpu_pool's kind"), std::memory_order_relaxed);
+}
+
+}  // namespace pearlmoe::cpu

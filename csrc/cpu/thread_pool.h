@@ -1,0 +1,71 @@
+// The fork/join pool behind cpu::parallel_for: a join that waits only for work already started.
+//
+// OpenMP's parallel region (at::parallel_for) gives each team thread a fixed share and ends at a
+// barrier that waits for every team thread, running or not. A decode step is dozens of such
+// regions of a few microseconds each, so on a loaded machine, where the scheduler has taken a
+// team thread off its core for a time slice, every region waits milliseconds for it: the embedded
+// target decoded at 2538 tok/s alone, 572 beside one busy process and 285 beside two on a 2-core
+// VM, where one thread alone gave 1372 and 889. Here a job is split into more chunks than threads
+// and every thread, the caller included, claims chunks from one atomic counter, so a helper that
+// is not running claims nothing and the caller does its share; the caller then waits only for
+// chunks a helper has claimed and not finished.
+//
+// One job at a time: a caller that finds the pool busy (another thread's job) gets false and runs
+// its work itself. Helpers are created as thread counts ask for them, spin for a short while
+// after each job, then sleep; they are never joined (the pool outlives static destruction), and a
+// forked child starts a pool of its own.
+#pragma once
+
+#include <ATen/ThreadLocalState.h>
+
+#include <cstdint>
+#include <string>
+
+namespace pearlmoe::cpu {
+
+// One chunk of a job: fn(ctx, chunk).
+using ChunkFn = void (*)(void* ctx, int64_t chunk);
+
+// Runs fn(ctx, i) for every i in [0, chunks) on the calling thread and up to threads - 1 helpers,
+// which install `state` (the caller's thread-local state) while they work on the job. While a
+// thread runs chunks its OpenMP thread count is 1, so ATen calls inside a chunk (and nested
+// parallel_for) stay on it. Returns when every chunk has run, rethrowing the first exception a
+// chunk threw; false (nothing run) when another thread's job holds the pool.
+bool pool_run(int64_t chunks, int threads, const at::ThreadLocalState* state, ChunkFn fn,
+              void* ctx);
+
+// True on a thread while it runs a pool job's chunks.
+bool in_pool_job();
+
+// The claiming pool serves the fused steps (ModelStep's calls hold a PoolScope): between their
+// kernels there are no ATen parallel regions. Ops called one by one (eager, or inside a
+// compiled graph) keep ATen's OpenMP team: two pools spinning beside ATen's regions would take
+// each other's cores (measured: ATen's idle team spinning for milliseconds after each region).
+class PoolScope {
+ public:
+  PoolScope();
+  ~PoolScope();
+  PoolScope(const PoolScope&) = delete;
+  PoolScope& operator=(const PoolScope&) = delete;
+};
+bool in_pool_scope();
+
+// How many times the pool has judged the machine loaded and sent work to callers alone.
+int64_t pool_solo_spells();
+
+// Idle helpers stop spinning and sleep now (PEARL's rounds split the cores between their sides:
+// a spinning helper would take the draft's).
+void pool_rest();
+
+// Ends the calling thread's idle OpenMP team (ATen's own parallel regions: a cache's zeros, a
+// large copy), whose threads otherwise spin at their barrier for milliseconds on the cores the
+// pool's helpers or PEARL's draft thread need; the next OpenMP region starts them again (~0.1 ms).
+void rest_openmp();
+
+// Which fork/join cpu::parallel_for uses: "claim" (this pool, the default) or "openmp"
+// (at::parallel_for); PEARLMOE_CPU_POOL sets it at start-up, set_pool_kind at run time.
+std::string pool_kind();
+void set_pool_kind(const std::string& kind);
+bool pool_claims();
+
+}  // namespace pearlmoe::cpu
