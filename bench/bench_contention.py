@@ -7,13 +7,18 @@ claiming pool (the default) waits only for work a thread has started and, when i
 machine loaded, runs the work on the caller alone for a while (csrc/cpu/thread_pool.h). Each
 row: the embedded pair's greedy decode of held-out prompts beside 0, 1, 2 ... processes that
 spin, with OpenMP on all threads, the claiming pool on all threads, and one thread (the best a
-loaded machine allows), in turns that rotate within each repeat.
+loaded machine allows), in turns that rotate within each repeat. With --processes every
+measurement runs in a fresh process (the pool chosen by PEARLMOE_CPU_POOL), so neither pool's
+idle threads linger beside the other's runs.
 
     python bench/bench_contention.py [--busy 0 1 2] [--modes ar speculative] [--batch 1]
+                                     [--processes]
 """
 
 import argparse
+import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -41,6 +46,16 @@ def decode_rate(mode: str, target, draft, prompts: list[list[int]], batch: int, 
     return tokens / (time.perf_counter() - start)
 
 
+def measure_in_process(args, pool: str, threads: int, mode: str) -> float:
+    """One measurement in a fresh process: its tokens/s."""
+    cmd = [sys.executable, __file__, "--worker", mode, "--threads", str(threads),
+           "--batch", str(args.batch), "--prompts", str(args.prompts),
+           "--max-new-tokens", str(args.max_new_tokens), "--dtype", args.dtype]  # fmt: skip
+    env = dict(os.environ, PEARLMOE_CPU_POOL=pool)
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["rate"]
+
+
 def main() -> None:
     from pearlmoe.cli import DRAFT, TARGET, load_tokenizer
     from pearlmoe.train.data import held_out_prompts
@@ -53,6 +68,9 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--processes", action="store_true")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # a mode, measured here
+    parser.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device, dtype = torch.device("cpu"), getattr(torch, args.dtype)
@@ -61,6 +79,12 @@ def main() -> None:
     draft = pearlmoe.from_pretrained(DRAFT, dtype=dtype, device=device)
     prompts = held_out_prompts(load_tokenizer(TARGET), args.prompts * args.batch, 64)
     configs = [("openmp", cores), ("claim", cores), ("claim", 1)]  # (pool, threads)
+    if args.worker is not None:
+        torch.set_num_threads(args.threads)
+        decode_rate(args.worker, target, draft, prompts[: args.batch], args.batch, 8)
+        rate = decode_rate(args.worker, target, draft, prompts, args.batch, args.max_new_tokens)
+        print(json.dumps({"rate": rate}))
+        return
     for mode in args.modes:  # warm-up: thread pools, allocator
         decode_rate(mode, target, draft, prompts[: args.batch], args.batch, 8)
     rows = []
@@ -73,6 +97,10 @@ def main() -> None:
                 spells = torch.ops.pearlmoe.cpu_pool_solo_spells()
                 for rep in range(args.repeats):
                     for pool, threads in configs[rep % 3 :] + configs[: rep % 3]:
+                        if args.processes:
+                            rates[pool, threads].append(measure_in_process(args, pool, threads,
+                                                                           mode))  # fmt: skip
+                            continue
                         torch.ops.pearlmoe.set_cpu_pool(pool)
                         torch.set_num_threads(threads)
                         rate = decode_rate(mode, target, draft, prompts, args.batch,
@@ -85,7 +113,8 @@ def main() -> None:
                     "busy": busy, "mode": mode, f"openmp_{cores}t": openmp,
                     f"claim_{cores}t": claim, "one_thread": one, "claim/openmp": claim / openmp,
                     "paired": math.exp(statistics.mean(map(math.log, paired))),
-                    "solo_spells": torch.ops.pearlmoe.cpu_pool_solo_spells() - spells,
+                    "solo_spells": None if args.processes
+                    else torch.ops.pearlmoe.cpu_pool_solo_spells() - spells,
                     "runs": {f"{p}_{t}t": r for (p, t), r in rates.items()},
                 })  # fmt: skip
         finally:
@@ -99,7 +128,7 @@ def main() -> None:
         rows,
         [("busy", "d"), ("mode", "s"), (f"openmp_{cores}t", ".0f"), (f"claim_{cores}t", ".0f"),
          ("one_thread", ".0f"), ("claim/openmp", ".2f"), ("paired", ".2f"),
-         ("solo_spells", "d")],
+         *([] if args.processes else [("solo_spells", "d")])],
     )  # fmt: skip
     payload = {
         "batch": args.batch,
@@ -109,7 +138,8 @@ def main() -> None:
         "repeats": args.repeats,
         "rows": rows,
     }
-    print("wrote", write_json("contention", device, payload, args.out))
+    name = f"contention-b{args.batch}" + ("-processes" if args.processes else "")
+    print("wrote", write_json(name, device, payload, args.out))
 
 
 if __name__ == "__main__":

@@ -96,6 +96,27 @@ def test_fused_steps_give_the_same_logits_on_both_pools(batch, width):
     assert torch.equal(out["openmp"], out["claim"])
 
 
+def test_a_long_prefill_with_aten_calls_inside_the_pools_chunks():
+    """A 300-token prefill takes the kernels' blocked paths, which call ATen ops on inference
+    tensors inside each chunk: on a helper thread they need the caller's inference mode."""
+    target = _target(torch.float32)
+    prompt = torch.randint(1, target.config.vocab_size, (2, 300),
+                           generator=torch.Generator().manual_seed(1)).tolist()  # fmt: skip
+    out = {}
+    before = torch.ops.pearlmoe.cpu_pool()
+    try:
+        for kind in ["openmp", "claim"]:
+            torch.ops.pearlmoe.set_cpu_pool(kind)
+            with torch.inference_mode(), num_threads(2):
+                runner = Runner(target, 2, 320, "fused")
+                runner.prefill(prompt)
+                out[kind] = runner.fused_step.logits(torch.tensor([[3], [4]]), runner.cache.k,
+                                                     runner.cache.v, runner.lens)  # fmt: skip
+    finally:
+        torch.ops.pearlmoe.set_cpu_pool(before)
+    assert torch.equal(out["openmp"], out["claim"])
+
+
 def test_concurrent_callers_each_get_their_own_answer(claim_pool):
     """Two threads decode at once: one holds the pool, the other runs its kernels itself."""
     models = [_target(), _target()]

@@ -71,8 +71,8 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
     const int64_t b = j.begin + chunk * j.size;
     j.f(b, std::min(j.end, b + j.size));
   };
-  const at::ThreadLocalState state;
   at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const CallerState state = CallerState::capture();  // with autograd below, for the helpers too
   if (!pool_run(chunks, threads, &state, run, &job)) f(begin, end);  // another thread's job
 }
 

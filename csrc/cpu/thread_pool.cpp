@@ -2,7 +2,6 @@
 #include "thread_pool.h"
 
 #include <ATen/Parallel.h>
-#include <ATen/core/LegacyTypeDispatch.h>
 #include <c10/util/Exception.h>
 #include <pthread.h>
 #include <sched.h>
@@ -102,9 +101,30 @@ class SerialOpenMP {
   int saved_ = 1;
 };
 
+// Installs a caller's state on a helper for the length of its work on a job.
+class StateGuard {
+ public:
+  explicit StateGuard(const CallerState& caller)
+      : autograd_(c10::AutogradState::get_tls_state()),
+        keys_(c10::impl::tls_local_dispatch_key_set()) {
+    c10::AutogradState::set_tls_state(caller.autograd);
+    c10::impl::_force_tls_local_dispatch_key_set(caller.keys);
+  }
+  ~StateGuard() {
+    c10::AutogradState::set_tls_state(autograd_);
+    c10::impl::_force_tls_local_dispatch_key_set(keys_);
+  }
+  StateGuard(const StateGuard&) = delete;
+  StateGuard& operator=(const StateGuard&) = delete;
+
+ private:
+  c10::AutogradState autograd_;
+  c10::impl::LocalDispatchKeySet keys_;
+};
+
 class Pool {
  public:
-  bool run(int64_t chunks, int threads, const at::ThreadLocalState* state, ChunkFn fn, void* ctx) {
+  bool run(int64_t chunks, int threads, const CallerState* state, ChunkFn fn, void* ctx) {
     TORCH_CHECK(chunks >= 0 && chunks <= kMaxChunks, "pearlmoe thread pool: ", chunks,
                 " chunks (at most ", kMaxChunks, ")");
     std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
@@ -200,8 +220,7 @@ class Pool {
   // Claims and runs chunks of job `epoch`, its own part first, then the others' (until none is
   // left, or a newer job is up); returns how many it ran.
   int64_t work(uint32_t epoch, int part, bool helper) {
-    std::optional<at::ThreadLocalStateGuard> state;
-    std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
+    std::optional<StateGuard> state;
     int64_t ran = 0;
     const int parts = parts_.load(std::memory_order_relaxed);
     for (int k = 0; k < parts; ++k) {
@@ -215,10 +234,7 @@ class Pool {
           continue;  // claim holds the word's new value
         }
         // Claimed: the job cannot end before this chunk does, so its fields are this job's.
-        if (helper && !state) {
-          state.emplace(*state_.load(std::memory_order_relaxed));
-          below_autograd.emplace();
-        }
+        if (helper && !state) state.emplace(*state_.load(std::memory_order_relaxed));
         try {
           fn_.load(std::memory_order_relaxed)(ctx_.load(std::memory_order_relaxed), next);
         } catch (...) {
@@ -290,7 +306,7 @@ class Pool {
   std::atomic<int> parts_{1};
   std::atomic<ChunkFn> fn_{nullptr};
   std::atomic<void*> ctx_{nullptr};
-  std::atomic<const at::ThreadLocalState*> state_{nullptr};
+  std::atomic<const CallerState*> state_{nullptr};
   std::atomic<int> wanted_{0};       // helpers 0..wanted-1 take part in the job
   std::atomic<int> caller_cpu_{-1};  // the CPU the job's caller posted it from
   std::mutex error_mutex_;
@@ -338,8 +354,7 @@ int kind_from(const std::string& name, const char* where) {
 
 }  // namespace
 
-bool pool_run(int64_t chunks, int threads, const at::ThreadLocalState* state, ChunkFn fn,
-              void* ctx) {
+bool pool_run(int64_t chunks, int threads, const CallerState* state, ChunkFn fn, void* ctx) {
   return pool().run(chunks, threads, state, fn, ctx);
 }
 

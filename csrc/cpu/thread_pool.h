@@ -16,7 +16,8 @@
 // forked child starts a pool of its own.
 #pragma once
 
-#include <ATen/ThreadLocalState.h>
+#include <c10/core/AutogradState.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <cstdint>
 #include <string>
@@ -26,13 +27,24 @@ namespace pearlmoe::cpu {
 // One chunk of a job: fn(ctx, chunk).
 using ChunkFn = void (*)(void* ctx, int64_t chunk);
 
+// What a helper installs while it runs a caller's chunks: the caller's autograd state (grad and
+// inference mode) and dispatch keys, all that the fused steps' kernels need for the ATen calls
+// some make on inference tensors. The whole at::ThreadLocalState (profiler, autocast, Python
+// modes) costs ~1 us a job to capture and as much to install: a fifth of a draft step's jobs.
+struct CallerState {
+  c10::AutogradState autograd;
+  c10::impl::LocalDispatchKeySet keys;
+  static CallerState capture() {
+    return {c10::AutogradState::get_tls_state(), c10::impl::tls_local_dispatch_key_set()};
+  }
+};
+
 // Runs fn(ctx, i) for every i in [0, chunks) on the calling thread and up to threads - 1 helpers,
-// which install `state` (the caller's thread-local state) while they work on the job. While a
-// thread runs chunks its OpenMP thread count is 1, so ATen calls inside a chunk (and nested
-// parallel_for) stay on it. Returns when every chunk has run, rethrowing the first exception a
-// chunk threw; false (nothing run) when another thread's job holds the pool.
-bool pool_run(int64_t chunks, int threads, const at::ThreadLocalState* state, ChunkFn fn,
-              void* ctx);
+// which install `state` while they work on the job. While a thread runs chunks its OpenMP thread
+// count is 1, so ATen calls inside a chunk (and nested parallel_for) stay on it. Returns when
+// every chunk has run, rethrowing the first exception a chunk threw; false (nothing run) when
+// another thread's job holds the pool.
+bool pool_run(int64_t chunks, int threads, const CallerState* state, ChunkFn fn, void* ctx);
 
 // True on a thread while it runs a pool job's chunks.
 bool in_pool_job();
