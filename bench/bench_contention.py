@@ -46,6 +46,25 @@ def decode_rate(mode: str, target, draft, prompts: list[list[int]], batch: int, 
     return tokens / (time.perf_counter() - start)
 
 
+def join_cost_us(pool: str, threads: int, calls: int = 5000) -> float:
+    """Microseconds per empty job of one part per thread (`_cpu_pool_selftest`, the op call
+    included), the fastest of 5 passes: what a kernel's fork/join costs on each pool."""
+    torch.ops.pearlmoe.set_cpu_pool(pool)
+    job = torch.ops.pearlmoe._cpu_pool_selftest
+    best = float("inf")
+    with_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for _ in range(5):
+            start = time.perf_counter()
+            for _ in range(calls):
+                job(threads, 1, -1)
+            best = min(best, (time.perf_counter() - start) / calls * 1e6)
+    finally:
+        torch.set_num_threads(with_threads)
+    return best
+
+
 def measure_in_process(args, pool: str, threads: int, mode: str) -> float:
     """One measurement in a fresh process: its tokens/s."""
     cmd = [sys.executable, __file__, "--worker", mode, "--threads", str(threads),
@@ -85,6 +104,9 @@ def main() -> None:
         rate = decode_rate(args.worker, target, draft, prompts, args.batch, args.max_new_tokens)
         print(json.dumps({"rate": rate}))
         return
+    joins = {f"{p}_{t}t": join_cost_us(p, t) for p, t in configs}
+    print("fork/join of an empty job, us (op call included): "
+          + ", ".join(f"{k} {v:.2f}" for k, v in joins.items()))  # fmt: skip
     for mode in args.modes:  # warm-up: thread pools, allocator
         decode_rate(mode, target, draft, prompts[: args.batch], args.batch, 8)
     rows = []
