@@ -4,6 +4,10 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <mutex>
+#include <set>
+#include <thread>
+#include <tuple>
 #include <string>
 #include <vector>
 
@@ -140,14 +144,21 @@ TORCH_LIBRARY(pearlmoe, m) {
   // How often the pool found the machine loaded (other processes on its cores) and ran solo.
   m.def("cpu_pool_solo_spells() -> int", [] { return pearlmoe::cpu::pool_solo_spells(); });
   // For the tests: cpu::parallel_for over [0, n) with this grain inside a fused step's pool scope;
-  // returns how often each index ran (each chunk throws at index throw_at, if in range).
-  m.def("_cpu_pool_selftest(int n, int grain, int throw_at) -> int[]",
+  // returns how often each index ran and how many threads ran pieces (each piece throws at
+  // index throw_at, if in range).
+  m.def("_cpu_pool_selftest(int n, int grain, int throw_at) -> (int[], int)",
         [](int64_t n, int64_t grain, int64_t throw_at) {
           std::vector<std::atomic<int64_t>> runs(static_cast<size_t>(std::max<int64_t>(n, 0)));
+          std::mutex mutex;
+          std::set<std::thread::id> threads;
           {
             const pearlmoe::cpu::PoolScope scope;
             pearlmoe::cpu::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
               TORCH_CHECK(begin >= 0 && begin < end && end <= n, "bad range ", begin, "..", end);
+              {
+                const std::lock_guard<std::mutex> lock(mutex);
+                threads.insert(std::this_thread::get_id());
+              }
               for (int64_t i = begin; i < end; ++i) {
                 runs[i].fetch_add(1);
                 TORCH_CHECK(i != throw_at, "pool selftest: thrown at ", i);
@@ -157,6 +168,6 @@ TORCH_LIBRARY(pearlmoe, m) {
           std::vector<int64_t> out;
           out.reserve(runs.size());
           for (const auto& r : runs) out.push_back(r.load());
-          return out;
+          return std::make_tuple(out, static_cast<int64_t>(threads.size()));
         });
 }

@@ -1,7 +1,8 @@
 """pearlmoe's claiming thread pool (csrc/cpu/thread_pool.h), which runs the fused steps' kernels:
-every index of a parallel_for exactly once on any thread count, errors back to the caller,
-results bit-identical to OpenMP's, correct under concurrent callers, after fork and on a loaded
-machine (where it runs the work on the caller alone)."""
+every index of a parallel_for exactly once on any thread count (helpers taking part, counts
+changing between jobs), errors back to the caller, results bit-identical to OpenMP's, correct
+under concurrent callers (each with its pool), after fork and on a loaded machine (where it runs
+the work on the caller alone)."""
 
 import multiprocessing
 import os
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -31,12 +33,33 @@ def claim_pool():
     torch.ops.pearlmoe.set_cpu_pool(before)
 
 
-@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("threads", [1, 2, 3, 17])
 def test_every_index_runs_exactly_once(claim_pool, threads):
     with num_threads(threads):
         for n in [0, 1, 2, 3, 7, 8, 9, 17, 257, 1000]:
             for grain in [1, 4, 1000]:
-                assert selftest(n, grain, -1) == [1] * n, (n, grain)
+                runs, used = selftest(n, grain, -1)
+                assert runs == [1] * n, (n, grain)
+                assert used <= min(threads, max(n, 1)), (n, grain, used)
+
+
+def test_helpers_take_part(claim_pool):
+    """Not everything on the caller: among many jobs of two parts, some ran on two threads
+    (within seconds: a solo spell left by an oversubscribed test before lasts up to 1.6 s)."""
+    used: set[int] = set()
+    deadline = time.monotonic() + 10
+    with num_threads(2):
+        while 2 not in used and time.monotonic() < deadline:
+            used |= {selftest(64, 1, -1)[1] for _ in range(300)}
+    assert 2 in used
+
+
+def test_the_thread_count_may_change_between_jobs(claim_pool):
+    for threads in [3, 2, 1, 4, 2]:
+        with num_threads(threads):
+            for _ in range(20):
+                runs, used = selftest(40, 1, -1)
+                assert runs == [1] * 40 and used <= threads
 
 
 def test_a_chunks_error_reaches_the_caller_and_the_pool_goes_on(claim_pool):
@@ -44,7 +67,7 @@ def test_a_chunks_error_reaches_the_caller_and_the_pool_goes_on(claim_pool):
         for throw_at in [0, 5, 99]:
             with pytest.raises(RuntimeError, match=f"thrown at {throw_at}"):
                 selftest(100, 1, throw_at)
-            assert selftest(100, 1, -1) == [1] * 100  # the next job runs whole
+            assert selftest(100, 1, -1)[0] == [1] * 100  # the next job runs whole
 
 
 def test_the_pool_is_selectable_and_a_bad_kind_is_named():
@@ -54,7 +77,7 @@ def test_the_pool_is_selectable_and_a_bad_kind_is_named():
             torch.ops.pearlmoe.set_cpu_pool(kind)
             assert torch.ops.pearlmoe.cpu_pool() == kind
             with num_threads(2):
-                assert selftest(64, 1, -1) == [1] * 64
+                assert selftest(64, 1, -1)[0] == [1] * 64
         with pytest.raises(
             RuntimeError, match="set_cpu_pool's kind must be 'claim' or 'openmp', got 'tbb'"
         ):
@@ -118,7 +141,7 @@ def test_a_long_prefill_with_aten_calls_inside_the_pools_chunks():
 
 
 def test_concurrent_callers_each_get_their_own_answer(claim_pool):
-    """Two threads decode at once: one holds the pool, the other runs its kernels itself."""
+    """Two threads decode at once, each on its own pool."""
     models = [_target(), _target()]
     prompts = [[5, 6, 7, 8], [9, 10, 11]]
     with num_threads(2):
@@ -131,7 +154,7 @@ def test_concurrent_callers_each_get_their_own_answer(claim_pool):
         for _ in range(3):
             got[i] = generate(models[i], [prompts[i]], 24, backend="fused")[0]
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(2)]
     for t in threads:
         t.start()
     for t in threads:
@@ -141,12 +164,12 @@ def test_concurrent_callers_each_get_their_own_answer(claim_pool):
 
 def _child(queue) -> None:  # a forked child: the parent's helper threads are not in it
     torch.set_num_threads(2)
-    queue.put((selftest(50, 1, -1), generate(_target(), [[5, 6, 7]], 16, backend="fused")[0]))
+    queue.put((selftest(50, 1, -1)[0], generate(_target(), [[5, 6, 7]], 16, backend="fused")[0]))
 
 
 def test_a_forked_child_starts_a_pool_of_its_own(claim_pool):
     with num_threads(2):
-        assert selftest(50, 1, -1) == [1] * 50  # the parent's helpers exist now
+        assert selftest(50, 1, -1)[0] == [1] * 50  # the parent's helpers exist now
         want = generate(_target(), [[5, 6, 7]], 16, backend="fused")[0]
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()

@@ -51,6 +51,7 @@ void gemm_nt_out(const Tensor& a, const Tensor& b, Tensor& out) {
   const bool skinny = a.size(0) > 0 && gemm_rows_alone(a.size(0), dtype) && a.stride(1) == 1 &&
                       b.is_contiguous() && out.is_contiguous();
   if (!skinny) {
+    if (in_pool_scope()) pool_rest();  // BLAS's OpenMP team needs the cores the helpers spin on
     at::mm_out(out, a, b.t());
     return;
   }
@@ -87,9 +88,17 @@ Tensor gemm_nt(const Tensor& a, const Tensor& b) {
 }
 
 // out = silu(h[:, :I]) * h[:, I:], computed in h's dtype as the reference does.
+// By rows on cpu::parallel_for (inside a fused step, the pool; ATen's own OpenMP region there
+// would wait for a core beside the pool's helper). h's halves are strided, so ATen loops row by
+// row either way: the same bits.
 void silu_and_mul(const Tensor& h, Tensor out) {
   const int64_t inter = h.size(1) / 2;
-  at::mul_out(out, at::silu(h.narrow(1, 0, inter)), h.narrow(1, inter, inter));
+  const Tensor gate = h.narrow(1, 0, inter), up = h.narrow(1, inter, inter);
+  parallel_for(0, h.size(0), std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(inter, 1)),
+               [&](int64_t r0, int64_t r1) {
+                 Tensor o = out.narrow(0, r0, r1 - r0);
+                 at::mul_out(o, at::silu(gate.narrow(0, r0, r1 - r0)), up.narrow(0, r0, r1 - r0));
+               });
 }
 
 // Decode- and verification-sized calls (up to kSkinnyMaxRows tokens of a small model): the

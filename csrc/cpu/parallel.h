@@ -28,6 +28,9 @@ namespace pearlmoe::cpu {
 // less) measured ~10% slower on speculative decoding at batch 4 and no better under load.
 constexpr int64_t kChunksPerThread = 1;
 
+// Elements of elementwise work per piece (ATen's GRAIN_SIZE): below it a call stays on one thread.
+constexpr int64_t kElementwiseGrain = 32768;
+
 // at::parallel_for's OpenMP region, with the state installed in each team thread.
 template <typename F>
 void parallel_for_openmp(int64_t begin, int64_t end, int64_t grain, const F& f) {
@@ -39,7 +42,8 @@ void parallel_for_openmp(int64_t begin, int64_t end, int64_t grain, const F& f) 
   });
 }
 
-// f(b, e) over [begin, end) in pieces of at least `grain` (as at::parallel_for). A range that is
+// f(b, e) over [begin, end) in about-equal pieces, no more of them than the range holds grains
+// (as at::parallel_for). A range that is
 // one piece, a single-threaded caller or a call from inside a parallel region runs inline on the
 // calling thread, whose state is already right: capturing and installing the state costs
 // ~1-2 us a call (the profiler's callbacks, autocast, Python objects), as much as a decode step's
@@ -73,7 +77,7 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
   };
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const CallerState state = CallerState::capture();  // with autograd below, for the helpers too
-  if (!pool_run(chunks, threads, &state, run, &job)) f(begin, end);  // another thread's job
+  pool_run(chunks, threads, &state, run, &job);
 }
 
 }  // namespace pearlmoe::cpu

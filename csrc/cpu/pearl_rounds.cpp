@@ -54,8 +54,8 @@ PearlRounds::PearlRounds(c10::intrusive_ptr<ModelStep> target,
   // The rounds split the cores between the sides. The caller's OpenMP helpers, left by a
   // prefill on all of them, spin at their barrier for milliseconds on the draft's (measured:
   // the draft starting 2-7 ms late in ~1 of 10 rounds of a call; PEARL's rounds 1.31-1.34x
-  // their slower side, 1.12-1.15x without). End them, and let pearlmoe's own pool's helpers
-  // sleep rather than spin.
+  // their slower side, 1.12-1.15x without). End them, and send this thread's pool's helpers
+  // to sleep until its next job.
   rest_openmp();
   pool_rest();
 }

@@ -15,7 +15,7 @@
 #include <mutex>
 #include <optional>
 #include <thread>
-#include <vector>
+#include <memory>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -62,9 +62,10 @@ constexpr auto kSolo = std::chrono::milliseconds(20);
 constexpr auto kSoloMost = std::chrono::milliseconds(1600);
 constexpr double kLoadedCpuShare = 0.85;  // the caller's CPU time / wall time below this
 // ... or this many jobs whose caller waited kStall, and 4 of its own chunks' time, for a chunk a
-// helper had claimed (its usual lag is a few microseconds).
+// helper had claimed: a helper taken off its core mid-chunk (a time slice here is 3-4 ms; its
+// usual lag is a few microseconds, and a decode step's chunks take well under a millisecond).
 constexpr int kLoadedStalls = 4;
-constexpr auto kStall = std::chrono::microseconds(100);
+constexpr auto kStall = std::chrono::milliseconds(1);
 
 using Clock = std::chrono::steady_clock;
 
@@ -81,7 +82,7 @@ thread_local int t_scope_depth = 0;
 // Sets this thread's OpenMP thread count (ATen's get_num_threads) to 1 while it runs chunks.
 class SerialOpenMP {
  public:
-  SerialOpenMP() {
+  SerialOpenMP() : in_job_(t_in_job) {
 #ifdef _OPENMP
     saved_ = omp_get_max_threads();
     if (saved_ != 1) omp_set_num_threads(1);
@@ -89,7 +90,7 @@ class SerialOpenMP {
     t_in_job = true;
   }
   ~SerialOpenMP() {
-    t_in_job = false;
+    t_in_job = in_job_;
 #ifdef _OPENMP
     if (saved_ != 1) omp_set_num_threads(saved_);
 #endif
@@ -98,8 +99,11 @@ class SerialOpenMP {
   SerialOpenMP& operator=(const SerialOpenMP&) = delete;
 
  private:
+  bool in_job_;
   int saved_ = 1;
 };
+
+std::atomic<int64_t> g_solo_spells{0};  // every pool's windows judged loaded
 
 // Installs a caller's state on a helper for the length of its work on a job.
 class StateGuard {
@@ -122,27 +126,36 @@ class StateGuard {
   c10::impl::LocalDispatchKeySet keys_;
 };
 
-class Pool {
+// Runs every chunk on the calling thread.
+void run_inline(int64_t chunks, ChunkFn fn, void* ctx) {
+  const SerialOpenMP serial;
+  for (int64_t i = 0; i < chunks; ++i) fn(ctx, i);
+}
+
+// One calling thread's pool: its helpers serve that thread's jobs only, so PEARL's two sides (the
+// main thread and the draft's) each have their own, and each pool's load watch sees one caller.
+class Pool : public std::enable_shared_from_this<Pool> {
  public:
-  bool run(int64_t chunks, int threads, const CallerState* state, ChunkFn fn, void* ctx) {
+  void run(int64_t chunks, int threads, const CallerState* state, ChunkFn fn, void* ctx) {
     TORCH_CHECK(chunks >= 0 && chunks <= kMaxChunks, "pearlmoe thread pool: ", chunks,
                 " chunks (at most ", kMaxChunks, ")");
+    TORCH_CHECK(threads >= 1 && state != nullptr && fn != nullptr,
+                "pearlmoe thread pool: threads must be >= 1 and state and fn given");
     std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
-    if (!busy.owns_lock()) return false;
     const auto start = Clock::now();
-    if (start < solo_until_) return false;  // loaded: the caller alone
-    if (window_thread_ != std::this_thread::get_id() || start - last_end_ > kGap) {
-      begin_window(start);  // a new caller, or the first job after a pause
+    const int parts = static_cast<int>(std::min<int64_t>({threads, chunks, kMaxParts}));
+    if (!busy.owns_lock() || start < solo_until_ || parts <= 1) {
+      run_inline(chunks, fn, ctx);  // loaded (or nothing to share): the caller alone
+      return;
     }
-    const int helpers = std::max(0, threads - 1);
-    while (static_cast<int>(helpers_.size()) < helpers) {
-      const int index = static_cast<int>(helpers_.size());
-      helpers_.emplace_back([this, index] { helper(index); });
-      helpers_.back().detach();  // never joined: see thread_pool.h
+    if (start - last_end_ > kGap) begin_window(start);  // the first job after a pause
+    const int helpers = parts - 1;
+    while (static_cast<int>(helpers_) < helpers) {
+      const int index = helpers_++;
+      std::thread([self = shared_from_this(), index] { self->helper(index); }).detach();
     }
     // The job's fields, then its parts' words, then its epoch (a helper that claims a chunk
     // through a word of this epoch sees the fields; one still on the last job claims nothing).
-    const int parts = std::min(threads, kMaxParts);
     const uint32_t epoch = epoch_.load(std::memory_order_relaxed) + 1;
     wanted_.store(helpers, std::memory_order_relaxed);
     parts_.store(parts, std::memory_order_relaxed);
@@ -186,15 +199,22 @@ class Pool {
       error_ = nullptr;
       std::rethrow_exception(error);
     }
-    return true;
   }
 
   void rest() { rest_.fetch_add(1); }
-  int64_t solo_spells() const { return solo_spells_.load(std::memory_order_relaxed); }
+
+  // The calling thread is ending: its helpers leave (they hold the pool until they do).
+  void stop() {
+    {
+      const std::lock_guard<std::mutex> lock(sleep_mutex_);
+      stop_.store(true);
+      epoch_.fetch_add(1);  // an epoch with no parts: wakes every helper, claims nothing
+    }
+    wake_.notify_all();
+  }
 
  private:
   void begin_window(Clock::time_point now) {
-    window_thread_ = std::this_thread::get_id();
     window_start_ = now;
     window_cpu_ = thread_cpu();
     window_stalls_ = 0;
@@ -210,7 +230,7 @@ class Pool {
       solo_for_ = std::min<Clock::duration>(
           solo_for_ == Clock::duration::zero() ? kSolo : 2 * solo_for_, kSoloMost);
       solo_until_ = now + solo_for_;
-      solo_spells_.fetch_add(1, std::memory_order_relaxed);
+      g_solo_spells.fetch_add(1, std::memory_order_relaxed);
     } else {
       solo_for_ = Clock::duration::zero();
     }
@@ -255,7 +275,10 @@ class Pool {
     const SerialOpenMP serial;
     uint32_t seen = 0;
     while (true) {
-      seen = wait_after(seen);
+      // A helper the last job did not want (the caller's thread count went down) sleeps rather
+      // than spin on cores that are now someone else's.
+      seen = wait_after(seen, index < wanted_.load(std::memory_order_relaxed));
+      if (stop_.load()) return;
       if (index < wanted_.load(std::memory_order_relaxed) && !beside_caller()) {
         work(seen, (index + 1) % std::max(1, parts_.load(std::memory_order_relaxed)), true);
       }
@@ -273,11 +296,11 @@ class Pool {
     return true;
   }
 
-  // Spins, then sleeps, until a job newer than `seen` is posted; returns its epoch.
-  uint32_t wait_after(uint32_t seen) {
+  // Spins (if `spin`), then sleeps, until a job newer than `seen` is posted; returns its epoch.
+  uint32_t wait_after(uint32_t seen, bool spin) {
     const uint64_t rest = rest_.load(std::memory_order_relaxed);
     const auto until = Clock::now() + kSpin;
-    for (int spins = 0;; ++spins) {
+    for (int spins = 0; spin; ++spins) {
       const uint32_t now = epoch_.load(std::memory_order_acquire);
       if (now != seen) return now;
       if ((spins & 63) == 63) {
@@ -298,7 +321,8 @@ class Pool {
   };
 
   std::mutex busy_;  // held by the caller whose job this is
-  std::vector<std::thread> helpers_;
+  int helpers_ = 0;  // helper threads started (under busy_)
+  std::atomic<bool> stop_{false};
   // The words every chunk touches, each on its own cache line; the job's fields after them.
   PartWord parts_words_[kMaxParts];
   alignas(64) std::atomic<int64_t> done_{0};
@@ -316,31 +340,37 @@ class Pool {
   std::atomic<int> sleepers_{0};
   std::atomic<uint64_t> rest_{0};
   // The load watch (under busy_).
-  std::thread::id window_thread_;
   Clock::time_point window_start_, solo_until_, last_end_;
   std::chrono::nanoseconds window_cpu_{};
   Clock::duration solo_for_{};
   int window_stalls_ = 0;
-  std::atomic<int64_t> solo_spells_{0};  // windows judged loaded
 };
 
-std::atomic<Pool*> g_pool{nullptr};
+// A forked child has none of its parent's helper threads: a pool made before the fork is left
+// (its threads are gone) and the child's thread makes a new one.
+std::atomic<int> g_fork_generation{0};
+
+// The calling thread's pool, stopped when the thread ends (a C++ draft worker per PEARL call).
+struct ThreadPoolHandle {
+  std::shared_ptr<Pool> pool;
+  int generation = 0;
+  ~ThreadPoolHandle() {
+    if (pool && generation == g_fork_generation.load()) pool->stop();
+  }
+};
+thread_local ThreadPoolHandle t_pool;
 
 Pool& pool() {
-  Pool* p = g_pool.load(std::memory_order_acquire);
-  if (p != nullptr) return *p;
-  static const int registered = [] {
-    // A forked child has none of the parent's helpers: it starts a pool of its own (the old
-    // one is left, as its threads are gone).
-    return pthread_atfork(nullptr, nullptr, [] { g_pool.store(nullptr); });
-  }();
+  static const int registered =
+      pthread_atfork(nullptr, nullptr, [] { g_fork_generation.fetch_add(1); });
   (void)registered;
-  auto* fresh = new Pool();
-  if (!g_pool.compare_exchange_strong(p, fresh)) {
-    delete fresh;
-    return *p;
+  const int generation = g_fork_generation.load();
+  if (!t_pool.pool || t_pool.generation != generation) {
+    if (t_pool.pool) new std::shared_ptr<Pool>(std::move(t_pool.pool));  // left: see above
+    t_pool.pool = std::make_shared<Pool>();
+    t_pool.generation = generation;
   }
-  return *fresh;
+  return *t_pool.pool;
 }
 
 // 0: not read yet, 1: claim, 2: openmp.
@@ -354,8 +384,12 @@ int kind_from(const std::string& name, const char* where) {
 
 }  // namespace
 
-bool pool_run(int64_t chunks, int threads, const CallerState* state, ChunkFn fn, void* ctx) {
-  return pool().run(chunks, threads, state, fn, ctx);
+void pool_run(int64_t chunks, int threads, const CallerState* state, ChunkFn fn, void* ctx) {
+  if (t_in_job) {  // a chunk's own parallel work stays on its thread
+    run_inline(chunks, fn, ctx);
+    return;
+  }
+  pool().run(chunks, threads, state, fn, ctx);
 }
 
 bool in_pool_job() { return t_in_job; }
@@ -364,13 +398,10 @@ PoolScope::PoolScope() { ++t_scope_depth; }
 PoolScope::~PoolScope() { --t_scope_depth; }
 bool in_pool_scope() { return t_scope_depth > 0; }
 
-int64_t pool_solo_spells() {
-  Pool* p = g_pool.load(std::memory_order_acquire);
-  return p == nullptr ? 0 : p->solo_spells();
-}
+int64_t pool_solo_spells() { return g_solo_spells.load(std::memory_order_relaxed); }
 
 void pool_rest() {
-  if (Pool* p = g_pool.load(std::memory_order_acquire)) p->rest();
+  if (t_pool.pool && t_pool.generation == g_fork_generation.load()) t_pool.pool->rest();
 }
 
 void rest_openmp() {

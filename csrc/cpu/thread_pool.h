@@ -1,19 +1,21 @@
-// The fork/join pool behind cpu::parallel_for: a join that waits only for work already started.
+// The fork/join pool behind cpu::parallel_for in the fused steps: a join that waits only for
+// work already started.
 //
 // OpenMP's parallel region (at::parallel_for) gives each team thread a fixed share and ends at a
 // barrier that waits for every team thread, running or not. A decode step is dozens of such
 // regions of a few microseconds each, so on a loaded machine, where the scheduler has taken a
 // team thread off its core for a time slice, every region waits milliseconds for it: the embedded
 // target decoded at 2538 tok/s alone, 572 beside one busy process and 285 beside two on a 2-core
-// VM, where one thread alone gave 1372 and 889. Here a job is split into more chunks than threads
-// and every thread, the caller included, claims chunks from one atomic counter, so a helper that
-// is not running claims nothing and the caller does its share; the caller then waits only for
-// chunks a helper has claimed and not finished.
+// VM, where one thread alone gave 1372 and 889. Here a job is split into one part per thread, as
+// OpenMP's static schedule; each part is claimed through its own atomic word, a thread runs its
+// own part and then takes what is left of the others', so a helper that is not running claims
+// nothing and the caller does its part; the caller then waits only for chunks a helper has
+// claimed and not finished. When the caller's CPU share shows the machine loaded, jobs run on the
+// caller alone for a while (the load watch in thread_pool.cpp).
 //
-// One job at a time: a caller that finds the pool busy (another thread's job) gets false and runs
-// its work itself. Helpers are created as thread counts ask for them, spin for a short while
-// after each job, then sleep; they are never joined (the pool outlives static destruction), and a
-// forked child starts a pool of its own.
+// Each calling thread has its own pool (PEARL's two sides each get theirs), whose helpers are
+// started as thread counts ask for them, spin for a short while after each job, then sleep, and
+// leave when the calling thread ends; a forked child starts pools of its own.
 #pragma once
 
 #include <c10/core/AutogradState.h>
@@ -40,19 +42,20 @@ struct CallerState {
 };
 
 // Runs fn(ctx, i) for every i in [0, chunks) on the calling thread and up to threads - 1 helpers,
-// which install `state` while they work on the job. While a thread runs chunks its OpenMP thread
-// count is 1, so ATen calls inside a chunk (and nested parallel_for) stay on it. Returns when
-// every chunk has run, rethrowing the first exception a chunk threw; false (nothing run) when
-// another thread's job holds the pool.
-bool pool_run(int64_t chunks, int threads, const CallerState* state, ChunkFn fn, void* ctx);
+// which install `state` while they work on the job (or on the caller alone, while the machine is
+// loaded). While a thread runs chunks its OpenMP thread count is 1, so ATen's OpenMP-threaded
+// calls inside a chunk (and nested parallel_for) stay on it; an fp32 matmul's MKL keeps its own
+// count. Returns when every chunk has run, rethrowing the first exception a chunk threw.
+void pool_run(int64_t chunks, int threads, const CallerState* state, ChunkFn fn, void* ctx);
 
 // True on a thread while it runs a pool job's chunks.
 bool in_pool_job();
 
 // The claiming pool serves the fused steps (ModelStep's calls hold a PoolScope): between their
-// kernels there are no ATen parallel regions. Ops called one by one (eager, or inside a
-// compiled graph) keep ATen's OpenMP team: two pools spinning beside ATen's regions would take
-// each other's cores (measured: ATen's idle team spinning for milliseconds after each region).
+// kernels ATen's own parallel regions are rare (a long prefill's large matmuls, after which the
+// prefill ends ATen's team). Ops called one by one (eager, or inside a compiled graph) keep
+// ATen's OpenMP team: two pools spinning beside ATen's regions would take each other's cores
+// (measured: ATen's idle team spinning for milliseconds after each region).
 class PoolScope {
  public:
   PoolScope();
@@ -65,8 +68,9 @@ bool in_pool_scope();
 // How many times the pool has judged the machine loaded and sent work to callers alone.
 int64_t pool_solo_spells();
 
-// Idle helpers stop spinning and sleep now (PEARL's rounds split the cores between their sides:
-// a spinning helper would take the draft's).
+// The calling thread's idle helpers stop spinning and sleep until its next job (PEARL's rounds
+// split the cores between their sides: a helper left spinning from a prefill would take the
+// draft's).
 void pool_rest();
 
 // Ends the calling thread's idle OpenMP team (ATen's own parallel regions: a cache's zeros, a
