@@ -157,6 +157,8 @@ def main() -> None:
         "dtype": args.dtype,
         "prompts": len(prompts),
         "max_new_tokens": args.max_new_tokens,
+        "processes": args.processes,
+        "join_us": joins,
         "repeats": args.repeats,
         "rows": rows,
     }
