@@ -98,24 +98,30 @@ def _target(dtype=torch.bfloat16):
     return pearlmoe.from_pretrained(EMBEDDED / "tiny-target", dtype=dtype)
 
 
-@pytest.mark.parametrize("batch,width", [(1, 1), (3, 5), (4, 9)])
-def test_fused_steps_give_the_same_logits_on_both_pools(batch, width):
-    target = _target()
-    ids = torch.randint(0, target.config.vocab_size, (batch, width),
-                        generator=torch.Generator().manual_seed(width))  # fmt: skip
-    prompts = [[1 + b, 2, 3, 4, 5][: 2 + b] for b in range(batch)]
+def _logits_on_each_pool(target, prompts: list[list[int]], ids: torch.Tensor, capacity: int):
+    """{pool: the fused step's logits for ids [B, S] after prefilling the prompts}, 2 threads."""
     out = {}
     before = torch.ops.pearlmoe.cpu_pool()
     try:
         for kind in ["openmp", "claim"]:
             torch.ops.pearlmoe.set_cpu_pool(kind)
             with torch.inference_mode(), num_threads(2):
-                runner = Runner(target, batch, 32, "fused")
+                runner = Runner(target, len(prompts), capacity, "fused")
                 runner.prefill(prompts)
                 out[kind] = runner.fused_step.logits(ids, runner.cache.k, runner.cache.v,
                                                      runner.lens)  # fmt: skip
     finally:
         torch.ops.pearlmoe.set_cpu_pool(before)
+    return out
+
+
+@pytest.mark.parametrize("batch,width", [(1, 1), (3, 5), (4, 9)])
+def test_fused_steps_give_the_same_logits_on_both_pools(batch, width):
+    target = _target()
+    ids = torch.randint(0, target.config.vocab_size, (batch, width),
+                        generator=torch.Generator().manual_seed(width))  # fmt: skip
+    prompts = [[1 + b, 2, 3, 4, 5][: 2 + b] for b in range(batch)]
+    out = _logits_on_each_pool(target, prompts, ids, 32)
     assert torch.equal(out["openmp"], out["claim"])
 
 
@@ -123,20 +129,9 @@ def test_a_long_prefill_with_aten_calls_inside_the_pools_chunks():
     """A 300-token prefill takes the kernels' blocked paths, which call ATen ops on inference
     tensors inside each chunk: on a helper thread they need the caller's inference mode."""
     target = _target(torch.float32)
-    prompt = torch.randint(1, target.config.vocab_size, (2, 300),
-                           generator=torch.Generator().manual_seed(1)).tolist()  # fmt: skip
-    out = {}
-    before = torch.ops.pearlmoe.cpu_pool()
-    try:
-        for kind in ["openmp", "claim"]:
-            torch.ops.pearlmoe.set_cpu_pool(kind)
-            with torch.inference_mode(), num_threads(2):
-                runner = Runner(target, 2, 320, "fused")
-                runner.prefill(prompt)
-                out[kind] = runner.fused_step.logits(torch.tensor([[3], [4]]), runner.cache.k,
-                                                     runner.cache.v, runner.lens)  # fmt: skip
-    finally:
-        torch.ops.pearlmoe.set_cpu_pool(before)
+    prompts = torch.randint(1, target.config.vocab_size, (2, 300),
+                            generator=torch.Generator().manual_seed(1)).tolist()  # fmt: skip
+    out = _logits_on_each_pool(target, prompts, torch.tensor([[3], [4]]), 320)
     assert torch.equal(out["openmp"], out["claim"])
 
 

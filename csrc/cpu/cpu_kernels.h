@@ -28,6 +28,8 @@ namespace pearlmoe::cpu {
 // b (decode, verification) stream b once through the skinny kernel, split over N across threads;
 // everything else goes to BLAS.
 void gemm_nt_out(const at::Tensor& a, const at::Tensor& b, at::Tensor& out);
+// out = silu(gate) * up, [T, I] each (gate and up may be strided halves), row by row in parallel.
+void silu_mul_out(const at::Tensor& gate, const at::Tensor& up, at::Tensor& out);
 // Whether gemm_nt_out (and qlinear) computes each of `rows` rows of a dtype-typed a as a call
 // holding that row alone would: the skinny kernels, fp32 / bf16 up to kSkinnyMaxRows rows.
 bool gemm_rows_alone(int64_t rows, at::ScalarType dtype);

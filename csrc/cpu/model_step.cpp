@@ -11,7 +11,6 @@
 
 #include "../ops/checks.h"
 #include "gil.h"
-#include "parallel.h"
 #include "thread_pool.h"
 #include "../ops/ops.h"
 #include "cpu_kernels.h"
@@ -248,20 +247,10 @@ Tensor ModelStep::head_rows(const Tensor& ids_in, const Tensor& k_cache, const T
       const bool cached = inter == dense_inter_;
       Tensor gate_up = cached ? s.gate_up : at::empty({rows, 2 * inter}, opts);
       project(s.h, w[kW13], fmt[kW13], gate_up);
-      // F.silu(gate) * up in the model dtype, as the eager step computes it, by rows on the pool:
-      // as one ATen call a prefill's was an OpenMP region, whose new team thread waited for a
-      // core beside the pool's spinning helper (speculative decoding at batch 4, the draft's
-      // prefill: 0.8x). gate and up are strided, so ATen loops row by row either way: the same
-      // bits.
+      // F.silu(gate) * up in the model dtype, as the eager step computes it
       Tensor act = cached ? s.act : at::empty({rows, inter}, opts);
-      const Tensor gate = cached ? s.gate : gate_up.narrow(1, 0, inter);
-      const Tensor up = cached ? s.up : gate_up.narrow(1, inter, inter);
-      parallel_for(0, rows, std::max<int64_t>(1, kElementwiseGrain / inter),
-                   [&](int64_t r0, int64_t r1) {
-                     Tensor a = act.narrow(0, r0, r1 - r0);
-                     at::silu_out(a, gate.narrow(0, r0, r1 - r0));
-                     a.mul_(up.narrow(0, r0, r1 - r0));
-                   });
+      silu_mul_out(cached ? s.gate : gate_up.narrow(1, 0, inter),
+                   cached ? s.up : gate_up.narrow(1, inter, inter), act);
       project(act, w[kW2], fmt[kW2], s.proj);
       add_into(x, s.proj);
     }

@@ -79,6 +79,22 @@ void gemm_nt_out(const Tensor& a, const Tensor& b, Tensor& out) {
 
 const char* skinny_isa() { return moe_gemm::isa_name(moe_gemm::cpu_isa()); }
 
+// out = silu(gate) * up in their dtype, as the reference and the eager step compute it (silu
+// rounded, then the product), by rows on cpu::parallel_for: inside a fused step the pool, where
+// one ATen call over a prefill's rows was an OpenMP region whose new team thread waited for a
+// core beside the pool's spinning helper (speculative decoding at batch 4, the draft's prefill:
+// 0.8x). gate and up are column halves (strided), so ATen loops row by row either way: the same
+// bits.
+void silu_mul_out(const Tensor& gate, const Tensor& up, Tensor& out) {
+  const int64_t grain =
+      std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(gate.size(1), 1));
+  parallel_for(0, gate.size(0), grain, [&](int64_t r0, int64_t r1) {
+    Tensor o = out.narrow(0, r0, r1 - r0);
+    at::silu_out(o, gate.narrow(0, r0, r1 - r0));
+    o.mul_(up.narrow(0, r0, r1 - r0));
+  });
+}
+
 namespace {
 
 Tensor gemm_nt(const Tensor& a, const Tensor& b) {
@@ -87,18 +103,10 @@ Tensor gemm_nt(const Tensor& a, const Tensor& b) {
   return out;
 }
 
-// out = silu(h[:, :I]) * h[:, I:], computed in h's dtype as the reference does.
-// By rows on cpu::parallel_for (inside a fused step, the pool; ATen's own OpenMP region there
-// would wait for a core beside the pool's helper). h's halves are strided, so ATen loops row by
-// row either way: the same bits.
+// out = silu(h[:, :I]) * h[:, I:].
 void silu_and_mul(const Tensor& h, Tensor out) {
   const int64_t inter = h.size(1) / 2;
-  const Tensor gate = h.narrow(1, 0, inter), up = h.narrow(1, inter, inter);
-  parallel_for(0, h.size(0), std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(inter, 1)),
-               [&](int64_t r0, int64_t r1) {
-                 Tensor o = out.narrow(0, r0, r1 - r0);
-                 at::mul_out(o, at::silu(gate.narrow(0, r0, r1 - r0)), up.narrow(0, r0, r1 - r0));
-               });
+  silu_mul_out(h.narrow(1, 0, inter), h.narrow(1, inter, inter), out);
 }
 
 // Decode- and verification-sized calls (up to kSkinnyMaxRows tokens of a small model): the

@@ -43,11 +43,10 @@ void parallel_for_openmp(int64_t begin, int64_t end, int64_t grain, const F& f) 
 }
 
 // f(b, e) over [begin, end) in about-equal pieces, no more of them than the range holds grains
-// (as at::parallel_for). A range that is
-// one piece, a single-threaded caller or a call from inside a parallel region runs inline on the
-// calling thread, whose state is already right: capturing and installing the state costs
-// ~1-2 us a call (the profiler's callbacks, autocast, Python objects), as much as a decode step's
-// small kernels.
+// (as at::parallel_for). A range that is one piece, a single-threaded caller or a call from
+// inside a parallel region or a pool job runs inline on the calling thread, whose state is
+// already right: capturing and installing the state costs ~1-2 us a call (the profiler's
+// callbacks, autocast, Python objects), as much as a decode step's small kernels.
 template <typename F>
 void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
   if (begin >= end) return;

@@ -385,10 +385,6 @@ int kind_from(const std::string& name, const char* where) {
 }  // namespace
 
 void pool_run(int64_t chunks, int threads, const CallerState* state, ChunkFn fn, void* ctx) {
-  if (t_in_job) {  // a chunk's own parallel work stays on its thread
-    run_inline(chunks, fn, ctx);
-    return;
-  }
   pool().run(chunks, threads, state, fn, ctx);
 }
 

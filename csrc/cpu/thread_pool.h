@@ -45,7 +45,8 @@ struct CallerState {
 // which install `state` while they work on the job (or on the caller alone, while the machine is
 // loaded). While a thread runs chunks its OpenMP thread count is 1, so ATen's OpenMP-threaded
 // calls inside a chunk (and nested parallel_for) stay on it; an fp32 matmul's MKL keeps its own
-// count. Returns when every chunk has run, rethrowing the first exception a chunk threw.
+// count. Not from inside a job (parallel_for runs nested work inline). Returns when every chunk
+// has run, rethrowing the first exception a chunk threw.
 void pool_run(int64_t chunks, int threads, const CallerState* state, ChunkFn fn, void* ctx);
 
 // True on a thread while it runs a pool job's chunks.
