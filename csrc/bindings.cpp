@@ -4,6 +4,8 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <exception>
+#include <memory>
 #include <mutex>
 #include <set>
 #include <thread>
@@ -127,8 +129,8 @@ TORCH_LIBRARY(pearlmoe, m) {
   m.class_<PearlRounds>("CpuPearlRounds")
       .def(torch::init<c10::intrusive_ptr<ModelStep>, c10::intrusive_ptr<DraftWorker>, at::Tensor,
                        at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                       std::vector<int64_t>, std::vector<int64_t>, at::Tensor, at::Tensor,
-                       int64_t>())
+                       std::vector<int64_t>, std::vector<int64_t>, at::Tensor, at::Tensor, int64_t,
+                       bool>())
       .def("round", &PearlRounds::round)
       .def("finish", &PearlRounds::finish);
 
@@ -143,6 +145,8 @@ TORCH_LIBRARY(pearlmoe, m) {
         [](const std::string& kind) { pearlmoe::cpu::set_pool_kind(kind); });
   // How often the pool found the machine loaded (other processes on its cores) and ran solo.
   m.def("cpu_pool_solo_spells() -> int", [] { return pearlmoe::cpu::pool_solo_spells(); });
+  // How many chunks of the target's work PEARL's draft thread has run (PoolGuest).
+  m.def("cpu_pool_guest_chunks() -> int", [] { return pearlmoe::cpu::pool_guest_chunks(); });
   // For the tests: cpu::parallel_for over [0, n) with this grain inside a fused step's pool scope;
   // returns how often each index ran and how many threads ran pieces (each piece throws at
   // index throw_at, if in range).
@@ -169,5 +173,42 @@ TORCH_LIBRARY(pearlmoe, m) {
           out.reserve(runs.size());
           for (const auto& r : runs) out.push_back(r.load());
           return std::make_tuple(out, static_cast<int64_t>(threads.size()));
+        });
+  // For the tests: `jobs` parallel_fors over [0, n) (grain 1) on the calling thread's pool while a
+  // second thread lends it a hand (PoolGuest::help in a loop, as PEARL's draft thread between
+  // drafts); returns how often each index ran over all jobs and in how many the guest took part.
+  // A piece throws at index throw_at, if in range (in the last job).
+  m.def("_cpu_pool_guest_selftest(int n, int jobs, int throw_at) -> (int[], int)",
+        [](int64_t n, int64_t jobs, int64_t throw_at) {
+          std::vector<std::atomic<int64_t>> runs(static_cast<size_t>(std::max<int64_t>(n, 0)));
+          const auto guest = std::make_shared<pearlmoe::cpu::PoolGuest>();
+          std::atomic<bool> stop{false};
+          std::atomic<int64_t> guest_ran{0};
+          std::thread helper([&] {
+            while (!stop.load()) guest_ran += guest->help();
+          });
+          std::exception_ptr error;
+          try {
+            const pearlmoe::cpu::PoolScope scope;
+            for (int64_t job = 0; job < jobs; ++job) {
+              pearlmoe::cpu::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+                for (int64_t i = begin; i < end; ++i) {
+                  runs[i].fetch_add(1);
+                  TORCH_CHECK(job + 1 < jobs || i != throw_at, "pool guest selftest: thrown at ",
+                              i);
+                }
+              });
+            }
+          } catch (...) {
+            error = std::current_exception();
+          }
+          stop.store(true);
+          helper.join();
+          guest->leave();
+          if (error) std::rethrow_exception(error);
+          std::vector<int64_t> out;
+          out.reserve(runs.size());
+          for (const auto& r : runs) out.push_back(r.load());
+          return std::make_tuple(out, guest_ran.load());
         });
 }

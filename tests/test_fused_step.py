@@ -397,7 +397,7 @@ def test_pearl_rounds_end_the_callers_spinning_openmp_helpers():
         t, d = tgt.cache, drf.cache
         rounds = torch.classes.pearlmoe.CpuPearlRounds(
             tgt.fused_step, worker, t.k, t.v, t.lens, d.k, d.v, d.lens, [4], [4],
-            torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64), 0,
+            torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64), 0, False,
         )  # fmt: skip
         deadline = time.monotonic() + 5
         while not before - thread_ids() and time.monotonic() < deadline:
@@ -423,7 +423,7 @@ def test_pearl_rounds_verify_the_drafts_a_sequence_holds_when_gamma_changes():
     t, d = tgt.cache, drf.cache
     rounds = torch.classes.pearlmoe.CpuPearlRounds(
         tgt.fused_step, worker, t.k, t.v, t.lens, d.k, d.v, d.lens, [4], [4],
-        torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64), 0,
+        torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64), 0, False,
     )  # fmt: skip
     emitted, widths, changed_in_post, before = [], [], 0, None
     for i in range(40):  # a noisy copy of the target agrees often
@@ -442,3 +442,29 @@ def test_pearl_rounds_verify_the_drafts_a_sequence_holds_when_gamma_changes():
     assert emitted == generate(target, [prompt], len(emitted))[0]
     with pytest.raises(RuntimeError, match="gamma must be positive and extend >= 0, got 0"):
         rounds.round(0, 0)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_pearls_draft_thread_runs_target_work_once_it_has_drafted(batch):
+    """With draft_helps (the default) the draft's C++ thread runs chunks of the target's steps
+    between its drafts, and the tokens stay AR's (ragged prompts at batch 3); without it, none."""
+    from pearlmoe.cli import DRAFT, TARGET
+    from pearlmoe.decode import generate
+
+    # The embedded pair: the random pair's steps are too small to share between threads.
+    target = pearlmoe.from_pretrained(TARGET, dtype=torch.bfloat16)
+    draft = pearlmoe.from_pretrained(DRAFT, dtype=torch.bfloat16)
+    prompts = [[1, 2, 3, 4, 5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16]][:batch]
+    with num_threads(2):
+        want = generate(target, prompts, 40, backend="fused")
+        helped = 0
+        deadline = time.monotonic() + 20
+        while not helped and time.monotonic() < deadline:  # a loaded machine runs jobs solo
+            out, stats = pearl_generate(target, draft, prompts, 40, backend="fused")
+            assert out == want
+            assert stats.extra["draft_helps"] and stats.extra["round"] == "C++"
+            helped = stats.extra["draft_helped_chunks"]
+        assert helped > 0
+        out, stats = pearl_generate(target, draft, prompts, 40, backend="fused", draft_helps=False)
+        assert out == want
+        assert not stats.extra["draft_helps"] and stats.extra["draft_helped_chunks"] == 0

@@ -127,7 +127,7 @@ def test_bad_lookups_and_histories_are_refused():
     with pytest.raises(RuntimeError, match=r"PearlRounds.*history_lens\[0\] = 5 must be in"):
         torch.classes.pearlmoe.CpuPearlRounds(
             t.fused_step, worker, t.cache.k, t.cache.v, t.lens, c.k, c.v, c.lens, [3, 4], [2, 2],
-            history[:, :4].contiguous(), torch.tensor([5, 2]), 3,
+            history[:, :4].contiguous(), torch.tensor([5, 2]), 3, True,
         )  # fmt: skip
 
 

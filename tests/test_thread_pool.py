@@ -70,6 +70,34 @@ def test_a_chunks_error_reaches_the_caller_and_the_pool_goes_on(claim_pool):
             assert selftest(100, 1, -1)[0] == [1] * 100  # the next job runs whole
 
 
+guest_selftest = torch.ops.pearlmoe._cpu_pool_guest_selftest
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_a_guest_thread_takes_part_and_every_index_runs_once(claim_pool, threads):
+    """A PoolGuest (PEARL's draft thread between its drafts) claims the jobs' last parts; the
+    caller takes what the guest has not: each index of each job still runs exactly once."""
+    took_part = 0
+    deadline = time.monotonic() + 10
+    with num_threads(threads):
+        for n in [0, 1, 2, 3, 17, 64]:
+            runs, part = guest_selftest(n, 50, -1)
+            assert runs == [50] * n, (n, threads)
+            took_part += part
+        while threads > 1 and not took_part and time.monotonic() < deadline:
+            took_part += guest_selftest(64, 300, -1)[1]
+    # On one thread jobs run inline: nothing is posted for a guest to take.
+    assert (took_part > 0) == (threads > 1)
+
+
+def test_an_error_in_a_guests_job_reaches_the_caller(claim_pool):
+    with num_threads(2):
+        for throw_at in [0, 63]:  # the caller's part, the guest's
+            with pytest.raises(RuntimeError, match=f"guest selftest: thrown at {throw_at}"):
+                guest_selftest(64, 30, throw_at)
+            assert guest_selftest(64, 30, -1)[0] == [30] * 64  # the pool goes on
+
+
 def test_the_pool_is_selectable_and_a_bad_kind_is_named():
     before = torch.ops.pearlmoe.cpu_pool()
     try:

@@ -34,13 +34,17 @@ DraftWorker::~DraftWorker() {
   if (thread_.joinable()) thread_.join();
 }
 
-int DraftWorker::wait_for(int expected) {
+int DraftWorker::wait_for(int expected, PoolGuest* guest) {
   const auto seen = [&] {
     const int s = state_.load(std::memory_order_acquire);
     return s == expected || s == 3;
   };
-  const auto until = std::chrono::steady_clock::now() + kSpin;
+  auto until = std::chrono::steady_clock::now() + kSpin;
   while (!seen()) {
+    if (guest != nullptr && guest->help()) {
+      until = std::chrono::steady_clock::now() + kSpin;
+      continue;
+    }
     if (std::chrono::steady_clock::now() > until) {
       std::unique_lock<std::mutex> lock(mutex_);
       wake_.wait(lock, seen);
@@ -53,8 +57,10 @@ int DraftWorker::wait_for(int expected) {
 void DraftWorker::loop() {
   at::set_num_threads(static_cast<int>(threads_));
   const c10::InferenceMode inference;  // the caches are inference tensors
+  std::shared_ptr<PoolGuest> guest;    // the last job's: whose work to run until the next job
   while (true) {
-    if (wait_for(1) == 3) return;
+    if (wait_for(1, guest.get()) == 3) return;
+    guest = guest_;  // posted with the job (state_ 1 acquired); submit may replace guest_ later
     const auto start = std::chrono::steady_clock::now();
     latency_ = std::chrono::duration<double>(start - posted_).count();
     try {
@@ -79,10 +85,12 @@ void DraftWorker::submit(const at::Tensor& ids, const at::Tensor& k_cache,
 
 void DraftWorker::submit_lookup(const at::Tensor& ids, const at::Tensor& k_cache,
                                 const at::Tensor& v_cache, const at::Tensor& lens, int64_t n,
-                                Contexts contexts, int64_t ngram, int64_t extend) {
+                                Contexts contexts, int64_t ngram, int64_t extend,
+                                std::shared_ptr<PoolGuest> guest) {
   PM_CHECK(state_.load() == 0, kWorker, "submit while a job is pending (call result first)");
   ids_ = ids, k_ = k_cache, v_ = v_cache, lens_ = lens, n_ = n;
   contexts_ = std::move(contexts), ngram_ = ngram, extend_ = extend;
+  guest_ = std::move(guest);
   tokens_ = at::Tensor(), error_ = nullptr;
   posted_ = std::chrono::steady_clock::now();
   {

@@ -12,10 +12,12 @@
 #include <chrono>
 #include <condition_variable>
 #include <exception>
+#include <memory>
 #include <mutex>
 #include <thread>
 
 #include "model_step.h"
+#include "thread_pool.h"
 
 namespace pearlmoe::cpu {
 
@@ -31,10 +33,11 @@ class DraftWorker : public torch::CustomClassHolder {
   // arguments; the worker moves lens). One job at a time: submit, then result.
   void submit(const at::Tensor& ids, const at::Tensor& k_cache, const at::Tensor& v_cache,
               const at::Tensor& lens, int64_t n);
-  // The same job drafting with a prompt lookup over contexts (ModelStep::draft_lookup).
+  // The same job drafting with a prompt lookup over contexts (ModelStep::draft_lookup). With a
+  // guest, the worker runs the guest's pool's work once it has drafted, until its next job.
   void submit_lookup(const at::Tensor& ids, const at::Tensor& k_cache, const at::Tensor& v_cache,
                      const at::Tensor& lens, int64_t n, Contexts contexts, int64_t ngram,
-                     int64_t extend = 0);
+                     int64_t extend = 0, std::shared_ptr<PoolGuest> guest = nullptr);
   // The job's tokens [B, n]; rethrows its error.
   at::Tensor result();
   // Seconds the last job took on the worker, and from its submit to its start (the hand-off).
@@ -43,9 +46,10 @@ class DraftWorker : public torch::CustomClassHolder {
 
  private:
   void loop();
-  // Waits until state_ is `expected` or stop: spinning for kSpin, then sleeping on wake_.
+  // Waits until state_ is `expected` or stop: spinning for kSpin (running the guest's work
+  // meanwhile, if given; each chunk it runs starts the spin anew), then sleeping on wake_.
   // Returns the state seen.
-  int wait_for(int expected);
+  int wait_for(int expected, PoolGuest* guest = nullptr);
 
   c10::intrusive_ptr<ModelStep> step_;
   int64_t threads_;
@@ -55,6 +59,7 @@ class DraftWorker : public torch::CustomClassHolder {
   at::Tensor ids_, k_, v_, lens_, tokens_;
   int64_t n_ = 0, ngram_ = 0, extend_ = 0;
   Contexts contexts_;
+  std::shared_ptr<PoolGuest> guest_;  // the posted job's; the worker keeps its own copy
   double seconds_ = 0, latency_ = 0;
   std::chrono::steady_clock::time_point posted_;
   std::exception_ptr error_;

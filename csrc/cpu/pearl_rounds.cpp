@@ -19,7 +19,7 @@ PearlRounds::PearlRounds(c10::intrusive_ptr<ModelStep> target,
                          c10::intrusive_ptr<DraftWorker> draft, at::Tensor t_k, at::Tensor t_v,
                          at::Tensor t_lens, at::Tensor d_k, at::Tensor d_v, at::Tensor d_lens,
                          std::vector<int64_t> last, std::vector<int64_t> committed,
-                         at::Tensor history, at::Tensor history_lens, int64_t ngram)
+                         at::Tensor history, at::Tensor history_lens, int64_t ngram, bool lend)
     : target_(std::move(target)),
       draft_(std::move(draft)),
       t_k_(std::move(t_k)),
@@ -58,6 +58,11 @@ PearlRounds::PearlRounds(c10::intrusive_ptr<ModelStep> target,
   // to sleep until its next job.
   rest_openmp();
   pool_rest();
+  if (lend) guest_ = std::make_shared<PoolGuest>();
+}
+
+PearlRounds::~PearlRounds() {
+  if (guest_) guest_->leave();
 }
 
 void PearlRounds::write_lens() {
@@ -107,9 +112,10 @@ std::tuple<at::Tensor, at::Tensor, int64_t, int64_t> PearlRounds::round(int64_t 
       for (int64_t b = 0; b < batch; ++b) {
         contexts[b].insert(contexts[b].end(), unverified_[b].begin(), unverified_[b].end());
       }
-      draft_->submit_lookup(first, d_k_, d_v_, d_lens_, gamma, std::move(contexts), ngram_, extend);
+      draft_->submit_lookup(first, d_k_, d_v_, d_lens_, gamma, std::move(contexts), ngram_, extend,
+                            guest_);
     } else {
-      draft_->submit(first, d_k_, d_v_, d_lens_, gamma);
+      draft_->submit_lookup(first, d_k_, d_v_, d_lens_, gamma, {}, 0, 0, guest_);
     }
     const auto start = std::chrono::steady_clock::now();
     try {

@@ -22,10 +22,16 @@ class PearlRounds : public torch::CustomClassHolder {
   // committed length (prompt included). The caches hold committed - 1 tokens on each side.
   // With ngram > 0 the draft uses a prompt lookup (lookup.h) over each sequence's tokens, which
   // start as history (int64 [B, C]: the prompts, the first history_lens[b] entries of a row).
+  // With lend, the draft's thread runs the target's work once it has drafted (a PoolGuest of
+  // the calling thread's pool): the target's step then runs with the calling thread's torch
+  // thread count, which should count the draft's thread.
   PearlRounds(c10::intrusive_ptr<ModelStep> target, c10::intrusive_ptr<DraftWorker> draft,
               at::Tensor t_k, at::Tensor t_v, at::Tensor t_lens, at::Tensor d_k, at::Tensor d_v,
               at::Tensor d_lens, std::vector<int64_t> last, std::vector<int64_t> committed,
-              at::Tensor history, at::Tensor history_lens, int64_t ngram);
+              at::Tensor history, at::Tensor history_lens, int64_t ngram, bool lend);
+  ~PearlRounds() override;
+  PearlRounds(const PearlRounds&) = delete;
+  PearlRounds& operator=(const PearlRounds&) = delete;
 
   // One round at draft length gamma; with the lookup, the draft runs on up to extend more
   // tokens while it finds every sequence's next one. A post-verify sequence's window is its
@@ -48,6 +54,7 @@ class PearlRounds : public torch::CustomClassHolder {
   Contexts tokens_;  // each sequence's committed tokens, kept for the lookup when ngram_ > 0
   int64_t ngram_ = 0;
   std::vector<bool> post_, active_;
+  std::shared_ptr<PoolGuest> guest_;  // the draft thread's place in this thread's pool (lend)
 };
 
 }  // namespace pearlmoe::cpu

@@ -103,7 +103,8 @@ class SerialOpenMP {
   int saved_ = 1;
 };
 
-std::atomic<int64_t> g_solo_spells{0};  // every pool's windows judged loaded
+std::atomic<int64_t> g_solo_spells{0};   // every pool's windows judged loaded
+std::atomic<int64_t> g_guest_chunks{0};  // chunks PoolGuests ran
 
 // Installs a caller's state on a helper for the length of its work on a job.
 class StateGuard {
@@ -132,6 +133,8 @@ void run_inline(int64_t chunks, ChunkFn fn, void* ctx) {
   for (int64_t i = 0; i < chunks; ++i) fn(ctx, i);
 }
 
+}  // namespace
+
 // One calling thread's pool: its helpers serve that thread's jobs only, so PEARL's two sides (the
 // main thread and the draft's) each have their own, and each pool's load watch sees one caller.
 class Pool : public std::enable_shared_from_this<Pool> {
@@ -149,7 +152,8 @@ class Pool : public std::enable_shared_from_this<Pool> {
       return;
     }
     if (start - last_end_ > kGap) begin_window(start);  // the first job after a pause
-    const int helpers = parts - 1;
+    // The last parts are the guests' (PoolGuest), the others' own helpers'.
+    const int helpers = parts - 1 - std::min(guests_.load(std::memory_order_relaxed), parts - 1);
     while (static_cast<int>(helpers_) < helpers) {
       const int index = helpers_++;
       std::thread([self = shared_from_this(), index] { self->helper(index); }).detach();
@@ -202,6 +206,23 @@ class Pool : public std::enable_shared_from_this<Pool> {
   }
 
   void rest() { rest_.fetch_add(1); }
+
+  void add_guest(int n) { guests_.fetch_add(n, std::memory_order_relaxed); }
+
+  // PoolGuest::help: the current job's unclaimed chunks, the last part first.
+  bool guest_help() {
+    const uint32_t epoch = epoch_.load(std::memory_order_acquire);
+    const int parts = parts_.load(std::memory_order_relaxed);
+    if (parts < 2 || stop_.load(std::memory_order_relaxed)) return false;
+    // A cheap look first: the guest calls this in its wait loop.
+    const uint64_t w = parts_words_[parts - 1].word.load(std::memory_order_acquire);
+    if (w >> 32 != epoch || (w >> 16 & 0xffff) >= (w & 0xffff)) return false;
+    if (beside_caller()) return false;
+    const SerialOpenMP serial;
+    const int64_t ran = work(epoch, parts - 1, true);
+    g_guest_chunks.fetch_add(ran, std::memory_order_relaxed);
+    return ran > 0;
+  }
 
   // The calling thread is ending: its helpers leave (they hold the pool until they do).
   void stop() {
@@ -339,12 +360,15 @@ class Pool : public std::enable_shared_from_this<Pool> {
   std::condition_variable wake_;
   std::atomic<int> sleepers_{0};
   std::atomic<uint64_t> rest_{0};
+  std::atomic<int> guests_{0};  // PoolGuests present: the last parts are theirs
   // The load watch (under busy_).
   Clock::time_point window_start_, solo_until_, last_end_;
   std::chrono::nanoseconds window_cpu_{};
   Clock::duration solo_for_{};
   int window_stalls_ = 0;
 };
+
+namespace {
 
 // A forked child has none of its parent's helper threads: a pool made before the fork is left
 // (its threads are gone) and the child's thread makes a new one.
@@ -360,7 +384,7 @@ struct ThreadPoolHandle {
 };
 thread_local ThreadPoolHandle t_pool;
 
-Pool& pool() {
+std::shared_ptr<Pool>& pool_ref() {
   static const int registered =
       pthread_atfork(nullptr, nullptr, [] { g_fork_generation.fetch_add(1); });
   (void)registered;
@@ -370,8 +394,10 @@ Pool& pool() {
     t_pool.pool = std::make_shared<Pool>();
     t_pool.generation = generation;
   }
-  return *t_pool.pool;
+  return t_pool.pool;
 }
+
+Pool& pool() { return *pool_ref(); }
 
 // 0: not read yet, 1: claim, 2: openmp.
 std::atomic<int> g_kind{0};
@@ -390,11 +416,20 @@ void pool_run(int64_t chunks, int threads, const CallerState* state, ChunkFn fn,
 
 bool in_pool_job() { return t_in_job; }
 
+PoolGuest::PoolGuest() : pool_(pool_ref()) { pool_->add_guest(1); }
+PoolGuest::~PoolGuest() { leave(); }
+void PoolGuest::leave() {
+  if (present_.exchange(false)) pool_->add_guest(-1);
+}
+bool PoolGuest::help() { return present_.load(std::memory_order_relaxed) && pool_->guest_help(); }
+
 PoolScope::PoolScope() { ++t_scope_depth; }
 PoolScope::~PoolScope() { --t_scope_depth; }
 bool in_pool_scope() { return t_scope_depth > 0; }
 
 int64_t pool_solo_spells() { return g_solo_spells.load(std::memory_order_relaxed); }
+
+int64_t pool_guest_chunks() { return g_guest_chunks.load(std::memory_order_relaxed); }
 
 void pool_rest() {
   if (t_pool.pool && t_pool.generation == g_fork_generation.load()) t_pool.pool->rest();

@@ -21,7 +21,9 @@
 #include <c10/core/AutogradState.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
+#include <atomic>
 #include <cstdint>
+#include <memory>
 #include <string>
 
 namespace pearlmoe::cpu {
@@ -66,8 +68,36 @@ class PoolScope {
 };
 bool in_pool_scope();
 
+class Pool;
+
+// A thread outside a pool lending it a hand between jobs of its own: PEARL's draft thread, whose
+// core would otherwise idle once it has drafted while the target still verifies its window. While
+// a PoolGuest of the calling thread's pool is present, that pool's jobs keep their last part for
+// the guest instead of a helper thread of their own (which would take the guest's core while it
+// drafts); the caller still takes the part when the guest has not, so a busy guest costs the
+// job nothing but the split.
+class PoolGuest {
+ public:
+  PoolGuest();  // a guest of the calling thread's pool
+  ~PoolGuest();
+  PoolGuest(const PoolGuest&) = delete;
+  PoolGuest& operator=(const PoolGuest&) = delete;
+  // From the guest's thread: runs what is unclaimed of the pool's current job, its part first;
+  // returns whether it ran any chunk.
+  bool help();
+  // The pool no longer counts on this guest (idempotent; the destructor calls it).
+  void leave();
+
+ private:
+  std::shared_ptr<Pool> pool_;
+  std::atomic<bool> present_{true};
+};
+
 // How many times the pool has judged the machine loaded and sent work to callers alone.
 int64_t pool_solo_spells();
+
+// How many chunks PoolGuests have run (PEARL's draft thread on the target's work).
+int64_t pool_guest_chunks();
 
 // The calling thread's idle helpers stop spinning and sleep until its next job (PEARL's rounds
 // split the cores between their sides: a helper left spinning from a prefill would take the

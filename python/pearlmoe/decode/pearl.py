@@ -132,6 +132,7 @@ def pearl_generate(
     draft_process: bool | None = None,
     bookkeeping: str = "auto",
     lookup: int = LOOKUP,
+    draft_helps: bool = True,
 ) -> tuple[list[list[int]], DecodeStats]:
     """Each sequence's new tokens (up to and including its EOS) and the run's statistics.
     ``gamma=None`` picks the window from the measured cost curve and the acceptance rate seen so
@@ -141,7 +142,9 @@ def pearl_generate(
     fused backend's steps release the GIL, so its sides overlap on threads).
     ``bookkeeping``: "host" (greedy; the default on a CPU) or "device" (pearlmoe.decode.
     pearl_rounds). ``lookup``: the prompt lookup's n-gram length for greedy drafts on fused CPU
-    steps (pearlmoe.decode.common.LOOKUP; 0: the draft model alone, as on other paths)."""
+    steps (pearlmoe.decode.common.LOOKUP; 0: the draft model alone, as on other paths).
+    ``draft_helps``: in the C++ rounds, the draft's thread runs the target's work once it has
+    drafted, until the round ends (its core would otherwise idle while the target verifies)."""
     if lookup < 0:
         raise ValueError(f"pearl_generate: lookup must be >= 0, got {lookup}")
     check_pair(target, draft)
@@ -218,16 +221,21 @@ def pearl_generate(
         rounds = torch.classes.pearlmoe.CpuPearlRounds(
             tgt.fused_step, drf.worker, t.k, t.v, t.lens, d.k, d.v, d.lens,
             [p[-1] for p in prompts], [len(p) for p in prompts], history, history_lens, lookup,
+            draft_helps,
         )  # fmt: skip
     elif bookkeeping == "host":
         rounds = HostRounds(prompts, gamma, tgt, drf)
     stats.extra["round"] = "C++" if one_call else "Python"
+    # The draft's thread, lent to the target's pool between its jobs, is one more thread there.
+    loop_threads = share + 1 if one_call and draft_helps else share
+    stats.extra["draft_helps"] = one_call and draft_helps
     target_side = _Side(target, share)
     host_post = [False] * batch  # the mode on the host: the target's width needs no sync
     outputs: list[list[int]] = [[] for _ in prompts]
     done = [max_new_tokens <= 0] * batch
 
-    with pool, num_threads(share):
+    guest_chunks = torch.ops.pearlmoe.cpu_pool_guest_chunks() if one_call else 0
+    with pool, num_threads(loop_threads):
         while not all(done):
             round_top = time.perf_counter()
             if policy.gamma != gamma and (one_call or not any(host_post)):
@@ -281,6 +289,9 @@ def pearl_generate(
             if device.type == "cpu":  # the round's host work: its wall time beyond the slower side
                 policy.observe_host(time.perf_counter() - round_top - max(t_draft, t_target))
     end_decode(stats, policy, start)
+    if one_call:  # chunks of the target's steps its draft's thread ran (process-wide count)
+        helped = torch.ops.pearlmoe.cpu_pool_guest_chunks() - guest_chunks
+        stats.extra["draft_helped_chunks"] = helped
     stats.extra["overlap"] = round_times["wall"] / max(round_times["slower"], 1e-12)
     if round_times["alone"]:  # against the measured cost curve: what contention costs the sides
         stats.extra["overlap_vs_alone"] = round_times["wall"] / round_times["alone"]
