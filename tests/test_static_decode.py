@@ -5,6 +5,7 @@ at batch 1 and 4, with ragged prompts and EOS inside a window. Also the KV cache
 cost model behind the choice of γ."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -276,6 +277,33 @@ def test_plan_prices_pearl_on_its_own_sides():
     slow = cost_model.plan(FLAT, 0.8, pearl_curve=halved)
     assert slow.mode == "speculative"
     assert slow.predicted["pearl"][1] < cost_model.plan(FLAT, 0.8).predicted["pearl"][1] / 1.5
+
+
+def test_pearl_rounds_where_the_draft_helps_the_target():
+    """The fused CPU rounds lend the draft's thread to the target once it has drafted: the
+    target runs alone (its side's curve) while the draft drafts, then on the helped curve. A
+    round costs the slower side when the draft is the slower one, and the ceiling (drafting
+    free) is the helped curve's."""
+    alone = _curve([2.0 * t * 1e3 for t in RISING.target], 0.2)  # one of two threads
+    helped = dataclasses.replace(alone, helped=list(RISING.target))  # both
+    for width in (1, 4, 9):
+        t1, t2 = alone.target_time(width), RISING.target_time(width)
+        assert helped.side_time(0.0, width) == pytest.approx(t2)
+        # half the window's work alone while drafting, the other half at the helped speed
+        assert helped.side_time(t1 / 2, width) == pytest.approx(t1 / 2 + t2 / 2)
+        assert helped.side_time(3 * t1, width) == alone.side_time(3 * t1, width) == 3 * t1
+        assert alone.side_time(t1 / 2, width) == t1
+    assert cost_model.ceiling(helped, "pearl")[1] == pytest.approx(
+        cost_model.ceiling(RISING, "pearl")[1]
+    )
+    for alpha in (0.5, 0.9):
+        for gamma in (2, 5):
+            assert cost_model.pearl_rate(helped, alpha, gamma) > cost_model.pearl_rate(
+                alone, alpha, gamma
+            )
+    # scaled() scales both target curves alike (the loop's observed side cost)
+    twice = helped.scaled(2.0, 1.0)
+    assert twice.helped == pytest.approx([2 * t for t in helped.helped])
 
 
 @pytest.mark.parametrize("alpha", [0.3, 0.6, 0.9])

@@ -22,7 +22,7 @@ from . import ops
 from .decode import generate, pearl_generate, runner, speculative_generate
 from .decode.common import LOOKUP, MAX_GAMMA, measured_curve
 from .decode.cost_model import plan
-from .decode.runner import BACKENDS, compile_available, default_backend
+from .decode.runner import BACKENDS, compile_available, default_backend, effective_backend
 from .model import ModelConfig, Transformer, from_pretrained
 from .model.config import estimate
 from .model.gguf_checkpoint import is_gguf
@@ -200,12 +200,17 @@ def warm_up(mode: str, target: Transformer, draft: Transformer | None, prompt: l
     return time.perf_counter() - start
 
 
-def choose_mode(target: Transformer, draft: Transformer, backend: str) -> tuple[str, dict]:
+def choose_mode(
+    target: Transformer, draft: Transformer, backend: str, greedy: bool = True
+) -> tuple[str, dict]:
     """--mode auto: the mode (and γ) the cost model predicts fastest at a prior acceptance rate
-    of 0.6, PEARL's on its sides' own costs (half the CPU threads each); every mode's
+    of 0.6, PEARL's on its sides' own costs (half the CPU threads each, and the draft's thread
+    helping the target once it has drafted where the greedy fused rounds lend it); every mode's
     prediction comes with it."""
     curve = measured_curve(target, draft, 1, "speculative", backend)
-    best = plan(curve, 0.6, pearl_curve=measured_curve(target, draft, 1, "pearl", backend))
+    helped = greedy and all(effective_backend(m, backend) == "fused" for m in (target, draft))
+    pearl_curve = measured_curve(target, draft, 1, "pearl", backend, helped)
+    best = plan(curve, 0.6, pearl_curve=pearl_curve)
     return best.mode, best.predicted
 
 
@@ -285,7 +290,7 @@ def cmd_generate(args) -> int:
     runner.notify = _note
     mode = args.mode
     if mode == "auto":
-        mode, predicted = choose_mode(target, draft, backend)
+        mode, predicted = choose_mode(target, draft, backend, args.temperature <= 0)
         _note("mode auto: predicted tokens/s " + ", ".join(
             f"{m} {r:.0f}" + (f" (gamma {g})" if g else "") for m, (g, r) in predicted.items()
         ) + f"; running {mode}")  # fmt: skip

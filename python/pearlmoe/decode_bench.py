@@ -14,6 +14,7 @@ import torch
 from .decode import generate, pearl_generate, speculative_generate
 from .decode.common import LOOKUP, measured_curve, side_threads
 from .decode.cost_model import CostCurve, ar_rate, best_gamma, ceiling, measure_interleaved, rate
+from .decode.runner import effective_backend
 
 MODES = ("ar", "speculative", "pearl")
 EAGER_AR = "ar-eager"
@@ -81,7 +82,11 @@ def bench_dtype(
     if target.device.type == "cpu":  # both sides' thread counts in alternating rounds
         threads = sorted({torch.get_num_threads(), side_threads()})
         measure_interleaved(target, draft, threads, batch, backend)
-    curves = {m: measured_curve(target, draft, batch, m, backend) for m in ("speculative", "pearl")}
+    # PEARL's greedy fused CPU rounds lend the draft's thread to the target once it has drafted.
+    helped = args.temperature <= 0 and all(effective_backend(m, backend) == "fused"
+                                           for m in (target, draft))  # fmt: skip
+    curves = {m: measured_curve(target, draft, batch, m, backend, helped)
+              for m in ("speculative", "pearl")}  # fmt: skip
     modes = (EAGER_AR, *MODES)
 
     def run(mode: str, prompts, max_new: int, seed: int):
@@ -134,8 +139,11 @@ def bench_dtype(
 
 
 def _curve_json(curve: CostCurve) -> dict:
-    return {"target_ms": [round(t * 1e3, 4) for t in curve.target],
-            "draft_ms": round(curve.draft * 1e3, 4), **curve.extra}  # fmt: skip
+    out = {"target_ms": [round(t * 1e3, 4) for t in curve.target],
+           "draft_ms": round(curve.draft * 1e3, 4), **curve.extra}  # fmt: skip
+    if curve.helped is not None:
+        out["helped_target_ms"] = [round(t * 1e3, 4) for t in curve.helped]
+    return out
 
 
 def print_run(run: dict) -> None:
@@ -145,7 +153,10 @@ def print_run(run: dict) -> None:
     print(f"[{run['dtype']}] draft step {curve['draft_ms']:.3f} ms "
           f"(PEARL's sides, {run['cost_curve_pearl_threads']['threads']} thread(s) each: target "
           f"{run['cost_curve_pearl_threads']['target_ms'][0]:.3f}, draft "
-          f"{run['cost_curve_pearl_threads']['draft_ms']:.3f} ms)")  # fmt: skip
+          f"{run['cost_curve_pearl_threads']['draft_ms']:.3f} ms"
+          + (", the target with the draft's thread once it has drafted: "
+             f"{run['cost_curve_pearl_threads']['helped_target_ms'][0]:.3f}"
+             if "helped_target_ms" in run["cost_curve_pearl_threads"] else "") + ")")  # fmt: skip
     head = (f"{'dtype':<9}{'mode':<12}{'tok/s':>9}{'vs AR':>8}{'paired':>8}{'vs eager':>9}"
             f"{'tok/call':>9}{'accept':>7}{'gamma':>8}{'overlap':>8}{'predicted':>10}{'in-loop':>9}"
             f"{'host ms':>8}")  # fmt: skip

@@ -6,6 +6,7 @@ the last committed token, which is fed at the start of the next step.
 """
 
 import contextlib
+import dataclasses
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -107,15 +108,23 @@ def side_threads() -> int:
 
 
 def measured_curve(
-    target: Transformer, draft: Transformer, batch: int, mode: str, backend: str = "eager"
-):
+    target: Transformer, draft: Transformer, batch: int, mode: str, backend: str = "eager",
+    helped: bool = False,
+):  # fmt: skip
     """The cost curve (pearlmoe.decode.cost_model) as this mode runs: PEARL's sides with half
-    the CPU threads each."""
+    the CPU threads each; ``helped``: with the target's steps also on one more thread (the
+    draft's, lent to the target once it has drafted: the fused CPU rounds)."""
     from .cost_model import measure
 
-    threads = side_threads() if mode == "pearl" and target.device.type == "cpu" else None
-    with num_threads(threads or torch.get_num_threads()):
+    if mode != "pearl" or target.device.type != "cpu":
         return measure(target, draft, batch, backend)
+    with num_threads(side_threads()):
+        curve = measure(target, draft, batch, backend)
+    if not helped:
+        return curve
+    with num_threads(side_threads() + 1):
+        plus = measure(target, draft, batch, backend)
+    return dataclasses.replace(curve, helped=list(plus.target))
 
 
 # The longest draft: a window of up to 16 tokens is computed row by row as a decode step is (the
@@ -132,19 +141,19 @@ def check_gamma(gamma: int) -> None:
 
 def gamma_policy(
     target: Transformer, draft: Transformer, batch: int, mode: str, backend: str,
-    gamma: int | None, max_gamma: int = 8,
+    gamma: int | None, max_gamma: int = 8, helped: bool = False,
 ):  # fmt: skip
     """A fixed γ when given, else one chosen (and re-chosen as acceptance is measured) from the
-    measured cost curve."""
+    measured cost curve (``helped``: see measured_curve)."""
     from .cost_model import GammaPolicy
 
     if gamma is not None:
         check_gamma(gamma)
-    curve = None if gamma else measured_curve(target, draft, batch, mode, backend)
+    curve = None if gamma else measured_curve(target, draft, batch, mode, backend, helped)
     # Start from what the last decode of this pair in this mode learned (α, the sides' costs in
     # the loop), and leave what this one learns for the next (``GammaPolicy.remember``).
     memory = _learned.setdefault(target, {})
-    key = (id(draft), batch, mode, backend, torch.get_num_threads())
+    key = (id(draft), batch, mode, backend, torch.get_num_threads(), helped)
     return GammaPolicy(curve, mode, gamma, max(max_gamma, gamma or 0), memory=(memory, key))
 
 

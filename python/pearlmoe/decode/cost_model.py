@@ -8,7 +8,10 @@ curve over the window width, measured, and γ maximises the expected tokens per 
 
   autoregressive  1 token per T(1)
   speculative     E = (1 − α^(γ+1)) / (1 − α) tokens per γ·t_d + T(γ+1)      (Leviathan et al.)
-  PEARL           a two-state chain per round, each round max(γ·t_d, T(window)):
+  PEARL           a two-state chain per round, each round max(γ·t_d, T(window)), or, where the
+                  draft's thread runs the target's work once it has drafted (the fused CPU
+                  rounds), γ·t_d + (1 − γ·t_d / T(window)) · T⁺(window) with T⁺ the target's
+                  step on its threads and the draft's:
                     pre-verify   window 1: always 1 token; to post-verify with probability α
                     post-verify  window γ: (1 − α^γ) / (1 − α) tokens on average; stays in
                                  post-verify with probability α^γ
@@ -47,13 +50,16 @@ class CostCurve:
     """Measured step times in seconds: ``target[n - 1]`` for a window of n tokens per sequence,
     ``draft`` per drafted token (a one-token draft step), at ``batch`` sequences; ``host`` the
     seconds a speculative or PEARL round spends outside both sides (0 until observed: with the
-    fused CPU step a round's Python is a fifth of a round on the embedded pair)."""
+    fused CPU step a round's Python is a fifth of a round on the embedded pair). ``helped``:
+    PEARL's target window times with the draft's thread taking part (the fused CPU rounds lend
+    it to the target once it has drafted), or None where the sides keep their threads."""
 
     target: list[float]
     draft: float
     batch: int = 1
     extra: dict = field(default_factory=dict)
     host: float = 0.0
+    helped: list[float] | None = None
 
     def __post_init__(self) -> None:
         # A wider window never costs less than a narrower one: timing noise that says otherwise
@@ -61,20 +67,38 @@ class CostCurve:
         # (least squares: adjacent violators pooled into their mean) rather than a running
         # maximum, which let one slow sample at a narrow width raise every wider one.
         self.target = monotone_fit(self.target)
+        if self.helped is not None:
+            self.helped = monotone_fit(self.helped)
 
     def scaled(self, target: float, draft: float, host: float | None = None) -> "CostCurve":
         """The same curve with every target time times ``target``, the draft's times ``draft``
         and a round's host work ``host`` seconds (unchanged when None): what the sides and the
         loop cost inside the decode loop, as observed."""
+        helped = None if self.helped is None else [t * target for t in self.helped]
         return CostCurve([t * target for t in self.target], self.draft * draft, self.batch,
-                         dict(self.extra), self.host if host is None else host)  # fmt: skip
+                         dict(self.extra), self.host if host is None else host,
+                         helped)  # fmt: skip
 
     def target_time(self, width: int) -> float:
         """T(width), extrapolated linearly past the measured widths."""
-        if width <= len(self.target):
-            return self.target[width - 1]
-        slope = self.target[-1] - self.target[-2] if len(self.target) > 1 else self.target[-1]
-        return self.target[-1] + slope * (width - len(self.target))
+        return _at(self.target, width)
+
+    def side_time(self, drafting: float, width: int) -> float:
+        """A PEARL round's sides: γ draft steps taking ``drafting`` seconds beside the target's
+        window; with ``helped``, the target runs alone while the draft drafts, then with the
+        draft's thread too."""
+        alone = self.target_time(width)
+        if self.helped is None or drafting >= alone:
+            return max(drafting, alone)
+        return drafting + (1 - drafting / alone) * min(alone, _at(self.helped, width))
+
+
+def _at(times: list[float], width: int) -> float:
+    """times[width - 1], extrapolated linearly past the measured widths."""
+    if width <= len(times):
+        return times[width - 1]
+    slope = times[-1] - times[-2] if len(times) > 1 else times[-1]
+    return times[-1] + slope * (width - len(times))
 
 
 def speculative_rate(curve: CostCurve, alpha: float, gamma: int) -> float:
@@ -84,11 +108,12 @@ def speculative_rate(curve: CostCurve, alpha: float, gamma: int) -> float:
 
 
 def pearl_rate(curve: CostCurve, alpha: float, gamma: int) -> float:
-    """Expected tokens per second (per sequence) of PEARL's pre/post-verify chain, each side's
-    round cost the slower of γ draft steps and the target's window."""
+    """Expected tokens per second (per sequence) of PEARL's pre/post-verify chain, a round's
+    sides costing ``curve.side_time`` (the slower of γ draft steps and the target's window, or
+    less where the draft's thread helps the target)."""
     drafting = gamma * curve.draft
-    pre_cost = max(drafting, curve.target_time(1)) + curve.host
-    post_cost = max(drafting, curve.target_time(gamma)) + curve.host
+    pre_cost = curve.side_time(drafting, 1) + curve.host
+    post_cost = curve.side_time(drafting, gamma) + curve.host
     if alpha >= 1:
         return gamma / post_cost
     stay_post = alpha**gamma
@@ -117,7 +142,7 @@ def ceiling(curve: CostCurve, mode: str, max_gamma: int = 8) -> tuple[int, float
     """(γ, tokens/s per sequence): the most a mode can reach on this curve whatever its drafts,
     with every draft accepted, drafting free and no host work between the sides. A speed-up
     target above it is out of reach for this target model on this machine."""
-    free = CostCurve(curve.target, 0.0, curve.batch, dict(curve.extra))
+    free = CostCurve(curve.target, 0.0, curve.batch, dict(curve.extra), helped=curve.helped)
     g = best_gamma(free, 1.0, mode, max_gamma)
     return g, rate(free, 1.0, mode, g)
 

@@ -151,7 +151,14 @@ def pearl_generate(
     prompts = _prompts(input_ids)
     batch, eos = len(prompts), _eos_set(eos_token_id)
     sampling = Sampling(temperature, top_k, top_p)
-    policy = gamma_policy(target, draft, batch, "pearl", backend, gamma)
+    # The fused CPU rounds (greedy) lend the draft's thread to the target once it has drafted.
+    helps = draft_helps and sampling.greedy and target.device.type == draft.device.type == "cpu"
+    helps = (
+        helps
+        and not draft_process
+        and all(effective_backend(m, backend) == "fused" for m in (target, draft))
+    )
+    policy = gamma_policy(target, draft, batch, "pearl", backend, gamma, helped=helps)
     gamma = policy.gamma
     greedy = sampling.greedy
     stats = DecodeStats(gamma=gamma, extra={"pre_rounds": 0, "post_rounds": 0})
