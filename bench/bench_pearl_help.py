@@ -1,0 +1,133 @@
+"""PEARL's draft thread helping the target, on and off, beside autoregressive and speculative
+decoding.
+
+On a CPU PEARL's sides split the cores: each gets half. The draft drafts its γ tokens well
+before the target has verified its window, and its core then idled. With ``draft_helps`` (the
+default of the fused CPU rounds) the draft's thread runs the target's work until the round
+ends (a PoolGuest of the target thread's pool, csrc/cpu/thread_pool.h). Each row: a pair's
+greedy decode of held-out prompts (the embedded pair by default), AR, speculative and PEARL with
+and without the help taking turns prompt by prompt (the order rotating each repeat): tokens/s,
+the paired ratios, and a PEARL round's wall time, target side and draft side.
+
+    python bench/bench_pearl_help.py [--dtypes bfloat16 float32] [--prompts 24] [--batch 1]
+                                     [--target smollm2-135m --draft smollm2-135m-draft]
+"""
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+import torch
+
+import pearlmoe
+from common import print_table, write_json
+from pearlmoe.cli import DRAFT, TARGET, load_tokenizer
+from pearlmoe.decode import generate, pearl_generate, speculative_generate
+from pearlmoe.train.data import held_out_prompts
+
+ARMS = ("ar", "speculative", "pearl", "pearl, draft helps")
+
+
+def decode(arm: str, target, draft, prompts: list[list[int]], new: int):
+    """(tokens, seconds, stats or None) of one arm on one batch of prompts."""
+    eos = target.config.eos_token_id
+    start = time.perf_counter()
+    if arm == "ar":
+        out = generate(target, prompts, new, eos_token_id=eos, backend="fused")
+        return sum(map(len, out)), time.perf_counter() - start, None
+    if arm == "speculative":
+        out, stats = speculative_generate(target, draft, prompts, new, eos_token_id=eos,
+                                          backend="fused")  # fmt: skip
+    else:
+        out, stats = pearl_generate(target, draft, prompts, new, eos_token_id=eos,
+                                    backend="fused", draft_helps=arm.endswith("helps"))  # fmt: skip
+    seconds = time.perf_counter() - start - stats.extra.get("warmup_seconds", 0.0)
+    return sum(map(len, out)), seconds, stats
+
+
+def geomean(ratios: list[float]) -> float:
+    return math.exp(sum(map(math.log, ratios)) / len(ratios))
+
+
+def run_dtype(dtype: torch.dtype, args) -> list[dict]:
+    target = pearlmoe.from_pretrained(args.target, dtype=dtype)
+    draft = pearlmoe.from_pretrained(args.draft, dtype=dtype)
+    prompts = held_out_prompts(load_tokenizer(args.target), args.prompts * args.batch, 64)
+    batches = [prompts[i : i + args.batch] for i in range(0, len(prompts), args.batch)]
+    for arm in ARMS:  # warm-up: the cost curves, thread pools, the draft worker
+        decode(arm, target, draft, batches[0], 8)
+    speeds = {arm: [] for arm in ARMS}
+    totals = {arm: {"tokens": 0, "seconds": 0.0, "rounds": 0, "helped_chunks": 0,
+                    "wall": 0.0, "target": 0.0, "draft": 0.0} for arm in ARMS}  # fmt: skip
+    for rep in range(args.repeats):
+        for i, batch in enumerate(batches):
+            k = (i + rep) % len(ARMS)
+            for arm in ARMS[k:] + ARMS[:k]:
+                tokens, seconds, stats = decode(arm, target, draft, batch, args.max_new_tokens)
+                speeds[arm].append(tokens / seconds)
+                t = totals[arm]
+                t["tokens"] += tokens
+                t["seconds"] += seconds
+                if stats is not None and arm != "speculative":
+                    t["rounds"] += stats.target_calls
+                    t["helped_chunks"] += stats.extra.get("draft_helped_chunks", 0)
+                    for side in ("wall", "target", "draft"):
+                        t[side] += stats.extra["round_seconds"][side]
+    rows = []
+    for arm in ARMS:
+        t = totals[arm]
+        rounds = max(t["rounds"], 1)
+        rows.append({
+            "target": Path(str(args.target)).name, "dtype": str(dtype).removeprefix("torch."),
+            "batch": args.batch, "arm": arm,
+            "tokens_per_second": t["tokens"] / t["seconds"],
+            "paired_vs_ar": geomean([a / b for a, b in zip(speeds[arm], speeds["ar"],
+                                                            strict=True)]),
+            "paired_vs_pearl": geomean([a / b for a, b in zip(speeds[arm], speeds["pearl"],
+                                                               strict=True)]),
+            "round_ms": 1e3 * t["wall"] / rounds if t["rounds"] else float("nan"),
+            "target_ms": 1e3 * t["target"] / rounds if t["rounds"] else float("nan"),
+            "draft_ms": 1e3 * t["draft"] / rounds if t["rounds"] else float("nan"),
+            "helped_chunks_per_round": t["helped_chunks"] / rounds,
+        })  # fmt: skip
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--target", default=str(TARGET), help="a model directory, GGUF or name")
+    parser.add_argument("--draft", default=str(DRAFT))
+    parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
+    parser.add_argument("--prompts", type=int, default=24)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    rows = [row for name in args.dtypes for row in run_dtype(getattr(torch, name), args)]
+    print_table(
+        f"PEARL with and without the draft's thread helping the target "
+        f"({torch.get_num_threads()} threads, batch {args.batch}, {args.prompts} prompts x "
+        f"{args.max_new_tokens}, {args.repeats} repeats; paired = geometric mean per prompt)",
+        rows,
+        [("target", "s"), ("dtype", "s"), ("arm", "s"), ("tokens_per_second", ".1f"),
+         ("paired_vs_ar", ".3f"), ("paired_vs_pearl", ".3f"), ("round_ms", ".3f"),
+         ("target_ms", ".3f"), ("draft_ms", ".3f"), ("helped_chunks_per_round", ".1f")],
+    )  # fmt: skip
+    name = "pearl-help" if args.batch == 1 else f"pearl-help-batch{args.batch}"
+    if args.target != str(TARGET):
+        name += "-" + Path(args.target).name
+    payload = {
+        "threads": torch.get_num_threads(),
+        "prompts": args.prompts,
+        "batch": args.batch,
+        "max_new_tokens": args.max_new_tokens,
+        "repeats": args.repeats,
+        "rows": rows,
+    }
+    print("wrote", write_json(name, torch.device("cpu"), payload, args.out))
+
+
+if __name__ == "__main__":
+    main()
