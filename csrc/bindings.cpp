@@ -132,7 +132,8 @@ TORCH_LIBRARY(pearlmoe, m) {
                        std::vector<int64_t>, std::vector<int64_t>, at::Tensor, at::Tensor, int64_t,
                        bool>())
       .def("round", &PearlRounds::round)
-      .def("finish", &PearlRounds::finish);
+      .def("finish", &PearlRounds::finish)
+      .def("close", &PearlRounds::close);
 
   // ---- build info --------------------------------------------------------------------------
   // Whether this build compiled the CUDA kernels.

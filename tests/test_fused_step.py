@@ -468,3 +468,34 @@ def test_pearls_draft_thread_runs_target_work_once_it_has_drafted(batch):
         out, stats = pearl_generate(target, draft, prompts, 40, backend="fused", draft_helps=False)
         assert out == want
         assert not stats.extra["draft_helps"] and stats.extra["draft_helped_chunks"] == 0
+        before = torch.ops.pearlmoe.cpu_pool()
+        try:  # on OpenMP's pool there is no guest to lend: the target keeps its share
+            torch.ops.pearlmoe.set_cpu_pool("openmp")
+            out, stats = pearl_generate(target, draft, prompts, 40, backend="fused")
+        finally:
+            torch.ops.pearlmoe.set_cpu_pool(before)
+        assert out == want
+        assert not stats.extra["draft_helps"] and stats.extra["draft_helped_chunks"] == 0
+
+
+def test_closed_pearl_rounds_give_the_target_pool_its_own_helper_back():
+    """While rounds that lend the draft's thread exist, the target thread's jobs keep a part for
+    it (no helper thread of their own); close() (or the end of the decode) returns it."""
+    selftest = torch.ops.pearlmoe._cpu_pool_selftest
+    target, draft = _pair(torch.float32)
+    tgt, drf = Runner(target, 1, 32, "fused"), Runner(draft, 1, 32, "fused")
+    worker = torch.classes.pearlmoe.CpuDraftWorker(drf.fused_step, 1)
+    t, d = tgt.cache, drf.cache
+    rounds = torch.classes.pearlmoe.CpuPearlRounds(
+        tgt.fused_step, worker, t.k, t.v, t.lens, d.k, d.v, d.lens, [4], [4],
+        torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64), 0, True,
+    )  # fmt: skip
+    with num_threads(2):
+        # No job handed the worker the guest yet: the caller runs the guest's part itself.
+        assert {selftest(64, 1, -1)[1] for _ in range(300)} == {1}
+        rounds.close()
+        used: set[int] = set()
+        deadline = time.monotonic() + 10
+        while 2 not in used and time.monotonic() < deadline:
+            used |= {selftest(64, 1, -1)[1] for _ in range(300)}
+        assert 2 in used

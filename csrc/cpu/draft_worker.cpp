@@ -5,6 +5,9 @@
 #include <c10/core/InferenceMode.h>
 
 #include <chrono>
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
 
 #include "../ops/checks.h"
 #include "gil.h"
@@ -45,6 +48,9 @@ int DraftWorker::wait_for(int expected, PoolGuest* guest) {
       until = std::chrono::steady_clock::now() + kSpin;
       continue;
     }
+#if defined(__x86_64__) || defined(_M_X64)
+    _mm_pause();  // a spinning core's hint: yields to the sibling hyperthread, saves power
+#endif
     if (std::chrono::steady_clock::now() > until) {
       std::unique_lock<std::mutex> lock(mutex_);
       wake_.wait(lock, seen);

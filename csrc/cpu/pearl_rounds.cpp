@@ -61,7 +61,9 @@ PearlRounds::PearlRounds(c10::intrusive_ptr<ModelStep> target,
   if (lend) guest_ = std::make_shared<PoolGuest>();
 }
 
-PearlRounds::~PearlRounds() {
+PearlRounds::~PearlRounds() { close(); }
+
+void PearlRounds::close() {
   if (guest_) guest_->leave();
 }
 

@@ -42,6 +42,9 @@ class PearlRounds : public torch::CustomClassHolder {
   std::tuple<at::Tensor, at::Tensor, int64_t, int64_t> round(int64_t gamma, int64_t extend);
   // Sequence b stops: it keeps its committed tokens, both caches roll back to them.
   void finish(int64_t b);
+  // The decode is over: the target thread's pool stops keeping a part of its jobs for the
+  // draft's thread (also done when the rounds are destroyed; Python may hold them longer).
+  void close();
 
  private:
   void write_lens();

@@ -209,7 +209,8 @@ class Pool : public std::enable_shared_from_this<Pool> {
 
   void add_guest(int n) { guests_.fetch_add(n, std::memory_order_relaxed); }
 
-  // PoolGuest::help: the current job's unclaimed chunks, the last part first.
+  // PoolGuest::help: the current job's unclaimed chunks, the last part first (and only when some
+  // of it is unclaimed: the caller takes its own part at once).
   bool guest_help() {
     const uint32_t epoch = epoch_.load(std::memory_order_acquire);
     const int parts = parts_.load(std::memory_order_relaxed);

@@ -74,16 +74,19 @@ class Pool;
 // core would otherwise idle once it has drafted while the target still verifies its window. While
 // a PoolGuest of the calling thread's pool is present, that pool's jobs keep their last part for
 // the guest instead of a helper thread of their own (which would take the guest's core while it
-// drafts); the caller still takes the part when the guest has not, so a busy guest costs the
-// job nothing but the split.
+// drafts); the caller still takes the part when the guest has not. With one thread a side (two
+// cores) a busy guest costs a job only the split; with more, the guest's part is one chunk that
+// the caller runs after its own, so such a job takes 2 / (threads) of the work, not 1 / (threads
+// - 1).
 class PoolGuest {
  public:
   PoolGuest();  // a guest of the calling thread's pool
   ~PoolGuest();
   PoolGuest(const PoolGuest&) = delete;
   PoolGuest& operator=(const PoolGuest&) = delete;
-  // From the guest's thread: runs what is unclaimed of the pool's current job, its part first;
-  // returns whether it ran any chunk.
+  // From the guest's thread: if the last part of the pool's current job is not all claimed, runs
+  // what is unclaimed of it, then of the other parts; returns whether it ran any chunk. (Several
+  // guests would all start at the last part.)
   bool help();
   // The pool no longer counts on this guest (idempotent; the destructor calls it).
   void leave();

@@ -143,20 +143,23 @@ def pearl_generate(
     ``bookkeeping``: "host" (greedy; the default on a CPU) or "device" (pearlmoe.decode.
     pearl_rounds). ``lookup``: the prompt lookup's n-gram length for greedy drafts on fused CPU
     steps (pearlmoe.decode.common.LOOKUP; 0: the draft model alone, as on other paths).
-    ``draft_helps``: in the C++ rounds, the draft's thread runs the target's work once it has
-    drafted, until the round ends (its core would otherwise idle while the target verifies)."""
+    ``draft_helps``: in the C++ rounds (on pearlmoe's claiming CPU pool), the draft's thread runs
+    the target's work from the end of its drafting until its next job (its core would otherwise
+    idle while the target verifies)."""
     if lookup < 0:
         raise ValueError(f"pearl_generate: lookup must be >= 0, got {lookup}")
     check_pair(target, draft)
     prompts = _prompts(input_ids)
     batch, eos = len(prompts), _eos_set(eos_token_id)
     sampling = Sampling(temperature, top_k, top_p)
-    # The fused CPU rounds (greedy) lend the draft's thread to the target once it has drafted.
+    # The fused CPU rounds (greedy) lend the draft's thread to the target once it has drafted,
+    # through the claiming pool (with OpenMP's the target's team would take the draft's core).
     helps = draft_helps and sampling.greedy and target.device.type == draft.device.type == "cpu"
     helps = (
         helps
         and not draft_process
         and all(effective_backend(m, backend) == "fused" for m in (target, draft))
+        and torch.ops.pearlmoe.cpu_pool() == "claim"
     )
     policy = gamma_policy(target, draft, batch, "pearl", backend, gamma, helped=helps)
     gamma = policy.gamma
@@ -228,73 +231,80 @@ def pearl_generate(
         rounds = torch.classes.pearlmoe.CpuPearlRounds(
             tgt.fused_step, drf.worker, t.k, t.v, t.lens, d.k, d.v, d.lens,
             [p[-1] for p in prompts], [len(p) for p in prompts], history, history_lens, lookup,
-            draft_helps,
+            helps,
         )  # fmt: skip
     elif bookkeeping == "host":
         rounds = HostRounds(prompts, gamma, tgt, drf)
     stats.extra["round"] = "C++" if one_call else "Python"
     # The draft's thread, lent to the target's pool between its jobs, is one more thread there.
-    loop_threads = share + 1 if one_call and draft_helps else share
-    stats.extra["draft_helps"] = one_call and draft_helps
+    helps = helps and one_call
+    loop_threads = share + 1 if helps else share
+    stats.extra["draft_helps"] = helps
     target_side = _Side(target, share)
     host_post = [False] * batch  # the mode on the host: the target's width needs no sync
     outputs: list[list[int]] = [[] for _ in prompts]
     done = [max_new_tokens <= 0] * batch
 
     guest_chunks = torch.ops.pearlmoe.cpu_pool_guest_chunks() if one_call else 0
-    with pool, num_threads(loop_threads):
-        while not all(done):
-            round_top = time.perf_counter()
-            if policy.gamma != gamma and (one_call or not any(host_post)):
-                # The C++ rounds verify however many drafts a sequence holds; HostRounds takes a
-                # new γ only between rounds with nothing unverified.
-                gamma = policy.gamma
+    try:
+        with pool, num_threads(loop_threads):
+            while not all(done):
+                round_top = time.perf_counter()
+                if policy.gamma != gamma and (one_call or not any(host_post)):
+                    # The C++ rounds verify however many drafts a sequence holds; HostRounds takes a
+                    # new γ only between rounds with nothing unverified.
+                    gamma = policy.gamma
+                    if not one_call:
+                        rounds.set_gamma(gamma)
+                drafted = gamma
+                if one_call:
+                    # With the lookup the draft runs on to max_gamma while it finds every next
+                    # token: the next round verifies them all in one window (post-verify).
+                    extend = policy.max_gamma - gamma if lookup else 0
+                    round_start = time.perf_counter()
+                    host, seconds, width, drafted = rounds.round(gamma, extend)
+                    round_times["wall"] += time.perf_counter() - round_start
+                    host, (t_draft, t_target) = host.tolist(), seconds.tolist()
+                else:
+                    rounds.begin()
+                    width = gamma if any(host_post) else 1
+                    round_start = time.perf_counter()
+                    drf.submit(rounds.first(), gamma)
+                    (p, target_tokens), t_target = target_side.run(
+                        lambda w=width: tgt(rounds.feed(w))
+                    )
+                    xs, qs, t_draft = drf.result()
+                    round_times["wall"] += time.perf_counter() - round_start
+                round_times["draft"] += t_draft
+                round_times["target"] += t_target
+                round_times["slower"] += max(t_draft, t_target)
+                if policy.curve is not None:  # the sides as fast as each runs alone
+                    curve = policy.curve
+                    round_times["alone"] += max(drafted * curve.draft, curve.target_time(width))
+                policy.observe(width, t_target, drafted, t_draft)  # joined: both times are real
+                stats.draft_calls += drafted
+                stats.target_calls += 1
                 if not one_call:
-                    rounds.set_gamma(gamma)
-            drafted = gamma
-            if one_call:
-                # With the lookup the draft runs on to max_gamma while it finds every next token:
-                # the next round verifies them all in one window (post-verify).
-                extend = policy.max_gamma - gamma if lookup else 0
-                round_start = time.perf_counter()
-                host, seconds, width, drafted = rounds.round(gamma, extend)
-                round_times["wall"] += time.perf_counter() - round_start
-                host, (t_draft, t_target) = host.tolist(), seconds.tolist()
-            else:
-                rounds.begin()
-                width = gamma if any(host_post) else 1
-                round_start = time.perf_counter()
-                drf.submit(rounds.first(), gamma)
-                (p, target_tokens), t_target = target_side.run(lambda w=width: tgt(rounds.feed(w)))
-                xs, qs, t_draft = drf.result()
-                round_times["wall"] += time.perf_counter() - round_start
-            round_times["draft"] += t_draft
-            round_times["target"] += t_target
-            round_times["slower"] += max(t_draft, t_target)
-            if policy.curve is not None:  # the sides as fast as each runs alone
-                curve = policy.curve
-                round_times["alone"] += max(drafted * curve.draft, curve.target_time(width))
-            policy.observe(width, t_target, drafted, t_draft)  # joined: both times are real
-            stats.draft_calls += drafted
-            stats.target_calls += 1
-            if not one_call:
-                host = rounds.commit(xs, qs, p, target_tokens)
-            step: list[list[int]] = [[] for _ in prompts]
-            proposed, round_accepted = 0, 0
-            for b, (was_post, a, k, *tokens) in enumerate(host):
-                if done[b]:
-                    continue
-                verified = width if was_post else 1  # the drafts this round checked for b
-                proposed += verified
-                round_accepted += a
-                stats.extra["post_rounds" if was_post else "pre_rounds"] += 1
-                done[b] = emit(tokens[:k], outputs[b], step[b], eos, max_new_tokens)
-                host_post[b] = not done[b] and a == verified
-                if done[b]:
-                    rounds.finish(b)
-            end_round(stats, policy, step, proposed, round_accepted, callback)
-            if device.type == "cpu":  # the round's host work: its wall time beyond the slower side
-                policy.observe_host(time.perf_counter() - round_top - max(t_draft, t_target))
+                    host = rounds.commit(xs, qs, p, target_tokens)
+                step: list[list[int]] = [[] for _ in prompts]
+                proposed, round_accepted = 0, 0
+                for b, (was_post, a, k, *tokens) in enumerate(host):
+                    if done[b]:
+                        continue
+                    verified = width if was_post else 1  # the drafts this round checked for b
+                    proposed += verified
+                    round_accepted += a
+                    stats.extra["post_rounds" if was_post else "pre_rounds"] += 1
+                    done[b] = emit(tokens[:k], outputs[b], step[b], eos, max_new_tokens)
+                    host_post[b] = not done[b] and a == verified
+                    if done[b]:
+                        rounds.finish(b)
+                end_round(stats, policy, step, proposed, round_accepted, callback)
+                if device.type == "cpu":  # the round's host work: its wall time past its sides
+                    policy.observe_host(time.perf_counter() - round_top - max(t_draft, t_target))
+    finally:
+        if one_call:  # the target's pool stops keeping parts for the draft, even on an error
+            rounds.close()
     end_decode(stats, policy, start)
     if one_call:  # chunks of the target's steps its draft's thread ran (process-wide count)
         helped = torch.ops.pearlmoe.cpu_pool_guest_chunks() - guest_chunks
