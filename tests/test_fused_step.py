@@ -378,6 +378,16 @@ def test_draft_worker_dropped_mid_job_joins():
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc (Linux)")
+def _cpu_rounds(tgt: Runner, drf: Runner, worker, lend: bool) -> torch.ScriptObject:
+    """C++ PEARL rounds over the runners' caches: one sequence, 4 tokens committed (the last
+    one 4), no lookup; ``lend``: the draft's thread helps the target."""
+    t, d = tgt.cache, drf.cache
+    empty = torch.empty(0, dtype=torch.int64)
+    return torch.classes.pearlmoe.CpuPearlRounds(
+        tgt.fused_step, worker, t.k, t.v, t.lens, d.k, d.v, d.lens, [4], [4], empty, empty, 0, lend
+    )
+
+
 def test_pearl_rounds_end_the_callers_spinning_openmp_helpers():
     """A prefill on all the cores leaves the caller's OpenMP helpers spinning at their barrier,
     where they took the draft thread's core for milliseconds: the rounds end them."""
@@ -394,11 +404,7 @@ def test_pearl_rounds_end_the_callers_spinning_openmp_helpers():
         a @ a  # an OpenMP region on two threads: a helper now waits in the caller's pool
         worker = torch.classes.pearlmoe.CpuDraftWorker(drf.fused_step, 1)
         before = thread_ids()
-        t, d = tgt.cache, drf.cache
-        rounds = torch.classes.pearlmoe.CpuPearlRounds(
-            tgt.fused_step, worker, t.k, t.v, t.lens, d.k, d.v, d.lens, [4], [4],
-            torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64), 0, False,
-        )  # fmt: skip
+        rounds = _cpu_rounds(tgt, drf, worker, lend=False)
         deadline = time.monotonic() + 5
         while not before - thread_ids() and time.monotonic() < deadline:
             time.sleep(0.01)  # a released helper leaves its thread a moment after
@@ -420,11 +426,7 @@ def test_pearl_rounds_verify_the_drafts_a_sequence_holds_when_gamma_changes():
     tgt.prefill([prompt[:-1]])
     drf.prefill([prompt[:-1]])
     worker = torch.classes.pearlmoe.CpuDraftWorker(drf.fused_step, 1)
-    t, d = tgt.cache, drf.cache
-    rounds = torch.classes.pearlmoe.CpuPearlRounds(
-        tgt.fused_step, worker, t.k, t.v, t.lens, d.k, d.v, d.lens, [4], [4],
-        torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64), 0, False,
-    )  # fmt: skip
+    rounds = _cpu_rounds(tgt, drf, worker, lend=False)
     emitted, widths, changed_in_post, before = [], [], 0, None
     for i in range(40):  # a noisy copy of the target agrees often
         gamma = 3 if i % 3 else 2  # changes while drafts are unverified, too
@@ -485,11 +487,7 @@ def test_closed_pearl_rounds_give_the_target_pool_its_own_helper_back():
     target, draft = _pair(torch.float32)
     tgt, drf = Runner(target, 1, 32, "fused"), Runner(draft, 1, 32, "fused")
     worker = torch.classes.pearlmoe.CpuDraftWorker(drf.fused_step, 1)
-    t, d = tgt.cache, drf.cache
-    rounds = torch.classes.pearlmoe.CpuPearlRounds(
-        tgt.fused_step, worker, t.k, t.v, t.lens, d.k, d.v, d.lens, [4], [4],
-        torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64), 0, True,
-    )  # fmt: skip
+    rounds = _cpu_rounds(tgt, drf, worker, lend=True)
     with num_threads(2):
         # No job handed the worker the guest yet: the caller runs the guest's part itself.
         assert {selftest(64, 1, -1)[1] for _ in range(300)} == {1}
