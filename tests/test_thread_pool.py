@@ -209,7 +209,7 @@ LOADED = textwrap.dedent("""
     import json, os, subprocess, sys, time
     import torch, pearlmoe
     from pathlib import Path
-    from pearlmoe.decode import generate, speculative_generate
+    from pearlmoe.decode import generate, pearl_generate, speculative_generate
     cpus = sorted(os.sched_getaffinity(0))[:2]
     os.sched_setaffinity(0, cpus)  # two cores, whatever the machine: the busy loops share them
     torch.set_num_threads(2)
@@ -223,18 +223,20 @@ LOADED = textwrap.dedent("""
     try:
         time.sleep(0.3)
         spells = torch.ops.pearlmoe.cpu_pool_solo_spells()
-        loaded, loaded_spec = [], []
+        loaded, loaded_spec, loaded_pearl = [], [], []
         start = time.monotonic()
         while time.monotonic() - start < 1.5:
             loaded.append(generate(target, prompts, 48, backend="fused"))
             loaded_spec.append(speculative_generate(target, draft, prompts, 48,
                                                     backend="fused")[0])
+            loaded_pearl.append(pearl_generate(target, draft, prompts, 48, backend="fused")[0])
         spells = torch.ops.pearlmoe.cpu_pool_solo_spells() - spells
     finally:
         for p in busy:
             p.kill()
     print(json.dumps({"spells": spells, "same": all(o == alone for o in loaded),
                       "same_spec": all(o == alone_spec for o in loaded_spec),
+                      "same_pearl": all(o == alone for o in loaded_pearl),
                       "spec_equals_ar": alone_spec == alone}))
 """)
 
@@ -242,7 +244,7 @@ LOADED = textwrap.dedent("""
 def test_on_a_loaded_machine_the_pool_runs_solo_and_the_tokens_stay():
     """Beside three busy processes on the same two cores the caller gets well under its core's
     time: the pool's load watch must see it (solo spells) and decoding must emit what it emits
-    alone."""
+    alone (PEARL's draft thread lending itself to the target's pool too)."""
     import json
 
     env = dict(os.environ, PEARLMOE_CPU_POOL="claim")
@@ -251,5 +253,5 @@ def test_on_a_loaded_machine_the_pool_runs_solo_and_the_tokens_stay():
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result == {"spells": result["spells"], "same": True, "same_spec": True,
-                      "spec_equals_ar": True}  # fmt: skip
+                      "same_pearl": True, "spec_equals_ar": True}  # fmt: skip
     assert result["spells"] > 0
