@@ -33,6 +33,14 @@ constexpr bool kBuiltWithCuda = true;
 constexpr bool kBuiltWithCuda = false;
 #endif
 
+// The selftests' per-index run counts, read out.
+static std::vector<int64_t> loaded(const std::vector<std::atomic<int64_t>>& runs) {
+  std::vector<int64_t> out;
+  out.reserve(runs.size());
+  for (const auto& r : runs) out.push_back(r.load());
+  return out;
+}
+
 TORCH_LIBRARY(pearlmoe, m) {
   // ---- routing -----------------------------------------------------------------------------
   // fp32 softmax over router logits and the top-k experts per token (ties to the lower index);
@@ -170,10 +178,7 @@ TORCH_LIBRARY(pearlmoe, m) {
               }
             });
           }
-          std::vector<int64_t> out;
-          out.reserve(runs.size());
-          for (const auto& r : runs) out.push_back(r.load());
-          return std::make_tuple(out, static_cast<int64_t>(threads.size()));
+          return std::make_tuple(loaded(runs), static_cast<int64_t>(threads.size()));
         });
   // For the tests: `jobs` parallel_fors over [0, n) (grain 1) on the calling thread's pool while a
   // second thread lends it a hand (PoolGuest::help in a loop, as PEARL's draft thread between
@@ -207,9 +212,6 @@ TORCH_LIBRARY(pearlmoe, m) {
           helper.join();
           guest->leave();
           if (error) std::rethrow_exception(error);
-          std::vector<int64_t> out;
-          out.reserve(runs.size());
-          for (const auto& r : runs) out.push_back(r.load());
-          return std::make_tuple(out, guest_ran.load());
+          return std::make_tuple(loaded(runs), guest_ran.load());
         });
 }

@@ -109,16 +109,15 @@ std::tuple<at::Tensor, at::Tensor, int64_t, int64_t> PearlRounds::round(int64_t 
   at::Tensor drafted, scored;
   {
     const GilRelease no_gil;
-    if (ngram_ > 0) {  // the draft's context: the committed tokens, then any unverified ones
-      Contexts contexts(tokens_);
+    Contexts contexts;  // without the lookup (ngram_ 0) none, and extend is unused
+    if (ngram_ > 0) {   // the draft's context: the committed tokens, then any unverified ones
+      contexts = tokens_;
       for (int64_t b = 0; b < batch; ++b) {
         contexts[b].insert(contexts[b].end(), unverified_[b].begin(), unverified_[b].end());
       }
-      draft_->submit_lookup(first, d_k_, d_v_, d_lens_, gamma, std::move(contexts), ngram_, extend,
-                            guest_);
-    } else {
-      draft_->submit_lookup(first, d_k_, d_v_, d_lens_, gamma, {}, 0, 0, guest_);
     }
+    draft_->submit_lookup(first, d_k_, d_v_, d_lens_, gamma, std::move(contexts), ngram_, extend,
+                          guest_);
     const auto start = std::chrono::steady_clock::now();
     try {
       scored = target_->greedy(feed, t_k_, t_v_, t_lens_);  // [B, width]

@@ -22,7 +22,8 @@ from . import ops
 from .decode import generate, pearl_generate, runner, speculative_generate
 from .decode.common import LOOKUP, MAX_GAMMA, measured_curve
 from .decode.cost_model import plan
-from .decode.runner import BACKENDS, compile_available, default_backend, effective_backend
+from .decode.pearl import draft_thread_lent
+from .decode.runner import BACKENDS, compile_available, default_backend
 from .model import ModelConfig, Transformer, from_pretrained
 from .model.config import estimate
 from .model.gguf_checkpoint import is_gguf
@@ -208,7 +209,7 @@ def choose_mode(
     helping the target once it has drafted where the greedy fused rounds lend it); every mode's
     prediction comes with it."""
     curve = measured_curve(target, draft, 1, "speculative", backend)
-    helped = greedy and all(effective_backend(m, backend) == "fused" for m in (target, draft))
+    helped = draft_thread_lent(target, draft, backend, greedy)
     pearl_curve = measured_curve(target, draft, 1, "pearl", backend, helped)
     best = plan(curve, 0.6, pearl_curve=pearl_curve)
     return best.mode, best.predicted

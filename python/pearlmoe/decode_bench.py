@@ -14,7 +14,7 @@ import torch
 from .decode import generate, pearl_generate, speculative_generate
 from .decode.common import LOOKUP, measured_curve, side_threads
 from .decode.cost_model import CostCurve, ar_rate, best_gamma, ceiling, measure_interleaved, rate
-from .decode.runner import effective_backend
+from .decode.pearl import draft_thread_lent
 
 MODES = ("ar", "speculative", "pearl")
 EAGER_AR = "ar-eager"
@@ -82,9 +82,7 @@ def bench_dtype(
     if target.device.type == "cpu":  # both sides' thread counts in alternating rounds
         threads = sorted({torch.get_num_threads(), side_threads()})
         measure_interleaved(target, draft, threads, batch, backend)
-    # PEARL's greedy fused CPU rounds lend the draft's thread to the target once it has drafted.
-    helped = args.temperature <= 0 and all(effective_backend(m, backend) == "fused"
-                                           for m in (target, draft))  # fmt: skip
+    helped = draft_thread_lent(target, draft, backend, args.temperature <= 0)
     curves = {m: measured_curve(target, draft, batch, m, backend, helped)
               for m in ("speculative", "pearl")}  # fmt: skip
     modes = (EAGER_AR, *MODES)

@@ -22,6 +22,7 @@ committed + unverified[:-1] (post). The state is tensors; the round syncs with t
 Shape letters: B sequences, γ window, V vocabulary.
 """
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -115,6 +116,21 @@ class _FusedDraft(_ThreadDraft):
         return self.worker.result(), None, self.worker.seconds()
 
 
+def draft_thread_lent(
+    target: Transformer, draft: Transformer, backend: str, greedy: bool, draft_process: bool = False
+) -> bool:
+    """Whether PEARL's rounds lend the draft's thread to the target once it has drafted: the
+    greedy C++ rounds on fused CPU steps, through the claiming pool (with OpenMP's the target's
+    team would take the draft's core)."""
+    return (
+        greedy
+        and not draft_process
+        and target.device.type == draft.device.type == "cpu"
+        and all(effective_backend(m, backend) == "fused" for m in (target, draft))
+        and torch.ops.pearlmoe.cpu_pool() == "claim"
+    )
+
+
 @torch.inference_mode()
 def pearl_generate(
     target: Transformer,
@@ -152,15 +168,8 @@ def pearl_generate(
     prompts = _prompts(input_ids)
     batch, eos = len(prompts), _eos_set(eos_token_id)
     sampling = Sampling(temperature, top_k, top_p)
-    # The fused CPU rounds (greedy) lend the draft's thread to the target once it has drafted,
-    # through the claiming pool (with OpenMP's the target's team would take the draft's core).
-    helps = draft_helps and sampling.greedy and target.device.type == draft.device.type == "cpu"
-    helps = (
-        helps
-        and not draft_process
-        and all(effective_backend(m, backend) == "fused" for m in (target, draft))
-        and torch.ops.pearlmoe.cpu_pool() == "claim"
-    )
+    helps = draft_helps and draft_thread_lent(target, draft, backend, sampling.greedy,
+                                              bool(draft_process))  # fmt: skip
     policy = gamma_policy(target, draft, batch, "pearl", backend, gamma, helped=helps)
     gamma = policy.gamma
     greedy = sampling.greedy
@@ -246,65 +255,61 @@ def pearl_generate(
     done = [max_new_tokens <= 0] * batch
 
     guest_chunks = torch.ops.pearlmoe.cpu_pool_guest_chunks() if one_call else 0
-    try:
-        with pool, num_threads(loop_threads):
-            while not all(done):
-                round_top = time.perf_counter()
-                if policy.gamma != gamma and (one_call or not any(host_post)):
-                    # The C++ rounds verify however many drafts a sequence holds; HostRounds takes a
-                    # new γ only between rounds with nothing unverified.
-                    gamma = policy.gamma
-                    if not one_call:
-                        rounds.set_gamma(gamma)
-                drafted = gamma
-                if one_call:
-                    # With the lookup the draft runs on to max_gamma while it finds every next
-                    # token: the next round verifies them all in one window (post-verify).
-                    extend = policy.max_gamma - gamma if lookup else 0
-                    round_start = time.perf_counter()
-                    host, seconds, width, drafted = rounds.round(gamma, extend)
-                    round_times["wall"] += time.perf_counter() - round_start
-                    host, (t_draft, t_target) = host.tolist(), seconds.tolist()
-                else:
-                    rounds.begin()
-                    width = gamma if any(host_post) else 1
-                    round_start = time.perf_counter()
-                    drf.submit(rounds.first(), gamma)
-                    (p, target_tokens), t_target = target_side.run(
-                        lambda w=width: tgt(rounds.feed(w))
-                    )
-                    xs, qs, t_draft = drf.result()
-                    round_times["wall"] += time.perf_counter() - round_start
-                round_times["draft"] += t_draft
-                round_times["target"] += t_target
-                round_times["slower"] += max(t_draft, t_target)
-                if policy.curve is not None:  # the sides as fast as each runs alone
-                    curve = policy.curve
-                    round_times["alone"] += max(drafted * curve.draft, curve.target_time(width))
-                policy.observe(width, t_target, drafted, t_draft)  # joined: both times are real
-                stats.draft_calls += drafted
-                stats.target_calls += 1
+    # The target's pool stops keeping parts for the draft when the decode ends, even on an error.
+    closing = contextlib.closing(rounds) if one_call else contextlib.nullcontext()
+    with pool, num_threads(loop_threads), closing:
+        while not all(done):
+            round_top = time.perf_counter()
+            if policy.gamma != gamma and (one_call or not any(host_post)):
+                # The C++ rounds verify however many drafts a sequence holds; HostRounds takes a
+                # new γ only between rounds with nothing unverified.
+                gamma = policy.gamma
                 if not one_call:
-                    host = rounds.commit(xs, qs, p, target_tokens)
-                step: list[list[int]] = [[] for _ in prompts]
-                proposed, round_accepted = 0, 0
-                for b, (was_post, a, k, *tokens) in enumerate(host):
-                    if done[b]:
-                        continue
-                    verified = width if was_post else 1  # the drafts this round checked for b
-                    proposed += verified
-                    round_accepted += a
-                    stats.extra["post_rounds" if was_post else "pre_rounds"] += 1
-                    done[b] = emit(tokens[:k], outputs[b], step[b], eos, max_new_tokens)
-                    host_post[b] = not done[b] and a == verified
-                    if done[b]:
-                        rounds.finish(b)
-                end_round(stats, policy, step, proposed, round_accepted, callback)
-                if device.type == "cpu":  # the round's host work: its wall time past its sides
-                    policy.observe_host(time.perf_counter() - round_top - max(t_draft, t_target))
-    finally:
-        if one_call:  # the target's pool stops keeping parts for the draft, even on an error
-            rounds.close()
+                    rounds.set_gamma(gamma)
+            drafted = gamma
+            if one_call:
+                # With the lookup the draft runs on to max_gamma while it finds every next token:
+                # the next round verifies them all in one window (post-verify).
+                extend = policy.max_gamma - gamma if lookup else 0
+                round_start = time.perf_counter()
+                host, seconds, width, drafted = rounds.round(gamma, extend)
+                round_times["wall"] += time.perf_counter() - round_start
+                host, (t_draft, t_target) = host.tolist(), seconds.tolist()
+            else:
+                rounds.begin()
+                width = gamma if any(host_post) else 1
+                round_start = time.perf_counter()
+                drf.submit(rounds.first(), gamma)
+                (p, target_tokens), t_target = target_side.run(lambda w=width: tgt(rounds.feed(w)))
+                xs, qs, t_draft = drf.result()
+                round_times["wall"] += time.perf_counter() - round_start
+            round_times["draft"] += t_draft
+            round_times["target"] += t_target
+            round_times["slower"] += max(t_draft, t_target)
+            if policy.curve is not None:  # the sides as fast as each runs alone
+                curve = policy.curve
+                round_times["alone"] += curve.side_time(drafted * curve.draft, width)
+            policy.observe(width, t_target, drafted, t_draft)  # joined: both times are real
+            stats.draft_calls += drafted
+            stats.target_calls += 1
+            if not one_call:
+                host = rounds.commit(xs, qs, p, target_tokens)
+            step: list[list[int]] = [[] for _ in prompts]
+            proposed, round_accepted = 0, 0
+            for b, (was_post, a, k, *tokens) in enumerate(host):
+                if done[b]:
+                    continue
+                verified = width if was_post else 1  # the drafts this round checked for b
+                proposed += verified
+                round_accepted += a
+                stats.extra["post_rounds" if was_post else "pre_rounds"] += 1
+                done[b] = emit(tokens[:k], outputs[b], step[b], eos, max_new_tokens)
+                host_post[b] = not done[b] and a == verified
+                if done[b]:
+                    rounds.finish(b)
+            end_round(stats, policy, step, proposed, round_accepted, callback)
+            if device.type == "cpu":  # the round's host work: its wall time past its sides
+                policy.observe_host(time.perf_counter() - round_top - max(t_draft, t_target))
     end_decode(stats, policy, start)
     if one_call:  # chunks of the target's steps its draft's thread ran (process-wide count)
         helped = torch.ops.pearlmoe.cpu_pool_guest_chunks() - guest_chunks
