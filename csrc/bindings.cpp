@@ -156,6 +156,8 @@ TORCH_LIBRARY(pearlmoe, m) {
   m.def("cpu_pool_solo_spells() -> int", [] { return pearlmoe::cpu::pool_solo_spells(); });
   // How many chunks of the target's work PEARL's draft thread has run (PoolGuest).
   m.def("cpu_pool_guest_chunks() -> int", [] { return pearlmoe::cpu::pool_guest_chunks(); });
+  // How many jobs have woken sleeping helpers of a pool.
+  m.def("cpu_pool_helper_wakes() -> int", [] { return pearlmoe::cpu::pool_helper_wakes(); });
   // For the tests: cpu::parallel_for over [0, n) with this grain inside a fused step's pool scope;
   // returns how often each index ran and how many threads ran pieces (each piece throws at
   // index throw_at, if in range).

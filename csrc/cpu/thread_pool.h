@@ -102,6 +102,9 @@ int64_t pool_solo_spells();
 // How many chunks PoolGuests have run (PEARL's draft thread on the target's work).
 int64_t pool_guest_chunks();
 
+// How many jobs have woken sleeping helpers (a job served by its caller and guests wakes none).
+int64_t pool_helper_wakes();
+
 // The calling thread's idle helpers stop spinning and sleep until its next job (PEARL's rounds
 // split the cores between their sides: a helper left spinning from a prefill would take the
 // draft's).
