@@ -26,7 +26,17 @@ from pearlmoe.cli import DRAFT, TARGET, load_tokenizer
 from pearlmoe.decode import generate, pearl_generate, speculative_generate
 from pearlmoe.train.data import held_out_prompts
 
-ARMS = ("ar", "speculative", "pearl", "pearl, draft helps")
+# Each arm's decode: AR, speculative, or PEARL with these pearl_generate arguments.
+ARMS = {
+    "ar": None,
+    "speculative": None,
+    "pearl": {"draft_helps": False, "lookahead": False},
+    "pearl, draft helps": {"draft_helps": True, "lookahead": False},
+    "pearl, helps + lookahead": {"draft_helps": True, "lookahead": True},
+    "pearl, lookahead, gamma 2": {"draft_helps": True, "lookahead": True, "gamma": 2},
+    "pearl, lookahead, gamma 3": {"draft_helps": True, "lookahead": True, "gamma": 3},
+}
+DEFAULT_ARMS = ["ar", "speculative", "pearl", "pearl, draft helps"]
 
 
 def decode(arm: str, target, draft, prompts: list[list[int]], new: int):
@@ -41,7 +51,7 @@ def decode(arm: str, target, draft, prompts: list[list[int]], new: int):
                                           backend="fused")  # fmt: skip
     else:
         out, stats = pearl_generate(target, draft, prompts, new, eos_token_id=eos,
-                                    backend="fused", draft_helps=arm.endswith("helps"))  # fmt: skip
+                                    backend="fused", **ARMS[arm])  # fmt: skip
     seconds = time.perf_counter() - start - stats.extra.get("warmup_seconds", 0.0)
     return sum(map(len, out)), seconds, stats
 
@@ -51,19 +61,21 @@ def geomean(ratios: list[float]) -> float:
 
 
 def run_dtype(dtype: torch.dtype, args) -> list[dict]:
+    arms = args.arms
     target = pearlmoe.from_pretrained(args.target, dtype=dtype)
     draft = pearlmoe.from_pretrained(args.draft, dtype=dtype)
     prompts = held_out_prompts(load_tokenizer(args.target), args.prompts * args.batch, 64)
     batches = [prompts[i : i + args.batch] for i in range(0, len(prompts), args.batch)]
-    for arm in ARMS:  # warm-up: the cost curves, thread pools, the draft worker
+    for arm in arms:  # warm-up: the cost curves, thread pools, the draft worker
         decode(arm, target, draft, batches[0], 8)
-    speeds = {arm: [] for arm in ARMS}
-    totals = {arm: {"tokens": 0, "seconds": 0.0, "rounds": 0, "helped_chunks": 0,
-                    "wall": 0.0, "target": 0.0, "draft": 0.0} for arm in ARMS}  # fmt: skip
+    speeds = {arm: [] for arm in arms}
+    counts = ("tokens", "seconds", "rounds", "helped_chunks", "lookahead_tokens", "wall", "target",
+              "draft")  # fmt: skip
+    totals = {arm: dict.fromkeys(counts, 0) for arm in arms}
     for rep in range(args.repeats):
         for i, batch in enumerate(batches):
-            k = (i + rep) % len(ARMS)
-            for arm in ARMS[k:] + ARMS[:k]:
+            k = (i + rep) % len(arms)
+            for arm in arms[k:] + arms[:k]:
                 tokens, seconds, stats = decode(arm, target, draft, batch, args.max_new_tokens)
                 speeds[arm].append(tokens / seconds)
                 t = totals[arm]
@@ -72,10 +84,12 @@ def run_dtype(dtype: torch.dtype, args) -> list[dict]:
                 if stats is not None and arm != "speculative":
                     t["rounds"] += stats.target_calls
                     t["helped_chunks"] += stats.extra.get("draft_helped_chunks", 0)
+                    t["lookahead_tokens"] += stats.extra.get("lookahead_tokens", 0)
                     for side in ("wall", "target", "draft"):
                         t[side] += stats.extra["round_seconds"][side]
     rows = []
-    for arm in ARMS:
+    base = next((a for a in arms if a.startswith("pearl")), "ar")  # the paired PEARL reference
+    for arm in arms:
         t = totals[arm]
         rounds = max(t["rounds"], 1)
         rows.append({
@@ -84,12 +98,14 @@ def run_dtype(dtype: torch.dtype, args) -> list[dict]:
             "tokens_per_second": t["tokens"] / t["seconds"],
             "paired_vs_ar": geomean([a / b for a, b in zip(speeds[arm], speeds["ar"],
                                                             strict=True)]),
-            "paired_vs_pearl": geomean([a / b for a, b in zip(speeds[arm], speeds["pearl"],
+            "paired_vs_pearl": geomean([a / b for a, b in zip(speeds[arm], speeds[base],
                                                                strict=True)]),
+            "tokens_per_round": t["tokens"] / rounds if t["rounds"] else float("nan"),
             "round_ms": 1e3 * t["wall"] / rounds if t["rounds"] else float("nan"),
             "target_ms": 1e3 * t["target"] / rounds if t["rounds"] else float("nan"),
             "draft_ms": 1e3 * t["draft"] / rounds if t["rounds"] else float("nan"),
             "helped_chunks_per_round": t["helped_chunks"] / rounds,
+            "lookahead_per_round": t["lookahead_tokens"] / rounds,
         })  # fmt: skip
     return rows
 
@@ -103,6 +119,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--arms",
+        nargs="+",
+        default=DEFAULT_ARMS,
+        choices=list(ARMS),
+        help="the arms, taking turns (paired_vs_pearl: the first PEARL arm's)",
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     rows = [row for name in args.dtypes for row in run_dtype(getattr(torch, name), args)]
@@ -113,7 +136,8 @@ def main() -> None:
         rows,
         [("target", "s"), ("dtype", "s"), ("arm", "s"), ("tokens_per_second", ".1f"),
          ("paired_vs_ar", ".3f"), ("paired_vs_pearl", ".3f"), ("round_ms", ".3f"),
-         ("target_ms", ".3f"), ("draft_ms", ".3f"), ("helped_chunks_per_round", ".1f")],
+         ("target_ms", ".3f"), ("draft_ms", ".3f"), ("tokens_per_round", ".2f"),
+         ("helped_chunks_per_round", ".1f"), ("lookahead_per_round", ".2f")],
     )  # fmt: skip
     name = "pearl-help" if args.batch == 1 else f"pearl-help-batch{args.batch}"
     if args.target != str(TARGET):
@@ -124,6 +148,7 @@ def main() -> None:
         "batch": args.batch,
         "max_new_tokens": args.max_new_tokens,
         "repeats": args.repeats,
+        "arms": {arm: ARMS[arm] for arm in args.arms},
         "rows": rows,
     }
     print("wrote", write_json(name, torch.device("cpu"), payload, args.out))

@@ -138,8 +138,10 @@ TORCH_LIBRARY(pearlmoe, m) {
       .def(torch::init<c10::intrusive_ptr<ModelStep>, c10::intrusive_ptr<DraftWorker>, at::Tensor,
                        at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                        std::vector<int64_t>, std::vector<int64_t>, at::Tensor, at::Tensor, int64_t,
-                       bool>())
+                       bool, bool>())
       .def("round", &PearlRounds::round)
+      .def("ahead_tokens", &PearlRounds::ahead_tokens)
+      .def("model_drafts", &PearlRounds::model_drafts)
       .def("finish", &PearlRounds::finish)
       .def("close", &PearlRounds::close);
 

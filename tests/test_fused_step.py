@@ -384,8 +384,9 @@ def _cpu_rounds(tgt: Runner, drf: Runner, worker, lend: bool) -> torch.ScriptObj
     t, d = tgt.cache, drf.cache
     empty = torch.empty(0, dtype=torch.int64)
     return torch.classes.pearlmoe.CpuPearlRounds(
-        tgt.fused_step, worker, t.k, t.v, t.lens, d.k, d.v, d.lens, [4], [4], empty, empty, 0, lend
-    )
+        tgt.fused_step, worker, t.k, t.v, t.lens, d.k, d.v, d.lens, [4], [4], empty, empty, 0,
+        lend, False,
+    )  # fmt: skip
 
 
 def test_pearl_rounds_end_the_callers_spinning_openmp_helpers():
@@ -431,14 +432,14 @@ def test_pearl_rounds_verify_the_drafts_a_sequence_holds_when_gamma_changes():
     for i in range(40):  # a noisy copy of the target agrees often
         gamma = 3 if i % 3 else 2  # changes while drafts are unverified, too
         rows, _, width, drafted = rounds.round(gamma, 0)
-        was_post, _, kept = rows[0, :3].tolist()
+        was_post, _, _, kept = rows[0, :4].tolist()
         assert drafted == gamma  # no lookup: exactly γ
         # post-verify: the window is [last, the drafts the round before left unverified]
         assert width == (before if was_post else 1), (i, width, before)
         changed_in_post += was_post and before != gamma
         widths.append(width)
         before = drafted
-        emitted += rows[0, 3 : 3 + kept].tolist()
+        emitted += rows[0, 4 : 4 + kept].tolist()
     assert changed_in_post > 0  # a γ change met unverified drafts
     assert set(widths) >= {1, 2, 3}  # pre-verify rounds and windows of both lengths
     assert emitted == generate(target, [prompt], len(emitted))[0]

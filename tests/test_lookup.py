@@ -127,7 +127,7 @@ def test_bad_lookups_and_histories_are_refused():
     with pytest.raises(RuntimeError, match=r"PearlRounds.*history_lens\[0\] = 5 must be in"):
         torch.classes.pearlmoe.CpuPearlRounds(
             t.fused_step, worker, t.cache.k, t.cache.v, t.lens, c.k, c.v, c.lens, [3, 4], [2, 2],
-            history[:, :4].contiguous(), torch.tensor([5, 2]), 3, True,
+            history[:, :4].contiguous(), torch.tensor([5, 2]), 3, True, True,
         )  # fmt: skip
 
 
@@ -148,3 +148,51 @@ def test_batch_of_loops_where_sequences_finish_at_different_rounds():
         outs, stats = loop(target, draft, prompts, 128, gamma=3, backend="fused", eos_token_id=eos)
         assert outs == ref, loop.__name__
         assert stats.draft_calls > 3 * stats.target_calls, loop.__name__  # drafts ran past γ
+
+
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_pearl_rounds_lookahead_scores_the_lookups_drafts_in_the_same_round(lookahead):
+    """With the lookahead a round's target window also scores the drafts the lookup already
+    knows the draft will draft: a pre-verify round then commits a run of them (and the target's
+    next token) instead of only its first draft. The rounds' model counts leave the lookup's
+    drafts out. The embedded pair's greedy continuations loop, so the lookup finds runs; the
+    committed tokens are AR's either way."""
+    from pearlmoe.cli import DRAFT, TARGET, load_tokenizer
+    from pearlmoe.decode.common import num_threads
+    from pearlmoe.model import from_pretrained
+    from pearlmoe.train.data import held_out_prompts
+
+    target, draft = (from_pretrained(d, dtype=torch.bfloat16) for d in (TARGET, DRAFT))
+    prompt = held_out_prompts(load_tokenizer(TARGET), 1, 48)[0]
+    want = generate(target, [prompt], 96, backend="fused")[0]
+    tgt, drf = Runner(target, 1, 256, "fused"), Runner(draft, 1, 256, "fused")
+    rows, emitted, model_tested, verified_all = [], [], 0, 0
+    with num_threads(1):
+        tgt.prefill([prompt[:-1]])
+        drf.prefill([prompt[:-1]])
+        worker = torch.classes.pearlmoe.CpuDraftWorker(drf.fused_step, 1)
+        history, lens = token_history([prompt], len(prompt), 3)
+        rounds = torch.classes.pearlmoe.CpuPearlRounds(
+            tgt.fused_step, worker, tgt.cache.k, tgt.cache.v, tgt.lens, drf.cache.k, drf.cache.v,
+            drf.lens, [prompt[-1]], [len(prompt)], history, lens, 3, False, lookahead,
+        )  # fmt: skip
+        while len(emitted) < 96:
+            out, _, width, drafted = rounds.round(2, 6)
+            was_post, verified, accepted, kept = out[0, :4].tolist()
+            steps, tested, model_accepted = rounds.model_drafts()
+            assert 1 <= verified <= width and accepted <= verified and kept <= verified
+            assert model_accepted <= tested <= min(accepted + 1, verified)
+            assert steps <= drafted
+            rows.append((was_post, verified, kept, width))
+            model_tested += tested
+            verified_all += min(accepted + 1, verified)
+            emitted += out[0, 4 : 4 + kept].tolist()
+    assert emitted[:96] == want
+    pre = [r for r in rows if not r[0]]
+    if lookahead:
+        assert rounds.ahead_tokens() > 0
+        assert any(kept > 1 for _, _, kept, _ in pre)  # a pre-verify round committed a run
+        assert model_tested < verified_all  # the lookup's drafts are not the model's
+    else:
+        assert rounds.ahead_tokens() == 0
+        assert all(verified == kept == width == 1 for _, verified, kept, width in pre)

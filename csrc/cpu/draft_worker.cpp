@@ -70,7 +70,8 @@ void DraftWorker::loop() {
     const auto start = std::chrono::steady_clock::now();
     latency_ = std::chrono::duration<double>(start - posted_).count();
     try {
-      tokens_ = step_->draft_lookup(ids_, k_, v_, lens_, n_, &contexts_, ngram_, extend_);
+      tokens_ = step_->draft_lookup(ids_, k_, v_, lens_, n_, &contexts_, ngram_, extend_, &origins_,
+                                    &model_steps_);
     } catch (...) {
       error_ = std::current_exception();
     }

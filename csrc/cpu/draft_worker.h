@@ -43,6 +43,10 @@ class DraftWorker : public torch::CustomClassHolder {
   // Seconds the last job took on the worker, and from its submit to its start (the hand-off).
   double seconds() const { return seconds_; }
   double latency() const { return latency_; }
+  // The last job's [B, drafted] flags, 1 where the model drafted a token (not the lookup), and
+  // its steps that ran the model (ModelStep::draft_lookup); read after result().
+  const std::vector<uint8_t>& origins() const { return origins_; }
+  int64_t model_steps() const { return model_steps_; }
 
  private:
   void loop();
@@ -61,6 +65,8 @@ class DraftWorker : public torch::CustomClassHolder {
   Contexts contexts_;
   std::shared_ptr<PoolGuest> guest_;  // the posted job's; the worker keeps its own copy
   double seconds_ = 0, latency_ = 0;
+  std::vector<uint8_t> origins_;
+  int64_t model_steps_ = 0;
   std::chrono::steady_clock::time_point posted_;
   std::exception_ptr error_;
   std::thread thread_;

@@ -395,7 +395,8 @@ Tensor ModelStep::draft(const Tensor& ids, const Tensor& k_cache, const Tensor& 
 
 Tensor ModelStep::draft_lookup(const Tensor& ids, const Tensor& k_cache, const Tensor& v_cache,
                                const Tensor& lens, int64_t n, Contexts* contexts, int64_t ngram,
-                               int64_t extend) {
+                               int64_t extend, std::vector<uint8_t>* origins,
+                               int64_t* model_steps) {
   check_call(ids, k_cache, v_cache, lens);
   PM_CHECK(n >= 1, kStep, "draft needs n >= 1 tokens, got ", n);
   PM_CHECK(extend >= 0, kStep, "draft's extend must be >= 0, got ", extend);
@@ -439,7 +440,8 @@ Tensor ModelStep::draft_lookup(const Tensor& ids, const Tensor& k_cache, const T
     width = 0;
   };
   std::vector<int64_t> found(batch, -1), previous(batch);
-  int64_t drafted = 0;
+  std::vector<uint8_t> made(batch * most, 0);  // 1: the model's token
+  int64_t drafted = 0, steps = 0;
   for (int64_t i = 0; i < most; ++i) {
     bool all_found = lookup;
     for (int64_t b = 0; lookup && b < batch; ++b) {
@@ -454,9 +456,10 @@ Tensor ModelStep::draft_lookup(const Tensor& ids, const Tensor& k_cache, const T
           argmax_rows(head_rows(step_ids(), k_cache, v_cache, lp, false, false, true), batch, 1);
       const int64_t* sp = step.const_data_ptr<int64_t>();
       for (int64_t b = 0; b < batch; ++b) {
-        if (found[b] < 0) found[b] = sp[b];
+        if (found[b] < 0) found[b] = sp[b], made[b * most + i] = 1;
       }
       cached();
+      ++steps;
     } else if (width >= kMaxPending) {  // every next token is the lookup's: no logits needed
       head_rows(step_ids(), k_cache, v_cache, lp, false, true);
       cached();
@@ -471,6 +474,13 @@ Tensor ModelStep::draft_lookup(const Tensor& ids, const Tensor& k_cache, const T
   if (width > 0) {  // the inputs still waiting (never the last drafted token, which is not cached)
     head_rows(step_ids(), k_cache, v_cache, lp, false, true);
     cached();
+  }
+  if (model_steps != nullptr) *model_steps = steps;
+  if (origins != nullptr) {
+    origins->resize(batch * drafted);
+    for (int64_t b = 0; b < batch; ++b) {
+      std::copy_n(made.begin() + b * most, drafted, origins->begin() + b * drafted);
+    }
   }
   return drafted == most ? tokens : tokens.narrow(1, 0, drafted).contiguous();
 }

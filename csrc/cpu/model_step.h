@@ -86,10 +86,13 @@ class ModelStep : public torch::CustomClassHolder {
   // ending at the token before the first drafted one): where it finds a match, its token is
   // drafted (and fed on) instead of the model's argmax. Each drafted token is appended to its
   // sequence's context. After n tokens, up to extend more while every sequence's next token is
-  // found by the lookup: [B, n..n + extend] tokens.
+  // found by the lookup: [B, n..n + extend] tokens. With origins, it is set to [B, drafted]
+  // (row-major) flags: 1 where the model drafted the token, 0 where the lookup did; and
+  // model_steps to the steps that ran the model's head (the drafting's cost).
   at::Tensor draft_lookup(const at::Tensor& ids, const at::Tensor& k_cache,
                           const at::Tensor& v_cache, const at::Tensor& lens, int64_t n,
-                          Contexts* contexts, int64_t ngram, int64_t extend = 0);
+                          Contexts* contexts, int64_t ngram, int64_t extend = 0,
+                          std::vector<uint8_t>* origins = nullptr, int64_t* model_steps = nullptr);
   // One greedy speculative round with this model as the target, in one call: `draft` drafts
   // gamma tokens after feed [B, w] on its cache (d_lens advance by w + gamma - 1), this model
   // scores [last, drafts] at t_lens, and each sequence with active[b] keeps its accepted drafts

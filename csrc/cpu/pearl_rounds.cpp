@@ -6,6 +6,7 @@
 
 #include "../ops/checks.h"
 #include "gil.h"
+#include "lookup.h"
 #include "thread_pool.h"
 
 namespace pearlmoe::cpu {
@@ -19,7 +20,8 @@ PearlRounds::PearlRounds(c10::intrusive_ptr<ModelStep> target,
                          c10::intrusive_ptr<DraftWorker> draft, at::Tensor t_k, at::Tensor t_v,
                          at::Tensor t_lens, at::Tensor d_k, at::Tensor d_v, at::Tensor d_lens,
                          std::vector<int64_t> last, std::vector<int64_t> committed,
-                         at::Tensor history, at::Tensor history_lens, int64_t ngram, bool lend)
+                         at::Tensor history, at::Tensor history_lens, int64_t ngram, bool lend,
+                         bool lookahead)
     : target_(std::move(target)),
       draft_(std::move(draft)),
       t_k_(std::move(t_k)),
@@ -30,7 +32,8 @@ PearlRounds::PearlRounds(c10::intrusive_ptr<ModelStep> target,
       d_lens_(std::move(d_lens)),
       last_(std::move(last)),
       committed_(std::move(committed)),
-      ngram_(ngram) {
+      ngram_(ngram),
+      lookahead_(lookahead) {
   const size_t batch = last_.size();
   PM_CHECK(batch >= 1 && committed_.size() == batch, kRounds,
            "last and committed must give every sequence, got ", last_.size(), " and ",
@@ -49,6 +52,8 @@ PearlRounds::PearlRounds(c10::intrusive_ptr<ModelStep> target,
     tokens_ = contexts_from(kRounds, history, history_lens, static_cast<int64_t>(batch), 0);
   }
   unverified_.resize(batch);
+  unverified_made_.resize(batch);
+  ahead_.assign(batch, 0);
   post_.assign(batch, false);
   active_.assign(batch, true);
   // The rounds split the cores between the sides. The caller's OpenMP helpers, left by a
@@ -81,15 +86,39 @@ std::tuple<at::Tensor, at::Tensor, int64_t, int64_t> PearlRounds::round(int64_t 
   PM_CHECK(gamma >= 1 && extend >= 0, kRounds, "gamma must be positive and extend >= 0, got ",
            gamma, " and ", extend);
   const int64_t batch = static_cast<int64_t>(last_.size());
-  // A post-verify sequence's window is [last, its unverified drafts]: every such sequence got
-  // them in the same round, so they are as many.
-  int64_t width = 1;
+  // The draft's context: the committed tokens, then any unverified ones (without the lookup,
+  // ngram_ 0, none, and extend is unused).
+  Contexts contexts;
+  if (ngram_ > 0) {
+    contexts = tokens_;
+    for (int64_t b = 0; b < batch; ++b) {
+      contexts[b].insert(contexts[b].end(), unverified_[b].begin(), unverified_[b].end());
+    }
+  }
+  // Each sequence's known tokens, scored this round after last: its unverified drafts (post-
+  // verify), then with the lookahead the first tokens its draft will draft this round where the
+  // lookup already knows them (the draft takes the lookup's token wherever it finds one, so
+  // those are its tokens), up to a window of gamma + extend.
+  std::vector<std::vector<int64_t>> known(batch);
+  int64_t width = 1;  // the target's feed: [last, known...], right-padded
   for (int64_t b = 0; b < batch; ++b) {
-    if (!post_[b]) continue;
-    const auto n = static_cast<int64_t>(unverified_[b].size()) + 1;
-    PM_CHECK(width == 1 || width == n, kRounds, "sequence ", b, " holds ", n - 1,
-             " unverified drafts where another holds ", width - 1);
-    width = n;
+    auto& kn = known[b];
+    if (post_[b]) kn = unverified_[b];
+    ahead_[b] = 0;
+    if (lookahead_ && ngram_ > 0 && active_[b]) {
+      auto& ctx = contexts[b];
+      const size_t base = ctx.size();
+      while (static_cast<int64_t>(kn.size()) + 1 < gamma + extend) {
+        const int64_t next = lookup_next(ctx, ngram_);
+        if (next < 0) break;
+        ctx.push_back(next);
+        kn.push_back(next);
+      }
+      ahead_[b] = static_cast<int64_t>(ctx.size() - base);
+      ahead_tokens_ += ahead_[b];
+      ctx.resize(base);  // the worker's lookup walks the same chain from here
+    }
+    width = std::max(width, static_cast<int64_t>(kn.size()) + 1);
   }
   const auto opts = at::TensorOptions().dtype(at::kLong);
   // The draft's first token: e_gamma after the unverified ones (post-verify), else last.
@@ -99,23 +128,14 @@ std::tuple<at::Tensor, at::Tensor, int64_t, int64_t> PearlRounds::round(int64_t 
   for (int64_t b = 0; b < batch; ++b) {
     const auto& u = unverified_[b];
     fp[b] = post_[b] && !u.empty() ? u.back() : last_[b];
-    wp[b * width] = last_[b];  // [last, e_2..e_gamma] (post-verify) or [last] (right-padded)
-    for (int64_t i = 1; i < width && i - 1 < static_cast<int64_t>(u.size()); ++i) {
-      wp[b * width + i] = u[i - 1];
-    }
+    wp[b * width] = last_[b];
+    std::copy(known[b].begin(), known[b].end(), wp + b * width + 1);
   }
-  at::Tensor rows = at::full({batch, 3 + std::max(gamma + extend, width)}, -1, opts);
+  at::Tensor rows = at::full({batch, 4 + std::max(gamma + extend, width)}, -1, opts);
   at::Tensor seconds = at::empty({2}, opts.dtype(at::kDouble));
   at::Tensor drafted, scored;
   {
     const GilRelease no_gil;
-    Contexts contexts;  // without the lookup (ngram_ 0) none, and extend is unused
-    if (ngram_ > 0) {   // the draft's context: the committed tokens, then any unverified ones
-      contexts = tokens_;
-      for (int64_t b = 0; b < batch; ++b) {
-        contexts[b].insert(contexts[b].end(), unverified_[b].begin(), unverified_[b].end());
-      }
-    }
     draft_->submit_lookup(first, d_k_, d_v_, d_lens_, gamma, std::move(contexts), ngram_, extend,
                           guest_);
     const auto start = std::chrono::steady_clock::now();
@@ -135,6 +155,12 @@ std::tuple<at::Tensor, at::Tensor, int64_t, int64_t> PearlRounds::round(int64_t 
   }
   const int64_t g = drafted.size(1);
   const int64_t* dp = drafted.const_data_ptr<int64_t>();
+  const std::vector<uint8_t>& made = draft_->origins();  // [B, g]
+  PM_CHECK(static_cast<int64_t>(made.size()) == batch * g, kRounds, "the draft's origins are ",
+           made.size(), " flags for ", batch, " x ", g, " tokens");
+  model_steps_ = draft_->model_steps();
+  model_tested_ = model_accepted_ = 0;
+  std::vector<uint8_t> window_made;
   const int64_t* sp = scored.const_data_ptr<int64_t>();
   int64_t* rp = rows.mutable_data_ptr<int64_t>();
   std::vector<int64_t> window;
@@ -142,29 +168,42 @@ std::tuple<at::Tensor, at::Tensor, int64_t, int64_t> PearlRounds::round(int64_t 
     const int64_t* d = dp + b * g;
     const int64_t* s = sp + b * width;
     const bool was_post = post_[b];
-    const int64_t n = was_post ? width : 1;
+    // The window: the unverified drafts (post-verify), then this round's first drafts, as many
+    // as the lookahead scored and one more (only the first without it), as far as they go.
+    const int64_t held = was_post ? static_cast<int64_t>(unverified_[b].size()) : 0;
+    const int64_t fresh = std::min(ahead_[b] + 1, g);
+    const int64_t n = held + fresh;
     window.clear();
-    if (was_post) window = unverified_[b];
-    window.push_back(d[0]);  // e_1 (pre) or f_1 after e_2..e_gamma (post)
+    window_made.clear();
+    if (was_post) window = unverified_[b], window_made = unverified_made_[b];
+    window.insert(window.end(), d, d + fresh);
+    window_made.insert(window_made.end(), made.begin() + b * g, made.begin() + b * g + fresh);
     int64_t accepted = 0;
     while (accepted < n && window[accepted] == s[accepted]) ++accepted;
     const bool all_in = accepted == n;
     const int64_t kept = all_in ? n : accepted + 1;
     int64_t* row = rp + b * rows.size(1);
-    row[0] = was_post, row[1] = accepted, row[2] = kept;
-    std::copy_n(window.begin(), all_in ? n : accepted, row + 3);
-    if (!all_in) row[3 + accepted] = s[accepted];
+    row[0] = was_post, row[1] = n, row[2] = accepted, row[3] = kept;
+    std::copy_n(window.begin(), all_in ? n : accepted, row + 4);
+    if (!all_in) row[4 + accepted] = s[accepted];
     if (!active_[b]) continue;
-    if (ngram_ > 0) tokens_[b].insert(tokens_[b].end(), row + 3, row + 3 + kept);
+    const int64_t tested = std::min(accepted + 1, n);
+    for (int64_t i = 0; i < tested; ++i) {
+      model_tested_ += window_made[i];
+      model_accepted_ += i < accepted ? window_made[i] : 0;
+    }
+    if (ngram_ > 0) tokens_[b].insert(tokens_[b].end(), row + 4, row + 4 + kept);
     committed_[b] += kept;
-    last_[b] = row[3 + kept - 1];
+    last_[b] = row[4 + kept - 1];
     if (all_in) {  // the target keeps what it fed, the draft all it drafted
       t_len_[b] += n;
       d_len_[b] += g;
-      unverified_[b].assign(d + 1, d + g);
+      unverified_[b].assign(d + fresh, d + g);
+      unverified_made_[b].assign(made.begin() + b * g + fresh, made.begin() + (b + 1) * g);
     } else {  // both roll back to the new committed[:-1]
       t_len_[b] = d_len_[b] = committed_[b] - 1;
       unverified_[b].clear();
+      unverified_made_[b].clear();
     }
     post_[b] = all_in;
   }
@@ -178,6 +217,7 @@ void PearlRounds::finish(int64_t b) {
   active_[b] = false;
   post_[b] = false;
   unverified_[b].clear();
+  unverified_made_[b].clear();
   t_len_[b] = d_len_[b] = committed_[b] - 1;
   write_lens();
 }

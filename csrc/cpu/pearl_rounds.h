@@ -24,22 +24,38 @@ class PearlRounds : public torch::CustomClassHolder {
   // start as history (int64 [B, C]: the prompts, the first history_lens[b] entries of a row).
   // With lend, the draft's thread runs the target's work once it has drafted (a PoolGuest of
   // the calling thread's pool): the target's step then runs with the calling thread's torch
-  // thread count, which should count the draft's thread.
+  // thread count, which should count the draft's thread. With lookahead (and the lookup), a
+  // round's target window also scores the first tokens this round's draft will draft where the
+  // lookup already knows them: a pre-verify round then verifies a run of them at once instead
+  // of only its first token (and a post-verify one verifies past f_1).
   PearlRounds(c10::intrusive_ptr<ModelStep> target, c10::intrusive_ptr<DraftWorker> draft,
               at::Tensor t_k, at::Tensor t_v, at::Tensor t_lens, at::Tensor d_k, at::Tensor d_v,
               at::Tensor d_lens, std::vector<int64_t> last, std::vector<int64_t> committed,
-              at::Tensor history, at::Tensor history_lens, int64_t ngram, bool lend);
+              at::Tensor history, at::Tensor history_lens, int64_t ngram, bool lend,
+              bool lookahead);
   ~PearlRounds() override;
   PearlRounds(const PearlRounds&) = delete;
   PearlRounds& operator=(const PearlRounds&) = delete;
 
   // One round at draft length gamma; with the lookup, the draft runs on up to extend more
   // tokens while it finds every sequence's next one. A post-verify sequence's window is its
-  // unverified drafts, however many the round before drafted. Returns rows [B, 3 + max(gamma +
-  // extend, width)] (int64: was post-verify, accepted, kept, then the kept tokens, then -1), the
-  // sides' seconds [2] (fp64: draft, target), the target's window width (a post-verify
-  // sequence verified width tokens, a pre-verify one 1) and the number of tokens drafted.
+  // unverified drafts, however many the round before drafted, then this round's first draft (a
+  // pre-verify one's: that first draft alone); the lookahead adds the drafts it scored. Returns
+  // rows [B, 4 + max(gamma + extend, width)] (int64: was post-verify, tokens verified, accepted,
+  // kept, then the kept tokens, then -1), the sides' seconds [2] (fp64: draft, target), the
+  // target's window width (the longest [last, known tokens]; shorter rows right-padded) and the
+  // number of tokens drafted.
   std::tuple<at::Tensor, at::Tensor, int64_t, int64_t> round(int64_t gamma, int64_t extend);
+  // The lookahead's tokens scored so far (all rounds, all sequences).
+  int64_t ahead_tokens() const { return ahead_tokens_; }
+  // The last round's model drafts, apart from the lookup's (whose tokens cost nearly nothing
+  // to draft and are accepted far more often): the draft's steps that ran the model, and over
+  // the active sequences the model's tokens the target tested (those up to the first rejected)
+  // and accepted. A γ policy fed the lookup's tokens too would count drafting as cheap and
+  // acceptance as high, and reach for windows the model's drafts do not fill.
+  std::tuple<int64_t, int64_t, int64_t> model_drafts() const {
+    return {model_steps_, model_tested_, model_accepted_};
+  }
   // Sequence b stops: it keeps its committed tokens, both caches roll back to them.
   void finish(int64_t b);
   // The decode is over: the target thread's pool stops keeping a part of its jobs for the
@@ -53,9 +69,14 @@ class PearlRounds : public torch::CustomClassHolder {
   c10::intrusive_ptr<DraftWorker> draft_;
   at::Tensor t_k_, t_v_, t_lens_, d_k_, d_v_, d_lens_;
   std::vector<int64_t> last_, committed_, t_len_, d_len_;
-  std::vector<std::vector<int64_t>> unverified_;  // e_2..e_gamma of a post-verify sequence
+  std::vector<std::vector<int64_t>> unverified_;       // e_2..e_gamma of a post-verify sequence
+  std::vector<std::vector<uint8_t>> unverified_made_;  // theirs: 1 where the model drafted it
+  int64_t model_steps_ = 0, model_tested_ = 0, model_accepted_ = 0;  // the last round's
   Contexts tokens_;  // each sequence's committed tokens, kept for the lookup when ngram_ > 0
   int64_t ngram_ = 0;
+  bool lookahead_ = false;
+  std::vector<int64_t> ahead_;  // this round's lookahead tokens per sequence
+  int64_t ahead_tokens_ = 0;
   std::vector<bool> post_, active_;
   std::shared_ptr<PoolGuest> guest_;  // the draft thread's place in this thread's pool (lend)
 };

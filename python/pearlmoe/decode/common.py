@@ -210,11 +210,17 @@ def pad(t: Tensor, width: int) -> Tensor:
 def end_round(
     stats: DecodeStats, policy, step: list[list[int]], proposed: int, accepted: int,
     callback: Callable[[list[list[int]]], None] | None,
+    model_drafts: tuple[int, int] | None = None,
 ) -> None:  # fmt: skip
-    """A round's bookkeeping on the host: the statistics, the γ policy, the streamed tokens."""
+    """A round's bookkeeping on the host: the statistics, the γ policy, the streamed tokens.
+    ``model_drafts``: (proposed, accepted) of the draft model's own tokens, for the policy,
+    where a round's tokens also came from the prompt lookup."""
     stats.proposed += proposed
     stats.accepted += accepted
-    policy.update(accepted, proposed)
+    if model_drafts is None:
+        policy.update(accepted, proposed)
+    else:
+        policy.update(model_drafts[1], model_drafts[0])
     stats.emitted += sum(len(s) for s in step)
     if callback is not None:
         callback(step)

@@ -14,6 +14,11 @@ of two modes:
                Rejected at n: commit the n accepted and the correction, roll both back, go to
                pre-verify.
 
+With the prompt lookup (greedy, the fused CPU rounds) the draft takes the lookup's token
+wherever the lookup finds one, so where it finds a run at a round's start those are the draft's
+first tokens, known before it drafts: the lookahead adds them to the target's window in the same
+round (a pre-verify round then verifies e_1..e_k and the target's next token, not e_1 alone).
+
 Verification is greedy argmax comparison or ``ops.spec_verify``'s rejection sampling with the
 draft probabilities kept for the unverified tokens, so the output is lossless; no token ids travel
 through floating point. The caches obey: target = committed[:-1]; draft = committed[:-1] (pre) or
@@ -149,6 +154,7 @@ def pearl_generate(
     bookkeeping: str = "auto",
     lookup: int = LOOKUP,
     draft_helps: bool = True,
+    lookahead: bool = True,
 ) -> tuple[list[list[int]], DecodeStats]:
     """Each sequence's new tokens (up to and including its EOS) and the run's statistics.
     ``gamma=None`` picks the window from the measured cost curve and the acceptance rate seen so
@@ -161,7 +167,9 @@ def pearl_generate(
     steps (pearlmoe.decode.common.LOOKUP; 0: the draft model alone, as on other paths).
     ``draft_helps``: in the C++ rounds (on pearlmoe's claiming CPU pool), the draft's thread runs
     the target's work from the end of its drafting until its next job (its core would otherwise
-    idle while the target verifies)."""
+    idle while the target verifies). ``lookahead``: in the C++ rounds with the lookup, a round's
+    target window also scores the drafts the lookup already knows the draft will draft this
+    round (a pre-verify round would otherwise verify only the first)."""
     if lookup < 0:
         raise ValueError(f"pearl_generate: lookup must be >= 0, got {lookup}")
     check_pair(target, draft)
@@ -175,6 +183,7 @@ def pearl_generate(
     greedy = sampling.greedy
     stats = DecodeStats(gamma=gamma, extra={"pre_rounds": 0, "post_rounds": 0})
     round_times = {"wall": 0.0, "draft": 0.0, "target": 0.0, "slower": 0.0, "alone": 0.0}
+    by_width: dict[int, list] = {}
     capacity = max(map(len, prompts)) + max_new_tokens + 2 * policy.max_gamma + 2
     tgt = Runner(target, batch, capacity, backend, sampling)
     # On a CPU the two sides split the cores: each step's intra-op pool would otherwise take
@@ -240,7 +249,7 @@ def pearl_generate(
         rounds = torch.classes.pearlmoe.CpuPearlRounds(
             tgt.fused_step, drf.worker, t.k, t.v, t.lens, d.k, d.v, d.lens,
             [p[-1] for p in prompts], [len(p) for p in prompts], history, history_lens, lookup,
-            helps,
+            helps, lookahead,
         )  # fmt: skip
     elif bookkeeping == "host":
         rounds = HostRounds(prompts, gamma, tgt, drf)
@@ -267,6 +276,7 @@ def pearl_generate(
                 if not one_call:
                     rounds.set_gamma(gamma)
             drafted = gamma
+            model_drafts = None  # (tested, accepted) of the model's drafts, where told apart
             if one_call:
                 # With the lookup the draft runs on to max_gamma while it finds every next token:
                 # the next round verifies them all in one window (post-verify).
@@ -275,6 +285,9 @@ def pearl_generate(
                 host, seconds, width, drafted = rounds.round(gamma, extend)
                 round_times["wall"] += time.perf_counter() - round_start
                 host, (t_draft, t_target) = host.tolist(), seconds.tolist()
+                # The policy prices the model's drafts: the lookup's come nearly free, and
+                # almost always right.
+                model_steps, *model_drafts = rounds.model_drafts()
             else:
                 rounds.begin()
                 width = gamma if any(host_post) else 1
@@ -285,37 +298,42 @@ def pearl_generate(
                 round_times["wall"] += time.perf_counter() - round_start
             round_times["draft"] += t_draft
             round_times["target"] += t_target
+            seen = by_width.setdefault(width, [0, 0.0])  # the target's side per window width
+            seen[0] += 1
+            seen[1] += t_target
             round_times["slower"] += max(t_draft, t_target)
+            steps = model_steps if one_call else drafted  # the draft's costly steps
             if policy.curve is not None:  # the sides as fast as each runs alone
                 curve = policy.curve
-                round_times["alone"] += curve.side_time(drafted * curve.draft, width)
-            policy.observe(width, t_target, drafted, t_draft)  # joined: both times are real
+                round_times["alone"] += curve.side_time(steps * curve.draft, width)
+            policy.observe(width, t_target, steps, t_draft)  # joined: both times are real
             stats.draft_calls += drafted
             stats.target_calls += 1
             if not one_call:
                 host = rounds.commit(xs, qs, p, target_tokens)
             step: list[list[int]] = [[] for _ in prompts]
             proposed, round_accepted = 0, 0
-            for b, (was_post, a, k, *tokens) in enumerate(host):
+            for b, (was_post, verified, a, k, *tokens) in enumerate(host):
                 if done[b]:
                     continue
-                verified = width if was_post else 1  # the drafts this round checked for b
-                proposed += verified
+                proposed += verified  # the drafts this round checked for b
                 round_accepted += a
                 stats.extra["post_rounds" if was_post else "pre_rounds"] += 1
                 done[b] = emit(tokens[:k], outputs[b], step[b], eos, max_new_tokens)
                 host_post[b] = not done[b] and a == verified
                 if done[b]:
                     rounds.finish(b)
-            end_round(stats, policy, step, proposed, round_accepted, callback)
+            end_round(stats, policy, step, proposed, round_accepted, callback, model_drafts)
             if device.type == "cpu":  # the round's host work: its wall time past its sides
                 policy.observe_host(time.perf_counter() - round_top - max(t_draft, t_target))
     end_decode(stats, policy, start)
     if one_call:  # chunks of the target's steps its draft's thread ran (process-wide count)
         helped = torch.ops.pearlmoe.cpu_pool_guest_chunks() - guest_chunks
         stats.extra["draft_helped_chunks"] = helped
+        stats.extra["lookahead_tokens"] = rounds.ahead_tokens()
     stats.extra["overlap"] = round_times["wall"] / max(round_times["slower"], 1e-12)
     if round_times["alone"]:  # against the measured cost curve: what contention costs the sides
         stats.extra["overlap_vs_alone"] = round_times["wall"] / round_times["alone"]
     stats.extra["round_seconds"] = {k: round(v, 6) for k, v in round_times.items()}
+    stats.extra["target_by_width"] = {w: (n, round(t, 6)) for w, (n, t) in sorted(by_width.items())}
     return outputs, stats

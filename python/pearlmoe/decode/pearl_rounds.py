@@ -10,9 +10,9 @@ explains the modes). Two implementations of one interface:
                 tensor ops (~60, or one compiled call) cost 60-100 us each round with the caches
                 cold from the steps between them, against ~20 us here (bench/NOTES.md).
 
-Both return each round's rows for the loop, [was_post, accepted, kept, *emitted], and keep the
-caches' invariants: target = committed[:-1]; draft = committed[:-1] (pre-verify) or committed +
-unverified[:-1] (post-verify).
+Both return each round's rows for the loop, [was_post, verified, accepted, kept, *emitted], and
+keep the caches' invariants: target = committed[:-1]; draft = committed[:-1] (pre-verify) or
+committed + unverified[:-1] (post-verify).
 
 Shape letters: B sequences, γ window, G the largest γ, V vocabulary.
 """
@@ -65,10 +65,10 @@ def _commit(
     d0: Tensor, gamma: Tensor | int,
 ) -> tuple[Tensor, ...]:  # fmt: skip
     """A verified round's new state: mode, unverified, last, committed [B], both sides' cache
-    lengths [B] int32, and the rows the host reads, [B, 3 + w] for windows [B, w]: was-post,
-    accepted, tokens kept, emitted tokens. ``shifted`` (unverified's shape) holds f_2..f_γ, the
-    unverified tokens of a sequence that stays in post-verify. Sequences not active keep their
-    state."""
+    lengths [B] int32, and the rows the host reads, [B, 4 + w] for windows [B, w]: was-post,
+    tokens verified, accepted, tokens kept, emitted tokens. ``shifted`` (unverified's shape)
+    holds f_2..f_γ, the unverified tokens of a sequence that stays in post-verify. Sequences not
+    active keep their state."""
     post = mode == POST
     n = torch.where(post, gamma, 1)
     all_in = accepted == n
@@ -87,9 +87,8 @@ def _commit(
     last = torch.where(active, new_last, last)
     committed = torch.where(active, new_committed, committed)
     mode = torch.where(active, torch.where(all_in, POST, PRE), mode)
-    host = torch.cat(
-        [post.long().unsqueeze(1), accepted.unsqueeze(1), kept.unsqueeze(1), emitted], 1
-    )
+    host = torch.cat([post.long().unsqueeze(1), n.long().unsqueeze(1),
+                      accepted.unsqueeze(1), kept.unsqueeze(1), emitted], 1)  # fmt: skip
     return mode, unverified, last, committed, t_lens.int(), d_lens.int(), host
 
 
@@ -103,7 +102,7 @@ def _greedy_round(
 
     unverified [B, G] (e_2..e_γ in its first γ-1 columns), xs [B, G] (the draft's γ tokens
     first), target_tokens [B, G] (the target's argmax over the window, ≥ 1 real column); the
-    rest as in ``_commit``, whose host rows this returns at width 3 + G."""
+    rest as in ``_commit``, whose host rows this returns at width 4 + G."""
     cols = torch.arange(xs.shape[1], device=xs.device)
     post = mode == POST
     n = torch.where(post, gamma, 1)  # [B] real tokens in each window
@@ -265,7 +264,7 @@ class HostRounds:
             all_in = accepted == n
             kept = n if all_in else accepted + 1
             emitted = window[:n] if all_in else [*window[:accepted], scored[accepted]]
-            rows.append([int(was_post), accepted, kept, *emitted])
+            rows.append([int(was_post), n, accepted, kept, *emitted])
             if not self.active[b]:
                 continue
             self.committed[b] += kept
