@@ -1,20 +1,25 @@
-"""PEARL's draft thread helping the target, on and off, beside autoregressive and speculative
-decoding.
+"""PEARL's CPU rounds with and without the draft's thread helping the target and the lookahead,
+beside autoregressive and speculative decoding.
 
 On a CPU PEARL's sides split the cores: each gets half. The draft drafts its γ tokens well
 before the target has verified its window, and its core then idled. With ``draft_helps`` (the
 default of the fused CPU rounds) the draft's thread runs the target's work until the round
-ends (a PoolGuest of the target thread's pool, csrc/cpu/thread_pool.h). Each row: a pair's
-greedy decode of held-out prompts (the embedded pair by default), AR, speculative and PEARL with
-and without the help taking turns prompt by prompt (the order rotating each repeat): tokens/s,
-the paired ratios, and a PEARL round's wall time, target side and draft side.
+ends (a PoolGuest of the target thread's pool, csrc/cpu/thread_pool.h). With ``lookahead`` (also
+the default) a round's target window also scores the drafts the prompt lookup already knows the
+draft will draft. Each row: a pair's greedy decode of held-out prompts (the embedded pair by
+default), the arms (``--arms``: AR, speculative, PEARL variants, fixed γ) taking turns prompt by
+prompt in a seeded random order, fresh for each prompt (PEARL runs slower right after a
+speculative decode): tokens/s, the paired ratios, and a PEARL round's wall time, target side
+and draft side.
 
     python bench/bench_pearl_help.py [--dtypes bfloat16 float32] [--prompts 24] [--batch 1]
                                      [--target smollm2-135m --draft smollm2-135m-draft]
+                                     [--arms ar speculative "pearl, helps + lookahead" ...]
 """
 
 import argparse
 import math
+import random
 import time
 from pathlib import Path
 
@@ -36,7 +41,7 @@ ARMS = {
     "pearl, lookahead, gamma 2": {"draft_helps": True, "lookahead": True, "gamma": 2},
     "pearl, lookahead, gamma 3": {"draft_helps": True, "lookahead": True, "gamma": 3},
 }
-DEFAULT_ARMS = ["ar", "speculative", "pearl", "pearl, draft helps"]
+DEFAULT_ARMS = ["ar", "speculative", "pearl", "pearl, draft helps", "pearl, helps + lookahead"]
 
 
 def decode(arm: str, target, draft, prompts: list[list[int]], new: int):
@@ -74,8 +79,9 @@ def run_dtype(dtype: torch.dtype, args) -> list[dict]:
     totals = {arm: dict.fromkeys(counts, 0) for arm in arms}
     for rep in range(args.repeats):
         for i, batch in enumerate(batches):
-            k = (i + rep) % len(arms)
-            for arm in arms[k:] + arms[:k]:
+            order = list(arms)  # seeded, fresh each time: no arm always follows the same one
+            random.Random(rep * len(batches) + i).shuffle(order)
+            for arm in order:
                 tokens, seconds, stats = decode(arm, target, draft, batch, args.max_new_tokens)
                 speeds[arm].append(tokens / seconds)
                 t = totals[arm]

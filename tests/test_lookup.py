@@ -196,3 +196,30 @@ def test_pearl_rounds_lookahead_scores_the_lookups_drafts_in_the_same_round(look
     else:
         assert rounds.ahead_tokens() == 0
         assert all(verified == kept == width == 1 for _, verified, kept, width in pre)
+
+
+def test_pearl_rounds_lookahead_in_a_batch_fills_only_the_padding():
+    """Alone, a pre-verify round's window grows by the lookup's run; in a batch the lookahead
+    only fills the padding the longest window leaves (every row is scored at the batch's width):
+    a first round, all pre-verify, keeps width 1."""
+    from pearlmoe.decode.common import num_threads
+
+    target, draft = _pair(torch.float32)
+    prompt = [5, 6, 7, 8, 5, 6, 7, 8, 5, 6, 7]  # the lookup continues 8, 5, 6, ...
+    widths = {}
+    for batch in (1, 2):
+        prompts = [prompt] * batch
+        tgt, drf = Runner(target, batch, 64, "fused"), Runner(draft, batch, 64, "fused")
+        with num_threads(1):
+            tgt.prefill([p[:-1] for p in prompts])
+            drf.prefill([p[:-1] for p in prompts])
+            worker = torch.classes.pearlmoe.CpuDraftWorker(drf.fused_step, 1)
+            history, lens = token_history(prompts, len(prompt), 3)
+            rounds = torch.classes.pearlmoe.CpuPearlRounds(
+                tgt.fused_step, worker, tgt.cache.k, tgt.cache.v, tgt.lens, drf.cache.k,
+                drf.cache.v, drf.lens, [p[-1] for p in prompts], [len(p) for p in prompts],
+                history, lens, 3, False, True,
+            )  # fmt: skip
+            _, _, widths[batch], _ = rounds.round(2, 4)
+            assert rounds.ahead_tokens() == (5 if batch == 1 else 0)
+    assert widths == {1: 6, 2: 1}

@@ -27,7 +27,8 @@ class PearlRounds : public torch::CustomClassHolder {
   // thread count, which should count the draft's thread. With lookahead (and the lookup), a
   // round's target window also scores the first tokens this round's draft will draft where the
   // lookup already knows them: a pre-verify round then verifies a run of them at once instead
-  // of only its first token (and a post-verify one verifies past f_1).
+  // of only its first token (and a post-verify one verifies past f_1). In a batch the lookahead
+  // only fills the padding of the round's longest window.
   PearlRounds(c10::intrusive_ptr<ModelStep> target, c10::intrusive_ptr<DraftWorker> draft,
               at::Tensor t_k, at::Tensor t_v, at::Tensor t_lens, at::Tensor d_k, at::Tensor d_v,
               at::Tensor d_lens, std::vector<int64_t> last, std::vector<int64_t> committed,

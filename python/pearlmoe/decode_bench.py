@@ -6,6 +6,7 @@ to what was measured. Greedy outputs are checked identical across modes. JSON + 
 
 import json
 import math
+import random
 import time
 from pathlib import Path
 
@@ -77,7 +78,7 @@ def bench_dtype(
     target, draft, batches, args, backend: str, dtype: torch.dtype, batch: int
 ) -> dict:  # fmt: skip
     """Every mode on one dtype: the cost curves, the rows and whether outputs agree. The modes
-    take turns prompt by prompt (in a rotating order), so the machine's drift over the run, which
+    take turns prompt by prompt (in a shuffled order), so the machine's drift over the run, which
     on a shared VM is ±10-25% between minutes, weighs on every mode alike."""
     if target.device.type == "cpu":  # both sides' thread counts in alternating rounds
         threads = sorted({torch.get_num_threads(), side_threads()})
@@ -98,7 +99,12 @@ def bench_dtype(
     totals = {m: [0, 0.0, []] for m in modes}  # tokens, seconds, stats
     speeds = {m: [] for m in modes}  # tokens/s per batch of prompts
     for i, prompts in enumerate(batches):
-        for mode in modes[i % len(modes) :] + modes[: i % len(modes)]:
+        # A fresh order each batch (seeded): a mode's speed can depend on the mode run just before
+        # it (PEARL ran 13-17% slower right after a speculative decode than after another PEARL
+        # one or a 50 ms pause), and a rotation would give each mode the same predecessor always.
+        order = list(modes)
+        random.Random(i).shuffle(order)
+        for mode in order:
             outs, seconds, stats = run(mode, prompts, args.max_new_tokens, args.seed + i)
             outputs[mode].extend(outs)
             totals[mode][0] += sum(map(len, outs))
