@@ -158,6 +158,13 @@ TORCH_LIBRARY(pearlmoe, m) {
   m.def("cpu_pool_solo_spells() -> int", [] { return pearlmoe::cpu::pool_solo_spells(); });
   // How many chunks of the target's work PEARL's draft thread has run (PoolGuest).
   m.def("cpu_pool_guest_chunks() -> int", [] { return pearlmoe::cpu::pool_guest_chunks(); });
+  // The calling thread's OpenMP team and its pool's helpers stop spinning now (they sleep until
+  // its next parallel job): PEARL calls it before it starts its draft thread, which the
+  // scheduler would otherwise place beside the caller while they spin on the other cores.
+  m.def("cpu_pool_rest() -> ()", [] {
+    pearlmoe::cpu::rest_openmp();
+    pearlmoe::cpu::pool_rest();
+  });
   // How many jobs have woken sleeping helpers of a pool.
   m.def("cpu_pool_helper_wakes() -> int", [] { return pearlmoe::cpu::pool_helper_wakes(); });
   // For the tests: cpu::parallel_for over [0, n) with this grain inside a fused step's pool scope;

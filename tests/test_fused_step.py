@@ -416,6 +416,29 @@ def test_pearl_rounds_end_the_callers_spinning_openmp_helpers():
         assert thread_ids() - after
 
 
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc (Linux)")
+def test_cpu_pool_rest_ends_the_callers_spinning_openmp_helpers():
+    """pearl_generate calls cpu_pool_rest before it starts its draft thread: an OpenMP region on
+    two threads (an eager decode) leaves a helper spinning, beside which the new thread was
+    placed on the caller's core. The op ends it; the next region brings it back."""
+
+    def thread_ids() -> set[int]:
+        return {int(p.name) for p in Path("/proc/self/task").iterdir()}
+
+    with num_threads(2):
+        a = torch.randn(256, 256)
+        a @ a
+        before = thread_ids()
+        torch.ops.pearlmoe.cpu_pool_rest()
+        deadline = time.monotonic() + 5
+        while not before - thread_ids() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert before - thread_ids()
+        after = thread_ids()
+        a @ a
+        assert thread_ids() - after
+
+
 def test_pearl_rounds_verify_the_drafts_a_sequence_holds_when_gamma_changes():
     """A post-verify sequence's window is the drafts it holds, whatever γ the next round asks
     for: γ may change between any rounds, and the committed tokens stay the target's own."""

@@ -111,7 +111,17 @@ class _FusedDraft(_ThreadDraft):
 
     def __init__(self, runner: Runner, side: _Side, pool: ThreadPoolExecutor) -> None:
         super().__init__(runner, side, pool, None)
-        self.worker = torch.classes.pearlmoe.CpuDraftWorker(runner.fused_step, side.cpu_threads)
+        self.worker = None
+
+    def start(self) -> None:
+        """Start the C++ thread once the prefills are done and the caller's other threads have
+        stopped spinning (``cpu_pool_rest``). Started beside a spinning OpenMP team (an eager
+        decode just before) or pool helper, it was placed on the caller's core and the rounds'
+        jobs started late: 0.31 ms a round after an eager decode, PEARL at 1415 tok/s against
+        2274 (bench/NOTES.md v14)."""
+        torch.ops.pearlmoe.cpu_pool_rest()
+        self.worker = torch.classes.pearlmoe.CpuDraftWorker(self.runner.fused_step,
+                                                            self.side.cpu_threads)  # fmt: skip
 
     def submit(self, first: Tensor, gamma: int) -> None:
         c = self.runner.cache
@@ -182,7 +192,8 @@ def pearl_generate(
     gamma = policy.gamma
     greedy = sampling.greedy
     stats = DecodeStats(gamma=gamma, extra={"pre_rounds": 0, "post_rounds": 0})
-    round_times = {"wall": 0.0, "draft": 0.0, "target": 0.0, "slower": 0.0, "alone": 0.0}
+    round_times = {"wall": 0.0, "draft": 0.0, "target": 0.0, "slower": 0.0, "alone": 0.0,
+                   "draft_start": 0.0}  # fmt: skip
     by_width: dict[int, list] = {}
     capacity = max(map(len, prompts)) + max_new_tokens + 2 * policy.max_gamma + 2
     tgt = Runner(target, batch, capacity, backend, sampling)
@@ -235,6 +246,7 @@ def pearl_generate(
         # where side by side the target's would take one core and the draft's the other.
         tgt.prefill(draft_prompts)
         drf.runner.prefill(draft_prompts)
+        drf.start()
     else:
         drf.prefill(draft_prompts)  # both sides prefill at once
         with num_threads(share):
@@ -285,6 +297,7 @@ def pearl_generate(
                 host, seconds, width, drafted = rounds.round(gamma, extend)
                 round_times["wall"] += time.perf_counter() - round_start
                 host, (t_draft, t_target) = host.tolist(), seconds.tolist()
+                round_times["draft_start"] += drf.worker.latency()  # its job's hand-off
                 # The policy prices the model's drafts: the lookup's come nearly free, and
                 # almost always right.
                 model_steps, *model_drafts = rounds.model_drafts()
