@@ -4,6 +4,8 @@ each sequence's tokens for it, decoding stays lossless, and bad histories are re
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_static_decode import _pair
 
 from pearlmoe.decode import generate, pearl_generate, speculative_generate
@@ -223,3 +225,34 @@ def test_pearl_rounds_lookahead_in_a_batch_fills_only_the_padding():
             _, _, widths[batch], _ = rounds.round(2, 4)
             assert rounds.ahead_tokens() == (5 if batch == 1 else 0)
     assert widths == {1: 6, 2: 1}
+
+
+_PAIR32 = None
+
+
+def _pair32():
+    global _PAIR32
+    if _PAIR32 is None:
+        _PAIR32 = _pair(torch.float32)
+    return _PAIR32
+
+
+@settings(max_examples=40)
+@given(
+    prompts=st.lists(st.lists(st.integers(2, 7), min_size=1, max_size=14), min_size=1, max_size=3),
+    gamma=st.integers(1, 4),
+    ngram=st.integers(1, 3),
+    lookahead=st.booleans(),
+    helps=st.booleans(),
+    eos=st.sampled_from([None, 3, 5]),
+)
+def test_pearl_lossless_whatever_the_lookup_finds(prompts, gamma, ngram, lookahead, helps, eos):
+    """Fuzzed: prompts over a few tokens (so the lookup finds runs of every length, in some
+    sequences and not others), any γ and n-gram, the lookahead and the draft's help on or off,
+    EOS anywhere: PEARL's greedy tokens are AR's."""
+    target, draft = _pair32()
+    want = generate(target, prompts, 20, backend="fused", eos_token_id=eos)
+    got, _ = pearl_generate(target, draft, prompts, 20, gamma=gamma, backend="fused",
+                            eos_token_id=eos, lookup=ngram, lookahead=lookahead,
+                            draft_helps=helps)  # fmt: skip
+    assert got == want
