@@ -179,9 +179,11 @@ def test_pearl_rounds_lookahead_scores_the_lookups_drafts_in_the_same_round(look
             drf.lens, [prompt[-1]], [len(prompt)], history, lens, 3, False, lookahead,
         )  # fmt: skip
         while len(emitted) < 96:
-            out, _, width, drafted = rounds.round(2, 6)
+            out, info, width, drafted = rounds.round(2, 6)
             was_post, verified, accepted, kept = out[0, :4].tolist()
             steps, tested, model_accepted = rounds.model_drafts()
+            assert info.shape == (6,) and info[3:].tolist() == [steps, tested, model_accepted]
+            assert info[0] > 0 and info[1] > 0 and info[2] >= 0  # draft, target, hand-off seconds
             assert 1 <= verified <= width and accepted <= verified and kept <= verified
             assert model_accepted <= tested <= min(accepted + 1, verified)
             assert steps <= drafted

@@ -43,7 +43,8 @@ class PearlRounds : public torch::CustomClassHolder {
   // unverified drafts, however many the round before drafted, then this round's first draft (a
   // pre-verify one's: that first draft alone); the lookahead adds the drafts it scored. Returns
   // rows [B, 4 + max(gamma + extend, width)] (int64: was post-verify, tokens verified, accepted,
-  // kept, then the kept tokens, then -1), the sides' seconds [2] (fp64: draft, target), the
+  // kept, then the kept tokens, then -1), the sides' seconds and counts [6] (fp64: draft
+  // seconds, target seconds, the draft job's hand-off latency, then model_drafts()), the
   // target's window width (the longest [last, known tokens]; shorter rows right-padded) and the
   // number of tokens drafted.
   std::tuple<at::Tensor, at::Tensor, int64_t, int64_t> round(int64_t gamma, int64_t extend);

@@ -296,11 +296,12 @@ def pearl_generate(
                 round_start = time.perf_counter()
                 host, seconds, width, drafted = rounds.round(gamma, extend)
                 round_times["wall"] += time.perf_counter() - round_start
-                host, (t_draft, t_target) = host.tolist(), seconds.tolist()
-                round_times["draft_start"] += drf.worker.latency()  # its job's hand-off
-                # The policy prices the model's drafts: the lookup's come nearly free, and
-                # almost always right.
-                model_steps, *model_drafts = rounds.model_drafts()
+                # The sides' seconds, the draft job's hand-off, and the model's own drafts (the
+                # policy prices those: the lookup's come nearly free, and almost always right).
+                host, info = host.tolist(), seconds.tolist()
+                t_draft, t_target, handoff, model_steps, tested, model_accepted = info
+                round_times["draft_start"] += handoff
+                model_drafts = (int(tested), int(model_accepted))
             else:
                 rounds.begin()
                 width = gamma if any(host_post) else 1
@@ -315,7 +316,7 @@ def pearl_generate(
             seen[0] += 1
             seen[1] += t_target
             round_times["slower"] += max(t_draft, t_target)
-            steps = model_steps if one_call else drafted  # the draft's costly steps
+            steps = int(model_steps) if one_call else drafted  # the draft's costly steps
             if policy.curve is not None:  # the sides as fast as each runs alone
                 curve = policy.curve
                 round_times["alone"] += curve.side_time(steps * curve.draft, width)
