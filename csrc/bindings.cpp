@@ -141,7 +141,6 @@ TORCH_LIBRARY(pearlmoe, m) {
                        bool, bool>())
       .def("round", &PearlRounds::round)
       .def("ahead_tokens", &PearlRounds::ahead_tokens)
-      .def("model_drafts", &PearlRounds::model_drafts)
       .def("finish", &PearlRounds::finish)
       .def("close", &PearlRounds::close);
 

@@ -181,9 +181,9 @@ def test_pearl_rounds_lookahead_scores_the_lookups_drafts_in_the_same_round(look
         while len(emitted) < 96:
             out, info, width, drafted = rounds.round(2, 6)
             was_post, verified, accepted, kept = out[0, :4].tolist()
-            steps, tested, model_accepted = rounds.model_drafts()
-            assert info.shape == (6,) and info[3:].tolist() == [steps, tested, model_accepted]
+            assert info.shape == (6,)
             assert info[0] > 0 and info[1] > 0 and info[2] >= 0  # draft, target, hand-off seconds
+            steps, tested, model_accepted = map(int, info[3:].tolist())  # the model's drafts
             assert 1 <= verified <= width and accepted <= verified and kept <= verified
             assert model_accepted <= tested <= min(accepted + 1, verified)
             assert steps <= drafted

@@ -53,7 +53,6 @@ PearlRounds::PearlRounds(c10::intrusive_ptr<ModelStep> target,
   }
   unverified_.resize(batch);
   unverified_made_.resize(batch);
-  ahead_.assign(batch, 0);
   post_.assign(batch, false);
   active_.assign(batch, true);
   // The rounds split the cores between the sides. The caller's OpenMP helpers, left by a
@@ -107,10 +106,10 @@ std::tuple<at::Tensor, at::Tensor, int64_t, int64_t> PearlRounds::round(int64_t 
   }
   const int64_t room = batch == 1 ? gamma + extend : width;
   std::vector<std::vector<int64_t>> known(batch);
+  std::vector<int64_t> ahead(batch, 0);  // each sequence's lookahead tokens this round
   for (int64_t b = 0; b < batch; ++b) {
     auto& kn = known[b];
     if (post_[b]) kn = unverified_[b];
-    ahead_[b] = 0;
     if (lookahead_ && ngram_ > 0 && active_[b]) {
       auto& ctx = contexts[b];
       const size_t base = ctx.size();
@@ -120,8 +119,8 @@ std::tuple<at::Tensor, at::Tensor, int64_t, int64_t> PearlRounds::round(int64_t 
         ctx.push_back(next);
         kn.push_back(next);
       }
-      ahead_[b] = static_cast<int64_t>(ctx.size() - base);
-      ahead_tokens_ += ahead_[b];
+      ahead[b] = static_cast<int64_t>(ctx.size() - base);
+      ahead_tokens_ += ahead[b];
       ctx.resize(base);  // the worker's lookup walks the same chain from here
     }
     width = std::max(width, static_cast<int64_t>(kn.size()) + 1);
@@ -167,8 +166,7 @@ std::tuple<at::Tensor, at::Tensor, int64_t, int64_t> PearlRounds::round(int64_t 
   const std::vector<uint8_t>& made = draft_->origins();  // [B, g]
   PM_CHECK(static_cast<int64_t>(made.size()) == batch * g, kRounds, "the draft's origins are ",
            made.size(), " flags for ", batch, " x ", g, " tokens");
-  model_steps_ = draft_->model_steps();
-  model_tested_ = model_accepted_ = 0;
+  int64_t model_tested = 0, model_accepted = 0;
   std::vector<uint8_t> window_made;
   const int64_t* sp = scored.const_data_ptr<int64_t>();
   int64_t* rp = rows.mutable_data_ptr<int64_t>();
@@ -180,7 +178,7 @@ std::tuple<at::Tensor, at::Tensor, int64_t, int64_t> PearlRounds::round(int64_t 
     // The window: the unverified drafts (post-verify), then this round's first drafts, as many
     // as the lookahead scored and one more (only the first without it), as far as they go.
     const int64_t held = was_post ? static_cast<int64_t>(unverified_[b].size()) : 0;
-    const int64_t fresh = std::min(ahead_[b] + 1, g);
+    const int64_t fresh = std::min(ahead[b] + 1, g);
     const int64_t n = held + fresh;
     window.clear();
     window_made.clear();
@@ -198,8 +196,8 @@ std::tuple<at::Tensor, at::Tensor, int64_t, int64_t> PearlRounds::round(int64_t 
     if (!active_[b]) continue;
     const int64_t tested = std::min(accepted + 1, n);
     for (int64_t i = 0; i < tested; ++i) {
-      model_tested_ += window_made[i];
-      model_accepted_ += i < accepted ? window_made[i] : 0;
+      model_tested += window_made[i];
+      model_accepted += i < accepted ? window_made[i] : 0;
     }
     if (ngram_ > 0) tokens_[b].insert(tokens_[b].end(), row + 4, row + 4 + kept);
     committed_[b] += kept;
@@ -219,9 +217,9 @@ std::tuple<at::Tensor, at::Tensor, int64_t, int64_t> PearlRounds::round(int64_t 
   write_lens();
   double* info = seconds.mutable_data_ptr<double>();
   info[2] = draft_->latency();
-  info[3] = static_cast<double>(model_steps_);
-  info[4] = static_cast<double>(model_tested_);
-  info[5] = static_cast<double>(model_accepted_);
+  info[3] = static_cast<double>(draft_->model_steps());
+  info[4] = static_cast<double>(model_tested);
+  info[5] = static_cast<double>(model_accepted);
   return {rows, seconds, width, g};
 }
 

@@ -44,20 +44,16 @@ class PearlRounds : public torch::CustomClassHolder {
   // pre-verify one's: that first draft alone); the lookahead adds the drafts it scored. Returns
   // rows [B, 4 + max(gamma + extend, width)] (int64: was post-verify, tokens verified, accepted,
   // kept, then the kept tokens, then -1), the sides' seconds and counts [6] (fp64: draft
-  // seconds, target seconds, the draft job's hand-off latency, then model_drafts()), the
+  // seconds, target seconds, the draft job's hand-off latency, then the model's drafts apart
+  // from the lookup's, whose tokens cost nearly nothing to draft and are accepted far more
+  // often: the draft's steps that ran the model, and over the active sequences the model's
+  // tokens the target tested (those up to the first rejected) and accepted; a γ policy fed the
+  // lookup's tokens too would count drafting as cheap and acceptance as high), the
   // target's window width (the longest [last, known tokens]; shorter rows right-padded) and the
   // number of tokens drafted.
   std::tuple<at::Tensor, at::Tensor, int64_t, int64_t> round(int64_t gamma, int64_t extend);
   // The lookahead's tokens scored so far (all rounds, all sequences).
   int64_t ahead_tokens() const { return ahead_tokens_; }
-  // The last round's model drafts, apart from the lookup's (whose tokens cost nearly nothing
-  // to draft and are accepted far more often): the draft's steps that ran the model, and over
-  // the active sequences the model's tokens the target tested (those up to the first rejected)
-  // and accepted. A γ policy fed the lookup's tokens too would count drafting as cheap and
-  // acceptance as high, and reach for windows the model's drafts do not fill.
-  std::tuple<int64_t, int64_t, int64_t> model_drafts() const {
-    return {model_steps_, model_tested_, model_accepted_};
-  }
   // Sequence b stops: it keeps its committed tokens, both caches roll back to them.
   void finish(int64_t b);
   // The decode is over: the target thread's pool stops keeping a part of its jobs for the
@@ -73,11 +69,9 @@ class PearlRounds : public torch::CustomClassHolder {
   std::vector<int64_t> last_, committed_, t_len_, d_len_;
   std::vector<std::vector<int64_t>> unverified_;       // e_2..e_gamma of a post-verify sequence
   std::vector<std::vector<uint8_t>> unverified_made_;  // theirs: 1 where the model drafted it
-  int64_t model_steps_ = 0, model_tested_ = 0, model_accepted_ = 0;  // the last round's
   Contexts tokens_;  // each sequence's committed tokens, kept for the lookup when ngram_ > 0
   int64_t ngram_ = 0;
   bool lookahead_ = false;
-  std::vector<int64_t> ahead_;  // this round's lookahead tokens per sequence
   int64_t ahead_tokens_ = 0;
   std::vector<bool> post_, active_;
   std::shared_ptr<PoolGuest> guest_;  // the draft thread's place in this thread's pool (lend)
