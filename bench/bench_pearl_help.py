@@ -31,13 +31,16 @@ from pearlmoe.cli import DRAFT, TARGET, load_tokenizer
 from pearlmoe.decode import generate, pearl_generate, speculative_generate
 from pearlmoe.train.data import held_out_prompts
 
-# Each arm's decode: AR, speculative, or PEARL with these pearl_generate arguments.
+# Each arm's decode: AR, or speculative / PEARL ("mode", PEARL by default) with these
+# arguments ("gate": False speculates every round, cost_model.SpeculationGate).
 ARMS = {
     "ar": None,
-    "speculative": None,
+    "speculative": {"mode": "speculative"},
+    "speculative, every round": {"mode": "speculative", "gate": False},
     "pearl": {"draft_helps": False, "lookahead": False},
     "pearl, draft helps": {"draft_helps": True, "lookahead": False},
     "pearl, helps + lookahead": {"draft_helps": True, "lookahead": True},
+    "pearl, every round": {"draft_helps": True, "lookahead": True, "gate": False},
     "pearl, lookahead, gamma 2": {"draft_helps": True, "lookahead": True, "gamma": 2},
     "pearl, lookahead, gamma 3": {"draft_helps": True, "lookahead": True, "gamma": 3},
 }
@@ -51,12 +54,10 @@ def decode(arm: str, target, draft, prompts: list[list[int]], new: int):
     if arm == "ar":
         out = generate(target, prompts, new, eos_token_id=eos, backend="fused")
         return sum(map(len, out)), time.perf_counter() - start, None
-    if arm == "speculative":
-        out, stats = speculative_generate(target, draft, prompts, new, eos_token_id=eos,
-                                          backend="fused")  # fmt: skip
-    else:
-        out, stats = pearl_generate(target, draft, prompts, new, eos_token_id=eos,
-                                    backend="fused", **ARMS[arm])  # fmt: skip
+    kwargs = dict(ARMS[arm])
+    generate_fn = pearl_generate if kwargs.pop("mode", "pearl") == "pearl" else speculative_generate
+    out, stats = generate_fn(target, draft, prompts, new, eos_token_id=eos, backend="fused",
+                             **kwargs)  # fmt: skip
     seconds = time.perf_counter() - start - stats.extra.get("warmup_seconds", 0.0)
     return sum(map(len, out)), seconds, stats
 
@@ -75,7 +76,7 @@ def run_dtype(dtype: torch.dtype, args) -> list[dict]:
         decode(arm, target, draft, batches[0], 8)
     speeds = {arm: [] for arm in arms}
     counts = ("tokens", "seconds", "rounds", "helped_chunks", "lookahead_tokens", "wall", "target",
-              "draft")  # fmt: skip
+              "draft", "plain_tokens")  # fmt: skip
     totals = {arm: dict.fromkeys(counts, 0) for arm in arms}
     for rep in range(args.repeats):
         for i, batch in enumerate(batches):
@@ -87,7 +88,9 @@ def run_dtype(dtype: torch.dtype, args) -> list[dict]:
                 t = totals[arm]
                 t["tokens"] += tokens
                 t["seconds"] += seconds
-                if stats is not None and arm != "speculative":
+                if stats is not None and "gate" in stats.extra:
+                    t["plain_tokens"] += stats.extra["gate"]["tokens"]["plain"]
+                if stats is not None and "round_seconds" in stats.extra:  # PEARL
                     t["rounds"] += stats.target_calls
                     t["helped_chunks"] += stats.extra.get("draft_helped_chunks", 0)
                     t["lookahead_tokens"] += stats.extra.get("lookahead_tokens", 0)
@@ -112,6 +115,7 @@ def run_dtype(dtype: torch.dtype, args) -> list[dict]:
             "draft_ms": 1e3 * t["draft"] / rounds if t["rounds"] else float("nan"),
             "helped_chunks_per_round": t["helped_chunks"] / rounds,
             "lookahead_per_round": t["lookahead_tokens"] / rounds,
+            "plain_share": t["plain_tokens"] / t["tokens"],
         })  # fmt: skip
     return rows
 
@@ -143,7 +147,8 @@ def main() -> None:
         [("target", "s"), ("dtype", "s"), ("arm", "s"), ("tokens_per_second", ".1f"),
          ("paired_vs_ar", ".3f"), ("paired_vs_pearl", ".3f"), ("round_ms", ".3f"),
          ("target_ms", ".3f"), ("draft_ms", ".3f"), ("tokens_per_round", ".2f"),
-         ("helped_chunks_per_round", ".1f"), ("lookahead_per_round", ".2f")],
+         ("helped_chunks_per_round", ".1f"), ("lookahead_per_round", ".2f"),
+         ("plain_share", ".2f")],
     )  # fmt: skip
     name = "pearl-help" if args.batch == 1 else f"pearl-help-batch{args.batch}"
     if args.target != str(TARGET):

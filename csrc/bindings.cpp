@@ -140,6 +140,7 @@ TORCH_LIBRARY(pearlmoe, m) {
                        std::vector<int64_t>, std::vector<int64_t>, at::Tensor, at::Tensor, int64_t,
                        bool, bool>())
       .def("round", &PearlRounds::round)
+      .def("plain", &PearlRounds::plain)
       .def("ahead_tokens", &PearlRounds::ahead_tokens)
       .def("finish", &PearlRounds::finish)
       .def("close", &PearlRounds::close);

@@ -16,7 +16,7 @@ from test_static_decode import PROMPTS4, _pair
 from test_trimmed_vocab import trimmed_copy
 
 import pearlmoe
-from pearlmoe.decode import fused, pearl_generate, speculative_generate
+from pearlmoe.decode import cost_model, fused, pearl_generate, speculative_generate
 from pearlmoe.decode.common import num_threads
 from pearlmoe.decode.runner import Runner, Sampling, default_backend, effective_backend
 from pearlmoe.model import ModelConfig, Transformer
@@ -284,6 +284,50 @@ def test_finished_sequences_leave_the_speculative_rounds(lookup):
     assert got == want
     every_slot = len(prompts) * (stats.draft_calls + stats.target_calls)
     assert stats.extra["target_rows"] < every_slot
+
+
+class _ScheduledGate(cost_model.SpeculationGate):
+    """A gate whose arms alternate whatever their rates: 2 rounds, ``plain`` plain steps, 4
+    rounds, ``plain`` plain steps, 4 rounds...; starting with plain steps where asked (a decode
+    that starts from a remembered plain leader)."""
+
+    def __init__(self, start_plain: bool = False, plain: int = 3) -> None:
+        super().__init__(probe=plain, first=2, longest=4, margin=float("inf"))
+        if start_plain:
+            self.arm, self.left = self.PLAIN, self.probe
+
+
+@pytest.mark.parametrize("start_plain, plain", [(False, 3), (True, 3), (False, 30)])
+@pytest.mark.parametrize("lookup", [0, 3])
+def test_the_speculation_gate_keeps_every_loop_lossless(start_plain, plain, lookup):
+    """Rounds and plain steps (the target alone, several a call) taking turns: the draft
+    catches up on the tokens it missed at the next round (speculative: a wider feed; PEARL: a
+    fill after dropping its unverified drafts; 30 steps: past the 16-token windows), sequences
+    finish during either arm (EOS inside a plain call, ragged prompts), and every loop emits the
+    autoregressive tokens."""
+    target, draft = _pair(torch.float32)
+    prompts = [*PROMPTS4, [16, 17], [18, 19, 20]]
+    eos = pearlmoe.generate(target, prompts, 40)[1][6]
+    for batch_prompts in (prompts[1:2], prompts):
+        want = pearlmoe.generate(target, batch_prompts, 40, eos_token_id=eos)
+        runs = [(speculative_generate, {}), (pearl_generate, {"lookahead": True}),
+                (pearl_generate, {"lookahead": False})]  # fmt: skip
+        for loop, extra in runs:
+            gate = _ScheduledGate(start_plain, plain)
+            got, stats = loop(target, draft, batch_prompts, 40, gamma=3, eos_token_id=eos,
+                              backend="fused", lookup=lookup, gate=gate, **extra)  # fmt: skip
+            assert got == want, (loop.__name__, extra, len(batch_prompts))
+            units = stats.extra["gate"]["units"]
+            assert units["plain"] > 0 and units["speculate"] > 0, units
+
+
+def test_pearl_rounds_plain_steps_refuse_zero_steps():
+    target, draft = _pair(torch.float32)
+    tgt, drf = Runner(target, 1, 32, "fused"), Runner(draft, 1, 32, "fused")
+    worker = torch.classes.pearlmoe.CpuDraftWorker(drf.fused_step, 1)
+    rounds = _cpu_rounds(tgt, drf, worker, lend=False)
+    with pytest.raises(RuntimeError, match="plain needs steps >= 1, got 0"):
+        rounds.plain(0)
 
 
 def test_sampled_decoding_equals_eager_draw_for_draw():

@@ -6,6 +6,7 @@ cost model behind the choice of γ."""
 
 import copy
 import dataclasses
+import itertools
 
 import pytest
 import torch
@@ -364,6 +365,59 @@ def test_a_rounds_model_drafts_feed_the_policy_apart_from_the_lookups():
                   model_drafts=(2, 1))  # fmt: skip
     assert stats.accepted / stats.proposed == pytest.approx(0.9)
     assert policy.estimate.alpha == pytest.approx(0.5, abs=0.03)
+
+
+def _drive(gate: cost_model.SpeculationGate, seconds: dict[str, float], units: int) -> list[str]:
+    """Feed a gate units whose arms commit 1 token in seconds[arm] (a phase's first unit 10x
+    slower: a switch's cost); returns the arm of each unit."""
+    arms = []
+    for _ in range(units):
+        arm = gate.arm
+        arms.append(arm)
+        first = gate.warming
+        gate.record(1, seconds[arm] * (10 if first else 1))
+    return arms
+
+
+def test_the_gate_keeps_speculating_where_it_pays():
+    """Rounds twice as fast as plain steps: speculation leads throughout; the plain arm is only
+    probed, for ``probe`` units between leader phases that double up to ``longest``; a phase's
+    first unit (10x slower here) does not count in the rates."""
+    S, P = cost_model.SpeculationGate.SPEC, cost_model.SpeculationGate.PLAIN
+    gate = cost_model.SpeculationGate(probe=3, first=4, longest=16)
+    arms = _drive(gate, {S: 1.0, P: 2.0}, 4 + 3 + 8 + 3 + 16 + 3 + 16)
+    runs = [(arm, len(list(group))) for arm, group in itertools.groupby(arms)]
+    assert runs == [(S, 4), (P, 3), (S, 8), (P, 3), (S, 16), (P, 3), (S, 16)]
+    assert gate.rate(S) == pytest.approx(1.0) and gate.rate(P) == pytest.approx(0.5)
+    assert gate.summary()["units"] == {S: 44, P: 9} and gate.summary()["leader"] == S
+
+
+def test_the_gate_steps_plainly_where_speculation_loses():
+    """Plain steps 1.5x as fast: after the first probe plain steps lead, speculation is probed;
+    a small edge (< margin) does not move the leader; a disabled gate always speculates."""
+    S, P = cost_model.SpeculationGate.SPEC, cost_model.SpeculationGate.PLAIN
+    gate = cost_model.SpeculationGate(probe=2, first=4, longest=8)
+    arms = _drive(gate, {S: 1.5, P: 1.0}, 4 + 2 + 4 + 2 + 7)
+    runs = [(arm, len(list(group))) for arm, group in itertools.groupby(arms)]
+    assert runs == [(S, 4), (P, 2 + 4), (S, 2), (P, 7)]
+    assert gate.plain and gate.best == P
+    close = cost_model.SpeculationGate(probe=2, first=4, margin=1.05)
+    _drive(close, {S: 1.03, P: 1.0}, 40)  # plain 3% faster: within the margin
+    assert close.best == S
+    off = cost_model.SpeculationGate(enabled=False)
+    assert set(_drive(off, {S: 9.0, P: 1.0}, 50)) == {S} and not off.plain
+
+
+def test_the_gate_starts_from_what_the_last_decode_measured():
+    S, P = cost_model.SpeculationGate.SPEC, cost_model.SpeculationGate.PLAIN
+    memory: dict = {}
+    gate = cost_model.SpeculationGate(probe=2, first=4, memory=(memory, "pair"))
+    _drive(gate, {S: 2.0, P: 1.0}, 10)
+    gate.remember()
+    again = cost_model.SpeculationGate(probe=2, first=4, memory=(memory, "pair"))
+    assert again.plain and again.rate(S) == pytest.approx(0.5)
+    assert not cost_model.SpeculationGate(enabled=False, memory=(memory, "pair")).plain
+    assert cost_model.SpeculationGate(memory=(memory, "other")).arm == S
 
 
 def test_policy_starts_from_what_the_last_decode_learned(pair32):

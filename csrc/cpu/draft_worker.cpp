@@ -51,7 +51,7 @@ int DraftWorker::wait_for(int expected, PoolGuest* guest) {
 #if defined(__x86_64__) || defined(_M_X64)
     _mm_pause();  // a spinning core's hint: yields to the sibling hyperthread, saves power
 #endif
-    if (std::chrono::steady_clock::now() > until) {
+    if (resting_.load(std::memory_order_relaxed) || std::chrono::steady_clock::now() > until) {
       std::unique_lock<std::mutex> lock(mutex_);
       wake_.wait(lock, seen);
       break;
@@ -102,6 +102,7 @@ void DraftWorker::submit_lookup(const at::Tensor& ids, const at::Tensor& k_cache
   posted_ = std::chrono::steady_clock::now();
   {
     const std::lock_guard<std::mutex> lock(mutex_);
+    resting_.store(false, std::memory_order_relaxed);
     state_.store(1, std::memory_order_release);
   }
   wake_.notify_all();

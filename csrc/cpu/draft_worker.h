@@ -47,6 +47,11 @@ class DraftWorker : public torch::CustomClassHolder {
   // its steps that ran the model (ModelStep::draft_lookup); read after result().
   const std::vector<uint8_t>& origins() const { return origins_; }
   int64_t model_steps() const { return model_steps_; }
+  // The draft's step, for work between jobs on the caller's thread (a catch-up fill).
+  const c10::intrusive_ptr<ModelStep>& step() const { return step_; }
+  // Until the next job the worker sleeps instead of spinning for kSpin (its core is wanted by
+  // the target's pool: PEARL's plain steps).
+  void rest() { resting_.store(true, std::memory_order_relaxed); }
 
  private:
   void loop();
@@ -58,6 +63,7 @@ class DraftWorker : public torch::CustomClassHolder {
   c10::intrusive_ptr<ModelStep> step_;
   int64_t threads_;
   std::atomic<int> state_{0};  // 0 idle, 1 job posted, 2 job done, 3 stop
+  std::atomic<bool> resting_{false};
   std::mutex mutex_;
   std::condition_variable wake_;
   at::Tensor ids_, k_, v_, lens_, tokens_;

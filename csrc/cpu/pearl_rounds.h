@@ -52,6 +52,12 @@ class PearlRounds : public torch::CustomClassHolder {
   // target's window width (the longest [last, known tokens]; shorter rows right-padded) and the
   // number of tokens drafted.
   std::tuple<at::Tensor, at::Tensor, int64_t, int64_t> round(int64_t gamma, int64_t extend);
+  // Plain steps (the speculation gate's other arm, cost_model.SpeculationGate): `steps`
+  // greedy steps of the target alone on every active sequence, after its unverified drafts are
+  // dropped (it goes back to pre-verify). The draft falls behind by the tokens committed; the
+  // next round first caches them on the draft (a fill), then drafts as usual. Returns rows
+  // [B, 4 + steps] in round()'s layout (0, 0, 0, kept, the kept tokens, then -1).
+  at::Tensor plain(int64_t steps);
   // The lookahead's tokens scored so far (all rounds, all sequences).
   int64_t ahead_tokens() const { return ahead_tokens_; }
   // Sequence b stops: it keeps its committed tokens, both caches roll back to them.
@@ -72,8 +78,13 @@ class PearlRounds : public torch::CustomClassHolder {
   Contexts tokens_;  // each sequence's committed tokens, kept for the lookup when ngram_ > 0
   int64_t ngram_ = 0;
   bool lookahead_ = false;
+  bool lend_ = false;  // the draft's thread is lent to the target's pool in rounds
   int64_t ahead_tokens_ = 0;
   std::vector<bool> post_, active_;
+  // Committed tokens the draft has not cached (after plain steps), but the last one: the next
+  // round fills them on the draft first. Every active sequence holds as many.
+  std::vector<std::vector<int64_t>> behind_;
+  void catch_up();
   std::shared_ptr<PoolGuest> guest_;  // the draft thread's place in this thread's pool (lend)
 };
 

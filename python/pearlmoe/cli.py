@@ -308,6 +308,9 @@ def cmd_generate(args) -> int:
         gammas = "->".join(map(str, stats.get("gammas", [stats["gamma"]])))
         line += (f", gamma {gammas}, {stats['mean_accepted_tokens']:.2f} tokens per target "
                  f"call, acceptance rate {stats['acceptance_rate']:.2f}")  # fmt: skip
+        plain = stats.get("gate", {}).get("tokens", {}).get("plain", 0)
+        if plain:  # the speculation gate found plain steps faster for a while
+            line += f", {plain / max(stats['tokens'], 1):.0%} of tokens by plain steps"
     line += f" ({device}, {str(dtype).removeprefix('torch.')}, {backend}"
     print(line + (f"; warm-up {warm:.1f} s)" if warm >= 0.05 else ")"))
     if args.vs_ar and mode != "ar":

@@ -160,6 +160,21 @@ def gamma_policy(
 _learned: "weakref.WeakKeyDictionary[Transformer, dict]" = weakref.WeakKeyDictionary()
 
 
+def speculation_gate(
+    target: Transformer, draft: Transformer, batch: int, mode: str, backend: str, enabled
+):  # fmt: skip
+    """The loop's SpeculationGate (pearlmoe.decode.cost_model), starting from what the last
+    decode of this pair, batch and mode measured; ``enabled``: a bool, or a gate to use as it is
+    (the caller's own schedule)."""
+    from .cost_model import SpeculationGate
+
+    if isinstance(enabled, SpeculationGate):
+        return enabled
+    memory = _learned.setdefault(target, {})
+    key = ("gate", id(draft), batch, mode, backend, torch.get_num_threads())
+    return SpeculationGate(enabled, memory=(memory, key))
+
+
 def pick_gamma(
     target: Transformer, draft: Transformer, batch: int, mode: str, backend: str = "eager",
     alpha: float = 0.6,

@@ -278,6 +278,112 @@ class GammaPolicy:
         return self.gamma
 
 
+class SpeculationGate:
+    """Whether a loop's next units speculate (rounds) or step plainly (autoregressive steps of
+    the target alone): whichever this decode has measured faster, in committed tokens a second.
+
+    Speculation pays only where a window costs less than the tokens it commits; where it does
+    not (a batch whose windows are arithmetic on a CPU: 0.66-0.90x AR at batch 4 on the 2-core
+    VM, bench/NOTES.md) the loop should not speculate at all, as vLLM turns speculation off
+    above a batch size. The cost model prices this but not the prompt lookup's free drafts, so
+    the gate measures instead: it runs phases of one arm, the faster arm (by ``margin`` over
+    the other to change) in phases that double while it stays ahead, up to ``longest`` units,
+    and the other in probes of ``probe`` units between them. Each arm's rate sums its phases'
+    tokens and seconds, older phases halved at each of its new ones, without a phase's first
+    unit: a switch costs the first unit (the draft catching up on the tokens it missed, cold
+    caches, a pool helper waking), which long phases amortise and which would otherwise make a
+    short probe of the other arm read slow. ``memory``: (a dict, a key)
+    where the decode leaves its rates and phase for the next decode of the same pair and batch.
+    """
+
+    SPEC, PLAIN = "speculate", "plain"
+
+    def __init__(
+        self, enabled: bool = True, probe: int = 12, first: int = 16, longest: int = 256,
+        margin: float = 1.05, memory: tuple[dict, object] | None = None,
+    ) -> None:  # fmt: skip
+        self.enabled, self.probe, self.first, self.longest = enabled, probe, first, longest
+        self.margin, self.memory = margin, memory
+        self.sums = {self.SPEC: [0.0, 0.0], self.PLAIN: [0.0, 0.0]}  # arm -> [tokens, seconds]
+        self.arm, self.best, self.phase = self.SPEC, self.SPEC, first
+        learned = memory[0].get(memory[1]) if memory is not None and enabled else None
+        if learned is not None:
+            self.sums = {arm: list(s) for arm, s in learned["sums"].items()}
+            self.arm = self.best = learned["best"]
+            self.phase = learned["phase"]
+        self.left = self.phase
+        self.fresh = [0.0, 0.0]  # this phase's tokens and seconds, but its first unit's
+        self.warming = True  # the next unit is a phase's first
+        self.units = {self.SPEC: 0, self.PLAIN: 0}  # this decode's units of each arm
+        self.tokens = {self.SPEC: 0, self.PLAIN: 0}
+
+    @property
+    def plain(self) -> bool:
+        """The next unit steps plainly."""
+        return self.enabled and self.arm == self.PLAIN
+
+    def budget(self) -> int:
+        """Units left in this phase (a loop may run several plain steps in one call)."""
+        return max(1, self.left)
+
+    def rate(self, arm: str) -> float | None:
+        tokens, seconds = self.sums[arm]
+        return tokens / seconds if seconds > 0 else None
+
+    def record(self, tokens: int, seconds: float, units: int = 1) -> None:
+        """``units`` units of the current arm committed ``tokens`` tokens (over the whole batch)
+        in ``seconds`` of wall time, the loop's host work included."""
+        self.units[self.arm] += units
+        self.tokens[self.arm] += tokens
+        if not self.enabled:
+            return
+        if not self.warming:
+            self.fresh[0] += tokens
+            self.fresh[1] += seconds
+        self.warming = False
+        self.left -= units
+        if self.left <= 0:
+            self._next_phase()
+
+    def _next_phase(self) -> None:
+        done = self.sums[self.arm]
+        if self.fresh[1] > 0:
+            done[0], done[1] = done[0] / 2 + self.fresh[0], done[1] / 2 + self.fresh[1]
+        self.fresh = [0.0, 0.0]
+        was = self.arm
+        other = self.PLAIN if self.best == self.SPEC else self.SPEC
+        if self.arm == self.best:  # the leader's phase is over: probe the other
+            self.arm, self.left = other, self.probe
+            self.warming = True
+            return
+        # A probe is over: the leader changes only where the other is clearly faster.
+        best_rate, other_rate = self.rate(self.best), self.rate(other)
+        if best_rate and other_rate and other_rate > best_rate * self.margin:
+            self.best, self.phase = other, self.first
+        else:
+            self.phase = min(self.phase * 2, self.longest)
+        self.arm, self.left = self.best, self.phase
+        self.warming = self.arm != was
+
+    def remember(self) -> None:
+        if self.memory is not None and self.enabled:
+            self.memory[0][self.memory[1]] = {
+                "sums": {arm: list(s) for arm, s in self.sums.items()},
+                "best": self.best,
+                "phase": self.phase,
+            }
+
+    def summary(self) -> dict:
+        """This decode's units and tokens per arm and each arm's rate (tokens/s) as measured."""
+        return {
+            "enabled": self.enabled,
+            "units": dict(self.units),
+            "tokens": dict(self.tokens),
+            "rates": {arm: self.rate(arm) for arm in self.sums},
+            "leader": self.best,
+        }
+
+
 # ---- measuring ---------------------------------------------------------------------------------
 
 _curves: dict[tuple, CostCurve] = {}

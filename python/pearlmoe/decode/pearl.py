@@ -47,12 +47,14 @@ from .common import (
     gamma_policy,
     num_threads,
     side_threads,
+    speculation_gate,
     token_history,
 )
+from .cost_model import SpeculationGate
 from .draft_process import DraftProcess
 from .pearl_rounds import DeviceRounds, HostRounds
 from .runner import Runner, Sampling, effective_backend
-from .speculative import draft_tokens
+from .speculative import PLAIN_STEPS, draft_tokens
 
 PRE, POST = 0, 1
 
@@ -165,6 +167,7 @@ def pearl_generate(
     lookup: int = LOOKUP,
     draft_helps: bool = True,
     lookahead: bool = True,
+    gate: "bool | SpeculationGate" = True,
 ) -> tuple[list[list[int]], DecodeStats]:
     """Each sequence's new tokens (up to and including its EOS) and the run's statistics.
     ``gamma=None`` picks the window from the measured cost curve and the acceptance rate seen so
@@ -179,7 +182,10 @@ def pearl_generate(
     the target's work from the end of its drafting until its next job (its core would otherwise
     idle while the target verifies). ``lookahead``: in the C++ rounds with the lookup, a round's
     target window also scores the drafts the lookup already knows the draft will draft this
-    round (a pre-verify round would otherwise verify only the first)."""
+    round (a pre-verify round would otherwise verify only the first). ``gate``: in the C++
+    rounds, the loop measures its rounds against plain steps of the target alone and runs
+    whichever commits more tokens a second (cost_model.SpeculationGate; speculative_generate's
+    ``gate``); False runs PEARL's rounds throughout."""
     if lookup < 0:
         raise ValueError(f"pearl_generate: lookup must be >= 0, got {lookup}")
     check_pair(target, draft)
@@ -275,12 +281,29 @@ def pearl_generate(
     outputs: list[list[int]] = [[] for _ in prompts]
     done = [max_new_tokens <= 0] * batch
 
+    gate = speculation_gate(target, draft, batch, "pearl", backend, gate if one_call else False)
     guest_chunks = torch.ops.pearlmoe.cpu_pool_guest_chunks() if one_call else 0
     # The target's pool stops keeping parts for the draft when the decode ends, even on an error.
     closing = contextlib.closing(rounds) if one_call else contextlib.nullcontext()
     with pool, num_threads(loop_threads), closing:
         while not all(done):
             round_top = time.perf_counter()
+            if gate.plain:  # steps of the target alone, ~autoregressive decoding
+                steps = min(gate.budget(), PLAIN_STEPS)
+                step = [[] for _ in prompts]
+                for b, (_, _, _, k, *tokens) in enumerate(rounds.plain(steps).tolist()):
+                    host_post[b] = False
+                    if done[b]:
+                        continue
+                    done[b] = emit(tokens[:k], outputs[b], step[b], eos, max_new_tokens)
+                    if done[b]:
+                        rounds.finish(b)
+                stats.target_calls += steps
+                stats.emitted += sum(map(len, step))
+                if callback is not None:
+                    callback(step)
+                gate.record(sum(map(len, step)), time.perf_counter() - round_top, units=steps)
+                continue
             if policy.gamma != gamma and (one_call or not any(host_post)):
                 # The C++ rounds verify however many drafts a sequence holds; HostRounds takes a
                 # new γ only between rounds with nothing unverified.
@@ -338,9 +361,13 @@ def pearl_generate(
                 if done[b]:
                     rounds.finish(b)
             end_round(stats, policy, step, proposed, round_accepted, callback, model_drafts)
+            round_end = time.perf_counter()
+            gate.record(sum(map(len, step)), round_end - round_top)
             if device.type == "cpu":  # the round's host work: its wall time past its sides
-                policy.observe_host(time.perf_counter() - round_top - max(t_draft, t_target))
+                policy.observe_host(round_end - round_top - max(t_draft, t_target))
     end_decode(stats, policy, start)
+    stats.extra["gate"] = gate.summary()
+    gate.remember()
     if one_call:  # chunks of the target's steps its draft's thread ran (process-wide count)
         helped = torch.ops.pearlmoe.cpu_pool_guest_chunks() - guest_chunks
         stats.extra["draft_helped_chunks"] = helped

@@ -32,9 +32,11 @@ from .common import (
     num_threads,
     pad,
     round_fn,
+    speculation_gate,
     stand_ins,
     token_history,
 )
+from .cost_model import SpeculationGate
 from .runner import Runner, Sampling
 from .sampling import sample
 
@@ -179,10 +181,15 @@ def speculative_generate(
     backend: str = "eager",
     bookkeeping: str = "auto",
     lookup: int = LOOKUP,
+    gate: "bool | SpeculationGate" = True,
 ) -> tuple[list[list[int]], DecodeStats]:
     """Each sequence's new tokens (up to and including its EOS) and the run's statistics.
     ``gamma=None`` picks the draft length from the measured cost curve and the acceptance rate
     seen so far, and re-picks it as decoding goes (pearlmoe.decode.cost_model).
+    ``gate``: on fused CPU steps, greedy, the loop measures its rounds against plain steps of
+    the target alone and runs whichever commits more tokens a second (cost_model.
+    SpeculationGate: where verification costs more than it commits, as at batch 4 on a small
+    CPU, decoding then runs at about autoregressive speed); False speculates every round.
     ``lookup``: the prompt lookup's n-gram length for greedy drafts on fused CPU steps (0: the
     draft model alone; other paths draft with the model alone).
     ``bookkeeping``: verify and commit a round with tensor ops on the device ("device", what a
@@ -243,6 +250,11 @@ def speculative_generate(
     # live one (measured at batch 4: 11% of the target's rows were finished sequences' windows).
     slots, live = list(range(batch)), batch  # slot -> sequence
     stats.extra["target_rows"] = 0
+    gate = speculation_gate(target, draft, batch, "speculative", backend,
+                            gate if one_call else False)  # fmt: skip
+    # After plain steps, the tokens the draft has not cached, fed to it at the next round: the
+    # round's usual feed ([prev, last], or [last] at first) and every token committed since.
+    pending: Tensor | None = None  # [B, w]
 
     while not all(done):
         round_top = time.perf_counter()
@@ -250,6 +262,19 @@ def speculative_generate(
             gamma = policy.gamma
             gamma_t = torch.tensor(gamma, device=device)
         feed = last.unsqueeze(1).clone() if first else torch.stack([prev, last], 1)  # [B, 1|2]
+        if gate.plain:  # steps of the target alone, ~autoregressive decoding
+            pending = feed if pending is None else pending
+            pending = _plain_steps(tgt, live, gate, pending, prev, last, history, history_lens,
+                                   outputs, slots, done, active, eos, max_new_tokens, stats,
+                                   callback, round_top)  # fmt: skip
+            per_slot = [prev, last, active, tgt.lens, drf.lens, history, history_lens, pending]
+            caches = [tgt.cache.k, tgt.cache.v, drf.cache.k, drf.cache.v]
+            with num_threads(1):
+                live = _retire_finished(slots, live, done, per_slot, caches)
+            first = False
+            continue
+        if pending is not None:
+            feed, pending = pending, None
         n_drafted = gamma  # this round's drafts: γ, or more where the lookup ran on
         if one_call:  # prev, last and both sides' lengths move in place
             # Where the lookup finds every next token the drafts run on to max_gamma: a loop in
@@ -324,7 +349,51 @@ def speculative_generate(
             with num_threads(1):
                 live = _retire_finished(slots, live, done, per_slot, caches)
         end_round(stats, policy, step, proposed, round_accepted, callback)
+        round_end = time.perf_counter()
+        gate.record(sum(map(len, step)), round_end - round_top)
         if timed and (not one_call or n == batch):  # the round's host work outside the sides
-            policy.observe_host(time.perf_counter() - round_top - (sides_end - began))
+            policy.observe_host(round_end - round_top - (sides_end - began))
     end_decode(stats, policy, start)
+    stats.extra["gate"] = gate.summary()
+    gate.remember()
     return outputs, stats
+
+
+# Plain steps one C++ call runs at most: fewer calls, and a sequence that ends mid-call wastes
+# at most this many less one (its tokens after EOS or its budget are dropped).
+PLAIN_STEPS = 4
+
+
+def _plain_steps(
+    tgt: Runner, live: int, gate, pending: Tensor, prev: Tensor, last: Tensor, history: Tensor,
+    history_lens: Tensor, outputs: list[list[int]], slots: list[int], done: list[bool],
+    active: Tensor, eos: set[int], budget: int, stats: DecodeStats, callback, top: float,
+) -> Tensor:  # fmt: skip
+    """Greedy steps of the target alone over the live slots (the gate's plain arm, in one C++
+    call: ModelStep.draft on the target), committed like a round's; returns the draft's pending
+    feed [B, w + m] with the m new tokens appended (the target's cache holds all but last)."""
+    m = min(gate.budget(), PLAIN_STEPS)
+    tokens = tgt.fused_step.draft(
+        last[:live].unsqueeze(1), tgt.cache.k[:, :live], tgt.cache.v[:, :live], tgt.lens[:live], m
+    )  # [n, m]
+    prev[:live] = tokens[:, -2] if m > 1 else last[:live]
+    last[:live] = tokens[:, -1]
+    grown = pending.new_zeros(pending.shape[0], pending.shape[1] + m)  # [B, w + m]
+    grown[:, : pending.shape[1]] = pending
+    grown[:live, pending.shape[1] :] = tokens
+    step: list[list[int]] = [[] for _ in outputs]
+    for slot, row in enumerate(tokens.tolist()):
+        if history.numel():  # the lookup's history: the committed tokens
+            h = int(history_lens[slot])
+            history[slot, h : h + m] = tokens[slot]
+            history_lens[slot] = h + m
+        b = slots[slot]
+        done[b] = emit(row, outputs[b], step[b], eos, budget)
+        if done[b]:
+            active[slot] = False
+    stats.target_calls += m
+    stats.emitted += sum(len(s) for s in step)
+    if callback is not None:
+        callback(step)
+    gate.record(sum(map(len, step)), time.perf_counter() - top, units=m)
+    return grown
