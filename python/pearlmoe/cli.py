@@ -153,6 +153,7 @@ def decode(
     on_tokens: Callable[[list[int]], None] | None = None,
     backend: str = "eager",
     lookup: int = LOOKUP,
+    gate: bool = True,
 ) -> tuple[list[int], dict]:
     """One prompt in one mode: the new tokens and the run's statistics. ``seconds`` is decoding
     only; compiling or capturing the steps is ``warmup_seconds``."""
@@ -180,7 +181,7 @@ def decode(
             on_tokens(tokens[0])
 
     outs, stats = run(target, draft, [prompt], max_new_tokens, gamma=gamma, callback=chunk,
-                      lookup=lookup, **common)  # fmt: skip
+                      lookup=lookup, gate=gate, **common)  # fmt: skip
     seconds = stats.seconds
     return outs[0], {
         "mode": mode, "tokens": len(outs[0]), "seconds": seconds,
@@ -300,7 +301,7 @@ def cmd_generate(args) -> int:
     streamer = _Streamer(tokenizer)
     _, stats = decode(mode, target, draft, prompt, args.max_new_tokens, args.gamma,
                       args.temperature, args.top_p, args.seed, streamer, backend,
-                      args.lookup)  # fmt: skip
+                      args.lookup, args.gate)  # fmt: skip
     streamer.finish()
     line = (f"\n\n[{mode}] {stats['tokens']} tokens in {stats['seconds']:.2f} s: "
             f"{stats['tokens_per_second']:.1f} tokens/s")  # fmt: skip
@@ -382,7 +383,8 @@ def cmd_bench(args) -> int:
         "threads": torch.get_num_threads(), "cpu_isa": ops.cpu_isa(), "batch": args.batch,
         "target": str(args.target), "draft": str(args.draft), "prompts": len(batches),
         "prompt_tokens": args.prompt_tokens, "max_new_tokens": args.max_new_tokens,
-        "temperature": args.temperature, "gamma": args.gamma, "lookup": args.lookup, "runs": [],
+        "temperature": args.temperature, "gamma": args.gamma, "lookup": args.lookup,
+        "gate": args.gate, "runs": [],
     }  # fmt: skip
     for dtype in dtypes:
         target = load_model(args.target, device, dtype, args.quantized)
@@ -508,6 +510,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="greedy drafts on fused CPU steps take the token after an earlier "
                        "occurrence of the last N tokens where there is one (prompt lookup); "
                        f"0: the draft model alone (default {LOOKUP})")  # fmt: skip
+        p.add_argument("--no-gate", dest="gate", action="store_false",
+                       help="speculate every round (by default greedy decoding on fused CPU "
+                       "steps takes plain steps of the target alone while those measure "
+                       "faster, as at batch 4 on a small CPU)")  # fmt: skip
 
     g = sub.add_parser("generate", help="stream a continuation of PROMPT")
     g.add_argument("prompt", metavar="PROMPT")

@@ -23,7 +23,7 @@ EAGER_AR = "ar-eager"
 
 def decode_one(
     mode: str, target, draft, batch: list[list[int]], max_new_tokens: int, gamma: int | None,
-    temperature: float, seed: int, backend: str, lookup: int = LOOKUP,
+    temperature: float, seed: int, backend: str, lookup: int = LOOKUP, gate: bool = True,
 ):  # fmt: skip
     """One batch of prompts in one mode: (outputs, decode seconds, stats or None for AR)."""
     generator = torch.Generator(device=target.device).manual_seed(seed)
@@ -34,7 +34,8 @@ def decode_one(
         outs = generate(target, batch, max_new_tokens, **common)
         return outs, time.perf_counter() - start, None
     loop = pearl_generate if mode == "pearl" else speculative_generate
-    outs, stats = loop(target, draft, batch, max_new_tokens, gamma=gamma, lookup=lookup, **common)
+    outs, stats = loop(target, draft, batch, max_new_tokens, gamma=gamma, lookup=lookup, gate=gate,
+                       **common)  # fmt: skip
     return outs, time.perf_counter() - start - stats.extra.get("warmup_seconds", 0.0), stats
 
 
@@ -53,6 +54,9 @@ def summarize(mode: str, tokens: int, seconds: float, stats_list: list) -> dict:
         row["side_scales"] = [sum(x[i] for x in scales) / len(scales) for i in (0, 1)]
         hosts = [s.extra["round_host_seconds"] for s in stats_list]
         row["round_host_ms"] = 1e3 * sum(hosts) / len(hosts)
+        # The speculation gate's plain steps (cost_model.SpeculationGate): their share of tokens.
+        plain = sum(s.extra.get("gate", {}).get("tokens", {}).get("plain", 0) for s in stats_list)
+        row["plain_share"] = plain / tokens if tokens else 0.0
         if mode == "pearl":
             wall = sum(s.extra["round_seconds"]["wall"] for s in stats_list)
             slower = sum(s.extra["round_seconds"]["slower"] for s in stats_list)
@@ -91,7 +95,7 @@ def bench_dtype(
     def run(mode: str, prompts, max_new: int, seed: int):
         name, mode_backend = mode.removesuffix("-eager"), "eager" if mode == EAGER_AR else backend
         return decode_one(name, target, draft, prompts, max_new, args.gamma, args.temperature,
-                          seed, mode_backend, args.lookup)  # fmt: skip
+                          seed, mode_backend, args.lookup, args.gate)  # fmt: skip
 
     for mode in modes:  # warm-up outside the timings: compile/capture, allocator, thread pools
         run(mode, batches[0], 8, 0)
@@ -163,7 +167,7 @@ def print_run(run: dict) -> None:
              if "helped_target_ms" in run["cost_curve_pearl_threads"] else "") + ")")  # fmt: skip
     head = (f"{'dtype':<9}{'mode':<12}{'tok/s':>9}{'vs AR':>8}{'paired':>8}{'vs eager':>9}"
             f"{'tok/call':>9}{'accept':>7}{'gamma':>8}{'overlap':>8}{'predicted':>10}{'in-loop':>9}"
-            f"{'host ms':>8}")  # fmt: skip
+            f"{'host ms':>8}{'plain':>7}")  # fmt: skip
     tops = "; ".join(
         f"{m} {top['ratio']:.2f}x AR (gamma {top['gamma']})"
         for m, top in ((m, run["modes"][m]["ceiling_vs_ar"]) for m in ("speculative", "pearl"))
@@ -178,12 +182,13 @@ def print_run(run: dict) -> None:
         live = row.get("predicted_with_observed_sides")
         live = "-" if live is None else f"{live:.0f}"
         host = f"{row['round_host_ms']:.3f}" if "round_host_ms" in row else "-"
+        plain = f"{row['plain_share']:.0%}" if "plain_share" in row else "-"
         print(f"{run['dtype']:<9}{mode:<12}{row['tokens_per_second']:>9.1f}"
               f"{row['speedup_vs_ar']:>7.2f}x{row['paired_vs_ar']['geomean']:>7.2f}x"
               f"{row['speedup_vs_eager_ar']:>8.2f}x"
               f"{row.get('mean_accepted_tokens', 1.0):>9.2f}"
               f"{row.get('acceptance_rate', float('nan')):>7.2f}{gammas:>8}{overlap:>8}"
-              f"{predicted:>10}{live:>9}{host:>8}")  # fmt: skip
+              f"{predicted:>10}{live:>9}{host:>8}{plain:>7}")  # fmt: skip
 
 
 def write(result: dict, out: Path) -> None:
