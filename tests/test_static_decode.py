@@ -420,6 +420,18 @@ def test_the_gate_starts_from_what_the_last_decode_measured():
     assert cost_model.SpeculationGate(memory=(memory, "other")).arm == S
 
 
+def test_the_gate_is_on_by_default_for_batches_only(pair32):
+    from pearlmoe.decode.common import speculation_gate
+
+    target, draft = pair32
+    assert not speculation_gate(target, draft, 1, "pearl", "fused", None).enabled
+    assert speculation_gate(target, draft, 4, "pearl", "fused", None).enabled
+    assert speculation_gate(target, draft, 1, "pearl", "fused", True).enabled
+    assert not speculation_gate(target, draft, 4, "speculative", "fused", False).enabled
+    mine = cost_model.SpeculationGate(probe=1)
+    assert speculation_gate(target, draft, 4, "pearl", "fused", mine) is mine
+
+
 def test_policy_starts_from_what_the_last_decode_learned(pair32):
     target, draft = pair32
     from pearlmoe.decode import common

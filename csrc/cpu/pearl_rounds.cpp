@@ -88,7 +88,14 @@ std::tuple<at::Tensor, at::Tensor, int64_t, int64_t> PearlRounds::round(int64_t 
   PM_CHECK(gamma >= 1 && extend >= 0, kRounds, "gamma must be positive and extend >= 0, got ",
            gamma, " and ", extend);
   const int64_t batch = static_cast<int64_t>(last_.size());
-  if (lend_ && !guest_) guest_ = std::make_shared<PoolGuest>();  // plain steps left the pool
+  if (after_plain_) {  // back from plain steps: the sides split the cores again
+    after_plain_ = false;
+    // The pool's helper that ran them would spin for 5 ms on the draft thread's core
+    // (measured: PEARL's first rounds after plain steps read slow enough that the gate kept
+    // choosing plain steps, 65-84% of the tokens at batch 1).
+    pool_rest();
+    if (lend_) guest_ = std::make_shared<PoolGuest>();
+  }
   catch_up();
   // The draft's context: the committed tokens, then any unverified ones (without the lookup,
   // ngram_ 0, none, and extend is unused).
@@ -249,6 +256,7 @@ at::Tensor PearlRounds::plain(int64_t steps) {
     guest_.reset();
   }
   draft_->rest();  // and its thread sleeps now, not after spinning 2 ms beside that helper
+  after_plain_ = true;
   const auto opts = at::TensorOptions().dtype(at::kLong);
   at::Tensor rows = at::full({batch, 4 + steps}, -1, opts);
   at::Tensor feed = at::empty({batch, 1}, opts);

@@ -78,7 +78,8 @@ class PearlRounds : public torch::CustomClassHolder {
   Contexts tokens_;  // each sequence's committed tokens, kept for the lookup when ngram_ > 0
   int64_t ngram_ = 0;
   bool lookahead_ = false;
-  bool lend_ = false;  // the draft's thread is lent to the target's pool in rounds
+  bool lend_ = false;         // the draft's thread is lent to the target's pool in rounds
+  bool after_plain_ = false;  // plain steps ran since the last round
   int64_t ahead_tokens_ = 0;
   std::vector<bool> post_, active_;
   // Committed tokens the draft has not cached (after plain steps), but the last one: the next

@@ -20,7 +20,7 @@ import torch
 
 from . import ops
 from .decode import generate, pearl_generate, runner, speculative_generate
-from .decode.common import LOOKUP, MAX_GAMMA, measured_curve
+from .decode.common import GATES, LOOKUP, MAX_GAMMA, measured_curve
 from .decode.cost_model import plan
 from .decode.pearl import draft_thread_lent
 from .decode.runner import BACKENDS, compile_available, default_backend
@@ -153,7 +153,7 @@ def decode(
     on_tokens: Callable[[list[int]], None] | None = None,
     backend: str = "eager",
     lookup: int = LOOKUP,
-    gate: bool = True,
+    gate: bool | None = None,
 ) -> tuple[list[int], dict]:
     """One prompt in one mode: the new tokens and the run's statistics. ``seconds`` is decoding
     only; compiling or capturing the steps is ``warmup_seconds``."""
@@ -301,7 +301,7 @@ def cmd_generate(args) -> int:
     streamer = _Streamer(tokenizer)
     _, stats = decode(mode, target, draft, prompt, args.max_new_tokens, args.gamma,
                       args.temperature, args.top_p, args.seed, streamer, backend,
-                      args.lookup, args.gate)  # fmt: skip
+                      args.lookup, GATES[args.gate])  # fmt: skip
     streamer.finish()
     line = (f"\n\n[{mode}] {stats['tokens']} tokens in {stats['seconds']:.2f} s: "
             f"{stats['tokens_per_second']:.1f} tokens/s")  # fmt: skip
@@ -510,10 +510,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="greedy drafts on fused CPU steps take the token after an earlier "
                        "occurrence of the last N tokens where there is one (prompt lookup); "
                        f"0: the draft model alone (default {LOOKUP})")  # fmt: skip
-        p.add_argument("--no-gate", dest="gate", action="store_false",
-                       help="speculate every round (by default greedy decoding on fused CPU "
-                       "steps takes plain steps of the target alone while those measure "
-                       "faster, as at batch 4 on a small CPU)")  # fmt: skip
+        p.add_argument("--gate", choices=list(GATES), default="auto",
+                       help="greedy decoding on fused CPU steps takes plain steps of the target "
+                       "alone while those measure faster than rounds (as at batch 4 on a small "
+                       "CPU): on, off (speculate every round), auto (on for batches of more "
+                       "than one sequence)")  # fmt: skip
 
     g = sub.add_parser("generate", help="stream a continuation of PROMPT")
     g.add_argument("prompt", metavar="PROMPT")

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .decode import generate, pearl_generate, speculative_generate
-from .decode.common import LOOKUP, measured_curve, side_threads
+from .decode.common import GATES, LOOKUP, measured_curve, side_threads
 from .decode.cost_model import CostCurve, ar_rate, best_gamma, ceiling, measure_interleaved, rate
 from .decode.pearl import draft_thread_lent
 
@@ -23,7 +23,7 @@ EAGER_AR = "ar-eager"
 
 def decode_one(
     mode: str, target, draft, batch: list[list[int]], max_new_tokens: int, gamma: int | None,
-    temperature: float, seed: int, backend: str, lookup: int = LOOKUP, gate: bool = True,
+    temperature: float, seed: int, backend: str, lookup: int = LOOKUP, gate: bool | None = None,
 ):  # fmt: skip
     """One batch of prompts in one mode: (outputs, decode seconds, stats or None for AR)."""
     generator = torch.Generator(device=target.device).manual_seed(seed)
@@ -95,7 +95,7 @@ def bench_dtype(
     def run(mode: str, prompts, max_new: int, seed: int):
         name, mode_backend = mode.removesuffix("-eager"), "eager" if mode == EAGER_AR else backend
         return decode_one(name, target, draft, prompts, max_new, args.gamma, args.temperature,
-                          seed, mode_backend, args.lookup, args.gate)  # fmt: skip
+                          seed, mode_backend, args.lookup, GATES[args.gate])  # fmt: skip
 
     for mode in modes:  # warm-up outside the timings: compile/capture, allocator, thread pools
         run(mode, batches[0], 8, 0)

@@ -286,24 +286,28 @@ class SpeculationGate:
     not (a batch whose windows are arithmetic on a CPU: 0.66-0.90x AR at batch 4 on the 2-core
     VM, bench/NOTES.md) the loop should not speculate at all, as vLLM turns speculation off
     above a batch size. The cost model prices this but not the prompt lookup's free drafts, so
-    the gate measures instead: it runs phases of one arm, the faster arm (by ``margin`` over
-    the other to change) in phases that double while it stays ahead, up to ``longest`` units,
-    and the other in probes of ``probe`` units between them. Each arm's rate sums its phases'
-    tokens and seconds, older phases halved at each of its new ones, without a phase's first
-    unit: a switch costs the first unit (the draft catching up on the tokens it missed, cold
-    caches, a pool helper waking), which long phases amortise and which would otherwise make a
-    short probe of the other arm read slow. ``memory``: (a dict, a key)
-    where the decode leaves its rates and phase for the next decode of the same pair and batch.
+    the gate measures instead: it runs phases of one arm, the faster arm in phases that double
+    while it stays ahead, up to ``longest`` units, and the other in probes of ``probe`` units
+    between them. The leader changes only where the other arm is faster by ``margin``: a
+    round's yield depends on the text (the lookup's runs where the output repeats itself), so
+    rounds measured over one stretch of text and plain steps over another differ by more than
+    noise (a 5% margin at batch 1 on the embedded pair had plain steps make 58% of PEARL's
+    tokens, at 0.94x what speculating throughout measured). Each arm's rate sums its phases'
+    tokens and seconds, older phases weighted ``decay`` at each of its new ones, without a
+    phase's first unit: a switch costs the first unit (the draft catching up on the tokens it
+    missed, cold caches, a pool helper waking), which long phases amortise and which would
+    otherwise make a short probe of the other arm read slow. ``memory``: (a dict, a key) where
+    the decode leaves its rates and phase for the next decode of the same pair and batch.
     """
 
     SPEC, PLAIN = "speculate", "plain"
 
     def __init__(
         self, enabled: bool = True, probe: int = 12, first: int = 16, longest: int = 256,
-        margin: float = 1.05, memory: tuple[dict, object] | None = None,
+        margin: float = 1.15, decay: float = 0.75, memory: tuple[dict, object] | None = None,
     ) -> None:  # fmt: skip
         self.enabled, self.probe, self.first, self.longest = enabled, probe, first, longest
-        self.margin, self.memory = margin, memory
+        self.margin, self.decay, self.memory = margin, decay, memory
         self.sums = {self.SPEC: [0.0, 0.0], self.PLAIN: [0.0, 0.0]}  # arm -> [tokens, seconds]
         self.arm, self.best, self.phase = self.SPEC, self.SPEC, first
         learned = memory[0].get(memory[1]) if memory is not None and enabled else None
@@ -348,7 +352,8 @@ class SpeculationGate:
     def _next_phase(self) -> None:
         done = self.sums[self.arm]
         if self.fresh[1] > 0:
-            done[0], done[1] = done[0] / 2 + self.fresh[0], done[1] / 2 + self.fresh[1]
+            done[0] = done[0] * self.decay + self.fresh[0]
+            done[1] = done[1] * self.decay + self.fresh[1]
         self.fresh = [0.0, 0.0]
         was = self.arm
         other = self.PLAIN if self.best == self.SPEC else self.SPEC

@@ -167,7 +167,7 @@ def pearl_generate(
     lookup: int = LOOKUP,
     draft_helps: bool = True,
     lookahead: bool = True,
-    gate: "bool | SpeculationGate" = True,
+    gate: "bool | SpeculationGate | None" = None,
 ) -> tuple[list[list[int]], DecodeStats]:
     """Each sequence's new tokens (up to and including its EOS) and the run's statistics.
     ``gamma=None`` picks the window from the measured cost curve and the acceptance rate seen so
@@ -185,7 +185,7 @@ def pearl_generate(
     round (a pre-verify round would otherwise verify only the first). ``gate``: in the C++
     rounds, the loop measures its rounds against plain steps of the target alone and runs
     whichever commits more tokens a second (cost_model.SpeculationGate; speculative_generate's
-    ``gate``); False runs PEARL's rounds throughout."""
+    ``gate``: by default at batches of more than one); False runs PEARL's rounds throughout."""
     if lookup < 0:
         raise ValueError(f"pearl_generate: lookup must be >= 0, got {lookup}")
     check_pair(target, draft)

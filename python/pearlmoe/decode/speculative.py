@@ -181,7 +181,7 @@ def speculative_generate(
     backend: str = "eager",
     bookkeeping: str = "auto",
     lookup: int = LOOKUP,
-    gate: "bool | SpeculationGate" = True,
+    gate: "bool | SpeculationGate | None" = None,
 ) -> tuple[list[list[int]], DecodeStats]:
     """Each sequence's new tokens (up to and including its EOS) and the run's statistics.
     ``gamma=None`` picks the draft length from the measured cost curve and the acceptance rate
@@ -189,7 +189,9 @@ def speculative_generate(
     ``gate``: on fused CPU steps, greedy, the loop measures its rounds against plain steps of
     the target alone and runs whichever commits more tokens a second (cost_model.
     SpeculationGate: where verification costs more than it commits, as at batch 4 on a small
-    CPU, decoding then runs at about autoregressive speed); False speculates every round.
+    CPU, decoding then runs at about autoregressive speed); None (the default) gates batches
+    of more than one sequence (common.speculation_gate says why), False speculates every
+    round.
     ``lookup``: the prompt lookup's n-gram length for greedy drafts on fused CPU steps (0: the
     draft model alone; other paths draft with the model alone).
     ``bookkeeping``: verify and commit a round with tensor ops on the device ("device", what a
