@@ -303,7 +303,7 @@ class SpeculationGate:
     SPEC, PLAIN = "speculate", "plain"
 
     def __init__(
-        self, enabled: bool = True, probe: int = 12, first: int = 16, longest: int = 256,
+        self, enabled: bool = True, probe: int = 12, first: int = 16, longest: int = 64,
         margin: float = 1.15, decay: float = 0.75, memory: tuple[dict, object] | None = None,
     ) -> None:  # fmt: skip
         self.enabled, self.probe, self.first, self.longest = enabled, probe, first, longest
