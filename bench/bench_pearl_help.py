@@ -32,11 +32,11 @@ from pearlmoe.decode import generate, pearl_generate, speculative_generate
 from pearlmoe.train.data import held_out_prompts
 
 # Each arm's decode: AR, or speculative / PEARL ("mode", PEARL by default) with these
-# arguments ("gate": False speculates every round, cost_model.SpeculationGate).
+# arguments ("gate": cost_model.SpeculationGate; by default PEARL's batches are gated).
 ARMS = {
     "ar": None,
     "speculative": {"mode": "speculative"},
-    "speculative, every round": {"mode": "speculative", "gate": False},
+    "speculative, gated": {"mode": "speculative", "gate": True},
     "pearl": {"draft_helps": False, "lookahead": False},
     "pearl, draft helps": {"draft_helps": True, "lookahead": False},
     "pearl, helps + lookahead": {"draft_helps": True, "lookahead": True},

@@ -420,12 +420,13 @@ def test_the_gate_starts_from_what_the_last_decode_measured():
     assert cost_model.SpeculationGate(memory=(memory, "other")).arm == S
 
 
-def test_the_gate_is_on_by_default_for_batches_only(pair32):
+def test_the_gate_is_on_by_default_for_pearls_batches_only(pair32):
     from pearlmoe.decode.common import speculation_gate
 
     target, draft = pair32
     assert not speculation_gate(target, draft, 1, "pearl", "fused", None).enabled
     assert speculation_gate(target, draft, 4, "pearl", "fused", None).enabled
+    assert not speculation_gate(target, draft, 4, "speculative", "fused", None).enabled
     assert speculation_gate(target, draft, 1, "pearl", "fused", True).enabled
     assert not speculation_gate(target, draft, 4, "speculative", "fused", False).enabled
     mine = cost_model.SpeculationGate(probe=1)

@@ -513,8 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--gate", choices=list(GATES), default="auto",
                        help="greedy decoding on fused CPU steps takes plain steps of the target "
                        "alone while those measure faster than rounds (as at batch 4 on a small "
-                       "CPU): on, off (speculate every round), auto (on for batches of more "
-                       "than one sequence)")  # fmt: skip
+                       "CPU): on, off (speculate every round), auto (on for PEARL at batches "
+                       "of more than one sequence)")  # fmt: skip
 
     g = sub.add_parser("generate", help="stream a continuation of PROMPT")
     g.add_argument("prompt", metavar="PROMPT")

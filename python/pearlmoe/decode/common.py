@@ -168,20 +168,21 @@ def speculation_gate(
     target: Transformer, draft: Transformer, batch: int, mode: str, backend: str, enabled
 ):  # fmt: skip
     """The loop's SpeculationGate (pearlmoe.decode.cost_model), starting from what the last
-    decode of this pair, batch and mode measured; ``enabled``: a bool, None for batches of more
-    than one sequence only, or a gate to use as it is (the caller's own schedule).
+    decode of this pair, batch and mode measured; ``enabled``: a bool, None for PEARL at batches
+    of more than one sequence only, or a gate to use as it is (the caller's own schedule).
 
-    Why not at batch 1 by default: there a window costs little more than a step, so a round
-    loses little even where its drafts fail, while a round's yield swings with the text (the
-    lookup's runs) and the VM's noise; on the embedded pair the gate then took plain steps for
-    65-84% of some decodes' tokens at about 0.9x what speculating throughout measured. At batch
-    4 PEARL's rounds ran at 0.66-0.75x AR, and the gate's plain steps brought it to 0.96x."""
+    Measured on the embedded pair (2-core VM, paired runs, bench/NOTES.md v15): at batch 4 and
+    8 PEARL's rounds ran at 0.66-0.75x AR and gated at 0.76-1.02x (+6% to +39%); speculative
+    decoding's rounds there ran at 0.95-1.24x AR, which plain steps cannot beat, and the gate's
+    probes and misjudgements cost it 1-5%. At batch 1 a window costs little more than a step,
+    while a round's yield swings with the text (the lookup's runs) and the VM's noise: gated,
+    plain steps took 65-84% of some decodes' tokens at about 0.9x speculating throughout."""
     from .cost_model import SpeculationGate
 
     if isinstance(enabled, SpeculationGate):
         return enabled
     if enabled is None:
-        enabled = batch > 1
+        enabled = batch > 1 and mode == "pearl"
     memory = _learned.setdefault(target, {})
     key = ("gate", id(draft), batch, mode, backend, torch.get_num_threads())
     return SpeculationGate(enabled, memory=(memory, key))

@@ -185,7 +185,8 @@ def pearl_generate(
     round (a pre-verify round would otherwise verify only the first). ``gate``: in the C++
     rounds, the loop measures its rounds against plain steps of the target alone and runs
     whichever commits more tokens a second (cost_model.SpeculationGate; speculative_generate's
-    ``gate``: by default at batches of more than one); False runs PEARL's rounds throughout."""
+    ``gate``; None, the default, gates batches of more than one sequence); False runs PEARL's
+    rounds throughout."""
     if lookup < 0:
         raise ValueError(f"pearl_generate: lookup must be >= 0, got {lookup}")
     check_pair(target, draft)

@@ -186,12 +186,11 @@ def speculative_generate(
     """Each sequence's new tokens (up to and including its EOS) and the run's statistics.
     ``gamma=None`` picks the draft length from the measured cost curve and the acceptance rate
     seen so far, and re-picks it as decoding goes (pearlmoe.decode.cost_model).
-    ``gate``: on fused CPU steps, greedy, the loop measures its rounds against plain steps of
-    the target alone and runs whichever commits more tokens a second (cost_model.
-    SpeculationGate: where verification costs more than it commits, as at batch 4 on a small
-    CPU, decoding then runs at about autoregressive speed); None (the default) gates batches
-    of more than one sequence (common.speculation_gate says why), False speculates every
-    round.
+    ``gate=True``: on fused CPU steps, greedy, the loop measures its rounds against plain steps
+    of the target alone and runs whichever commits more tokens a second (cost_model.
+    SpeculationGate: where verification costs more than it commits, decoding then runs at
+    about autoregressive speed); None (the default) and False speculate every round
+    (common.speculation_gate gives the measurements behind the default).
     ``lookup``: the prompt lookup's n-gram length for greedy drafts on fused CPU steps (0: the
     draft model alone; other paths draft with the model alone).
     ``bookkeeping``: verify and commit a round with tensor ops on the device ("device", what a
