@@ -112,6 +112,19 @@ def test_generate_prints_pearl_statistics(capsys):
     assert "tokens per target call" in out and "acceptance rate" in out
 
 
+def test_generate_takes_the_gate_setting(capsys):
+    """--gate on gates even one sequence (the loop may take plain steps; the text stays AR's)."""
+    texts = {}
+    for mode, gate in (("ar", "auto"), ("pearl", "on"), ("speculative", "on")):
+        rc = cli.main(["generate", "def f(x):", "--max-new-tokens", "24", "--mode", mode,
+                       "--gate", gate, "--device", "cpu"])  # fmt: skip
+        assert rc == 0
+        texts[mode] = capsys.readouterr().out.rpartition("\n\n[")[0]
+    assert texts["pearl"] == texts["speculative"] == texts["ar"]
+    assert cli.main(["generate", "x", "--gate", "sometimes"]) == 2
+    assert "argument --gate: invalid choice: 'sometimes'" in capsys.readouterr().err
+
+
 def test_sampled_generation_is_reproducible_with_a_seed(capsys):
     args = ["generate", "class ", "--temperature", "0.8", "--top-p", "0.9", "--seed", "7",
             "--max-new-tokens", "16", "--mode", "speculative", "--gamma", "3", "--device", "cpu"]  # fmt: skip
@@ -152,7 +165,8 @@ def test_bench_writes_json_and_png(tmp_path, capsys):
     assert run["greedy_outputs_identical"] is True and run["compiled_equals_eager"] is True
     assert run["modes"]["ar"]["speedup_vs_ar"] == 1.0 and result["batch"] == 2
     assert run["modes"]["ar"]["paired_vs_ar"] == {"geomean": 1.0, "p10": 1.0, "p90": 1.0}
-    assert result["lookup"] == 3  # the default, recorded
+    assert result["lookup"] == 3 and result["gate"] == "auto"  # the defaults, recorded
+    assert run["modes"]["pearl"]["plain_share"] == 0.0  # eager steps: nothing to gate
     assert len(run["cost_curve"]["target_ms"]) == 9 and run["cost_curve"]["draft_ms"] > 0
     for mode in ("speculative", "pearl"):  # γ chosen from the curve, with a prediction
         assert run["modes"][mode]["gammas"] and run["modes"][mode]["predicted_tokens_per_second"]
