@@ -90,13 +90,13 @@ std::tuple<at::Tensor, at::Tensor, int64_t, int64_t> PearlRounds::round(int64_t 
   const int64_t batch = static_cast<int64_t>(last_.size());
   if (after_plain_) {  // back from plain steps: the sides split the cores again
     after_plain_ = false;
+    catch_up();  // on the pool's own helper still: a guest now would be the sleeping worker
     // The pool's helper that ran them would spin for 5 ms on the draft thread's core
     // (measured: PEARL's first rounds after plain steps read slow enough that the gate kept
     // choosing plain steps, 65-84% of the tokens at batch 1).
     pool_rest();
     if (lend_) guest_ = std::make_shared<PoolGuest>();
   }
-  catch_up();
   // The draft's context: the committed tokens, then any unverified ones (without the lookup,
   // ngram_ 0, none, and extend is unused).
   Contexts contexts;
@@ -287,17 +287,17 @@ at::Tensor PearlRounds::plain(int64_t steps) {
 
 void PearlRounds::catch_up() {
   const int64_t batch = static_cast<int64_t>(last_.size());
-  int64_t lag = 0;
+  int64_t lag = -1;  // every active sequence's, which must agree
   for (int64_t b = 0; b < batch; ++b) {
     if (!active_[b]) continue;
     const int64_t behind = static_cast<int64_t>(behind_[b].size());
-    PM_CHECK(lag == 0 || behind == lag, kRounds, "sequences behind on the draft by ", lag, " and ",
+    PM_CHECK(lag < 0 || behind == lag, kRounds, "sequences behind on the draft by ", lag, " and ",
              behind, " tokens");
     PM_CHECK(behind == 0 || d_len_[b] + behind == committed_[b] - 1, kRounds, "the draft holds ",
              d_len_[b], " tokens and misses ", behind, " of ", committed_[b] - 1);
     lag = behind;
   }
-  if (lag == 0) return;
+  if (lag <= 0) return;
   at::Tensor ids = at::zeros({batch, lag}, at::TensorOptions().dtype(at::kLong));
   int64_t* ip = ids.mutable_data_ptr<int64_t>();
   int32_t* dl = d_lens_.mutable_data_ptr<int32_t>();

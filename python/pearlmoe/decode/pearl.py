@@ -206,6 +206,7 @@ def pearl_generate(
     tgt = Runner(target, batch, capacity, backend, sampling)
     # On a CPU the two sides split the cores: each step's intra-op pool would otherwise take
     # them all and the sides would only take turns.
+    cores = torch.get_num_threads()  # plain steps (the gate's) take them all, as AR does
     share = side_threads()
     if draft_process is None:  # a child process where the GIL would make the sides take turns
         draft_process = target.device.type == draft.device.type == "cpu" and "compile" in (
@@ -283,6 +284,7 @@ def pearl_generate(
     done = [max_new_tokens <= 0] * batch
 
     gate = speculation_gate(target, draft, batch, "pearl", backend, gate if one_call else False)
+    after_plain = False  # plain steps ran since the last round
     guest_chunks = torch.ops.pearlmoe.cpu_pool_guest_chunks() if one_call else 0
     # The target's pool stops keeping parts for the draft when the decode ends, even on an error.
     closing = contextlib.closing(rounds) if one_call else contextlib.nullcontext()
@@ -292,7 +294,10 @@ def pearl_generate(
             if gate.plain:  # steps of the target alone, ~autoregressive decoding
                 steps = min(gate.budget(), PLAIN_STEPS)
                 step = [[] for _ in prompts]
-                for b, (_, _, _, k, *tokens) in enumerate(rounds.plain(steps).tolist()):
+                with num_threads(cores):
+                    plain_rows = rounds.plain(steps).tolist()
+                after_plain = True
+                for b, (_, _, _, k, *tokens) in enumerate(plain_rows):
                     host_post[b] = False
                     if done[b]:
                         continue
@@ -344,7 +349,11 @@ def pearl_generate(
             if policy.curve is not None:  # the sides as fast as each runs alone
                 curve = policy.curve
                 round_times["alone"] += curve.side_time(steps * curve.draft, width)
-            policy.observe(width, t_target, steps, t_draft)  # joined: both times are real
+            # Joined, both times are real; but not a round that first filled the draft's cache
+            # with the tokens plain steps committed (its draft side, and the fill as host work).
+            resumed, after_plain = after_plain, False
+            if not resumed:
+                policy.observe(width, t_target, steps, t_draft)
             stats.draft_calls += drafted
             stats.target_calls += 1
             if not one_call:
@@ -364,7 +373,7 @@ def pearl_generate(
             end_round(stats, policy, step, proposed, round_accepted, callback, model_drafts)
             round_end = time.perf_counter()
             gate.record(sum(map(len, step)), round_end - round_top)
-            if device.type == "cpu":  # the round's host work: its wall time past its sides
+            if device.type == "cpu" and not resumed:  # the round's host work past its sides
                 policy.observe_host(round_end - round_top - max(t_draft, t_target))
     end_decode(stats, policy, start)
     stats.extra["gate"] = gate.summary()

@@ -274,7 +274,10 @@ def speculative_generate(
                 live = _retire_finished(slots, live, done, per_slot, caches)
             first = False
             continue
-        if pending is not None:
+        # The round after plain steps feeds the draft every token it missed: its sides' times
+        # are not a round's (the γ policy does not see them; the gate skips a phase's first).
+        catching_up = pending is not None
+        if catching_up:
             feed, pending = pending, None
         n_drafted = gamma  # this round's drafts: γ, or more where the lookup ran on
         if one_call:  # prev, last and both sides' lengths move in place
@@ -291,8 +294,8 @@ def speculative_generate(
             stats.extra["target_rows"] += n * (n_drafted + 1)
             sides_end = time.perf_counter()
             rows, (draft_s, target_s) = rows.tolist(), seconds.tolist()
-            if n == batch:  # the curve is the whole batch's: fewer rows would skew its scales
-                policy.observe(n_drafted + 1, target_s, n_drafted, draft_s)
+            if n == batch and not catching_up:  # the curve is the whole batch's: fewer rows
+                policy.observe(n_drafted + 1, target_s, n_drafted, draft_s)  # would skew it
             stats.draft_calls += n_drafted
             stats.target_calls += 1
         else:
@@ -352,7 +355,8 @@ def speculative_generate(
         end_round(stats, policy, step, proposed, round_accepted, callback)
         round_end = time.perf_counter()
         gate.record(sum(map(len, step)), round_end - round_top)
-        if timed and (not one_call or n == batch):  # the round's host work outside the sides
+        # The round's host work outside the sides:
+        if timed and (not one_call or n == batch) and not catching_up:
             policy.observe_host(round_end - round_top - (sides_end - began))
     end_decode(stats, policy, start)
     stats.extra["gate"] = gate.summary()
