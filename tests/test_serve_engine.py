@@ -7,6 +7,7 @@ import torch
 
 import pearlmoe
 from conftest import tiny_pair
+from pearlmoe.decode.cost_model import SpeculationGate
 from pearlmoe.serve import Engine, Request
 
 MODES = ["ar", "speculative", "pearl"]
@@ -49,6 +50,41 @@ def test_greedy_requests_joining_mid_flight_equal_autoregressive(pair, mode, gam
     if mode != "ar":
         assert 0 < m.accepted < m.proposed  # the draft is wrong sometimes, right sometimes
         assert m.target_calls < m.rounds + 1
+
+
+def _alternate(engine: Engine) -> None:
+    """Every batch size's speculation gate on a fixed schedule, whatever the rates: 2 rounds,
+    3 plain steps, 4 rounds, 3 plain steps, 4 rounds... (one sequence too)."""
+    for rows in (1, 2, 4, 8, 16):
+        engine._gates[rows] = SpeculationGate(probe=3, first=2, longest=4, margin=float("inf"))
+
+
+@pytest.mark.parametrize("mode", ["speculative", "pearl"])
+@pytest.mark.parametrize("max_batch", [1, 3])
+def test_the_gates_plain_steps_keep_requests_autoregressive(pair, mode, max_batch):
+    """Rounds and plain steps of the target alone in turns, requests joining and leaving
+    (EOS, budgets) meanwhile: the draft catches up on what it missed (PEARL's unverified
+    drafts dropped) and every request gets its autoregressive tokens."""
+    target, draft = pair
+    eos = pearlmoe.generate(target, [PROMPTS[2]], 30)[0][5]
+    want = [pearlmoe.generate(target, [p], n, eos_token_id=eos)[0]
+            for p, n in zip(PROMPTS, BUDGETS, strict=True)]  # fmt: skip
+    engine = Engine(target, draft, mode, max_batch=max_batch, context=64, gamma=3)
+    _alternate(engine)
+    requests = [Request(p, n, eos=frozenset([eos])) for p, n in zip(PROMPTS, BUDGETS, strict=True)]
+    _run(engine, requests, joins=[0, 0, 2, 3, 3, 7])
+    assert [r.output for r in requests] == want
+    assert 0 < engine.metrics.plain_rounds < engine.metrics.rounds
+
+
+def test_the_gate_is_off_for_one_sequence_and_when_asked(pair):
+    target, draft = pair
+    engine = Engine(target, draft, "pearl", max_batch=4, context=64, gamma=2)
+    _run(engine, [Request([1, 2], 6)], joins=[0])
+    assert not engine._gates[1].enabled and engine._gates[1].units["plain"] == 0
+    off = Engine(target, draft, "speculative", max_batch=4, context=64, gamma=2, gate=False)
+    _run(off, [Request([1, 2], 6), Request([3], 6)], joins=[0, 0])
+    assert not off._gates[2].enabled and off.metrics.plain_rounds == 0
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -105,10 +141,13 @@ def test_bad_requests_are_refused(pair):
         Engine(target, draft, "beam")
 
 
+@pytest.mark.parametrize("scheduled", [False, True])
 @pytest.mark.parametrize("mode", ["speculative", "pearl"])
-def test_sampled_requests_follow_the_target_distribution(mode):
+def test_sampled_requests_follow_the_target_distribution(mode, scheduled):
     """2 sampled tokens for 3000 requests at temperature 1, each with its own seed, 16 at a
-    time: both positions' marginals match the exact target distribution."""
+    time: both positions' marginals match the exact target distribution. The speculation gate
+    yields to sampled requests (a plain step would draw their tokens another way), so even a
+    gate scheduled to take plain steps runs rounds and the same seed gives the same text."""
     target, draft = tiny_pair(vocab=16, noise=0.6, seed=1)
     prompt, n = [1, 2, 3, 4, 5, 6], 3000
     with torch.no_grad():
@@ -118,12 +157,15 @@ def test_sampled_requests_follow_the_target_distribution(mode):
         q1 = torch.softmax(draft(torch.tensor([prompt]))[0, -1], -1)
     assert (q1 - p1).abs().sum() > 0.2
     engine = Engine(target, draft, mode, max_batch=16, context=16, gamma=2)
+    if scheduled:
+        _alternate(engine)
     requests = [Request(prompt, 2, temperature=1.0, seed=i) for i in range(n)]
     _run(engine, requests, joins=[0] * n)
     tokens = torch.tensor([r.output for r in requests])  # [n, 2]
     for i, want in enumerate((p1, p2)):
         freq = torch.bincount(tokens[:, i], minlength=16).double() / n
         assert (freq - want).abs().sum() < 0.08, (i, freq, want)
+    assert engine.metrics.plain_rounds == 0
     # The same seed gives the same tokens whatever else shares the batch.
     again = Request(prompt, 2, temperature=1.0, seed=5)
     _run(engine, [again, Request(prompt, 2, temperature=1.0, seed=99)], joins=[0, 0])

@@ -41,6 +41,7 @@ from torch import Tensor
 
 from .. import ops
 from ..decode.common import emit, gamma_policy, num_threads, side_threads
+from ..decode.cost_model import SpeculationGate
 from ..decode.runner import Runner, Sampling
 from ..decode.sampling import logits_to_probs, sample
 from ..model.transformer import Transformer
@@ -109,6 +110,7 @@ class Metrics:
     proposed: int = 0
     accepted: int = 0
     batch_sum: int = 0  # sum over rounds of the sequences stepped
+    plain_rounds: int = 0  # rounds the speculation gate ran as plain (autoregressive) steps
     queue_seconds: float = 0.0
     ttft_seconds: float = 0.0
     waiting: int = 0
@@ -130,6 +132,7 @@ class Engine:
         backend: str = "eager",
         gamma: int | None = None,
         max_prefill_tokens: int = 64,
+        gate: bool | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"Engine: mode must be one of {MODES}, got {mode!r}")
@@ -166,6 +169,13 @@ class Engine:
             self._pool = ThreadPoolExecutor(1, initializer=init[0], initargs=init[1])
         self.error: BaseException | None = None
         self._seen = (0, 0)  # proposed and accepted when γ was last re-picked
+        # A speculation gate per number of rows stepped (cost_model.SpeculationGate): a round
+        # whose batch's windows cost more than they commit gives way to a plain step, while
+        # every request is greedy. On by default at more than one row (common.speculation_gate's
+        # measurements; here the rounds are Python, dearer than the fused loops', both modes).
+        self.gate = (gate if gate is not None else True) and mode != "ar"
+        self._gates: dict[int, SpeculationGate] = {}
+        self.cores = torch.get_num_threads()  # plain steps take them all, as AR does
 
     # ---- requests (any thread) ---------------------------------------------------------------
 
@@ -253,10 +263,25 @@ class Engine:
         self.metrics.running = n
         if self.mode == "ar":
             self._ar_round()
+            return
+        rows = self._rows(n)
+        gate = self._gates.get(rows)
+        if gate is None:
+            gate = self._gates[rows] = SpeculationGate(self.gate and rows > 1)
+        # Only while every request is greedy: a sampled one draws its tokens otherwise in a
+        # plain step than in a round, and its seed gives the same text in any batch.
+        gated = all(s.req.greedy for s in self.slots)
+        start, before = time.perf_counter(), self.metrics.generated_tokens
+        if gate.plain and gated:
+            self.metrics.plain_rounds += 1
+            with num_threads(self.cores):
+                self._plain_round()
         elif self.mode == "speculative":
             self._speculative_round()
         else:
             self._pearl_round()
+        if gated:
+            gate.record(self.metrics.generated_tokens - before, time.perf_counter() - start)
 
     def warmup(self) -> float:
         """Compile or capture the steps the rounds use at every batch size they step over
@@ -434,6 +459,23 @@ class Engine:
         self.metrics.target_calls += 1
         self._end_round([self._emit(s, [t]) for s, t in zip(slots, tokens, strict=True)])
 
+    def _plain_round(self) -> None:
+        """A step of the target alone (the gate's plain arm): PEARL's unverified drafts are
+        dropped; the draft caches fall behind and catch up at the next round (its feed is every
+        committed token it does not cache: ``_feed``)."""
+        for s in self.slots:
+            if s.mode == POST:
+                s.mode, s.unverified, s.unverified_q = PRE, [], []
+                s.d_len = min(s.d_len, s.length - 1)
+        self._ar_round()
+
+    @staticmethod
+    def _feed(slot: _Slot) -> list[int]:
+        """The committed tokens the draft does not cache, its newest last: [prev, last] in a
+        steady speculative round, [last] in pre-verify or just after joining, more after plain
+        steps."""
+        return slot.committed[slot.d_len :]
+
     def _draft(
         self, slots: list[_Slot], feeds: list[list[int]], real: list[int], gamma: int
     ) -> tuple[list[list[int]], list[list[Tensor | None]]]:
@@ -463,11 +505,10 @@ class Engine:
 
     def _speculative_round(self) -> None:
         slots, gamma = self.slots, self.gamma
-        feeds, real = [], []
-        for s in slots:
-            steady = s.d_len == s.length - 2  # else just joined: the draft caches committed[:-1]
-            feeds.append([s.committed[-2], s.committed[-1]] if steady else [s.committed[-1], 0])
-            real.append(2 if steady else 1)
+        feeds = [self._feed(s) for s in slots]
+        real = [len(f) for f in feeds]
+        width = max(2, *real)  # right-padded to one width (2 at least: the warmed-up graph)
+        feeds = [f + [0] * (width - len(f)) for f in feeds]
         xs, qs = self._draft(slots, feeds, real, gamma)
         windows = [[s.committed[-1], *x] for s, x in zip(slots, xs, strict=True)]
         logits = self._call(self.tgt, windows, [s.length - 1 for s in slots])  # [N, γ+1, V]
@@ -486,8 +527,12 @@ class Engine:
         slots, gamma = self.slots, self.gamma
         post = any(s.mode == POST for s in slots)
         # Draft side (worker thread): γ tokens after each sequence's newest token.
-        firsts = [[s.unverified[-1] if s.mode == POST else s.committed[-1]] for s in slots]
-        future = self._pool.submit(self._side, self._draft, slots, firsts, [1] * len(slots), gamma)
+        # (In pre-verify after plain steps: every committed token the draft does not cache.)
+        firsts = [[s.unverified[-1]] if s.mode == POST else self._feed(s) for s in slots]
+        real = [len(f) for f in firsts]
+        width = max(real)
+        firsts = [f + [0] * (width - len(f)) for f in firsts]
+        future = self._pool.submit(self._side, self._draft, slots, firsts, real, gamma)
         # Target side (this thread): [last] in pre-verify, [last, e_2..e_γ] in post-verify.
         width = gamma if post else 1
         rows = [[s.committed[-1], *s.unverified] if s.mode == POST

@@ -179,6 +179,8 @@ class Server:
         metric("generation_tokens_total", "counter", "Tokens generated.", m.generated_tokens)
         metric("rounds_total", "counter", "Decode rounds.", m.rounds)
         metric("target_calls_total", "counter", "Target model steps.", m.target_calls)
+        metric("plain_rounds_total", "counter", "Rounds the speculation gate ran as plain steps "
+               "of the target alone.", m.plain_rounds)  # fmt: skip
         metric("draft_calls_total", "counter", "Draft model steps.", m.draft_calls)
         metric("draft_tokens_proposed_total", "counter", "Draft tokens verified.", m.proposed)
         metric("draft_tokens_accepted_total", "counter", "Draft tokens accepted.", m.accepted)
