@@ -77,12 +77,14 @@ def test_the_gates_plain_steps_keep_requests_autoregressive(pair, mode, max_batc
     assert 0 < engine.metrics.plain_rounds < engine.metrics.rounds
 
 
-def test_the_gate_is_off_for_one_sequence_and_when_asked(pair):
+def test_the_gate_is_off_by_default_and_for_one_sequence(pair):
     target, draft = pair
-    engine = Engine(target, draft, "pearl", max_batch=4, context=64, gamma=2)
+    engine = Engine(target, draft, "pearl", max_batch=4, context=64, gamma=2, gate=True)
     _run(engine, [Request([1, 2], 6)], joins=[0])
     assert not engine._gates[1].enabled and engine._gates[1].units["plain"] == 0
-    off = Engine(target, draft, "speculative", max_batch=4, context=64, gamma=2, gate=False)
+    _run(engine, [Request([1, 2], 6), Request([3], 6)], joins=[0, 0])
+    assert engine._gates[2].enabled
+    off = Engine(target, draft, "speculative", max_batch=4, context=64, gamma=2)
     _run(off, [Request([1, 2], 6), Request([3], 6)], joins=[0, 0])
     assert not off._gates[2].enabled and off.metrics.plain_rounds == 0
 

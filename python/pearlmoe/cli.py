@@ -342,7 +342,7 @@ def cmd_serve(args) -> int:
     name = args.model_name or Path(args.target).name.removesuffix(".gguf")  # as the user named it
     runner.notify = _note
     engine = Engine(target, draft, args.mode, args.max_batch, context, backend, args.gamma,
-                    args.max_prefill_tokens, GATES[args.gate])  # fmt: skip
+                    args.max_prefill_tokens, args.gate == "on")  # fmt: skip
     warm = engine.warmup()
     model = ServedModel(name, tokenizer, _chat_template(args.target), eos, int(time.time()))
     serve(engine, model, args.host, args.port, ready=lambda url: _note(
@@ -565,10 +565,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "sooner")  # fmt: skip
     models(sv)
     sv.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
-    sv.add_argument("--gate", choices=list(GATES), default="auto",
-                    help="speculative and PEARL rounds give way to plain steps of the target "
-                    "while those measure faster, per batch size: on, off, auto (on past one "
-                    "sequence)")  # fmt: skip
+    sv.add_argument("--gate", choices=["off", "on"], default="off",
+                    help="on: speculative and PEARL rounds give way to plain steps of the target "
+                    "while those measure faster, per batch size past one sequence, while every "
+                    "request is greedy")  # fmt: skip
     sv.set_defaults(fn=cmd_serve)
 
     pl = sub.add_parser("plan", help="memory per GPU and longest context, EP and TP layouts")

@@ -132,7 +132,7 @@ class Engine:
         backend: str = "eager",
         gamma: int | None = None,
         max_prefill_tokens: int = 64,
-        gate: bool | None = None,
+        gate: bool = False,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"Engine: mode must be one of {MODES}, got {mode!r}")
@@ -169,11 +169,11 @@ class Engine:
             self._pool = ThreadPoolExecutor(1, initializer=init[0], initargs=init[1])
         self.error: BaseException | None = None
         self._seen = (0, 0)  # proposed and accepted when γ was last re-picked
-        # A speculation gate per number of rows stepped (cost_model.SpeculationGate): a round
-        # whose batch's windows cost more than they commit gives way to a plain step, while
-        # every request is greedy. On by default at more than one row (common.speculation_gate's
-        # measurements; here the rounds are Python, dearer than the fused loops', both modes).
-        self.gate = (gate if gate is not None else True) and mode != "ar"
+        # With ``gate``, a speculation gate per number of rows stepped past one (cost_model.
+        # SpeculationGate): a round whose batch's windows cost more than they commit gives way
+        # to a plain step, while every request is greedy. Off by default: with 4-16 clients on
+        # the 2-core VM it measured no gain beyond the runs' noise (bench/NOTES.md v15).
+        self.gate = gate and mode != "ar"
         self._gates: dict[int, SpeculationGate] = {}
         self.cores = torch.get_num_threads()  # plain steps take them all, as AR does
 
