@@ -10,6 +10,7 @@ from test_static_decode import _pair
 
 from pearlmoe.decode import generate, pearl_generate, speculative_generate
 from pearlmoe.decode.common import token_history
+from pearlmoe.decode.cost_model import SpeculationGate
 from pearlmoe.decode.runner import Runner
 
 
@@ -260,4 +261,39 @@ def test_pearl_lossless_whatever_the_lookup_finds(prompts, gamma, ngram, lookahe
     got, _ = pearl_generate(target, draft, prompts, 20, gamma=gamma, backend="fused",
                             eos_token_id=eos, lookup=ngram, lookahead=lookahead,
                             draft_helps=helps)  # fmt: skip
+    assert got == want
+
+
+class _Schedule(SpeculationGate):
+    """A gate that follows a fixed list of (plain?, units) phases, then speculates: the loops
+    must stay lossless whatever the order and lengths of the arms."""
+
+    def __init__(self, phases: list[tuple[bool, int]]) -> None:
+        super().__init__()
+        self.phases = list(phases)
+        self._next_phase()
+
+    def _next_phase(self) -> None:
+        plain, units = self.phases.pop(0) if self.phases else (False, 10**9)
+        self.arm, self.left = (self.PLAIN if plain else self.SPEC), units
+
+
+@settings(max_examples=40)
+@given(
+    prompts=st.lists(st.lists(st.integers(2, 7), min_size=1, max_size=14), min_size=1, max_size=3),
+    phases=st.lists(st.tuples(st.booleans(), st.integers(1, 9)), max_size=8),
+    pearl=st.booleans(),
+    gamma=st.integers(1, 4),
+    ngram=st.integers(0, 3),
+    eos=st.sampled_from([None, 3, 5]),
+)
+def test_gated_loops_lossless_whatever_the_schedule(prompts, phases, pearl, gamma, ngram, eos):
+    """Fuzzed: the speculation gate's rounds and plain steps in any order and lengths (plain
+    from the first unit, one-unit phases, sequences finishing mid-phase), with the lookup and
+    EOS anywhere: speculative and PEARL greedy tokens are AR's."""
+    target, draft = _pair32()
+    want = generate(target, prompts, 20, backend="fused", eos_token_id=eos)
+    loop = pearl_generate if pearl else speculative_generate
+    got, _ = loop(target, draft, prompts, 20, gamma=gamma, backend="fused", eos_token_id=eos,
+                  lookup=ngram, gate=_Schedule(phases))  # fmt: skip
     assert got == want
