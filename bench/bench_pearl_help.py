@@ -37,6 +37,8 @@ ARMS = {
     "ar": None,
     "speculative": {"mode": "speculative"},
     "speculative, gated": {"mode": "speculative", "gate": True},
+    "speculative, gamma 2": {"mode": "speculative", "gamma": 2},
+    "speculative, gamma 3": {"mode": "speculative", "gamma": 3},
     "pearl": {"draft_helps": False, "lookahead": False},
     "pearl, draft helps": {"draft_helps": True, "lookahead": False},
     "pearl, helps + lookahead": {"draft_helps": True, "lookahead": True},

@@ -297,3 +297,33 @@ def test_gated_loops_lossless_whatever_the_schedule(prompts, phases, pearl, gamm
     got, _ = loop(target, draft, prompts, 20, gamma=gamma, backend="fused", eos_token_id=eos,
                   lookup=ngram, gate=_Schedule(phases))  # fmt: skip
     assert got == want
+
+
+@pytest.mark.parametrize("contexts", [MIXED, REPEATS], ids=["mixed", "repeats"])
+def test_speculative_rounds_count_the_models_drafts_apart_from_the_lookups(contexts):
+    """A C++ speculative round returns, beside its sides' seconds, the draft model's own
+    counts: the steps that ran its head and, of the drafts the target tested (up to the first
+    rejected), those the model drafted and those it got accepted; the lookup's drafts are left
+    out (with lookup 0 every draft is the model's). The γ policy gets these counts."""
+    target, draft = _pair32()
+    batch = len(contexts)
+    for ngram in (0, 3):
+        tgt, drf = Runner(target, batch, 64, "fused"), Runner(draft, batch, 64, "fused")
+        tgt.prefill([c[:-1] for c in contexts])
+        drf.prefill([c[:-1] for c in contexts])
+        last = torch.tensor([c[-1] for c in contexts])
+        prev, active = last.clone(), torch.ones(batch, dtype=torch.bool)
+        history, lens = token_history(contexts, 64, max(ngram, 1))
+        feed = last.unsqueeze(1).clone()
+        rows, seconds, drafted = tgt.fused_step.speculative_round(
+            drf.fused_step, feed, prev, last, 4, tgt.cache.k, tgt.cache.v, tgt.lens, drf.cache.k,
+            drf.cache.v, drf.lens, active, history, lens, ngram, 0,
+        )  # fmt: skip
+        _, _, steps, tested, accepted = seconds.tolist()
+        tried = sum(min(int(a) + 1, drafted) for a in rows[:, 0].tolist())  # tested, any origin
+        took = int(rows[:, 0].sum())
+        assert 0 <= accepted <= tested <= tried and accepted <= took
+        if ngram == 0:  # the model drafted every token: its counts are all of them
+            assert (steps, tested, accepted) == (drafted, tried, took)
+        elif contexts is REPEATS:  # the lookup found every token: the model drafted none
+            assert (steps, tested, accepted) == (0, 0, 0)

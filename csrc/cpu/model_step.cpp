@@ -518,12 +518,15 @@ std::tuple<Tensor, Tensor, int64_t> ModelStep::speculative_round(
     hcap = history.size(1);
   }
   Tensor rows = at::full({batch, most + 2}, -1, feed.options().dtype(at::kLong));
-  Tensor seconds = at::empty({2}, feed.options().dtype(at::kDouble));
+  Tensor seconds = at::zeros({5}, feed.options().dtype(at::kDouble));
   const GilRelease no_gil;
   const PoolScope pool_scope;
   const auto start = std::chrono::steady_clock::now();
-  const Tensor drafted = draft->draft_lookup(feed, d_k, d_v, d_lens, gamma,
-                                             ngram > 0 ? &contexts : nullptr, ngram, extend);
+  std::vector<uint8_t> made;  // [B, gamma] row-major: 1 where the model drafted the token
+  int64_t model_steps = 0;
+  const Tensor drafted =
+      draft->draft_lookup(feed, d_k, d_v, d_lens, gamma, ngram > 0 ? &contexts : nullptr, ngram,
+                          extend, &made, &model_steps);
   gamma = drafted.size(1);  // [B, gamma]: the lookup may have drafted past it
   const auto drafted_at = std::chrono::steady_clock::now();
   Tensor window = at::empty({batch, gamma + 1}, rows.options());  // [last, d_1..d_gamma]
@@ -542,11 +545,18 @@ std::tuple<Tensor, Tensor, int64_t> ModelStep::speculative_round(
   int32_t* tl = t_lens.mutable_data_ptr<int32_t>();
   int32_t* dl = d_lens.mutable_data_ptr<int32_t>();
   int64_t* rp = rows.mutable_data_ptr<int64_t>();
+  int64_t model_tested = 0, model_accepted = 0;
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t* d = dp + b * gamma;
     const int64_t* t = sp + b * (gamma + 1);
     int64_t a = 0;
     while (a < gamma && d[a] == t[a]) ++a;
+    if (on[b]) {  // the model's own drafts among those the target tested (to the first miss)
+      for (int64_t i = 0; i < std::min(a + 1, gamma); ++i) {
+        model_tested += made[b * gamma + i];
+        model_accepted += i < a ? made[b * gamma + i] : 0;
+      }
+    }
     int64_t* row = rp + b * (most + 2);
     row[0] = a;
     std::copy_n(d, a, row + 1);
@@ -567,6 +577,9 @@ std::tuple<Tensor, Tensor, int64_t> ModelStep::speculative_round(
   double* sec = seconds.mutable_data_ptr<double>();
   sec[0] = std::chrono::duration<double>(drafted_at - start).count();
   sec[1] = std::chrono::duration<double>(scored_at - drafted_at).count();
+  sec[2] = static_cast<double>(model_steps);
+  sec[3] = static_cast<double>(model_tested);
+  sec[4] = static_cast<double>(model_accepted);
   return {rows, seconds, gamma};
 }
 

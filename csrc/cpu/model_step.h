@@ -104,8 +104,12 @@ class ModelStep : public torch::CustomClassHolder {
   // (a loop in the output verifies in one long window); with ngram == 0 history may be empty
   // and extend is ignored.
   // Returns the rows [B, gamma + extend + 2] (int64: the accepted count a, the a drafts and the
-  // token after them, then -1), the two sides' seconds [2] (fp64: draft, target) and the number
-  // of tokens drafted, g (the window was g + 1; lens moved as for gamma = g).
+  // token after them, then -1), the sides' seconds and the draft model's own counts [5] (fp64:
+  // draft seconds, target seconds, the draft's steps that ran the model, and over the active
+  // sequences the model's drafts the target tested, to the first rejected, and accepted; the
+  // lookup's tokens cost nearly nothing and are accepted far more often, so a γ policy fed
+  // them would read drafting as cheap and acceptance as high) and the number of tokens drafted,
+  // g (the window was g + 1; lens moved as for gamma = g).
   std::tuple<at::Tensor, at::Tensor, int64_t> speculative_round(
       const c10::intrusive_ptr<ModelStep>& draft, const at::Tensor& feed, const at::Tensor& prev,
       const at::Tensor& last, int64_t gamma, const at::Tensor& t_k, const at::Tensor& t_v,

@@ -280,6 +280,7 @@ def speculative_generate(
         if catching_up:
             feed, pending = pending, None
         n_drafted = gamma  # this round's drafts: γ, or more where the lookup ran on
+        model_drafts = None  # (tested, accepted) of the draft model's own, where told apart
         if one_call:  # prev, last and both sides' lengths move in place
             # Where the lookup finds every next token the drafts run on to max_gamma: a loop in
             # the output is verified in one long window, other text in windows of γ + 1.
@@ -293,9 +294,14 @@ def speculative_generate(
             )  # fmt: skip
             stats.extra["target_rows"] += n * (n_drafted + 1)
             sides_end = time.perf_counter()
-            rows, (draft_s, target_s) = rows.tolist(), seconds.tolist()
+            rows, info = rows.tolist(), seconds.tolist()
+            draft_s, target_s, model_steps, tested, model_accepted = info
+            # The policy prices the draft model's own drafts (their steps' cost, their
+            # acceptance), not the lookup's: those cost nearly nothing and are almost always
+            # right, and counted in they read α high and drafting cheap (as PEARL's rounds do).
+            model_drafts = (int(tested), int(model_accepted))
             if n == batch and not catching_up:  # the curve is the whole batch's: fewer rows
-                policy.observe(n_drafted + 1, target_s, n_drafted, draft_s)  # would skew it
+                policy.observe(n_drafted + 1, target_s, int(model_steps), draft_s)  # skew it
             stats.draft_calls += n_drafted
             stats.target_calls += 1
         else:
@@ -352,7 +358,7 @@ def speculative_generate(
             # decoding at batch 4 at 0.6-0.7x).
             with num_threads(1):
                 live = _retire_finished(slots, live, done, per_slot, caches)
-        end_round(stats, policy, step, proposed, round_accepted, callback)
+        end_round(stats, policy, step, proposed, round_accepted, callback, model_drafts)
         round_end = time.perf_counter()
         gate.record(sum(map(len, step)), round_end - round_top)
         # The round's host work outside the sides:
