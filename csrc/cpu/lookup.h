@@ -25,4 +25,16 @@ inline int64_t lookup_next(const std::vector<int64_t>& ctx, int64_t n) {
   return -1;
 }
 
+// A verified window's drafts of the draft model's own (made[i] 1; 0 where the lookup drafted),
+// for a γ policy that prices the model's drafts only: of the first n, those the target tested
+// (up to and including the first rejected one) are added to tested, the accepted ones among
+// them to accepted.
+inline void count_model_drafts(const uint8_t* made, int64_t n, int64_t accepted, int64_t& tested,
+                               int64_t& accepted_made) {
+  for (int64_t i = 0; i < std::min(accepted + 1, n); ++i) {
+    tested += made[i];
+    accepted_made += i < accepted ? made[i] : 0;
+  }
+}
+
 }  // namespace pearlmoe::cpu

@@ -551,12 +551,7 @@ std::tuple<Tensor, Tensor, int64_t> ModelStep::speculative_round(
     const int64_t* t = sp + b * (gamma + 1);
     int64_t a = 0;
     while (a < gamma && d[a] == t[a]) ++a;
-    if (on[b]) {  // the model's own drafts among those the target tested (to the first miss)
-      for (int64_t i = 0; i < std::min(a + 1, gamma); ++i) {
-        model_tested += made[b * gamma + i];
-        model_accepted += i < a ? made[b * gamma + i] : 0;
-      }
-    }
+    if (on[b]) count_model_drafts(made.data() + b * gamma, gamma, a, model_tested, model_accepted);
     int64_t* row = rp + b * (most + 2);
     row[0] = a;
     std::copy_n(d, a, row + 1);

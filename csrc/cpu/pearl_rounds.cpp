@@ -206,11 +206,7 @@ std::tuple<at::Tensor, at::Tensor, int64_t, int64_t> PearlRounds::round(int64_t 
     std::copy_n(window.begin(), all_in ? n : accepted, row + 4);
     if (!all_in) row[4 + accepted] = s[accepted];
     if (!active_[b]) continue;
-    const int64_t tested = std::min(accepted + 1, n);
-    for (int64_t i = 0; i < tested; ++i) {
-      model_tested += window_made[i];
-      model_accepted += i < accepted ? window_made[i] : 0;
-    }
+    count_model_drafts(window_made.data(), n, accepted, model_tested, model_accepted);
     if (ngram_ > 0) tokens_[b].insert(tokens_[b].end(), row + 4, row + 4 + kept);
     committed_[b] += kept;
     last_[b] = row[4 + kept - 1];
@@ -260,10 +256,9 @@ at::Tensor PearlRounds::plain(int64_t steps) {
   const auto opts = at::TensorOptions().dtype(at::kLong);
   at::Tensor rows = at::full({batch, 4 + steps}, -1, opts);
   at::Tensor feed = at::empty({batch, 1}, opts);
+  rows.narrow(1, 0, 4).zero_();  // not post-verify, nothing verified or accepted, none kept yet
   int64_t* rp = rows.mutable_data_ptr<int64_t>();
   int64_t* fp = feed.mutable_data_ptr<int64_t>();
-  for (int64_t b = 0; b < batch; ++b) rp[b * (4 + steps)] = rp[b * (4 + steps) + 1] = 0;
-  for (int64_t b = 0; b < batch; ++b) rp[b * (4 + steps) + 2] = rp[b * (4 + steps) + 3] = 0;
   const GilRelease no_gil;
   for (int64_t s = 0; s < steps; ++s) {
     write_lens();  // a finished sequence scores in place, unused, at its rolled-back length

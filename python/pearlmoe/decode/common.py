@@ -254,6 +254,20 @@ def end_round(
         callback(step)
 
 
+def end_plain_steps(
+    stats: DecodeStats, gate, step: list[list[int]], steps: int,
+    callback: Callable[[list[list[int]]], None] | None, top: float,
+) -> None:  # fmt: skip
+    """The bookkeeping of ``steps`` plain steps (the speculation gate's arm, begun at ``top``):
+    the statistics, the streamed tokens and the gate's measurement; no γ policy (no drafts)."""
+    emitted = sum(map(len, step))
+    stats.target_calls += steps
+    stats.emitted += emitted
+    if callback is not None:
+        callback(step)
+    gate.record(emitted, time.perf_counter() - top, units=steps)
+
+
 def end_decode(stats: DecodeStats, policy, start: float) -> None:
     """A decode's closing statistics; the policy keeps what it learned for the next decode."""
     stats.seconds = time.perf_counter() - start

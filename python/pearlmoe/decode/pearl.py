@@ -43,6 +43,7 @@ from .common import (
     check_pair,
     emit,
     end_decode,
+    end_plain_steps,
     end_round,
     gamma_policy,
     num_threads,
@@ -304,11 +305,7 @@ def pearl_generate(
                     done[b] = emit(tokens[:k], outputs[b], step[b], eos, max_new_tokens)
                     if done[b]:
                         rounds.finish(b)
-                stats.target_calls += steps
-                stats.emitted += sum(map(len, step))
-                if callback is not None:
-                    callback(step)
-                gate.record(sum(map(len, step)), time.perf_counter() - round_top, units=steps)
+                end_plain_steps(stats, gate, step, steps, callback, round_top)
                 continue
             if policy.gamma != gamma and (one_call or not any(host_post)):
                 # The C++ rounds verify however many drafts a sequence holds; HostRounds takes a

@@ -27,6 +27,7 @@ from .common import (
     check_pair,
     emit,
     end_decode,
+    end_plain_steps,
     end_round,
     gamma_policy,
     num_threads,
@@ -402,9 +403,5 @@ def _plain_steps(
         done[b] = emit(row, outputs[b], step[b], eos, budget)
         if done[b]:
             active[slot] = False
-    stats.target_calls += m
-    stats.emitted += sum(len(s) for s in step)
-    if callback is not None:
-        callback(step)
-    gate.record(sum(map(len, step)), time.perf_counter() - top, units=m)
+    end_plain_steps(stats, gate, step, m, callback, top)
     return grown

@@ -476,6 +476,13 @@ class Engine:
         steps."""
         return slot.committed[slot.d_len :]
 
+    @staticmethod
+    def _padded(feeds: list[list[int]], least: int = 1) -> tuple[list[list[int]], list[int]]:
+        """Feeds right-padded with token 0 to one width (at least ``least``), and how many of
+        each row's tokens are real (``_draft``'s ``real``)."""
+        width = max(least, *map(len, feeds))
+        return [f + [0] * (width - len(f)) for f in feeds], [len(f) for f in feeds]
+
     def _draft(
         self, slots: list[_Slot], feeds: list[list[int]], real: list[int], gamma: int
     ) -> tuple[list[list[int]], list[list[Tensor | None]]]:
@@ -505,10 +512,8 @@ class Engine:
 
     def _speculative_round(self) -> None:
         slots, gamma = self.slots, self.gamma
-        feeds = [self._feed(s) for s in slots]
-        real = [len(f) for f in feeds]
-        width = max(2, *real)  # right-padded to one width (2 at least: the warmed-up graph)
-        feeds = [f + [0] * (width - len(f)) for f in feeds]
+        # Right-padded to one width, 2 at least: the warmed-up graph.
+        feeds, real = self._padded([self._feed(s) for s in slots], 2)
         xs, qs = self._draft(slots, feeds, real, gamma)
         windows = [[s.committed[-1], *x] for s, x in zip(slots, xs, strict=True)]
         logits = self._call(self.tgt, windows, [s.length - 1 for s in slots])  # [N, γ+1, V]
@@ -528,10 +533,9 @@ class Engine:
         post = any(s.mode == POST for s in slots)
         # Draft side (worker thread): γ tokens after each sequence's newest token.
         # (In pre-verify after plain steps: every committed token the draft does not cache.)
-        firsts = [[s.unverified[-1]] if s.mode == POST else self._feed(s) for s in slots]
-        real = [len(f) for f in firsts]
-        width = max(real)
-        firsts = [f + [0] * (width - len(f)) for f in firsts]
+        firsts, real = self._padded(
+            [[s.unverified[-1]] if s.mode == POST else self._feed(s) for s in slots]
+        )
         future = self._pool.submit(self._side, self._draft, slots, firsts, real, gamma)
         # Target side (this thread): [last] in pre-verify, [last, e_2..e_γ] in post-verify.
         width = gamma if post else 1
