@@ -122,8 +122,10 @@ TORCH_LIBRARY(pearlmoe, m) {
       .def("logits", &ModelStep::logits)
       .def("greedy", &ModelStep::greedy)
       .def("draft", &ModelStep::draft)
+      .def("greedy_steps", &ModelStep::greedy_steps)
       .def("draft_history", &ModelStep::draft_history)
-      .def("speculative_round", &ModelStep::speculative_round);
+      .def("speculative_round", &ModelStep::speculative_round)
+      .def("speculative_rounds", &ModelStep::speculative_rounds);
   // PEARL's draft side as a C++ thread running a CpuModelStep's draft() (pearlmoe.decode.pearl).
   using pearlmoe::cpu::DraftWorker;
   m.class_<DraftWorker>("CpuDraftWorker")
@@ -131,7 +133,8 @@ TORCH_LIBRARY(pearlmoe, m) {
       .def("submit", &DraftWorker::submit)
       .def("result", &DraftWorker::result)
       .def("seconds", &DraftWorker::seconds)
-      .def("latency", &DraftWorker::latency);
+      .def("latency", &DraftWorker::latency)
+      .def("job_threads", &DraftWorker::job_threads);
   // PEARL's greedy rounds, one call each, over a target CpuModelStep and a CpuDraftWorker.
   using pearlmoe::cpu::PearlRounds;
   m.class_<PearlRounds>("CpuPearlRounds")
@@ -140,6 +143,7 @@ TORCH_LIBRARY(pearlmoe, m) {
                        std::vector<int64_t>, std::vector<int64_t>, at::Tensor, at::Tensor, int64_t,
                        bool, bool>())
       .def("round", &PearlRounds::round)
+      .def("rounds", &PearlRounds::rounds)
       .def("plain", &PearlRounds::plain)
       .def("ahead_tokens", &PearlRounds::ahead_tokens)
       .def("finish", &PearlRounds::finish)

@@ -199,6 +199,64 @@ def test_draft_in_one_call_equals_step_by_step(width):
     assert torch.equal(one.cache.k, steps.cache.k)
 
 
+@pytest.mark.parametrize("n", [1, 5, 33])
+def test_greedy_steps_equal_step_by_step(n):
+    """greedy_steps: n one-token steps in one call, the tokens, cache and lengths of n greedy
+    calls with the caller moving the lengths (ragged prompts, the MoE target with CLA)."""
+    target, _ = _pair(torch.bfloat16)
+    one, steps = (Runner(target, 3, 48, "fused") for _ in range(2))
+    prompts = [[1, 2, 3, 4], [5, 6], [7, 8, 9, 10, 11, 12]]
+    one.prefill(prompts)
+    steps.prefill(prompts)
+    c = one.cache
+    got = one.fused_step.greedy_steps(
+        torch.tensor([[13], [14], [15]]), c.k, c.v, c.lens, n, torch.tensor([], dtype=torch.long),
+        torch.zeros(3, dtype=torch.bool),
+    )  # fmt: skip
+    want, ids = [], torch.tensor([[13], [14], [15]])
+    for _ in range(n):
+        _, tokens = steps(ids)
+        with torch.inference_mode():
+            steps.lens.add_(1)
+        want.append(tokens[:, 0])
+        ids = tokens
+    assert torch.equal(got, torch.stack(want, 1))
+    assert one.lens.tolist() == [len(p) + n for p in prompts]
+    assert torch.equal(one.cache.k, steps.cache.k) and torch.equal(one.cache.v, steps.cache.v)
+
+
+def test_greedy_steps_stop_once_every_live_sequence_has_ended():
+    target, _ = _pair(torch.float32)
+    prompts = [[1, 2, 3, 4], [5, 6], [7, 8, 9, 10, 11, 12]]
+    first = torch.tensor([[13], [14], [15]])
+    ref = Runner(target, 3, 64, "fused")
+    ref.prefill(prompts)
+    c = ref.cache
+    no_eos, none_done = torch.tensor([], dtype=torch.long), torch.zeros(3, dtype=torch.bool)
+    full = ref.fused_step.greedy_steps(first, c.k, c.v, c.lens, 12, no_eos, none_done).tolist()
+
+    def run(eos: list[int], done: list[bool]) -> list[list[int]]:
+        r = Runner(target, 3, 64, "fused")
+        r.prefill(prompts)
+        c = r.cache
+        out = r.fused_step.greedy_steps(first, c.k, c.v, c.lens, 12, torch.tensor(eos),
+                                        torch.tensor(done))  # fmt: skip
+        assert r.lens.tolist() == [len(p) + out.shape[1] for p in prompts]
+        return out.tolist()
+
+    # Each row ends at its first EOS; the call ends with the last row to end.
+    eos = [full[0][1], full[1][3], full[2][2]]
+    ends = [min(j for j, t in enumerate(row) if t in eos) + 1 for row in full]
+    assert run(eos, [False] * 3) == [row[: max(ends)] for row in full]
+    # A row already done does not hold the call open.
+    slow = max(range(3), key=lambda b: ends[b])
+    done = [b == slow for b in range(3)]
+    stop = max(e for b, e in enumerate(ends) if b != slow)
+    assert run(eos, done) == [row[:stop] for row in full]
+    # No EOS ever chosen: all n steps.
+    assert run([-5], [False] * 3) == full
+
+
 def test_bad_calls_name_the_problem():
     model = _dense(torch.float32)
     runner = Runner(model, 2, 8, "fused")
@@ -218,6 +276,21 @@ def test_bad_calls_name_the_problem():
         step.greedy(ids, cache.k, cache.v, cache.lens.long())
     with pytest.raises(RuntimeError, match="ModelStep: draft needs n >= 1"):
         step.draft(ids, cache.k, cache.v, cache.lens, 0)
+    eos, done, one = torch.tensor([1]), torch.zeros(2, dtype=torch.bool), ids[:, :1]
+    with pytest.raises(RuntimeError, match=r"greedy_steps needs one token per sequence"):
+        step.greedy_steps(ids, cache.k, cache.v, cache.lens, 2, eos, done)
+    with pytest.raises(RuntimeError, match="ModelStep: greedy_steps needs n >= 1"):
+        step.greedy_steps(one, cache.k, cache.v, cache.lens, 0, eos, done)
+    with pytest.raises(RuntimeError, match="ModelStep: eos must be Long"):
+        step.greedy_steps(one, cache.k, cache.v, cache.lens, 2, eos.int(), done)
+    with pytest.raises(RuntimeError, match="ModelStep: eos must be 1-D"):
+        step.greedy_steps(one, cache.k, cache.v, cache.lens, 2, eos[None], done)
+    with pytest.raises(RuntimeError, match=r"ModelStep: done must be \[B=2\]"):
+        step.greedy_steps(one, cache.k, cache.v, cache.lens, 2, eos, done[:1])
+    with pytest.raises(RuntimeError, match="ModelStep: done must be Bool"):
+        step.greedy_steps(one, cache.k, cache.v, cache.lens, 2, eos, done.int())
+    with pytest.raises(RuntimeError, match="exceed the cache's capacity 8"):
+        step.greedy_steps(one, cache.k, cache.v, cache.lens, 9, eos, done)
     assert cache.lens.tolist() == [0, 0]  # nothing moved by the refused calls
 
 
@@ -240,6 +313,22 @@ def test_models_it_does_not_cover_take_compile():
             fused.build(model)
     assert fused.unsupported(base.double()) == "torch.float64"
     assert default_backend("cpu") == "fused"
+
+
+def test_autoregressive_stream_on_fused_steps_equals_the_eager_one():
+    """generate_stream runs greedy fused steps FUSED_STEPS a C++ call: the same per-step
+    stream as the eager loop, across chunk boundaries, each sequence stopping at its EOS."""
+    from pearlmoe.decode import autoregressive
+
+    target, _ = _pair(torch.float32)
+    prompts = PROMPTS4
+    n = autoregressive.FUSED_STEPS + 9
+    free = pearlmoe.generate(target, prompts, n)
+    eos = [free[0][3], free[2][autoregressive.FUSED_STEPS + 2]]  # mid-chunk, past a chunk
+    want = list(pearlmoe.generate_stream(target, prompts, n, eos_token_id=eos))
+    got = list(pearlmoe.generate_stream(target, prompts, n, eos_token_id=eos, backend="fused"))
+    assert got == want
+    assert any(t is None for t in want[-1])  # some sequence did stop early
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -407,6 +496,24 @@ def test_draft_worker_thread():
         del w
     _, stats = pearl_generate(*_pair(torch.float32), [[1, 2, 3]], 8, gamma=2, backend="fused")
     assert stats.extra["draft_side"] == "C++ thread"
+
+
+def test_draft_worker_keeps_its_thread_count():
+    """The worker's jobs run with its own thread count, not the process's count the caller sets
+    after starting it (PEARL's loop does: share + 1). With the caller's, the draft's kernels ran
+    as two-part pool jobs that woke a helper of the worker's own, a third busy thread on two
+    cores (PEARL's target side 2x slower in back-to-back rounds)."""
+    _, draft = _pair(torch.float32)
+    runner = Runner(draft, 1, 48, "fused")
+    runner.prefill([[1, 2, 3]])
+    c = runner.cache
+    with num_threads(1):
+        worker = torch.classes.pearlmoe.CpuDraftWorker(runner.fused_step, 1)
+        time.sleep(0.2)  # its thread is up and waiting for a job
+    with num_threads(2):  # set after the worker's thread started, before its first job
+        worker.submit(torch.tensor([[4]]), c.k, c.v, c.lens, 2)
+        worker.result()
+    assert worker.job_threads() == 1
 
 
 def test_draft_worker_dropped_mid_job_joins():

@@ -327,3 +327,144 @@ def test_speculative_rounds_count_the_models_drafts_apart_from_the_lookups(conte
             assert (steps, tested, accepted) == (drafted, tried, took)
         elif contexts is REPEATS:  # the lookup found every token: the model drafted none
             assert (steps, tested, accepted) == (0, 0, 0)
+
+
+def _first_kept_late(kept: list[list[list[int]]]) -> tuple[int, int]:
+    """(r, t): the first round r > 1 keeping a token t that no sequence kept before it, short
+    of the last round (an EOS there would end the call where it ends anyway)."""
+    for r in range(2, len(kept) - 1):
+        seen = {t for earlier in kept[:r] for row in earlier for t in row}
+        for row in kept[r]:
+            for t in row:
+                if t not in seen:
+                    return r, t
+    raise AssertionError("no round between the second and the last keeps a new token")
+
+
+def _spec_state(target, draft, contexts, ngram):
+    """Both sides' runners prefilled with contexts[:-1], and a speculative round's arguments."""
+    batch = len(contexts)
+    tgt, drf = Runner(target, batch, 160, "fused"), Runner(draft, batch, 160, "fused")
+    tgt.prefill([c[:-1] for c in contexts])
+    drf.prefill([c[:-1] for c in contexts])
+    last = torch.tensor([c[-1] for c in contexts])
+    history, lens = token_history(contexts, 160, max(ngram, 1))
+    active = torch.ones(batch, dtype=torch.bool)
+    return tgt, drf, last.clone(), last, active, history, lens
+
+
+def _spec_args(state, feed, gamma, ngram, extend):
+    tgt, drf, prev, last, active, history, lens = state
+    return (drf.fused_step, feed, prev, last, gamma, tgt.cache.k, tgt.cache.v, tgt.lens,
+            drf.cache.k, drf.cache.v, drf.lens, active, history, lens, ngram, extend)  # fmt: skip
+
+
+@pytest.mark.parametrize("ngram", [0, 3])
+def test_speculative_rounds_in_one_call_equal_round_by_round(ngram):
+    """speculative_rounds: k rounds in one call, each later one fed [prev, last], are k calls
+    of speculative_round (rows, drafts, both sides' caches and lengths, the lookup's history);
+    the call stops after a round in which a sequence keeps an EOS or its budget."""
+    target, draft = _pair32()
+    contexts = MIXED[:3]
+    one, steps = (_spec_state(target, draft, contexts, ngram) for _ in range(2))
+    none, wide = torch.empty(0, dtype=torch.long), torch.full((3,), 10_000)
+    first = one[3].unsqueeze(1).clone()
+    rows_k, seconds_k, drafted_k = one[0].fused_step.speculative_rounds(
+        *_spec_args(one, first, 2, ngram, 2), 6, none, wide
+    )
+    assert rows_k.shape[0] == seconds_k.shape[0] == drafted_k.shape[0] == 6
+    feed = first
+    for r in range(6):
+        rows, _, drafted = steps[0].fused_step.speculative_round(*_spec_args(steps, feed, 2, ngram,
+                                                                             2))  # fmt: skip
+        assert torch.equal(rows_k[r], rows) and drafted_k[r] == drafted, r
+        feed = torch.stack([steps[2], steps[3]], 1)
+    for a, b in zip(one, steps, strict=True):
+        if isinstance(a, Runner):
+            assert torch.equal(a.lens, b.lens) and torch.equal(a.cache.k, b.cache.k)
+        else:
+            assert torch.equal(a, b)
+    kept = [[row[1 : row[0] + 2] for row in rows_k[r].tolist()] for r in range(6)]
+
+    def calls(eos: list[int], budget: list[int]) -> int:
+        fresh = _spec_state(target, draft, contexts, ngram)
+        out, _, _ = fresh[0].fused_step.speculative_rounds(
+            *_spec_args(fresh, first, 2, ngram, 2), 6, torch.tensor(eos, dtype=torch.long),
+            torch.tensor(budget),
+        )  # fmt: skip
+        return out.shape[0]
+
+    # Sequence 1 reaches its budget in round 3 (it kept enough by then, not by round 2).
+    need = sum(len(kept[r][1]) for r in range(3))
+    assert calls([], [10_000, need, 10_000]) == 3
+    # A token first kept in round r > 1 (by any sequence): the call ends after round r.
+    r, token = _first_kept_late(kept)
+    assert calls([token], [10_000] * 3) == r + 1
+    assert calls([-7], [10_000] * 3) == 6
+    step = one[0].fused_step
+    with pytest.raises(RuntimeError, match="speculative_rounds needs rounds >= 1"):
+        step.speculative_rounds(*_spec_args(one, first, 2, ngram, 2), 0, none, wide)
+    with pytest.raises(RuntimeError, match=r"ModelStep: budget must be \[B=3\]"):
+        step.speculative_rounds(*_spec_args(one, first, 2, ngram, 2), 1, none, wide[:2])
+    with pytest.raises(RuntimeError, match="ModelStep: budget must be Long"):
+        step.speculative_rounds(*_spec_args(one, first, 2, ngram, 2), 1, none, wide.int())
+    with pytest.raises(RuntimeError, match="ModelStep: eos must be 1-D"):
+        step.speculative_rounds(*_spec_args(one, first, 2, ngram, 2), 1, none[None], wide)
+
+
+def _pearl_rounds(target, draft, contexts, ngram):
+    from pearlmoe.decode.common import num_threads
+
+    batch = len(contexts)
+    tgt, drf = Runner(target, batch, 160, "fused"), Runner(draft, batch, 160, "fused")
+    with num_threads(1):
+        tgt.prefill([c[:-1] for c in contexts])
+        drf.prefill([c[:-1] for c in contexts])
+    worker = torch.classes.pearlmoe.CpuDraftWorker(drf.fused_step, 1)
+    history, lens = token_history(contexts, 160, max(ngram, 1))
+    rounds = torch.classes.pearlmoe.CpuPearlRounds(
+        tgt.fused_step, worker, tgt.cache.k, tgt.cache.v, tgt.lens, drf.cache.k, drf.cache.v,
+        drf.lens, [c[-1] for c in contexts], [len(c) for c in contexts], history, lens, ngram,
+        False, True,
+    )  # fmt: skip
+    return rounds, (tgt, drf, worker)
+
+
+@pytest.mark.parametrize("ngram", [0, 3])
+def test_pearl_rounds_in_one_call_equal_round_by_round(ngram):
+    """PearlRounds.rounds: k rounds in one call are k calls of round() (rows right-padded to
+    the widest, each round's width and drafts, the sides' seconds and the round's wall), and
+    the call stops after a round in which a sequence keeps an EOS or its budget."""
+    target, draft = _pair32()
+    contexts = MIXED[:3]
+    (one, keep1), (steps, keep2) = (_pearl_rounds(target, draft, contexts, ngram) for _ in range(2))
+    none, wide = torch.empty(0, dtype=torch.long), torch.full((3,), 10_000)
+    rows_k, seconds_k, sizes_k = one.rounds(6, 2, 2, none, wide)
+    assert rows_k.shape[:2] == (6, 3) and seconds_k.shape == (6, 7) and sizes_k.shape == (6, 2)
+    assert (seconds_k[:, 6] >= seconds_k[:, :2].max(1).values).all()  # wall >= the slower side
+    kept = []
+    for r in range(6):
+        rows, _, width, drafted = steps.round(2, 2)
+        w = rows.shape[1]
+        assert torch.equal(rows_k[r, :, :w], rows) and (rows_k[r, :, w:] == -1).all(), r
+        assert sizes_k[r].tolist() == [width, drafted]
+        kept.append([row[4 : 4 + row[3]] for row in rows.tolist()])
+    assert torch.equal(keep1[0].lens, keep2[0].lens) and torch.equal(keep1[1].lens, keep2[1].lens)
+
+    def calls(eos: list[int], budget: list[int]) -> int:
+        fresh, _keep = _pearl_rounds(target, draft, contexts, ngram)
+        out, _, _ = fresh.rounds(6, 2, 2, torch.tensor(eos, dtype=torch.long),
+                                 torch.tensor(budget))  # fmt: skip
+        return out.shape[0]
+
+    need = sum(len(kept[r][0]) for r in range(2))
+    assert calls([], [need, 10_000, 10_000]) == 2
+    assert calls([-7], [10_000] * 3) == 6
+    r, token = _first_kept_late(kept)
+    assert calls([token], [10_000] * 3) == r + 1
+    with pytest.raises(RuntimeError, match="PearlRounds: rounds needs n >= 1"):
+        one.rounds(0, 2, 2, none, wide)
+    with pytest.raises(RuntimeError, match=r"PearlRounds: budget must be \[B=3\]"):
+        one.rounds(1, 2, 2, none, wide[:1])
+    with pytest.raises(RuntimeError, match="PearlRounds: eos must be Long"):
+        one.rounds(1, 2, 2, none.int(), wide)

@@ -61,6 +61,12 @@ int DraftWorker::wait_for(int expected, PoolGuest* guest) {
 }
 
 void DraftWorker::loop() {
+  // ATen's per-thread set-up first: on this thread's first get_num_threads it sets the thread's
+  // count to the process's, which the caller sets after starting this thread (PEARL's sides'
+  // share plus one). Left to it, this thread's kernels ran as 2-part pool jobs that woke a
+  // helper of its own, a third busy thread on two cores: PEARL's target side 2x slower in back-
+  // to-back rounds.
+  (void)at::get_num_threads();
   at::set_num_threads(static_cast<int>(threads_));
   const c10::InferenceMode inference;  // the caches are inference tensors
   std::shared_ptr<PoolGuest> guest;    // the last job's: whose work to run until the next job
@@ -69,6 +75,7 @@ void DraftWorker::loop() {
     guest = guest_;  // posted with the job (state_ 1 acquired); submit may replace guest_ later
     const auto start = std::chrono::steady_clock::now();
     latency_ = std::chrono::duration<double>(start - posted_).count();
+    job_threads_ = at::get_num_threads();
     try {
       tokens_ = step_->draft_lookup(ids_, k_, v_, lens_, n_, &contexts_, ngram_, extend_, &origins_,
                                     &model_steps_);

@@ -43,6 +43,9 @@ class DraftWorker : public torch::CustomClassHolder {
   // Seconds the last job took on the worker, and from its submit to its start (the hand-off).
   double seconds() const { return seconds_; }
   double latency() const { return latency_; }
+  // The torch thread count the last job ran with on the worker's thread (the constructor's
+  // `threads`, whatever the caller's count is).
+  int64_t job_threads() const { return job_threads_; }
   // The last job's [B, drafted] flags, 1 where the model drafted a token (not the lookup), and
   // its steps that ran the model (ModelStep::draft_lookup); read after result().
   const std::vector<uint8_t>& origins() const { return origins_; }
@@ -72,7 +75,7 @@ class DraftWorker : public torch::CustomClassHolder {
   std::shared_ptr<PoolGuest> guest_;  // the posted job's; the worker keeps its own copy
   double seconds_ = 0, latency_ = 0;
   std::vector<uint8_t> origins_;
-  int64_t model_steps_ = 0;
+  int64_t model_steps_ = 0, job_threads_ = 0;
   std::chrono::steady_clock::time_point posted_;
   std::exception_ptr error_;
   std::thread thread_;

@@ -358,6 +358,54 @@ Tensor ModelStep::greedy(const Tensor& ids, const Tensor& k_cache, const Tensor&
                      ids.size(0), ids.size(1));
 }
 
+Tensor ModelStep::greedy_steps(const Tensor& ids, const Tensor& k_cache, const Tensor& v_cache,
+                               const Tensor& lens, int64_t n, const Tensor& eos,
+                               const Tensor& done) {
+  check_call(ids, k_cache, v_cache, lens);
+  const int64_t batch = ids.size(0);
+  PM_CHECK(ids.size(1) == 1, kStep, "greedy_steps needs one token per sequence, ids [B, 1], got ",
+           ids.sizes());
+  PM_CHECK(n >= 1, kStep, "greedy_steps needs n >= 1 steps, got ", n);
+  check_dim(eos, 1, kStep, "eos");
+  check_dtype(eos, at::kLong, kStep, "eos");
+  check_dtype(done, at::kBool, kStep, "done");
+  PM_CHECK(eos.is_cpu() && done.is_cpu(), kStep, "greedy_steps' eos and done must be CPU tensors");
+  PM_CHECK(done.dim() == 1 && done.size(0) == batch, kStep, "done must be [B=", batch, "], got ",
+           done.sizes());
+  const Tensor stops = eos.contiguous();
+  const int64_t* ep = stops.const_data_ptr<int64_t>();
+  const int64_t n_eos = stops.numel();
+  const Tensor was = done.contiguous();
+  std::vector<uint8_t> finished(was.const_data_ptr<bool>(), was.const_data_ptr<bool>() + batch);
+  int32_t* lp = lens.mutable_data_ptr<int32_t>();
+  for (int64_t b = 0; b < batch; ++b) {  // refused before any step moves a length
+    PM_CHECK(lp[b] >= 0 && lp[b] + n <= k_cache.size(2), kStep, "sequence ", b, " holds ", lp[b],
+             " tokens: greedy_steps' ", n, " more exceed the cache's capacity ", k_cache.size(2));
+  }
+  const GilRelease no_gil;
+  const PoolScope pool_scope;
+  const std::lock_guard<std::mutex> lock(mutex_);
+  Tensor out = at::empty({batch, n}, ids.options());  // [B, n]
+  int64_t* op = out.mutable_data_ptr<int64_t>();
+  Tensor step = ids.contiguous().clone();  // [B, 1]: each step's input
+  int64_t* sp = step.mutable_data_ptr<int64_t>();
+  int64_t taken = 0;
+  while (taken < n) {
+    const Tensor next = argmax_rows(head_rows(step, k_cache, v_cache, lp, false), batch, 1);
+    const int64_t* np = next.const_data_ptr<int64_t>();
+    bool all_done = true;
+    for (int64_t b = 0; b < batch; ++b) {
+      lp[b] += 1;  // the step's input is cached
+      op[b * n + taken] = sp[b] = np[b];
+      if (!finished[b]) finished[b] = std::find(ep, ep + n_eos, np[b]) != ep + n_eos;
+      all_done = all_done && finished[b];
+    }
+    ++taken;
+    if (all_done) break;
+  }
+  return taken == n ? out : out.narrow(1, 0, taken).contiguous();
+}
+
 Contexts contexts_from(const char* op, const Tensor& history, const Tensor& history_lens,
                        int64_t batch, int64_t room) {
   PM_CHECK(history.dim() == 2 && history.size(0) == batch && history.scalar_type() == at::kLong &&
@@ -576,6 +624,60 @@ std::tuple<Tensor, Tensor, int64_t> ModelStep::speculative_round(
   sec[3] = static_cast<double>(model_tested);
   sec[4] = static_cast<double>(model_accepted);
   return {rows, seconds, gamma};
+}
+
+std::tuple<Tensor, Tensor, Tensor> ModelStep::speculative_rounds(
+    const c10::intrusive_ptr<ModelStep>& draft, const Tensor& feed, const Tensor& prev,
+    const Tensor& last, int64_t gamma, const Tensor& t_k, const Tensor& t_v, const Tensor& t_lens,
+    const Tensor& d_k, const Tensor& d_v, const Tensor& d_lens, const Tensor& active,
+    const Tensor& history, const Tensor& history_lens, int64_t ngram, int64_t extend,
+    int64_t rounds, const Tensor& eos, const Tensor& budget) {
+  const int64_t batch = feed.size(0);
+  PM_CHECK(rounds >= 1, kStep, "speculative_rounds needs rounds >= 1, got ", rounds);
+  check_dim(eos, 1, kStep, "eos");
+  check_dtype(eos, at::kLong, kStep, "eos");
+  check_dtype(budget, at::kLong, kStep, "budget");
+  PM_CHECK(eos.is_cpu() && budget.is_cpu(), kStep,
+           "speculative_rounds' eos and budget must be CPU tensors");
+  PM_CHECK(budget.dim() == 1 && budget.size(0) == batch, kStep, "budget must be [B=", batch,
+           "], got ", budget.sizes());
+  PM_CHECK(active.dim() == 1 && active.size(0) == batch && active.scalar_type() == at::kBool &&
+               active.is_contiguous() && active.is_cpu(),
+           kStep, "active must be a contiguous bool CPU [B=", batch, "]");
+  const Tensor stops = eos.contiguous();
+  const int64_t* ep = stops.const_data_ptr<int64_t>();
+  const int64_t n_eos = stops.numel();
+  const Tensor left_in = budget.contiguous();
+  std::vector<int64_t> left(left_in.const_data_ptr<int64_t>(),
+                            left_in.const_data_ptr<int64_t>() + batch);
+  const bool* on = active.const_data_ptr<bool>();
+  std::vector<Tensor> all_rows, all_seconds;
+  std::vector<int64_t> drafted;
+  Tensor step_feed = feed;
+  for (int64_t r = 0; r < rounds; ++r) {
+    auto [rows, seconds, g] =
+        speculative_round(draft, step_feed, prev, last, gamma, t_k, t_v, t_lens, d_k, d_v, d_lens,
+                          active, history, history_lens, ngram, extend);
+    all_rows.push_back(rows);
+    all_seconds.push_back(seconds);
+    drafted.push_back(g);
+    const int64_t width = rows.size(1);
+    const int64_t* rp = rows.const_data_ptr<int64_t>();
+    bool ended = false;
+    for (int64_t b = 0; b < batch; ++b) {  // a row: a, then the a + 1 kept tokens
+      if (!on[b]) continue;
+      const int64_t* kept = rp + b * width + 1;
+      const int64_t n_kept = rp[b * width] + 1;
+      ended = ended || std::find_first_of(kept, kept + n_kept, ep, ep + n_eos) != kept + n_kept;
+      left[b] -= n_kept;
+      ended = ended || left[b] <= 0;
+    }
+    if (ended) break;
+    step_feed = at::stack({prev, last}, 1);  // [B, 2]
+  }
+  Tensor counts = at::empty({static_cast<int64_t>(drafted.size())}, prev.options());
+  std::copy(drafted.begin(), drafted.end(), counts.mutable_data_ptr<int64_t>());
+  return {at::stack(all_rows), at::stack(all_seconds), counts};
 }
 
 }  // namespace pearlmoe::cpu

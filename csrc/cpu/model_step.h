@@ -76,6 +76,14 @@ class ModelStep : public torch::CustomClassHolder {
   // greedy() with the caller moving lens would.
   at::Tensor draft(const at::Tensor& ids, const at::Tensor& k_cache, const at::Tensor& v_cache,
                    const at::Tensor& lens, int64_t n);
+  // Autoregressive greedy decoding in one call: up to n one-token steps from ids [B, 1], each
+  // feeding the token the step before chose, as n calls of greedy() with the caller moving lens
+  // would (bit for bit); lens advance by the steps taken. It stops after the step at which every
+  // sequence not already done (bool [B]) has chosen one of eos (int64 [E], E >= 0): [B, n']
+  // tokens, n' <= n. A sequence that is done decodes on, unused, as in a per-step loop.
+  at::Tensor greedy_steps(const at::Tensor& ids, const at::Tensor& k_cache,
+                          const at::Tensor& v_cache, const at::Tensor& lens, int64_t n,
+                          const at::Tensor& eos, const at::Tensor& done);
   // draft_lookup over history [B, C] (int64: each sequence's tokens, the first history_lens[b]
   // of a row; int64 [B]), for tests and callers that keep their tokens in tensors.
   at::Tensor draft_history(const at::Tensor& ids, const at::Tensor& k_cache,
@@ -116,6 +124,20 @@ class ModelStep : public torch::CustomClassHolder {
       const at::Tensor& t_lens, const at::Tensor& d_k, const at::Tensor& d_v,
       const at::Tensor& d_lens, const at::Tensor& active, const at::Tensor& history,
       const at::Tensor& history_lens, int64_t ngram, int64_t extend);
+  // Up to `rounds` speculative_round()s in one call, the first fed `feed`, each later one
+  // [prev, last] (as the caller's next round would be): the ~0.1 ms of host work a round costs
+  // from Python is paid once. It stops after a round in which an active sequence commits one of
+  // eos (int64 [E]) or its budget[b] tokens (int64 [B]: what it may still commit), so the
+  // caller finishes sequences between calls. Returns each round's rows [R, B, W] and seconds
+  // [R, 5] as speculative_round() gives them (W = gamma + extend + 2 with ngram > 0, else
+  // gamma + 2), and the tokens each drafted [R] (int64).
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> speculative_rounds(
+      const c10::intrusive_ptr<ModelStep>& draft, const at::Tensor& feed, const at::Tensor& prev,
+      const at::Tensor& last, int64_t gamma, const at::Tensor& t_k, const at::Tensor& t_v,
+      const at::Tensor& t_lens, const at::Tensor& d_k, const at::Tensor& d_v,
+      const at::Tensor& d_lens, const at::Tensor& active, const at::Tensor& history,
+      const at::Tensor& history_lens, int64_t ngram, int64_t extend, int64_t rounds,
+      const at::Tensor& eos, const at::Tensor& budget);
 
  private:
   struct Layer {

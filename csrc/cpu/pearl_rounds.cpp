@@ -231,6 +231,61 @@ std::tuple<at::Tensor, at::Tensor, int64_t, int64_t> PearlRounds::round(int64_t 
   return {rows, seconds, width, g};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> PearlRounds::rounds(int64_t n, int64_t gamma,
+                                                                   int64_t extend,
+                                                                   const at::Tensor& eos,
+                                                                   const at::Tensor& budget) {
+  const int64_t batch = static_cast<int64_t>(last_.size());
+  PM_CHECK(n >= 1, kRounds, "rounds needs n >= 1, got ", n);
+  check_dim(eos, 1, kRounds, "eos");
+  check_dtype(eos, at::kLong, kRounds, "eos");
+  check_dtype(budget, at::kLong, kRounds, "budget");
+  PM_CHECK(eos.is_cpu() && budget.is_cpu(), kRounds, "rounds' eos and budget must be CPU tensors");
+  PM_CHECK(budget.dim() == 1 && budget.size(0) == batch, kRounds, "budget must be [B=", batch,
+           "], got ", budget.sizes());
+  const at::Tensor stops = eos.contiguous();
+  const int64_t* ep = stops.const_data_ptr<int64_t>();
+  const int64_t n_eos = stops.numel();
+  const at::Tensor left_in = budget.contiguous();
+  std::vector<int64_t> left(left_in.const_data_ptr<int64_t>(),
+                            left_in.const_data_ptr<int64_t>() + batch);
+  std::vector<at::Tensor> all_rows, all_seconds;
+  std::vector<int64_t> sizes;  // each round's (width, drafted)
+  int64_t widest = 0;
+  const GilRelease no_gil;
+  for (int64_t r = 0; r < n; ++r) {
+    const std::vector<bool> was_active = active_;
+    const auto start = std::chrono::steady_clock::now();
+    auto [rows, seconds, width, drafted] = round(gamma, extend);
+    const double wall =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    all_rows.push_back(rows);
+    all_seconds.push_back(at::cat({seconds, at::full({1}, wall, seconds.options())}));
+    sizes.push_back(width);
+    sizes.push_back(drafted);
+    widest = std::max(widest, rows.size(1));
+    const int64_t* rp = rows.const_data_ptr<int64_t>();
+    bool ended = false;
+    for (int64_t b = 0; b < batch; ++b) {  // a row: was post, verified, accepted, kept, tokens
+      if (!was_active[b]) continue;
+      const int64_t* row = rp + b * rows.size(1);
+      const int64_t* kept = row + 4;
+      ended = ended || std::find_first_of(kept, kept + row[3], ep, ep + n_eos) != kept + row[3];
+      left[b] -= row[3];
+      ended = ended || left[b] <= 0;
+    }
+    if (ended) break;
+  }
+  const auto opts = at::TensorOptions().dtype(at::kLong);
+  at::Tensor rows = at::full({static_cast<int64_t>(all_rows.size()), batch, widest}, -1, opts);
+  for (size_t r = 0; r < all_rows.size(); ++r) {
+    rows[static_cast<int64_t>(r)].narrow(1, 0, all_rows[r].size(1)).copy_(all_rows[r]);
+  }
+  at::Tensor counts = at::empty({static_cast<int64_t>(all_rows.size()), 2}, opts);
+  std::copy(sizes.begin(), sizes.end(), counts.mutable_data_ptr<int64_t>());
+  return {rows, at::stack(all_seconds), counts};
+}
+
 at::Tensor PearlRounds::plain(int64_t steps) {
   PM_CHECK(steps >= 1, kRounds, "plain needs steps >= 1, got ", steps);
   const int64_t batch = static_cast<int64_t>(last_.size());

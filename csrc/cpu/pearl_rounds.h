@@ -52,6 +52,15 @@ class PearlRounds : public torch::CustomClassHolder {
   // target's window width (the longest [last, known tokens]; shorter rows right-padded) and the
   // number of tokens drafted.
   std::tuple<at::Tensor, at::Tensor, int64_t, int64_t> round(int64_t gamma, int64_t extend);
+  // Up to n round()s in one call (the ~0.1 ms of host work a round costs from Python paid
+  // once), stopping after a round in which an active sequence keeps one of eos (int64 [E]) or
+  // its budget[b] tokens (int64 [B]: what it may still keep), so the caller finishes sequences
+  // between calls. Returns each round's rows [R, B, W] (round()'s, right-padded with -1 to the
+  // widest), its seconds and counts [R, 7] (round()'s six, then the round's wall seconds) and
+  // its target window width and tokens drafted [R, 2] (int64).
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> rounds(int64_t n, int64_t gamma, int64_t extend,
+                                                        const at::Tensor& eos,
+                                                        const at::Tensor& budget);
   // Plain steps (the speculation gate's other arm, cost_model.SpeculationGate): `steps`
   // greedy steps of the target alone on every active sequence, after its unverified drafts are
   // dropped (it goes back to pre-verify). The draft falls behind by the tokens committed; the

@@ -51,6 +51,9 @@ def generate_stream(
     runner.prefill([p[:-1] for p in prompts])
     tokens = torch.tensor([p[-1] for p in prompts], device=model.device)  # [B]
     done = [False] * len(prompts)
+    if runner.drafts_in_one_call:  # greedy on fused CPU steps: many steps a C++ call
+        yield from _fused_steps(runner, tokens, done, eos, max_new_tokens)
+        return
     # The CPU lengths through a numpy view (~0.3 us a step instead of a ~4 us tensor op), and
     # only the cudagraph backend's outputs need copying out of its static buffers.
     lens = runner.lens.numpy() if runner.lens.device.type == "cpu" else runner.lens
@@ -69,6 +72,37 @@ def generate_stream(
         yield out
         if all(done):
             return
+
+
+# Greedy steps one C++ call runs at most (ModelStep.greedy_steps, which also stops at EOS): a
+# step called from Python costs ~50 us of host work beside the embedded target's ~0.3 ms, and
+# streamed tokens arrive in bursts of at most this many.
+FUSED_STEPS = 32
+
+
+def _fused_steps(
+    runner: Runner, tokens: Tensor, done: list[bool], eos: set[int], max_new_tokens: int
+) -> Iterator[list[int | None]]:
+    """generate_stream's loop on fused CPU steps, greedy: up to FUSED_STEPS steps a call, each
+    step's tokens yielded as the per-step loop yields them (the same tokens, bit for bit)."""
+    c = runner.cache
+    stops = torch.tensor(sorted(eos), dtype=torch.long)  # [E]
+    last = tokens.unsqueeze(1)  # [B, 1]
+    left = max_new_tokens
+    while left > 0:
+        chunk = runner.fused_step.greedy_steps(
+            last, c.k, c.v, c.lens, min(left, FUSED_STEPS), stops, torch.tensor(done)
+        )  # [B, n]: lens moved by n
+        left -= chunk.shape[1]
+        last = chunk[:, -1:]
+        for column in chunk.T.tolist():  # [n, B]
+            out: list[int | None] = []
+            for b, token in enumerate(column):
+                out.append(None if done[b] else token)
+                done[b] = done[b] or token in eos
+            yield out
+            if all(done):
+                return
 
 
 def generate(

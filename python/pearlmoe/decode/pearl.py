@@ -149,6 +149,11 @@ def draft_thread_lent(
     )
 
 
+# PEARL rounds one C++ call runs at most (PearlRounds.rounds), as speculative decoding's
+# ROUNDS_PER_CALL: the Python host work of a round paid once a call.
+ROUNDS_PER_CALL = 16
+
+
 @torch.inference_mode()
 def pearl_generate(
     target: Transformer,
@@ -290,9 +295,14 @@ def pearl_generate(
     # The target's pool stops keeping parts for the draft when the decode ends, even on an error.
     closing = contextlib.closing(rounds) if one_call else contextlib.nullcontext()
     with pool, num_threads(loop_threads), closing:
+        stops = torch.tensor(sorted(eos), dtype=torch.long)  # [E]
+        queued: list[tuple] = []  # rounds the last C++ call ran past its first, in order
         while not all(done):
             round_top = time.perf_counter()
-            if gate.plain:  # steps of the target alone, ~autoregressive decoding
+            iteration_sides = 0.0  # the slower side's seconds of the rounds this iteration ran
+            if queued:  # committed as if each had been its own call
+                host, info, (width, drafted) = queued.pop(0)
+            elif gate.plain:  # steps of the target alone, ~autoregressive decoding
                 steps = min(gate.budget(), PLAIN_STEPS)
                 step = [[] for _ in prompts]
                 with num_threads(cores):
@@ -307,25 +317,37 @@ def pearl_generate(
                         rounds.finish(b)
                 end_plain_steps(stats, gate, step, steps, callback, round_top)
                 continue
-            if policy.gamma != gamma and (one_call or not any(host_post)):
-                # The C++ rounds verify however many drafts a sequence holds; HostRounds takes a
-                # new γ only between rounds with nothing unverified.
-                gamma = policy.gamma
-                if not one_call:
-                    rounds.set_gamma(gamma)
-            drafted = gamma
+            else:
+                if policy.gamma != gamma and (one_call or not any(host_post)):
+                    # The C++ rounds verify however many drafts a sequence holds; HostRounds
+                    # takes a new γ only between rounds with nothing unverified.
+                    gamma = policy.gamma
+                    if not one_call:
+                        rounds.set_gamma(gamma)
+                drafted = gamma
+                if one_call:
+                    # With the lookup the draft runs on to max_gamma while it finds every next
+                    # token: the next round verifies them all in one window (post-verify).
+                    extend = policy.max_gamma - gamma if lookup else 0
+                    # Several rounds a call (their Python host work paid once), but one where
+                    # the gate times each round or the draft first catches up after plain
+                    # steps; the call ends after a round in which a sequence finishes.
+                    k = 1 if after_plain or gate.enabled else ROUNDS_PER_CALL
+                    left = torch.tensor([max_new_tokens - len(o) for o in outputs])
+                    rows_k, seconds_k, sizes_k = rounds.rounds(k, gamma, extend, stops, left)
+                    # (from the lists: a tensor reduction here is an ATen OpenMP region, whose
+                    # team then spins beside the draft's thread: measured 1.4 ms a call)
+                    queued = list(
+                        zip(rows_k.tolist(), seconds_k.tolist(), sizes_k.tolist(), strict=True)
+                    )
+                    iteration_sides = sum(max(info[0], info[1]) for _, info, _ in queued)
+                    host, info, (width, drafted) = queued.pop(0)
             model_drafts = None  # (tested, accepted) of the model's drafts, where told apart
             if one_call:
-                # With the lookup the draft runs on to max_gamma while it finds every next token:
-                # the next round verifies them all in one window (post-verify).
-                extend = policy.max_gamma - gamma if lookup else 0
-                round_start = time.perf_counter()
-                host, seconds, width, drafted = rounds.round(gamma, extend)
-                round_times["wall"] += time.perf_counter() - round_start
                 # The sides' seconds, the draft job's hand-off, and the model's own drafts (the
                 # policy prices those: the lookup's come nearly free, and almost always right).
-                host, info = host.tolist(), seconds.tolist()
-                t_draft, t_target, handoff, model_steps, tested, model_accepted = info
+                t_draft, t_target, handoff, model_steps, tested, model_accepted, wall = info
+                round_times["wall"] += wall
                 round_times["draft_start"] += handoff
                 model_drafts = (int(tested), int(model_accepted))
             else:
@@ -371,7 +393,9 @@ def pearl_generate(
             round_end = time.perf_counter()
             gate.record(sum(map(len, step)), round_end - round_top)
             if device.type == "cpu" and not resumed:  # the round's host work past its sides
-                policy.observe_host(round_end - round_top - max(t_draft, t_target))
+                # (a C++ call's rounds: the first has the call's own, each its bookkeeping)
+                sides = iteration_sides if one_call else max(t_draft, t_target)
+                policy.observe_host(round_end - round_top - sides)
     end_decode(stats, policy, start)
     stats.extra["gate"] = gate.summary()
     gate.remember()

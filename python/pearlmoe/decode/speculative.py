@@ -258,44 +258,61 @@ def speculative_generate(
     # round's usual feed ([prev, last], or [last] at first) and every token committed since.
     pending: Tensor | None = None  # [B, w]
 
+    stops = torch.tensor(sorted(eos), dtype=torch.long)  # [E]
+    queued: list[tuple] = []  # rounds the last C++ call ran past its first, to commit in order
     while not all(done):
         round_top = time.perf_counter()
-        if policy.gamma != gamma:
-            gamma = policy.gamma
-            gamma_t = torch.tensor(gamma, device=device)
-        feed = last.unsqueeze(1).clone() if first else torch.stack([prev, last], 1)  # [B, 1|2]
-        if gate.plain:  # steps of the target alone, ~autoregressive decoding
-            pending = feed if pending is None else pending
-            pending = _plain_steps(tgt, live, gate, pending, prev, last, history, history_lens,
-                                   outputs, slots, done, active, eos, max_new_tokens, stats,
-                                   callback, round_top)  # fmt: skip
-            per_slot = [prev, last, active, tgt.lens, drf.lens, history, history_lens, pending]
-            caches = [tgt.cache.k, tgt.cache.v, drf.cache.k, drf.cache.v]
-            with num_threads(1):
-                live = _retire_finished(slots, live, done, per_slot, caches)
-            first = False
-            continue
-        # The round after plain steps feeds the draft every token it missed: its sides' times
-        # are not a round's (the γ policy does not see them; the gate skips a phase's first).
-        catching_up = pending is not None
-        if catching_up:
-            feed, pending = pending, None
-        n_drafted = gamma  # this round's drafts: γ, or more where the lookup ran on
+        iteration_sides = 0.0  # the sides' seconds of the rounds this iteration ran
+        if queued:  # committed as if each had been its own call
+            (rows, info, n_drafted), catching_up = queued.pop(0), False
+        else:
+            if policy.gamma != gamma:
+                gamma = policy.gamma
+                gamma_t = torch.tensor(gamma, device=device)
+            feed = last.unsqueeze(1).clone() if first else torch.stack([prev, last], 1)  # [B, w]
+            if gate.plain:  # steps of the target alone, ~autoregressive decoding
+                pending = feed if pending is None else pending
+                pending = _plain_steps(tgt, live, gate, pending, prev, last, history,
+                                       history_lens, outputs, slots, done, active, eos,
+                                       max_new_tokens, stats, callback, round_top)  # fmt: skip
+                per_slot = [prev, last, active, tgt.lens, drf.lens, history, history_lens,
+                            pending]  # fmt: skip
+                caches = [tgt.cache.k, tgt.cache.v, drf.cache.k, drf.cache.v]
+                with num_threads(1):
+                    live = _retire_finished(slots, live, done, per_slot, caches)
+                first = False
+                continue
+            # The round after plain steps feeds the draft every token it missed: its sides'
+            # times are not a round's (the γ policy does not see them; the gate skips a phase's
+            # first).
+            catching_up = pending is not None
+            if catching_up:
+                feed, pending = pending, None
+            n_drafted = gamma  # this round's drafts: γ, or more where the lookup ran on
+            if one_call:  # prev, last and both sides' lengths move in place
+                # Where the lookup finds every next token the drafts run on to max_gamma: a loop
+                # in the output is verified in one long window, other text in windows of γ + 1.
+                extend = policy.max_gamma - gamma if lookup else 0
+                # Several rounds a call (their Python host work paid once), but one where the
+                # gate times each round or the draft catches up; the call ends after a round in
+                # which a sequence finishes, so sequences finish and retire between calls.
+                k = 1 if catching_up or gate.enabled else ROUNDS_PER_CALL
+                n = live  # views of the live slots: prefixes along the batch dimension
+                left = torch.tensor([max_new_tokens - len(outputs[slots[i]]) for i in range(n)])
+                rows_k, seconds_k, drafted_k = tgt.fused_step.speculative_rounds(
+                    drf.fused_step, feed[:n], prev[:n], last[:n], gamma, tgt.cache.k[:, :n],
+                    tgt.cache.v[:, :n], tgt.lens[:n], drf.cache.k[:, :n], drf.cache.v[:, :n],
+                    drf.lens[:n], active[:n], history[:n], history_lens[:n], lookup, extend, k,
+                    stops, left,
+                )  # fmt: skip
+                queued = list(
+                    zip(rows_k.tolist(), seconds_k.tolist(), drafted_k.tolist(), strict=True)
+                )
+                iteration_sides = sum(info[0] + info[1] for _, info, _ in queued)
+                rows, info, n_drafted = queued.pop(0)
         model_drafts = None  # (tested, accepted) of the draft model's own, where told apart
-        if one_call:  # prev, last and both sides' lengths move in place
-            # Where the lookup finds every next token the drafts run on to max_gamma: a loop in
-            # the output is verified in one long window, other text in windows of γ + 1.
-            extend = policy.max_gamma - gamma if lookup else 0
-            began = time.perf_counter()
-            n = live  # views of the live slots: prefixes along the batch dimension
-            rows, seconds, n_drafted = tgt.fused_step.speculative_round(
-                drf.fused_step, feed[:n], prev[:n], last[:n], gamma, tgt.cache.k[:, :n],
-                tgt.cache.v[:, :n], tgt.lens[:n], drf.cache.k[:, :n], drf.cache.v[:, :n],
-                drf.lens[:n], active[:n], history[:n], history_lens[:n], lookup, extend,
-            )  # fmt: skip
+        if one_call:
             stats.extra["target_rows"] += n * (n_drafted + 1)
-            sides_end = time.perf_counter()
-            rows, info = rows.tolist(), seconds.tolist()
             draft_s, target_s, model_steps, tested, model_accepted = info
             # The policy prices the draft model's own drafts (their steps' cost, their
             # acceptance), not the lookup's: those cost nearly nothing and are almost always
@@ -351,7 +368,7 @@ def speculative_generate(
             done[b] = emit(tokens[: a + 1], outputs[b], step[b], eos, max_new_tokens)
             if done[b]:
                 active[slot] = False
-        if one_call:
+        if one_call and not queued:
             per_slot = [prev, last, active, tgt.lens, drf.lens, history, history_lens]
             caches = [tgt.cache.k, tgt.cache.v, drf.cache.k, drf.cache.v]  # [G, B, ...]
             # On one thread: a copy this large would be an ATen OpenMP region, whose idle team
@@ -362,14 +379,22 @@ def speculative_generate(
         end_round(stats, policy, step, proposed, round_accepted, callback, model_drafts)
         round_end = time.perf_counter()
         gate.record(sum(map(len, step)), round_end - round_top)
-        # The round's host work outside the sides:
+        # The round's host work outside the sides (a C++ call's rounds: the first has the call's
+        # own host work, each its Python bookkeeping):
         if timed and (not one_call or n == batch) and not catching_up:
-            policy.observe_host(round_end - round_top - (sides_end - began))
+            sides = iteration_sides if one_call else sides_end - began
+            policy.observe_host(round_end - round_top - sides)
     end_decode(stats, policy, start)
     stats.extra["gate"] = gate.summary()
     gate.remember()
     return outputs, stats
 
+
+# Speculative rounds one C++ call runs at most (ModelStep.speculative_rounds): from Python a
+# round costs ~0.1 ms of host work (the call, its arguments, its results) beside the embedded
+# pair's ~1 ms rounds; the γ policy then re-picks between calls, and a streaming callback sees
+# the call's rounds one after another when it returns.
+ROUNDS_PER_CALL = 16
 
 # Plain steps one C++ call runs at most: fewer calls, and a sequence that ends mid-call wastes
 # at most this many less one (its tokens after EOS or its budget are dropped).
