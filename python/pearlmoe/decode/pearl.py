@@ -300,6 +300,7 @@ def pearl_generate(
         while not all(done):
             round_top = time.perf_counter()
             iteration_sides = 0.0  # the slower side's seconds of the rounds this iteration ran
+            iteration_walls = 0.0  # and their wall seconds in C++
             if queued:  # committed as if each had been its own call
                 host, info, (width, drafted) = queued.pop(0)
             elif gate.plain:  # steps of the target alone, ~autoregressive decoding
@@ -332,7 +333,8 @@ def pearl_generate(
                     # Several rounds a call (their Python host work paid once), but one where
                     # the gate times each round or the draft first catches up after plain
                     # steps; the call ends after a round in which a sequence finishes.
-                    k = 1 if after_plain or gate.enabled else ROUNDS_PER_CALL
+                    k = min(ROUNDS_PER_CALL, gate.budget() if gate.enabled else ROUNDS_PER_CALL)
+                    k = 1 if after_plain else k
                     left = torch.tensor([max_new_tokens - len(o) for o in outputs])
                     rows_k, seconds_k, sizes_k = rounds.rounds(k, gamma, extend, stops, left)
                     # (from the lists: a tensor reduction here is an ATen OpenMP region, whose
@@ -341,6 +343,7 @@ def pearl_generate(
                         zip(rows_k.tolist(), seconds_k.tolist(), sizes_k.tolist(), strict=True)
                     )
                     iteration_sides = sum(max(info[0], info[1]) for _, info, _ in queued)
+                    iteration_walls = sum(info[6] for _, info, _ in queued)
                     host, info, (width, drafted) = queued.pop(0)
             model_drafts = None  # (tested, accepted) of the model's drafts, where told apart
             if one_call:
@@ -391,7 +394,10 @@ def pearl_generate(
                     rounds.finish(b)
             end_round(stats, policy, step, proposed, round_accepted, callback, model_drafts)
             round_end = time.perf_counter()
-            gate.record(sum(map(len, step)), round_end - round_top)
+            # A round's own seconds: its wall in C++, and the host work of its iteration (the
+            # first of a call's rounds: the call's too).
+            own = wall if one_call else 0.0
+            gate.record(sum(map(len, step)), round_end - round_top - iteration_walls + own)
             if device.type == "cpu" and not resumed:  # the round's host work past its sides
                 # (a C++ call's rounds: the first has the call's own, each its bookkeeping)
                 sides = iteration_sides if one_call else max(t_draft, t_target)

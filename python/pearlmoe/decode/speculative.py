@@ -293,10 +293,12 @@ def speculative_generate(
                 # Where the lookup finds every next token the drafts run on to max_gamma: a loop
                 # in the output is verified in one long window, other text in windows of γ + 1.
                 extend = policy.max_gamma - gamma if lookup else 0
-                # Several rounds a call (their Python host work paid once), but one where the
-                # gate times each round or the draft catches up; the call ends after a round in
-                # which a sequence finishes, so sequences finish and retire between calls.
-                k = 1 if catching_up or gate.enabled else ROUNDS_PER_CALL
+                # Several rounds a call (their Python host work paid once; with the gate, no
+                # more than its phase has left), but one where the draft catches up; the call
+                # ends after a round in which a sequence finishes, so sequences finish and
+                # retire between calls.
+                k = min(ROUNDS_PER_CALL, gate.budget() if gate.enabled else ROUNDS_PER_CALL)
+                k = 1 if catching_up else k
                 n = live  # views of the live slots: prefixes along the batch dimension
                 left = torch.tensor([max_new_tokens - len(outputs[slots[i]]) for i in range(n)])
                 rows_k, seconds_k, drafted_k = tgt.fused_step.speculative_rounds(
@@ -378,7 +380,10 @@ def speculative_generate(
                 live = _retire_finished(slots, live, done, per_slot, caches)
         end_round(stats, policy, step, proposed, round_accepted, callback, model_drafts)
         round_end = time.perf_counter()
-        gate.record(sum(map(len, step)), round_end - round_top)
+        # A round's own seconds: its sides, and the host work of its iteration (the first of a
+        # call's rounds: the call's too).
+        own = info[0] + info[1] if one_call else 0.0
+        gate.record(sum(map(len, step)), round_end - round_top - iteration_sides + own)
         # The round's host work outside the sides (a C++ call's rounds: the first has the call's
         # own host work, each its Python bookkeeping):
         if timed and (not one_call or n == batch) and not catching_up:
@@ -398,7 +403,7 @@ ROUNDS_PER_CALL = 16
 
 # Plain steps one C++ call runs at most: fewer calls, and a sequence that ends mid-call wastes
 # at most this many less one (its tokens after EOS or its budget are dropped).
-PLAIN_STEPS = 4
+PLAIN_STEPS = 8
 
 
 def _plain_steps(
