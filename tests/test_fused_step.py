@@ -252,6 +252,7 @@ def test_greedy_steps_stop_once_every_live_sequence_has_ended():
     slow = max(range(3), key=lambda b: ends[b])
     done = [b == slow for b in range(3)]
     stop = max(e for b, e in enumerate(ends) if b != slow)
+    assert stop < max(ends)  # (the done row alone would have held the call open longer)
     assert run(eos, done) == [row[:stop] for row in full]
     # No EOS ever chosen: all n steps.
     assert run([-5], [False] * 3) == full
@@ -324,10 +325,14 @@ def test_autoregressive_stream_on_fused_steps_equals_the_eager_one():
     prompts = PROMPTS4
     n = autoregressive.FUSED_STEPS + 9
     free = pearlmoe.generate(target, prompts, n)
-    eos = [free[0][3], free[2][autoregressive.FUSED_STEPS + 2]]  # mid-chunk, past a chunk
+    # An EOS one sequence meets mid-way through the first call and another only past it.
+    firsts = {t: [row.index(t) if t in row else n for row in free] for t in set(free[0][1:8])}
+    eos = [t for t, f in firsts.items() if max(f) > autoregressive.FUSED_STEPS][:1]
+    assert eos
     want = list(pearlmoe.generate_stream(target, prompts, n, eos_token_id=eos))
     got = list(pearlmoe.generate_stream(target, prompts, n, eos_token_id=eos, backend="fused"))
     assert got == want
+    assert len(want) > autoregressive.FUSED_STEPS  # the stream crossed a call's boundary
     assert any(t is None for t in want[-1])  # some sequence did stop early
 
 

@@ -401,6 +401,13 @@ def test_speculative_rounds_in_one_call_equal_round_by_round(ngram):
     r, token = _first_kept_late(kept)
     assert calls([token], [10_000] * 3) == r + 1
     assert calls([-7], [10_000] * 3) == 6
+    # An inactive sequence does not end the call on its budget.
+    idle = _spec_state(target, draft, contexts, ngram)
+    idle[4][0] = False
+    out, _, _ = idle[0].fused_step.speculative_rounds(
+        *_spec_args(idle, first, 2, ngram, 2), 6, torch.tensor([-7]), torch.tensor([0, 10**4, 10**4])
+    )  # fmt: skip
+    assert out.shape[0] == 6
     step = one[0].fused_step
     with pytest.raises(RuntimeError, match="speculative_rounds needs rounds >= 1"):
         step.speculative_rounds(*_spec_args(one, first, 2, ngram, 2), 0, none, wide)
@@ -462,6 +469,12 @@ def test_pearl_rounds_in_one_call_equal_round_by_round(ngram):
     assert calls([-7], [10_000] * 3) == 6
     r, token = _first_kept_late(kept)
     assert calls([token], [10_000] * 3) == r + 1
+    assert len(set(sizes_k[:, 0].tolist())) > 1  # windows of several widths: rows were padded
+    # A finished sequence does not end the call on its budget.
+    idle, _keep_idle = _pearl_rounds(target, draft, contexts, ngram)
+    idle.finish(0)
+    out, _, _ = idle.rounds(6, 2, 2, torch.tensor([-7]), torch.tensor([0, 10**4, 10**4]))
+    assert out.shape[0] == 6
     with pytest.raises(RuntimeError, match="PearlRounds: rounds needs n >= 1"):
         one.rounds(0, 2, 2, none, wide)
     with pytest.raises(RuntimeError, match=r"PearlRounds: budget must be \[B=3\]"):

@@ -654,6 +654,7 @@ std::tuple<Tensor, Tensor, Tensor> ModelStep::speculative_rounds(
   std::vector<Tensor> all_rows, all_seconds;
   std::vector<int64_t> drafted;
   Tensor step_feed = feed;
+  const GilRelease no_gil;
   for (int64_t r = 0; r < rounds; ++r) {
     auto [rows, seconds, g] =
         speculative_round(draft, step_feed, prev, last, gamma, t_k, t_v, t_lens, d_k, d_v, d_lens,

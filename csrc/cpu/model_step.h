@@ -130,7 +130,8 @@ class ModelStep : public torch::CustomClassHolder {
   // eos (int64 [E]) or its budget[b] tokens (int64 [B]: what it may still commit), so the
   // caller finishes sequences between calls. Returns each round's rows [R, B, W] and seconds
   // [R, 5] as speculative_round() gives them (W = gamma + extend + 2 with ngram > 0, else
-  // gamma + 2), and the tokens each drafted [R] (int64).
+  // gamma + 2), and the tokens each drafted [R] (int64). An error in a later round leaves the
+  // earlier rounds' moves made and their rows lost: the decode cannot go on from there.
   std::tuple<at::Tensor, at::Tensor, at::Tensor> speculative_rounds(
       const c10::intrusive_ptr<ModelStep>& draft, const at::Tensor& feed, const at::Tensor& prev,
       const at::Tensor& last, int64_t gamma, const at::Tensor& t_k, const at::Tensor& t_v,

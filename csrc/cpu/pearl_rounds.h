@@ -57,7 +57,8 @@ class PearlRounds : public torch::CustomClassHolder {
   // its budget[b] tokens (int64 [B]: what it may still keep), so the caller finishes sequences
   // between calls. Returns each round's rows [R, B, W] (round()'s, right-padded with -1 to the
   // widest), its seconds and counts [R, 7] (round()'s six, then the round's wall seconds) and
-  // its target window width and tokens drafted [R, 2] (int64).
+  // its target window width and tokens drafted [R, 2] (int64). An error in a later round leaves
+  // the earlier rounds' moves made and their rows lost: the decode cannot go on from there.
   std::tuple<at::Tensor, at::Tensor, at::Tensor> rounds(int64_t n, int64_t gamma, int64_t extend,
                                                         const at::Tensor& eos,
                                                         const at::Tensor& budget);

@@ -297,10 +297,10 @@ def pearl_generate(
     with pool, num_threads(loop_threads), closing:
         stops = torch.tensor(sorted(eos), dtype=torch.long)  # [E]
         queued: list[tuple] = []  # rounds the last C++ call ran past its first, in order
+        spread = 0.0  # the last call's host work a round, past its rounds' walls
         while not all(done):
             round_top = time.perf_counter()
-            iteration_sides = 0.0  # the slower side's seconds of the rounds this iteration ran
-            iteration_walls = 0.0  # and their wall seconds in C++
+            in_call = 0.0  # seconds of this iteration inside a C++ call
             if queued:  # committed as if each had been its own call
                 host, info, (width, drafted) = queued.pop(0)
             elif gate.plain:  # steps of the target alone, ~autoregressive decoding
@@ -336,14 +336,16 @@ def pearl_generate(
                     k = min(ROUNDS_PER_CALL, gate.budget() if gate.enabled else ROUNDS_PER_CALL)
                     k = 1 if after_plain else k
                     left = torch.tensor([max_new_tokens - len(o) for o in outputs])
+                    called = time.perf_counter()
                     rows_k, seconds_k, sizes_k = rounds.rounds(k, gamma, extend, stops, left)
+                    in_call = time.perf_counter() - called
                     # (from the lists: a tensor reduction here is an ATen OpenMP region, whose
                     # team then spins beside the draft's thread: measured 1.4 ms a call)
                     queued = list(
                         zip(rows_k.tolist(), seconds_k.tolist(), sizes_k.tolist(), strict=True)
                     )
-                    iteration_sides = sum(max(info[0], info[1]) for _, info, _ in queued)
-                    iteration_walls = sum(info[6] for _, info, _ in queued)
+                    # The call's host work past its rounds' own walls, spread evenly over them.
+                    spread = (in_call - sum(i[6] for _, i, _ in queued)) / len(queued)
                     host, info, (width, drafted) = queued.pop(0)
             model_drafts = None  # (tested, accepted) of the model's drafts, where told apart
             if one_call:
@@ -394,14 +396,13 @@ def pearl_generate(
                     rounds.finish(b)
             end_round(stats, policy, step, proposed, round_accepted, callback, model_drafts)
             round_end = time.perf_counter()
-            # A round's own seconds: its wall in C++, and the host work of its iteration (the
-            # first of a call's rounds: the call's too).
-            own = wall if one_call else 0.0
-            gate.record(sum(map(len, step)), round_end - round_top - iteration_walls + own)
+            if one_call:  # the round's own seconds: its wall, its Python, its share of the call
+                seconds = round_end - round_top - in_call + spread + wall
+            else:
+                seconds = round_end - round_top
+            gate.record(sum(map(len, step)), seconds)
             if device.type == "cpu" and not resumed:  # the round's host work past its sides
-                # (a C++ call's rounds: the first has the call's own, each its bookkeeping)
-                sides = iteration_sides if one_call else max(t_draft, t_target)
-                policy.observe_host(round_end - round_top - sides)
+                policy.observe_host(seconds - max(t_draft, t_target))
     end_decode(stats, policy, start)
     stats.extra["gate"] = gate.summary()
     gate.remember()

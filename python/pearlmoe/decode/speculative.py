@@ -260,9 +260,10 @@ def speculative_generate(
 
     stops = torch.tensor(sorted(eos), dtype=torch.long)  # [E]
     queued: list[tuple] = []  # rounds the last C++ call ran past its first, to commit in order
+    spread = 0.0  # the last call's host work a round, past its rounds' sides
     while not all(done):
         round_top = time.perf_counter()
-        iteration_sides = 0.0  # the sides' seconds of the rounds this iteration ran
+        in_call = 0.0  # seconds of this iteration inside a C++ call
         if queued:  # committed as if each had been its own call
             (rows, info, n_drafted), catching_up = queued.pop(0), False
         else:
@@ -301,6 +302,7 @@ def speculative_generate(
                 k = 1 if catching_up else k
                 n = live  # views of the live slots: prefixes along the batch dimension
                 left = torch.tensor([max_new_tokens - len(outputs[slots[i]]) for i in range(n)])
+                called = time.perf_counter()
                 rows_k, seconds_k, drafted_k = tgt.fused_step.speculative_rounds(
                     drf.fused_step, feed[:n], prev[:n], last[:n], gamma, tgt.cache.k[:, :n],
                     tgt.cache.v[:, :n], tgt.lens[:n], drf.cache.k[:, :n], drf.cache.v[:, :n],
@@ -310,7 +312,10 @@ def speculative_generate(
                 queued = list(
                     zip(rows_k.tolist(), seconds_k.tolist(), drafted_k.tolist(), strict=True)
                 )
-                iteration_sides = sum(info[0] + info[1] for _, info, _ in queued)
+                in_call = time.perf_counter() - called
+                # The call's host work past its rounds' sides, spread evenly over them (so the
+                # policy's and the gate's running figures do not depend on where a call ends).
+                spread = (in_call - sum(i[0] + i[1] for _, i, _ in queued)) / len(queued)
                 rows, info, n_drafted = queued.pop(0)
         model_drafts = None  # (tested, accepted) of the draft model's own, where told apart
         if one_call:
@@ -380,15 +385,15 @@ def speculative_generate(
                 live = _retire_finished(slots, live, done, per_slot, caches)
         end_round(stats, policy, step, proposed, round_accepted, callback, model_drafts)
         round_end = time.perf_counter()
-        # A round's own seconds: its sides, and the host work of its iteration (the first of a
-        # call's rounds: the call's too).
-        own = info[0] + info[1] if one_call else 0.0
-        gate.record(sum(map(len, step)), round_end - round_top - iteration_sides + own)
-        # The round's host work outside the sides (a C++ call's rounds: the first has the call's
-        # own host work, each its Python bookkeeping):
+        if one_call:  # a round's host work: its Python bookkeeping and its share of the call's
+            host = round_end - round_top - in_call + spread
+            seconds = host + info[0] + info[1]  # and with its sides, the round's own seconds
+        else:
+            seconds = round_end - round_top
+            host = seconds - (sides_end - began)
+        gate.record(sum(map(len, step)), seconds)
         if timed and (not one_call or n == batch) and not catching_up:
-            sides = iteration_sides if one_call else sides_end - began
-            policy.observe_host(round_end - round_top - sides)
+            policy.observe_host(host)
     end_decode(stats, policy, start)
     stats.extra["gate"] = gate.summary()
     gate.remember()
