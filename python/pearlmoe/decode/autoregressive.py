@@ -121,8 +121,9 @@ def generate(
 
     ``input_ids``: a [B, S] tensor or B token lists of any lengths. Greedy (temperature 0) is
     deterministic. ``callback`` receives each step's tokens (None for finished sequences), for
-    streaming; ``generate_stream`` is the iterator form. ``backend``: "eager", "compile" or
-    "cudagraph" (pearlmoe.decode.runner).
+    streaming (greedy on fused CPU steps: the steps of one C++ call, up to FUSED_STEPS, in a
+    burst when it returns); ``generate_stream`` is the iterator form. ``backend``: "eager",
+    "compile", "fused" or "cudagraph" (pearlmoe.decode.runner).
     """
     outputs = [[] for _ in _prompts(input_ids)]
     for step in generate_stream(

@@ -192,7 +192,8 @@ def pearl_generate(
     rounds, the loop measures its rounds against plain steps of the target alone and runs
     whichever commits more tokens a second (cost_model.SpeculationGate; speculative_generate's
     ``gate``; None, the default, gates batches of more than one sequence); False runs PEARL's
-    rounds throughout."""
+    rounds throughout. ``callback`` receives each round's tokens; in the C++ rounds, those of
+    one call (up to ROUNDS_PER_CALL) come in a burst when it returns."""
     if lookup < 0:
         raise ValueError(f"pearl_generate: lookup must be >= 0, got {lookup}")
     check_pair(target, draft)

@@ -193,7 +193,9 @@ def speculative_generate(
     about autoregressive speed); None (the default) and False speculate every round
     (common.speculation_gate gives the measurements behind the default).
     ``lookup``: the prompt lookup's n-gram length for greedy drafts on fused CPU steps (0: the
-    draft model alone; other paths draft with the model alone).
+    draft model alone; other paths draft with the model alone). ``callback`` receives each
+    round's tokens; greedy on fused CPU steps, the rounds of one C++ call (up to
+    ROUNDS_PER_CALL) come in a burst when it returns.
     ``bookkeeping``: verify and commit a round with tensor ops on the device ("device", what a
     GPU and sampling use) or on the host's ints ("host", greedy; the default on a CPU, where
     the tensor ops' fixed cost is most of the work: pearlmoe.decode.pearl_rounds)."""
