@@ -156,7 +156,7 @@ def test_info_knows_the_builtin_flagship_configs(name, capsys):
 def test_bench_writes_json_and_png(tmp_path, capsys):
     rc = cli.main(["bench", "--prompts", "1", "--prompt-tokens", "16", "--max-new-tokens", "8",
                    "--batch", "2", "--dtypes", "float32", "--backend", "eager",
-                   "--device", "cpu", "--out", str(tmp_path)])  # fmt: skip
+                   "--device", "cpu", "--out", str(tmp_path), "--repeats", "2"])  # fmt: skip
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     result = json.loads((tmp_path / "pearlmoe_bench.json").read_text())
@@ -166,6 +166,8 @@ def test_bench_writes_json_and_png(tmp_path, capsys):
     assert run["modes"]["ar"]["speedup_vs_ar"] == 1.0 and result["batch"] == 2
     assert run["modes"]["ar"]["paired_vs_ar"] == {"geomean": 1.0, "p10": 1.0, "p90": 1.0}
     assert result["lookup"] == 3 and result["gate"] == "auto"  # the defaults, recorded
+    assert result["repeats"] == 2
+    assert run["modes"]["ar"]["tokens"] == 2 * 2 * 8  # two passes over a batch of two
     assert run["modes"]["pearl"]["plain_share"] == 0.0  # eager steps: nothing to gate
     assert len(run["cost_curve"]["target_ms"]) == 9 and run["cost_curve"]["draft_ms"] > 0
     for mode in ("speculative", "pearl"):  # γ chosen from the curve, with a prediction

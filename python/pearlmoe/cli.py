@@ -384,7 +384,7 @@ def cmd_bench(args) -> int:
         "target": str(args.target), "draft": str(args.draft), "prompts": len(batches),
         "prompt_tokens": args.prompt_tokens, "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature, "gamma": args.gamma, "lookup": args.lookup,
-        "gate": args.gate, "runs": [],
+        "gate": args.gate, "repeats": args.repeats, "runs": [],
     }  # fmt: skip
     for dtype in dtypes:
         target = load_model(args.target, device, dtype, args.quantized)
@@ -543,6 +543,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-new-tokens", type=_positive, default=128)
     b.add_argument("--temperature", type=_non_negative, default=0.0)
     b.add_argument("--batch", type=_positive, default=1, help="sequences decoded together")
+    b.add_argument("--repeats", type=_positive, default=1,
+                   help="passes over the prompts, the modes taking turns in each (more average a "
+                   "noisy machine's drift out of the ratios)")  # fmt: skip
     b.add_argument("--out", default="bench/out", help="directory for the JSON and PNG")
     models(b)
     lookup(b)

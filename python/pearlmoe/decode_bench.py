@@ -102,12 +102,16 @@ def bench_dtype(
     outputs = {m: [] for m in modes}
     totals = {m: [0, 0.0, []] for m in modes}  # tokens, seconds, stats
     speeds = {m: [] for m in modes}  # tokens/s per batch of prompts
-    for i, prompts in enumerate(batches):
+    # --repeats passes over the prompts: on a shared VM one pass's ratios swing with the minute
+    # (bf16 speculative 1.15-1.34x AR in three runs of v16), so more passes, each mode's runs
+    # spread over all of them, average the drift out of the paired ratios.
+    passes = [(r, i, p) for r in range(getattr(args, "repeats", 1)) for i, p in enumerate(batches)]
+    for r, i, prompts in passes:
         # A fresh order each batch (seeded): a mode's speed can depend on the mode run just before
         # it (PEARL ran 13-17% slower right after a speculative decode than after another PEARL
         # one or a 50 ms pause), and a rotation would give each mode the same predecessor always.
         order = list(modes)
-        random.Random(i).shuffle(order)
+        random.Random(i + 1000 * r).shuffle(order)
         for mode in order:
             outs, seconds, stats = run(mode, prompts, args.max_new_tokens, args.seed + i)
             outputs[mode].extend(outs)
