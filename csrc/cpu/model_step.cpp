@@ -11,6 +11,7 @@
 
 #include "../ops/checks.h"
 #include "gil.h"
+#include "stop_rule.h"
 #include "thread_pool.h"
 #include "../ops/ops.h"
 #include "cpu_kernels.h"
@@ -366,15 +367,11 @@ Tensor ModelStep::greedy_steps(const Tensor& ids, const Tensor& k_cache, const T
   PM_CHECK(ids.size(1) == 1, kStep, "greedy_steps needs one token per sequence, ids [B, 1], got ",
            ids.sizes());
   PM_CHECK(n >= 1, kStep, "greedy_steps needs n >= 1 steps, got ", n);
-  check_dim(eos, 1, kStep, "eos");
-  check_dtype(eos, at::kLong, kStep, "eos");
+  const StopRule stops(kStep, eos, Tensor(), batch);
   check_dtype(done, at::kBool, kStep, "done");
-  PM_CHECK(eos.is_cpu() && done.is_cpu(), kStep, "greedy_steps' eos and done must be CPU tensors");
+  PM_CHECK(done.is_cpu(), kStep, "greedy_steps' done must be a CPU tensor");
   PM_CHECK(done.dim() == 1 && done.size(0) == batch, kStep, "done must be [B=", batch, "], got ",
            done.sizes());
-  const Tensor stops = eos.contiguous();
-  const int64_t* ep = stops.const_data_ptr<int64_t>();
-  const int64_t n_eos = stops.numel();
   const Tensor was = done.contiguous();
   std::vector<uint8_t> finished(was.const_data_ptr<bool>(), was.const_data_ptr<bool>() + batch);
   int32_t* lp = lens.mutable_data_ptr<int32_t>();
@@ -397,7 +394,7 @@ Tensor ModelStep::greedy_steps(const Tensor& ids, const Tensor& k_cache, const T
     for (int64_t b = 0; b < batch; ++b) {
       lp[b] += 1;  // the step's input is cached
       op[b * n + taken] = sp[b] = np[b];
-      if (!finished[b]) finished[b] = std::find(ep, ep + n_eos, np[b]) != ep + n_eos;
+      if (!finished[b]) finished[b] = stops.is_eos(np[b]);
       all_done = all_done && finished[b];
     }
     ++taken;
@@ -634,22 +631,10 @@ std::tuple<Tensor, Tensor, Tensor> ModelStep::speculative_rounds(
     int64_t rounds, const Tensor& eos, const Tensor& budget) {
   const int64_t batch = feed.size(0);
   PM_CHECK(rounds >= 1, kStep, "speculative_rounds needs rounds >= 1, got ", rounds);
-  check_dim(eos, 1, kStep, "eos");
-  check_dtype(eos, at::kLong, kStep, "eos");
-  check_dtype(budget, at::kLong, kStep, "budget");
-  PM_CHECK(eos.is_cpu() && budget.is_cpu(), kStep,
-           "speculative_rounds' eos and budget must be CPU tensors");
-  PM_CHECK(budget.dim() == 1 && budget.size(0) == batch, kStep, "budget must be [B=", batch,
-           "], got ", budget.sizes());
+  StopRule stops(kStep, eos, budget, batch);
   PM_CHECK(active.dim() == 1 && active.size(0) == batch && active.scalar_type() == at::kBool &&
                active.is_contiguous() && active.is_cpu(),
            kStep, "active must be a contiguous bool CPU [B=", batch, "]");
-  const Tensor stops = eos.contiguous();
-  const int64_t* ep = stops.const_data_ptr<int64_t>();
-  const int64_t n_eos = stops.numel();
-  const Tensor left_in = budget.contiguous();
-  std::vector<int64_t> left(left_in.const_data_ptr<int64_t>(),
-                            left_in.const_data_ptr<int64_t>() + batch);
   const bool* on = active.const_data_ptr<bool>();
   std::vector<Tensor> all_rows, all_seconds;
   std::vector<int64_t> drafted;
@@ -666,12 +651,7 @@ std::tuple<Tensor, Tensor, Tensor> ModelStep::speculative_rounds(
     const int64_t* rp = rows.const_data_ptr<int64_t>();
     bool ended = false;
     for (int64_t b = 0; b < batch; ++b) {  // a row: a, then the a + 1 kept tokens
-      if (!on[b]) continue;
-      const int64_t* kept = rp + b * width + 1;
-      const int64_t n_kept = rp[b * width] + 1;
-      ended = ended || std::find_first_of(kept, kept + n_kept, ep, ep + n_eos) != kept + n_kept;
-      left[b] -= n_kept;
-      ended = ended || left[b] <= 0;
+      if (on[b]) ended = stops.kept(b, rp + b * width + 1, rp[b * width] + 1) || ended;
     }
     if (ended) break;
     step_feed = at::stack({prev, last}, 1);  // [B, 2]

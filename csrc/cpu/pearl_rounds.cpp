@@ -7,6 +7,7 @@
 #include "../ops/checks.h"
 #include "gil.h"
 #include "lookup.h"
+#include "stop_rule.h"
 #include "thread_pool.h"
 
 namespace pearlmoe::cpu {
@@ -237,24 +238,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> PearlRounds::rounds(int64_t n, in
                                                                    const at::Tensor& budget) {
   const int64_t batch = static_cast<int64_t>(last_.size());
   PM_CHECK(n >= 1, kRounds, "rounds needs n >= 1, got ", n);
-  check_dim(eos, 1, kRounds, "eos");
-  check_dtype(eos, at::kLong, kRounds, "eos");
-  check_dtype(budget, at::kLong, kRounds, "budget");
-  PM_CHECK(eos.is_cpu() && budget.is_cpu(), kRounds, "rounds' eos and budget must be CPU tensors");
-  PM_CHECK(budget.dim() == 1 && budget.size(0) == batch, kRounds, "budget must be [B=", batch,
-           "], got ", budget.sizes());
-  const at::Tensor stops = eos.contiguous();
-  const int64_t* ep = stops.const_data_ptr<int64_t>();
-  const int64_t n_eos = stops.numel();
-  const at::Tensor left_in = budget.contiguous();
-  std::vector<int64_t> left(left_in.const_data_ptr<int64_t>(),
-                            left_in.const_data_ptr<int64_t>() + batch);
+  StopRule stops(kRounds, eos, budget, batch);
   std::vector<at::Tensor> all_rows, all_seconds;
   std::vector<int64_t> sizes;  // each round's (width, drafted)
   int64_t widest = 0;
   const GilRelease no_gil;
   for (int64_t r = 0; r < n; ++r) {
-    const std::vector<bool> was_active = active_;
     const auto start = std::chrono::steady_clock::now();
     auto [rows, seconds, width, drafted] = round(gamma, extend);
     const double wall =
@@ -266,13 +255,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> PearlRounds::rounds(int64_t n, in
     widest = std::max(widest, rows.size(1));
     const int64_t* rp = rows.const_data_ptr<int64_t>();
     bool ended = false;
-    for (int64_t b = 0; b < batch; ++b) {  // a row: was post, verified, accepted, kept, tokens
-      if (!was_active[b]) continue;
+    // A row: was post, verified, accepted, kept, the tokens (active_ moves only in finish()).
+    for (int64_t b = 0; b < batch; ++b) {
       const int64_t* row = rp + b * rows.size(1);
-      const int64_t* kept = row + 4;
-      ended = ended || std::find_first_of(kept, kept + row[3], ep, ep + n_eos) != kept + row[3];
-      left[b] -= row[3];
-      ended = ended || left[b] <= 0;
+      if (active_[b]) ended = stops.kept(b, row + 4, row[3]) || ended;
     }
     if (ended) break;
   }
