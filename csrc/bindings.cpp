@@ -195,6 +195,21 @@ TORCH_LIBRARY(pearlmoe, m) {
           }
           return std::make_tuple(loaded(runs), static_cast<int64_t>(threads.size()));
         });
+  // For the tests: the threads an OpenMP region or BLAS call would fork (cpu::forkable_threads)
+  // on the calling thread, then in each of n chunks of one pool job (any thread), then on the
+  // calling thread again.
+  m.def("_cpu_pool_forkable_threads(int n) -> int[]", [](int64_t n) {
+    std::vector<std::atomic<int64_t>> seen(static_cast<size_t>(std::max<int64_t>(n, 0) + 2));
+    seen.front() = pearlmoe::cpu::forkable_threads();
+    {
+      const pearlmoe::cpu::PoolScope scope;
+      pearlmoe::cpu::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) seen[i + 1] = pearlmoe::cpu::forkable_threads();
+      });
+    }
+    seen.back() = pearlmoe::cpu::forkable_threads();
+    return loaded(seen);
+  });
   // For the tests: `jobs` parallel_fors over [0, n) (grain 1) on the calling thread's pool while a
   // second thread lends it a hand (PoolGuest::help in a loop, as PEARL's draft thread between
   // drafts); returns how often each index ran over all jobs and in how many the guest took part.

@@ -117,6 +117,19 @@ def test_a_job_its_guest_serves_wakes_no_sleeping_helper(claim_pool):
         assert wakes() > before
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_chunks_fork_no_openmp_or_blas_team(claim_pool, threads):
+    """Inside a pool chunk, on the caller or a helper, neither OpenMP nor MKL would fork threads:
+    a helper's own team made libgomp count more threads than CPUs and stop spinning in every team
+    (an eager decode ran 4-5x slower for the rest of the process after one long fp32 prefill).
+    The calling thread's counts are back after the job."""
+    with num_threads(threads):
+        for _ in range(20):
+            seen = torch.ops.pearlmoe._cpu_pool_forkable_threads(16)
+            assert seen[0] == seen[-1] == threads, seen
+            assert seen[1:-1] == [1] * 16, seen
+
+
 def test_the_pool_is_selectable_and_a_bad_kind_is_named():
     before = torch.ops.pearlmoe.cpu_pool()
     try:

@@ -7,6 +7,7 @@
 #include <sched.h>
 #include <time.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -76,10 +77,22 @@ std::chrono::nanoseconds thread_cpu() {
   return std::chrono::seconds(ts.tv_sec) + std::chrono::nanoseconds(ts.tv_nsec);
 }
 
+// MKL's per-thread count, where torch links MKL (its x86 builds; null elsewhere): the C entry
+// point, which mkl.h names mkl_set_num_threads_local (the lower-case symbol is Fortran's, by
+// pointer). A helper that
+// calls BLAS inside a chunk (the blocked prefill paths call at::mm) would have MKL fork an OpenMP
+// team of MKL's process-wide size from the helper: a second team, whose threads make libgomp
+// count more threads than CPUs and stop spinning at barriers in every team. Every later OpenMP
+// region in the process, ATen's eager ops included, then sleeps and wakes through futexes
+// (measured: a batch of eager fp64 decodes 4.2 -> 19.7 s after one 300-token fp32 prefill).
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+extern "C" int MKL_Get_Max_Threads() __attribute__((weak));
+
 thread_local bool t_in_job = false;
 thread_local int t_scope_depth = 0;
 
-// Sets this thread's OpenMP thread count (ATen's get_num_threads) to 1 while it runs chunks.
+// Sets this thread's OpenMP thread count (ATen's get_num_threads) and MKL's to 1 while it runs
+// chunks.
 class SerialOpenMP {
  public:
   SerialOpenMP() : in_job_(t_in_job) {
@@ -87,6 +100,7 @@ class SerialOpenMP {
     saved_ = omp_get_max_threads();
     if (saved_ != 1) omp_set_num_threads(1);
 #endif
+    if (MKL_Set_Num_Threads_Local != nullptr) saved_mkl_ = MKL_Set_Num_Threads_Local(1);
     t_in_job = true;
   }
   ~SerialOpenMP() {
@@ -94,6 +108,8 @@ class SerialOpenMP {
 #ifdef _OPENMP
     if (saved_ != 1) omp_set_num_threads(saved_);
 #endif
+    // 0, the usual value before, hands the thread back to MKL's process-wide count
+    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(saved_mkl_);
   }
   SerialOpenMP(const SerialOpenMP&) = delete;
   SerialOpenMP& operator=(const SerialOpenMP&) = delete;
@@ -101,6 +117,7 @@ class SerialOpenMP {
  private:
   bool in_job_;
   int saved_ = 1;
+  int saved_mkl_ = 0;
 };
 
 std::atomic<int64_t> g_solo_spells{0};   // every pool's windows judged loaded
@@ -448,6 +465,15 @@ int64_t pool_helper_wakes() { return g_helper_wakes.load(std::memory_order_relax
 
 void pool_rest() {
   if (t_pool.pool && t_pool.generation == g_fork_generation.load()) t_pool.pool->rest();
+}
+
+int forkable_threads() {
+  int threads = 1;
+#ifdef _OPENMP
+  threads = omp_get_max_threads();
+#endif
+  if (MKL_Get_Max_Threads != nullptr) threads = std::max(threads, MKL_Get_Max_Threads());
+  return threads;
 }
 
 void rest_openmp() {

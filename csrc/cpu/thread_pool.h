@@ -115,6 +115,10 @@ void pool_rest();
 // pool's helpers or PEARL's draft thread need; the next OpenMP region starts them again (~0.1 ms).
 void rest_openmp();
 
+// How many threads an OpenMP region or a BLAS call would fork from the calling thread now: the
+// larger of OpenMP's count and MKL's (where torch links MKL). 1 on a thread running pool chunks.
+int forkable_threads();
+
 // Which fork/join cpu::parallel_for uses: "claim" (this pool, the default) or "openmp"
 // (at::parallel_for); PEARLMOE_CPU_POOL sets it at start-up, set_pool_kind at run time.
 std::string pool_kind();
