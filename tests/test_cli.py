@@ -174,7 +174,15 @@ def test_bench_writes_json_and_png(tmp_path, capsys):
         assert run["modes"][mode]["gammas"] and run["modes"][mode]["predicted_tokens_per_second"]
     assert run["modes"]["pearl"]["overlap"] > 0
     for mode in ("speculative", "pearl"):
-        assert run["modes"][mode]["ceiling_vs_ar"]["ratio"] > 0
+        row = run["modes"][mode]
+        assert row["ceiling_vs_ar"]["ratio"] > 0
+        # the draft model's own acceptance, what it allows, and what the batch goal would need
+        assert 0 <= row["model_acceptance_rate"] <= 1
+        assert row["model_only_vs_ar"]["alpha"] == row["model_acceptance_rate"]
+        assert row["model_only_vs_ar"]["ratio"] > 0 and row["goal_vs_ar"]["ratio"] == 1.2
+        need = row["goal_vs_ar"]["alpha_needed"]
+        assert need is None or 0 <= need <= 1
+        assert f"{mode}: the draft model's own alpha" in captured.out
     assert "target step ms by window" in captured.out
     assert (tmp_path / "pearlmoe_bench.png").read_bytes()[:4] == b"\x89PNG"
 

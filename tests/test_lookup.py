@@ -88,6 +88,13 @@ def test_lookup_raises_acceptance_on_the_embedded_pairs_loops():
             rates[n] = stats.accepted / stats.proposed
             # loops drafted past γ = 3 where the lookup runs
             assert (stats.draft_calls > 3 * stats.target_calls) == (n > 0), stats
+            # The draft model's own tokens the target tested (a window's up to its first
+            # rejection: per-token acceptance, the cost model's alpha) and accepted.
+            tested, kept = stats.extra["model_drafts"]
+            if n == 0:
+                assert kept == stats.accepted < tested < stats.proposed
+            else:  # some drafts were the lookup's, accepted more often than the model's
+                assert 0 < tested < stats.proposed and kept < stats.accepted
         assert rates[3] > rates[0] + 0.05, (loop.__name__, rates)
 
 

@@ -262,6 +262,26 @@ def test_ceiling_is_the_rate_with_perfect_free_drafts():
             assert best < cost_model.ceiling(RISING, mode)[1]
 
 
+def test_alpha_needed_is_the_least_acceptance_that_reaches_a_speed_up():
+    """The acceptance rate the bench reports a goal would need: at it the best γ reaches the
+    ratio and just below it none does; a rising (MoE) curve needs more than a flat one; a goal
+    above the ceiling is out of reach (None), one that even rejected drafts reach needs 0."""
+    for mode in ("speculative", "pearl"):
+        base = cost_model.ar_rate(FLAT)
+        need = cost_model.alpha_needed(FLAT, mode, 1.5, base)
+        assert need is not None and 0 < need < 1
+        assert cost_model.best_ratio(FLAT, need, mode, base)[1] >= 1.5
+        assert cost_model.best_ratio(FLAT, need - 0.01, mode, base)[1] < 1.5
+        rising = cost_model.alpha_needed(RISING, mode, 1.5, cost_model.ar_rate(RISING))
+        assert rising is not None and rising > need
+        top = cost_model.ceiling(FLAT, mode)[1] / base
+        assert cost_model.alpha_needed(FLAT, mode, top * 1.01, base) is None
+        assert cost_model.alpha_needed(FLAT, mode, 0.5, base) == 0.0
+    g, ratio = cost_model.best_ratio(RISING, 0.8, "speculative", 1.0)
+    assert g == cost_model.best_gamma(RISING, 0.8, "speculative")
+    assert ratio == pytest.approx(cost_model.rate(RISING, 0.8, "speculative", g))
+
+
 def test_plan_falls_back_to_autoregressive_when_speculation_cannot_win():
     assert cost_model.plan(RISING, 0.05).mode == "ar"
     good = cost_model.plan(FLAT, 0.8)

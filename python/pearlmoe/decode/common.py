@@ -245,10 +245,11 @@ def end_round(
     where a round's tokens also came from the prompt lookup."""
     stats.proposed += proposed
     stats.accepted += accepted
-    if model_drafts is None:
-        policy.update(accepted, proposed)
-    else:
-        policy.update(model_drafts[1], model_drafts[0])
+    tested, kept = (proposed, accepted) if model_drafts is None else model_drafts
+    policy.update(kept, tested)
+    totals = stats.extra.setdefault("model_drafts", [0, 0])  # [tested, accepted], whole decode
+    totals[0] += tested
+    totals[1] += kept
     stats.emitted += sum(len(s) for s in step)
     if callback is not None:
         callback(step)

@@ -147,6 +147,31 @@ def ceiling(curve: CostCurve, mode: str, max_gamma: int = 8) -> tuple[int, float
     return g, rate(free, 1.0, mode, g)
 
 
+def best_ratio(curve: CostCurve, alpha: float, mode: str, base: float,
+               max_gamma: int = 8) -> tuple[int, float]:  # fmt: skip
+    """(γ, rate / base): the best this mode can do at acceptance rate alpha on the curve,
+    ``base`` the rate it is compared with (autoregressive decoding's)."""
+    g = best_gamma(curve, alpha, mode, max_gamma)
+    return g, rate(curve, alpha, mode, g) / base
+
+
+def alpha_needed(curve: CostCurve, mode: str, ratio: float, base: float,
+                 max_gamma: int = 8) -> float | None:  # fmt: skip
+    """The least acceptance rate (to 0.005) at which this mode, at its best γ, reaches ``ratio``
+    times ``base`` on the curve; None where even drafts always accepted cannot. The rate rises
+    with alpha at every γ, so the answer is found by bisection."""
+    reaches = lambda a: best_ratio(curve, a, mode, base, max_gamma)[1] >= ratio  # noqa: E731
+    if not reaches(1.0):
+        return None
+    lo, hi = 0.0, 1.0  # reaches(hi) holds; reaches(lo) may
+    if reaches(lo):
+        return 0.0
+    while hi - lo > 0.005:
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if reaches(mid) else (mid, hi)
+    return round(hi, 3)
+
+
 @dataclass
 class Plan:
     """The fastest mode and its γ, with every mode's predicted tokens/s (at its best γ)."""
