@@ -41,7 +41,7 @@ build: setup
 	$(PIP) install -q --no-build-isolation -e . $(QUIET)
 
 test: lint build
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
 # The property-based fuzz test with its long profile (CI runs a bounded, derandomized one);
 # a failure prints its seed: SEED=<n> replays it.
@@ -97,8 +97,9 @@ bench: build
 	$(VENV)/bin/pearlmoe bench
 
 # C++ microbenchmarks (Google Benchmark: Debian's libbenchmark-dev). The CUDA binaries are built
-# wherever nvcc exists (linking the kernels the extension build compiled) and run where a GPU is.
-bench-cpp: build
+# wherever nvcc exists and run where a GPU is; they link the kernels an extension build compiled
+# (`make build` first, as `make test` does: CI saves its no-op rebuild) or else compile them.
+bench-cpp: setup
 	@test -f /usr/include/benchmark/benchmark.h || test -n "$(BENCHMARK_DIR)" || \
 	  { echo "bench-cpp needs Google Benchmark: apt-get install libbenchmark-dev"; exit 1; }
 	$(VENV)/bin/cmake -S bench/cpp -B $(BENCH_CPP_BUILD) -G Ninja -DCMAKE_BUILD_TYPE=Release \
