@@ -78,9 +78,9 @@ std::chrono::nanoseconds thread_cpu() {
 }
 
 // MKL's per-thread count, where torch links MKL (its x86 builds; null elsewhere): the C entry
-// point, which mkl.h names mkl_set_num_threads_local (the lower-case symbol is Fortran's, by
-// pointer). A helper that
-// calls BLAS inside a chunk (the blocked prefill paths call at::mm) would have MKL fork an OpenMP
+// points, which mkl.h names mkl_set_num_threads_local and mkl_get_max_threads (the lower-case
+// symbols are Fortran's, by pointer). A helper that calls BLAS inside a chunk (the blocked
+// prefill attention calls at::mm, for a prompt over 256 tokens) would have MKL fork an OpenMP
 // team of MKL's process-wide size from the helper: a second team, whose threads make libgomp
 // count more threads than CPUs and stop spinning at barriers in every team. Every later OpenMP
 // region in the process, ATen's eager ops included, then sleeps and wakes through futexes

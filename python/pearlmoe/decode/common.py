@@ -241,8 +241,9 @@ def end_round(
     model_drafts: tuple[int, int] | None = None,
 ) -> None:  # fmt: skip
     """A round's bookkeeping on the host: the statistics, the γ policy, the streamed tokens.
-    ``model_drafts``: (proposed, accepted) of the draft model's own tokens, for the policy,
-    where a round's tokens also came from the prompt lookup."""
+    ``model_drafts``: (tested, accepted) of the draft model's own tokens (tested: up to the
+    window's first rejection), for the policy and ``stats.extra["model_drafts"]``, where a round
+    tells them apart from the prompt lookup's (the fused C++ rounds); else every draft counts."""
     stats.proposed += proposed
     stats.accepted += accepted
     tested, kept = (proposed, accepted) if model_drafts is None else model_drafts
