@@ -183,6 +183,8 @@ def test_bench_writes_json_and_png(tmp_path, capsys):
         need = row["goal_vs_ar"]["alpha_needed"]
         assert need is None or 0 <= need <= 1
         assert f"{mode}: the draft model's own alpha" in captured.out
+    assert run["modes"]["pearl"]["paired_vs_speculative"]["geomean"] > 0
+    assert "pearl over speculative (paired):" in captured.out
     assert "target step ms by window" in captured.out
     assert (tmp_path / "pearlmoe_bench.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -165,6 +165,8 @@ def bench_dtype(
                 "ratio": goal,
                 "alpha_needed": alpha_needed(curve, mode, goal, base_rate),
             }
+    # PEARL against speculative decoding, batch by batch (the goal: 1.1x at batch 1)
+    rows["pearl"]["paired_vs_speculative"] = paired_ratio(speeds["pearl"], speeds["speculative"])
     rows["ar"]["predicted_tokens_per_second"] = batch * rate(curves["speculative"], 0, "ar", 0)
     greedy = args.temperature <= 0
     return {
@@ -212,6 +214,8 @@ def print_run(run: dict) -> None:
         print(f"[{run['dtype']}] {m}: the draft model's own alpha {own['alpha']:.2f} allows "
               f"{own['ratio']:.2f}x AR (gamma {own['gamma']}); {goal['ratio']}x {need}; measured "
               f"with the lookup {run['modes'][m]['paired_vs_ar']['geomean']:.2f}x")  # fmt: skip
+    over = run["modes"]["pearl"]["paired_vs_speculative"]["geomean"]
+    print(f"[{run['dtype']}] pearl over speculative (paired): {over:.2f}x")
     print(head)
     for mode, row in run["modes"].items():
         gammas = "->".join(map(str, row.get("gammas", []))) or "-"
