@@ -122,7 +122,7 @@ def bench_dtype(
     # --repeats passes over the prompts: on a shared VM one pass's ratios swing with the minute
     # (bf16 speculative 1.15-1.34x AR in three runs of v16), so more passes, each mode's runs
     # spread over all of them, average the drift out of the paired ratios.
-    passes = [(r, i, p) for r in range(getattr(args, "repeats", 1)) for i, p in enumerate(batches)]
+    passes = [(r, i, p) for r in range(args.repeats) for i, p in enumerate(batches)]
     for r, i, prompts in passes:
         # A fresh order each batch (seeded): a mode's speed can depend on the mode run just before
         # it (PEARL ran 13-17% slower right after a speculative decode than after another PEARL
