@@ -179,6 +179,13 @@ def test_bench_writes_json_and_png(tmp_path, capsys):
         # the draft model's own acceptance, what it allows, and what the batch goal would need
         assert 0 <= row["model_acceptance_rate"] <= 1
         assert row["model_only_vs_ar"]["alpha"] == row["model_acceptance_rate"]
+        tested = row["model_drafts_tested"]  # the rate is a count's ratio
+        kept = row["model_acceptance_rate"] * tested
+        assert (
+            isinstance(tested, int)
+            and 0 <= round(kept) <= tested
+            and abs(kept - round(kept)) < 1e-6
+        )
         assert row["model_only_vs_ar"]["ratio"] > 0 and row["goal_vs_ar"]["ratio"] == 1.2
         need = row["goal_vs_ar"]["alpha_needed"]
         assert need is None or 0 <= need <= 1
@@ -187,6 +194,28 @@ def test_bench_writes_json_and_png(tmp_path, capsys):
     assert "pearl over speculative (paired):" in captured.out
     assert "target step ms by window" in captured.out
     assert (tmp_path / "pearlmoe_bench.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_summary_counts_the_model_drafts_and_splits_the_sides():
+    """A speculative row's acceptance rests on the decodes' tested drafts, summed, and its time
+    split is the sides' seconds over the decodes' (the C++ rounds record both)."""
+    from pearlmoe.decode import DecodeStats
+    from pearlmoe.decode_bench import summarize
+
+    def decode(tested, kept, draft_s, target_s, seconds):
+        extra = {"model_drafts": [tested, kept], "side_seconds": [draft_s, target_s],
+                 "side_scales": (1.0, 1.0), "round_host_seconds": 0.0}  # fmt: skip
+        return DecodeStats(target_calls=4, proposed=8, accepted=6, emitted=10, seconds=seconds,
+                           gamma=2, extra=extra)  # fmt: skip
+
+    row = summarize(
+        "speculative", 20, 2.0, [decode(6, 3, 0.1, 0.5, 1.0), decode(2, 2, 0.3, 0.3, 1.0)]
+    )
+    assert row["model_drafts_tested"] == 8 and row["model_acceptance_rate"] == 5 / 8
+    assert row["side_shares"] == pytest.approx({"draft": 0.2, "target": 0.4})
+    plain = decode(6, 3, 0.1, 0.5, 1.0)
+    del plain.extra["side_seconds"]  # a loop that does not time its sides apart: no split
+    assert "side_shares" not in summarize("speculative", 10, 1.0, [plain])
 
 
 # ---- errors: one line, non-zero exit, no traceback ----------------------------------------------

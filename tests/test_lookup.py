@@ -95,6 +95,9 @@ def test_lookup_raises_acceptance_on_the_embedded_pairs_loops():
                 assert kept == stats.accepted < tested < stats.proposed
             else:  # some drafts were the lookup's, accepted more often than the model's
                 assert 0 < tested < stats.proposed and kept < stats.accepted
+            if loop is speculative_generate:  # the C++ rounds' sides, timed apart
+                draft_s, target_s = stats.extra["side_seconds"]
+                assert draft_s > 0 and target_s > 0 and draft_s + target_s < stats.seconds
         assert rates[3] > rates[0] + 0.05, (loop.__name__, rates)
 
 

@@ -538,7 +538,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(fn=cmd_generate)
 
     b = sub.add_parser("bench", help="AR vs speculative vs PEARL on held-out prompts")
-    b.add_argument("--prompts", type=_positive, default=8)
+    b.add_argument(
+        "--prompts",
+        type=_positive,
+        default=16,
+        help="held-out prompts (per batch row); 16 leave the draft model ~600 tested drafts",
+    )
     b.add_argument("--prompt-tokens", type=_positive, default=64)
     b.add_argument("--max-new-tokens", type=_positive, default=128)
     b.add_argument("--temperature", type=_non_negative, default=0.0)

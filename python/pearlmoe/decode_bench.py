@@ -69,6 +69,15 @@ def summarize(mode: str, tokens: int, seconds: float, stats_list: list) -> dict:
         row["side_scales"] = [sum(x[i] for x in scales) / len(scales) for i in (0, 1)]
         tested, kept = (sum(s.extra["model_drafts"][i] for s in stats_list) for i in (0, 1))
         row["model_acceptance_rate"] = kept / tested if tested else 0.0
+        # How many drafts that rate rests on: with the lookup drafting most tokens, 8 prompts x
+        # 128 tokens left ~110-160 of the model's own (v17), whose rate swung 0.63-0.90
+        # between prompt sets.
+        row["model_drafts_tested"] = tested
+        if all("side_seconds" in s.extra for s in stats_list):  # speculative's C++ rounds
+            decoding = sum(s.seconds for s in stats_list)
+            sides = [sum(s.extra["side_seconds"][i] for s in stats_list) for i in (0, 1)]
+            # the share of the decode each side took; the rest: prefill, host work, warm-up
+            row["side_shares"] = {"draft": sides[0] / decoding, "target": sides[1] / decoding}
         hosts = [s.extra["round_host_seconds"] for s in stats_list]
         row["round_host_ms"] = 1e3 * sum(hosts) / len(hosts)
         # The speculation gate's plain steps (cost_model.SpeculationGate): their share of tokens.
@@ -211,9 +220,18 @@ def print_run(run: dict) -> None:
         own, goal = run["modes"][m]["model_only_vs_ar"], run["modes"][m]["goal_vs_ar"]
         need = goal["alpha_needed"]
         need = "out of reach on this curve" if need is None else f"needs alpha >= {need:.2f}"
-        print(f"[{run['dtype']}] {m}: the draft model's own alpha {own['alpha']:.2f} allows "
+        tested = run["modes"][m]["model_drafts_tested"]
+        print(f"[{run['dtype']}] {m}: the draft model's own alpha {own['alpha']:.2f} (over "
+              f"{tested} of its drafts) allows "
               f"{own['ratio']:.2f}x AR (gamma {own['gamma']}); {goal['ratio']}x {need}; measured "
               f"with the lookup {run['modes'][m]['paired_vs_ar']['geomean']:.2f}x")  # fmt: skip
+    shares = run["modes"]["speculative"].get("side_shares")
+    if shares:
+        rest = 1 - shares["draft"] - shares["target"]
+        print(
+            f"[{run['dtype']}] speculative's decode time: draft side {shares['draft']:.0%}, "
+            f"target side {shares['target']:.0%}, the rest {rest:.0%} (prefills, host work)"
+        )
     over = run["modes"]["pearl"]["paired_vs_speculative"]["geomean"]
     print(f"[{run['dtype']}] pearl over speculative (paired): {over:.2f}x")
     print(head)

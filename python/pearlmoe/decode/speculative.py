@@ -327,6 +327,9 @@ def speculative_generate(
             # acceptance), not the lookup's: those cost nearly nothing and are almost always
             # right, and counted in they read α high and drafting cheap (as PEARL's rounds do).
             model_drafts = (int(tested), int(model_accepted))
+            sides = stats.extra.setdefault("side_seconds", [0.0, 0.0])  # [draft, target]
+            sides[0] += draft_s
+            sides[1] += target_s
             if n == batch and not catching_up:  # the curve is the whole batch's: fewer rows
                 policy.observe(n_drafted + 1, target_s, int(model_steps), draft_s)  # skew it
             stats.draft_calls += n_drafted
