@@ -61,8 +61,9 @@ step bench-model 120 "$PY" bench/bench_model.py --device cuda --out "$OUT"
 step bench-decode 90 "$PY" bench/bench_decode.py --device cuda --backend cudagraph --out "$OUT"
 step bench-decode-eager 90 "$PY" bench/bench_decode.py --device cuda --backend eager --out "$OUT"
 # AR eager (the baseline row) vs CUDA-graph AR / speculative / PEARL on the embedded pair.
+# 8 prompts (the CLI's default is 16): the step's time limit was sized for 8.
 step pearlmoe-bench 120 "$PY" -m pearlmoe.cli bench --device cuda --backend cudagraph \
-  --dtypes bfloat16 --out "$OUT"
+  --dtypes bfloat16 --prompts 8 --out "$OUT"
 
 BENCHMARK_DIR=$(ls -d "$CARRY"/benchmark/usr/lib/*/cmake/benchmark 2>/dev/null | head -1)
 if [ -n "$BENCHMARK_DIR" ]; then
