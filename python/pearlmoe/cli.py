@@ -542,7 +542,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--prompts",
         type=_positive,
         default=16,
-        help="held-out prompts (per batch row); 16 leave the draft model ~600 tested drafts",
+        help="held-out prompts (per batch row); 16 leave ~450-650 of the draft model's own "
+        "drafts a pass",
     )
     b.add_argument("--prompt-tokens", type=_positive, default=64)
     b.add_argument("--max-new-tokens", type=_positive, default=128)
