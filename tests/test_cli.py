@@ -170,6 +170,7 @@ def test_bench_writes_json_and_png(tmp_path, capsys):
     assert run["modes"]["ar"]["tokens"] == 2 * 2 * 8  # two passes over a batch of two
     assert run["modes"]["pearl"]["plain_share"] == 0.0  # eager steps: nothing to gate
     assert len(run["cost_curve"]["target_ms"]) == 9 and run["cost_curve"]["draft_ms"] > 0
+    assert run["cost_curve_context"] == 16 + 8 // 2  # a decode's midpoint: prompt + half the new
     for mode in ("speculative", "pearl"):  # γ chosen from the curve, with a prediction
         assert run["modes"][mode]["gammas"] and run["modes"][mode]["predicted_tokens_per_second"]
     assert run["modes"]["pearl"]["overlap"] > 0
@@ -192,7 +193,7 @@ def test_bench_writes_json_and_png(tmp_path, capsys):
         assert f"{mode}: the draft model's own alpha" in captured.out
     assert run["modes"]["pearl"]["paired_vs_speculative"]["geomean"] > 0
     assert "pearl over speculative (paired):" in captured.out
-    assert "target step ms by window" in captured.out
+    assert "target step ms by window (after 20 cached tokens)" in captured.out
     assert (tmp_path / "pearlmoe_bench.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -490,8 +490,9 @@ def test_interleaved_curves_are_what_measure_then_returns(pair32, monkeypatch):
     # per call, a scale: round 1 threads 1 (target, draft), threads 2 (target, draft); round 2
     passes = iter([0.5, 0.2, 0.3, 0.1, 0.4, 0.25, 0.35, 0.05])
 
-    def fake(model, widths, *args, **kwargs):
+    def fake(model, widths, batch, backend, context):
         order.append((torch.get_num_threads(), model is target))
+        assert context == 40  # both sides timed after the context asked for
         scale = next(passes)
         return [scale * w for w in widths] if model is target else [scale]
 
@@ -499,7 +500,7 @@ def test_interleaved_curves_are_what_measure_then_returns(pair32, monkeypatch):
     monkeypatch.setattr(cost_model, "_curves", {})  # the fake curves stay in this test
     before = torch.get_num_threads()
     curves = cost_model.measure_interleaved(target, draft, [1, 2], backend="fused", rounds=2,
-                                            max_width=3)  # fmt: skip
+                                            max_width=3, context=40)  # fmt: skip
     assert torch.get_num_threads() == before
     assert [t for t, _ in order] == [1, 1, 2, 2, 1, 1, 2, 2]  # alternating rounds
     assert curves[1].target == pytest.approx([0.4, 0.8, 1.2]) and curves[1].draft == 0.2

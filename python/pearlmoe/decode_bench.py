@@ -15,6 +15,7 @@ import torch
 from .decode import generate, pearl_generate, speculative_generate
 from .decode.common import GATES, LOOKUP, measured_curve, side_threads
 from .decode.cost_model import (
+    CURVE_CONTEXT,
     CostCurve,
     alpha_needed,
     ar_rate,
@@ -104,15 +105,23 @@ def paired_ratio(speeds: list[float], base: list[float]) -> dict:
     return {"geomean": geo, "p10": at(0.1), "p90": at(0.9)}
 
 
+def curve_context(args) -> int:
+    """The cached tokens the CPU cost curve is timed after: a decode's midpoint (the prompt and
+    half the new tokens). A window's attention grows with them: an isolated 4-token window of
+    the embedded target took 0.363 / 0.386 / 0.425 ms after 64 / 128 / 192 tokens."""
+    return args.prompt_tokens + args.max_new_tokens // 2
+
+
 def bench_dtype(
     target, draft, batches, args, backend: str, dtype: torch.dtype, batch: int
 ) -> dict:  # fmt: skip
     """Every mode on one dtype: the cost curves, the rows and whether outputs agree. The modes
     take turns prompt by prompt (in a shuffled order), so the machine's drift over the run, which
     on a shared VM is ±10-25% between minutes, weighs on every mode alike."""
+    context = curve_context(args)
     if target.device.type == "cpu":  # both sides' thread counts in alternating rounds
         threads = sorted({torch.get_num_threads(), side_threads()})
-        measure_interleaved(target, draft, threads, batch, backend)
+        measure_interleaved(target, draft, threads, batch, backend, context=context)
     helped = draft_thread_lent(target, draft, backend, args.temperature <= 0)
     curves = {m: measured_curve(target, draft, batch, m, backend, helped)
               for m in ("speculative", "pearl")}  # fmt: skip
@@ -181,6 +190,7 @@ def bench_dtype(
     return {
         "dtype": str(dtype).removeprefix("torch."),
         "cost_curve": _curve_json(curves["speculative"]),
+        "cost_curve_context": context if target.device.type == "cpu" else CURVE_CONTEXT,
         "cost_curve_pearl_threads": _curve_json(curves["pearl"]),
         "modes": rows,
         "greedy_outputs_identical": all(outputs[m] == outputs["ar"] for m in MODES)
@@ -200,7 +210,8 @@ def _curve_json(curve: CostCurve) -> dict:
 def print_run(run: dict) -> None:
     curve = run["cost_curve"]
     widths = "  ".join(f"{n}:{t:.3f}" for n, t in enumerate(curve["target_ms"], 1))
-    print(f"[{run['dtype']}] target step ms by window  {widths}")
+    print(f"[{run['dtype']}] target step ms by window (after {run['cost_curve_context']} cached "
+          f"tokens)  {widths}")  # fmt: skip
     print(f"[{run['dtype']}] draft step {curve['draft_ms']:.3f} ms "
           f"(PEARL's sides, {run['cost_curve_pearl_threads']['threads']} thread(s) each: target "
           f"{run['cost_curve_pearl_threads']['target_ms'][0]:.3f}, draft "

@@ -420,6 +420,11 @@ class SpeculationGate:
 _curves: dict[tuple, CostCurve] = {}
 
 
+# Cached tokens a cost curve is timed after, unless told (pearlmoe bench times its CPU curve at
+# a decode's midpoint instead: decode_bench.curve_context).
+CURVE_CONTEXT = 64
+
+
 def _median_seconds(fn, device: torch.device, repeats: int) -> float:
     """Median seconds of fn(i) over repeats calls (i = 0, 1, ...), after two warm-up calls."""
     times = []
@@ -441,7 +446,7 @@ def step_seconds(
     widths: list[int],
     batch: int = 1,
     backend: str = "eager",
-    context: int = 64,
+    context: int = CURVE_CONTEXT,
     repeats: int = 7,
     passes: int = 3,
 ) -> list[float]:
@@ -495,12 +500,13 @@ def measure_interleaved(
     backend: str = "eager",
     rounds: int = 3,
     max_width: int = 9,
+    context: int = CURVE_CONTEXT,
 ) -> dict[int, CostCurve]:
     """measure() at several thread counts in alternating rounds, each width's and the draft's
-    fastest over the rounds; cached where measure() looks. Measured one after the other, the
-    curves of one and two threads came from different minutes of a shared VM, and PEARL's
-    prediction and ceiling turn on their ratio: quick curves put the ceiling at 1.38-1.92x AR in
-    three runs of an hour whose careful curve gave 1.59x."""
+    fastest over the rounds, after ``context`` cached tokens; cached where measure() looks.
+    Measured one after the other, the curves of one and two threads came from different minutes
+    of a shared VM, and PEARL's prediction and ceiling turn on their ratio: quick curves put the
+    ceiling at 1.38-1.92x AR in three runs of an hour whose careful curve gave 1.59x."""
     widths = list(range(1, max_width + 1))
     best: dict[int, tuple[list[float], float]] = {}
     before = torch.get_num_threads()
@@ -508,8 +514,8 @@ def measure_interleaved(
         for _ in range(rounds):
             for threads in thread_counts:
                 torch.set_num_threads(threads)
-                t = step_seconds(target, widths, batch, backend)
-                d = step_seconds(draft, [1], batch, backend)[0]
+                t = step_seconds(target, widths, batch, backend, context)
+                d = step_seconds(draft, [1], batch, backend, context)[0]
                 if threads in best:
                     t = [min(a, b) for a, b in zip(best[threads][0], t, strict=True)]
                     d = min(best[threads][1], d)
