@@ -77,7 +77,8 @@ def summarize(mode: str, tokens: int, seconds: float, stats_list: list) -> dict:
         if all("side_seconds" in s.extra for s in stats_list):  # speculative's C++ rounds
             decoding = sum(s.seconds for s in stats_list)
             sides = [sum(s.extra["side_seconds"][i] for s in stats_list) for i in (0, 1)]
-            # the share of the decode each side took; the rest: prefill, host work, warm-up
+            # the share of the decode each side took; the rest: prefills and host work (a
+            # decode's seconds start after any warm-up)
             row["side_shares"] = {"draft": sides[0] / decoding, "target": sides[1] / decoding}
         hosts = [s.extra["round_host_seconds"] for s in stats_list]
         row["round_host_ms"] = 1e3 * sum(hosts) / len(hosts)
@@ -118,8 +119,9 @@ def bench_dtype(
     """Every mode on one dtype: the cost curves, the rows and whether outputs agree. The modes
     take turns prompt by prompt (in a shuffled order), so the machine's drift over the run, which
     on a shared VM is ±10-25% between minutes, weighs on every mode alike."""
-    context = curve_context(args)
-    if target.device.type == "cpu":  # both sides' thread counts in alternating rounds
+    cpu = target.device.type == "cpu"
+    context = curve_context(args) if cpu else CURVE_CONTEXT  # measure() keeps the default
+    if cpu:  # both sides' thread counts in alternating rounds
         threads = sorted({torch.get_num_threads(), side_threads()})
         measure_interleaved(target, draft, threads, batch, backend, context=context)
     helped = draft_thread_lent(target, draft, backend, args.temperature <= 0)
@@ -190,7 +192,7 @@ def bench_dtype(
     return {
         "dtype": str(dtype).removeprefix("torch."),
         "cost_curve": _curve_json(curves["speculative"]),
-        "cost_curve_context": context if target.device.type == "cpu" else CURVE_CONTEXT,
+        "cost_curve_context": context,
         "cost_curve_pearl_threads": _curve_json(curves["pearl"]),
         "modes": rows,
         "greedy_outputs_identical": all(outputs[m] == outputs["ar"] for m in MODES)
