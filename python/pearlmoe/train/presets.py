@@ -3,7 +3,8 @@
 tiny-target: Hunyuan-Large scaled down (shared expert + 8 routed top-1 SwiGLU experts, GQA 4/2,
 CLA over pairs of layers, QK-norm after RoPE), 10.0 M parameters, 3.8 M active per token.
 tiny-draft: a dense Llama-style model about a tenth of that size, trained on the same corpus and
-tokenizer and distilled from the target (KL on its logits), which is what raises their agreement.
+tokenizer and distilled from the target (KL on its logits), which is what raises their agreement,
+half of each batch on the target's own continuations (on-policy data, pearlmoe.train.on_policy).
 
 Both train on the Python standard library's sources (held-out split by file), with fixed seeds.
 """
@@ -87,7 +88,7 @@ PRESETS = {
             **SPECIALS,
         ),
         TrainConfig(
-            steps=2000,
+            steps=4000,
             batch_size=8,
             seq_len=256,
             peak_lr=3e-3,
@@ -95,6 +96,10 @@ PRESETS = {
             eval_every=200,
             seed=1,
             distill=0.9,
+            # Half of each batch: the target's own continuations of training-set prefixes
+            # (greedy and T = 1), the text a draft meets while decoding (bench/NOTES.md v19).
+            on_policy_windows=8192,
+            on_policy_share=0.5,
         ),
         teacher="tiny-target",
     ),
