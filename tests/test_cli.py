@@ -125,6 +125,39 @@ def test_generate_takes_the_gate_setting(capsys):
     assert "argument --gate: invalid choice: 'sometimes'" in capsys.readouterr().err
 
 
+def test_sampled_auto_mode_measures_the_modes_and_runs_the_fastest(capsys, monkeypatch):
+    """--mode auto with sampling decodes the prompt in each mode and runs the fastest measured
+    (the greedy-step cost curve does not see a sampled round's host work)."""
+    measured = {"ar": 900.0, "speculative": 400.0, "pearl": 500.0}
+    seen = []
+
+    def fake_decode(mode, target, draft, prompt, max_new_tokens, *args, **kwargs):
+        seen.append((mode, max_new_tokens))
+        stats = {"tokens_per_second": measured[mode]}
+        return [1] * max_new_tokens, stats | ({"gamma": 2} if mode != "ar" else {})
+
+    monkeypatch.setattr(cli, "decode", fake_decode)
+    target = from_pretrained(TARGET, dtype=torch.float32)
+    mode, rates = cli.probe_modes(target, target, [5, 6, 7], "fused", 1.0, None, 0)
+    assert mode == "ar" and rates["ar"] == (0, 900.0) and rates["pearl"] == (2, 500.0)
+    # every mode warmed up on a few tokens, then measured on PROBE_TOKENS
+    assert [m for m, n in seen if n == cli.PROBE_TOKENS] == ["ar", "speculative", "pearl"]
+    monkeypatch.undo()
+    rc = cli.main(["generate", "def f(x):", "--max-new-tokens", "8", "--mode", "auto",
+                   "--temperature", "1.0", "--device", "cpu"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert rc == 0
+    note = re.search(
+        rf"mode auto: measured over {cli.PROBE_TOKENS} sampled tokens/s ar (\d+), "
+        r"speculative (\d+).*, pearl (\d+).*; running (\w+)",
+        captured.err,
+    )
+    assert note, captured.err
+    rates = dict(zip(cli.MODES, map(int, note.groups()[:3]), strict=True))
+    assert rates[note.group(4)] == max(rates.values())
+    assert f"[{note.group(4)}]" in captured.out
+
+
 def test_sampled_generation_is_reproducible_with_a_seed(capsys):
     args = ["generate", "class ", "--temperature", "0.8", "--top-p", "0.9", "--seed", "7",
             "--max-new-tokens", "16", "--mode", "speculative", "--gamma", "3", "--device", "cpu"]  # fmt: skip

@@ -205,15 +205,38 @@ def warm_up(mode: str, target: Transformer, draft: Transformer | None, prompt: l
 def choose_mode(
     target: Transformer, draft: Transformer, backend: str, greedy: bool = True
 ) -> tuple[str, dict]:
-    """--mode auto: the mode (and γ) the cost model predicts fastest at a prior acceptance rate
-    of 0.6, PEARL's on its sides' own costs (half the CPU threads each, and the draft's thread
-    helping the target once it has drafted where the greedy fused rounds lend it); every mode's
-    prediction comes with it."""
+    """--mode auto, greedy: the mode (and γ) the cost model predicts fastest at a prior
+    acceptance rate of 0.6, PEARL's on its sides' own costs (half the CPU threads each, and the
+    draft's thread helping the target once it has drafted where the greedy fused rounds lend it);
+    every mode's prediction comes with it."""
     curve = measured_curve(target, draft, 1, "speculative", backend)
     helped = draft_thread_lent(target, draft, backend, greedy)
     pearl_curve = measured_curve(target, draft, 1, "pearl", backend, helped)
     best = plan(curve, 0.6, pearl_curve=pearl_curve)
     return best.mode, best.predicted
+
+
+# New tokens each mode decodes of the prompt when --mode auto measures the modes (sampling).
+PROBE_TOKENS = 32
+
+
+def probe_modes(
+    target: Transformer, draft: Transformer, prompt: list[int], backend: str,
+    temperature: float, top_p: float | None, seed: int,
+) -> tuple[str, dict]:  # fmt: skip
+    """--mode auto, sampling: the fastest mode and each mode's (γ, tokens/s) decoding
+    PROBE_TOKENS of the prompt (after a warm-up decode). The cost curve times greedy steps;
+    sampled rounds carry host work it does not see (0.5-1.0 ms a round on the 2-core VM, where
+    it predicted speculative 1.35x AR and the loop ran 0.47x: bench/NOTES.md v19), so this
+    measures."""
+    measured = {}
+    for mode in MODES:
+        pair = draft if mode != "ar" else None
+        warm_up(mode, target, pair, prompt, backend, None, temperature)
+        _, stats = decode(mode, target, pair, prompt, PROBE_TOKENS, None, temperature, top_p,
+                          seed, backend=backend)  # fmt: skip
+        measured[mode] = (stats.get("gamma") or 0, stats["tokens_per_second"])
+    return max(measured, key=lambda m: measured[m][1]), measured
 
 
 class _Streamer:
@@ -292,8 +315,14 @@ def cmd_generate(args) -> int:
     runner.notify = _note
     mode = args.mode
     if mode == "auto":
-        mode, predicted = choose_mode(target, draft, backend, args.temperature <= 0)
-        _note("mode auto: predicted tokens/s " + ", ".join(
+        if args.temperature <= 0:
+            mode, predicted = choose_mode(target, draft, backend)
+            how = "predicted"
+        else:
+            mode, predicted = probe_modes(target, draft, prompt, backend, args.temperature,
+                                          args.top_p, args.seed)  # fmt: skip
+            how = f"measured over {PROBE_TOKENS} sampled"
+        _note(f"mode auto: {how} tokens/s " + ", ".join(
             f"{m} {r:.0f}" + (f" (gamma {g})" if g else "") for m, (g, r) in predicted.items()
         ) + f"; running {mode}")  # fmt: skip
     warm = warm_up(mode, target, draft, prompt, backend, args.gamma, args.temperature)
