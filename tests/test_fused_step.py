@@ -73,6 +73,33 @@ def test_logits_and_cache_equal_the_eager_step(dtype, batch):
             assert torch.equal(a, b), (name, part)
 
 
+def test_sampled_probabilities_equal_the_eager_steps_and_keep_the_thread_count():
+    """A sampled fused step computes its probabilities on the calling thread alone (no OpenMP
+    team left spinning beside the next step's pool): the same numbers as the eager step's, and
+    the caller's thread count is back afterwards, also on another thread with its own count."""
+    model = _models(torch.float32)["moe_cla_qknorm"]
+    sampling = Sampling(temperature=0.8, top_k=50, top_p=0.9)
+    runners = _runners(model, 2, sampling)
+    ids = torch.randint(
+        0, model.config.vocab_size, (2, 3), generator=torch.Generator().manual_seed(0)
+    )
+    seen = {}
+
+    def step(threads: int) -> None:
+        with num_threads(threads):
+            probs, tokens = runners["fused"](ids)
+            seen[threads] = (probs, tokens, torch.get_num_threads())
+
+    step(2)
+    worker = threading.Thread(target=step, args=(1,))
+    worker.start()
+    worker.join()
+    eager, _ = runners["eager"](ids)
+    for threads, (probs, tokens, after) in seen.items():
+        assert tokens is None and after == threads
+        assert torch.equal(probs, eager), threads
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_prefill_fills_the_eager_cache(dtype):
     """The fused prefill computes only what the cache holds (no head, no layers past the last

@@ -22,6 +22,7 @@ Backends:
 Shape letters: B sequences, S tokens per step, V vocabulary.
 """
 
+import contextlib
 import copy
 import time
 import types
@@ -104,6 +105,18 @@ def _outputs(logits: Tensor, sampling: Sampling) -> tuple[Tensor | None, Tensor 
     if sampling.greedy:
         return None, logits.argmax(-1)
     return logits_to_probs(logits, sampling.temperature, sampling.top_k, sampling.top_p), None
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """ATen's ops on this thread without its OpenMP team (the thread count is the calling
+    thread's own OpenMP setting; toggling it costs well under a microsecond)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class Runner:
@@ -205,7 +218,15 @@ class Runner:
             c = self.cache
             if self.sampling.greedy:
                 return None, self._fused.greedy(ids.long(), c.k, c.v, c.lens)
-            return _outputs(self._fused.logits(ids.long(), c.k, c.v, c.lens), self.sampling)
+            logits = self._fused.logits(ids.long(), c.k, c.v, c.lens)  # [B, S, V] fp32
+            if self.sampling.logits:
+                return logits, None
+            # A window's softmax on ATen's OpenMP team left a team thread spinning on the core
+            # the next fused step's pool wanted: 37% of a sampled speculative decode's perf
+            # samples. On one thread the softmax takes as long (9 us for [1, 3, 4096]) and
+            # sampled speculative decoding ran 2.3x faster (bench/NOTES.md v19).
+            with _one_thread():
+                return _outputs(logits, self.sampling)
         return self._call(ids)
 
     @torch.inference_mode()
