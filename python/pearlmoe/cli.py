@@ -202,15 +202,13 @@ def warm_up(mode: str, target: Transformer, draft: Transformer | None, prompt: l
     return time.perf_counter() - start
 
 
-def choose_mode(
-    target: Transformer, draft: Transformer, backend: str, greedy: bool = True
-) -> tuple[str, dict]:
+def choose_mode(target: Transformer, draft: Transformer, backend: str) -> tuple[str, dict]:
     """--mode auto, greedy: the mode (and γ) the cost model predicts fastest at a prior
     acceptance rate of 0.6, PEARL's on its sides' own costs (half the CPU threads each, and the
     draft's thread helping the target once it has drafted where the greedy fused rounds lend it);
     every mode's prediction comes with it."""
     curve = measured_curve(target, draft, 1, "speculative", backend)
-    helped = draft_thread_lent(target, draft, backend, greedy)
+    helped = draft_thread_lent(target, draft, backend, greedy=True)
     pearl_curve = measured_curve(target, draft, 1, "pearl", backend, helped)
     best = plan(curve, 0.6, pearl_curve=pearl_curve)
     return best.mode, best.predicted

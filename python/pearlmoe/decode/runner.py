@@ -22,7 +22,6 @@ Backends:
 Shape letters: B sequences, S tokens per step, V vocabulary.
 """
 
-import contextlib
 import copy
 import time
 import types
@@ -35,6 +34,7 @@ from torch import Tensor
 
 from ..model.transformer import Transformer
 from . import fused
+from .common import num_threads
 from .sampling import logits_to_probs
 
 BACKENDS = ("eager", "compile", "cudagraph", "fused")
@@ -105,18 +105,6 @@ def _outputs(logits: Tensor, sampling: Sampling) -> tuple[Tensor | None, Tensor 
     if sampling.greedy:
         return None, logits.argmax(-1)
     return logits_to_probs(logits, sampling.temperature, sampling.top_k, sampling.top_p), None
-
-
-@contextlib.contextmanager
-def _one_thread():
-    """ATen's ops on this thread without its OpenMP team (the thread count is the calling
-    thread's own OpenMP setting; toggling it costs well under a microsecond)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 class Runner:
@@ -224,8 +212,9 @@ class Runner:
             # A window's softmax on ATen's OpenMP team left a team thread spinning on the core
             # the next fused step's pool wanted: 37% of a sampled speculative decode's perf
             # samples. On one thread the softmax takes as long (9 us for [1, 3, 4096]) and
-            # sampled speculative decoding ran 2.3x faster (bench/NOTES.md v19).
-            with _one_thread():
+            # sampled speculative decoding ran 2.3x faster (bench/NOTES.md v19). The count is
+            # the calling thread's own OpenMP setting; toggling it costs well under a microsecond.
+            with num_threads(1):
                 return _outputs(logits, self.sampling)
         return self._call(ids)
 
