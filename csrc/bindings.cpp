@@ -114,6 +114,13 @@ TORCH_LIBRARY(pearlmoe, m) {
   // ---- whole steps -------------------------------------------------------------------------
   // A model's decode / verification step on the CPU in one call (pearlmoe.decode.fused): the
   // eager step's kernels without the dispatcher, allocations and Python between them.
+  // The fused loops' sampler (registered first: ModelStep's methods take it): temperature, top-k,
+  // top-p and a random stream of its own.
+  using pearlmoe::cpu::Sampler;
+  m.class_<Sampler>("CpuSampler")
+      .def(torch::init<double, int64_t, double, int64_t>())
+      .def("probs", &Sampler::probs)
+      .def("draw", &Sampler::draw);
   using pearlmoe::cpu::ModelStep;
   m.class_<ModelStep>("CpuModelStep")
       .def(torch::init<std::vector<at::Tensor>, std::vector<std::string>, std::vector<int64_t>,
@@ -123,9 +130,11 @@ TORCH_LIBRARY(pearlmoe, m) {
       .def("greedy", &ModelStep::greedy)
       .def("draft", &ModelStep::draft)
       .def("greedy_steps", &ModelStep::greedy_steps)
+      .def("sample_steps", &ModelStep::sample_steps)
       .def("draft_history", &ModelStep::draft_history)
       .def("speculative_round", &ModelStep::speculative_round)
-      .def("speculative_rounds", &ModelStep::speculative_rounds);
+      .def("speculative_rounds", &ModelStep::speculative_rounds)
+      .def("sampled_rounds", &ModelStep::sampled_rounds);
   // PEARL's draft side as a C++ thread running a CpuModelStep's draft() (pearlmoe.decode.pearl).
   using pearlmoe::cpu::DraftWorker;
   m.class_<DraftWorker>("CpuDraftWorker")
@@ -135,7 +144,8 @@ TORCH_LIBRARY(pearlmoe, m) {
       .def("seconds", &DraftWorker::seconds)
       .def("latency", &DraftWorker::latency)
       .def("job_threads", &DraftWorker::job_threads);
-  // PEARL's greedy rounds, one call each, over a target CpuModelStep and a CpuDraftWorker.
+  // PEARL's rounds (greedy, or sampled after sample_with), one call each, over a target
+  // CpuModelStep and a CpuDraftWorker.
   using pearlmoe::cpu::PearlRounds;
   m.class_<PearlRounds>("CpuPearlRounds")
       .def(torch::init<c10::intrusive_ptr<ModelStep>, c10::intrusive_ptr<DraftWorker>, at::Tensor,
@@ -145,6 +155,7 @@ TORCH_LIBRARY(pearlmoe, m) {
       .def("round", &PearlRounds::round)
       .def("rounds", &PearlRounds::rounds)
       .def("plain", &PearlRounds::plain)
+      .def("sample_with", &PearlRounds::sample_with)
       .def("ahead_tokens", &PearlRounds::ahead_tokens)
       .def("finish", &PearlRounds::finish)
       .def("close", &PearlRounds::close);

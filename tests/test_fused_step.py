@@ -382,7 +382,10 @@ def test_decode_loops_emit_the_autoregressive_tokens(dtype, batch):
     assert stats.extra["round"] == "C++"
     _, stats = speculative_generate(target, draft, prompts, 8, gamma=2, temperature=0.5,
                                     backend="fused")  # fmt: skip
-    assert stats.extra["round"] == "Python"  # sampled rounds verify in Python (spec_verify)
+    assert stats.extra["round"] == "C++"  # sampled too: draws and verification in the call
+    _, stats = speculative_generate(target, draft, prompts, 8, gamma=2, temperature=0.5,
+                                    backend="fused", bookkeeping="device")  # fmt: skip
+    assert stats.extra["round"] == "Python"  # asked for: verified in Python (spec_verify)
     # EOS inside a window
     eos = pearlmoe.generate(target, PROMPTS4, 24)[1][6]
     want = pearlmoe.generate(target, PROMPTS4, 24, eos_token_id=eos)
@@ -451,17 +454,18 @@ def test_pearl_rounds_plain_steps_refuse_zero_steps():
         rounds.plain(0)
 
 
-def test_sampled_decoding_equals_eager_draw_for_draw():
-    """Bit-identical logits make the same seeded draws as the eager backend (whose sampling the
-    statistical tests in test_decode.py check against the target distribution)."""
+def test_pearl_rounds_sampling_needs_a_sampler_per_side_and_no_plain_steps():
     target, draft = _pair(torch.float32)
-    for loop in (speculative_generate, pearl_generate):
-        runs = [
-            loop(target, draft, PROMPTS4, 16, gamma=3, temperature=0.9, top_p=0.95, backend=b,
-                 generator=torch.Generator().manual_seed(7))[0]
-            for b in ("eager", "fused")
-        ]  # fmt: skip
-        assert runs[0] == runs[1], loop.__name__
+    sampling = Sampling(temperature=1.0)
+    tgt, drf = Runner(target, 1, 32, "fused", sampling), Runner(draft, 1, 32, "fused", sampling)
+    worker = torch.classes.pearlmoe.CpuDraftWorker(drf.fused_step, 1)
+    rounds = _cpu_rounds(tgt, drf, worker, lend=False)
+    one = tgt.sampler()
+    with pytest.raises(RuntimeError, match="a sampler per side"):
+        rounds.sample_with(one, one)
+    rounds.sample_with(one, drf.sampler())
+    with pytest.raises(RuntimeError, match="plain steps are greedy: sampled rounds have none"):
+        rounds.plain(2)
 
 
 def test_steps_run_without_the_gil():

@@ -78,7 +78,7 @@ void DraftWorker::loop() {
     job_threads_ = at::get_num_threads();
     try {
       tokens_ = step_->draft_lookup(ids_, k_, v_, lens_, n_, &contexts_, ngram_, extend_, &origins_,
-                                    &model_steps_);
+                                    &model_steps_, sampler_, &q_);
     } catch (...) {
       error_ = std::current_exception();
     }
@@ -100,9 +100,9 @@ void DraftWorker::submit(const at::Tensor& ids, const at::Tensor& k_cache,
 void DraftWorker::submit_lookup(const at::Tensor& ids, const at::Tensor& k_cache,
                                 const at::Tensor& v_cache, const at::Tensor& lens, int64_t n,
                                 Contexts contexts, int64_t ngram, int64_t extend,
-                                std::shared_ptr<PoolGuest> guest) {
+                                std::shared_ptr<PoolGuest> guest, Sampler* sampler) {
   PM_CHECK(state_.load() == 0, kWorker, "submit while a job is pending (call result first)");
-  ids_ = ids, k_ = k_cache, v_ = v_cache, lens_ = lens, n_ = n;
+  ids_ = ids, k_ = k_cache, v_ = v_cache, lens_ = lens, n_ = n, sampler_ = sampler;
   contexts_ = std::move(contexts), ngram_ = ngram, extend_ = extend;
   guest_ = std::move(guest);
   tokens_ = at::Tensor(), error_ = nullptr;

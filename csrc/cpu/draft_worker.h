@@ -35,9 +35,12 @@ class DraftWorker : public torch::CustomClassHolder {
               const at::Tensor& lens, int64_t n);
   // The same job drafting with a prompt lookup over contexts (ModelStep::draft_lookup). With a
   // guest, the worker runs the guest's pool's work once it has drafted, until its next job.
+  // With a sampler (used on the worker's thread only, until result()), the model's tokens are
+  // drawn from its distributions and q() holds every drafted token's proposal distribution.
   void submit_lookup(const at::Tensor& ids, const at::Tensor& k_cache, const at::Tensor& v_cache,
                      const at::Tensor& lens, int64_t n, Contexts contexts, int64_t ngram,
-                     int64_t extend = 0, std::shared_ptr<PoolGuest> guest = nullptr);
+                     int64_t extend = 0, std::shared_ptr<PoolGuest> guest = nullptr,
+                     Sampler* sampler = nullptr);
   // The job's tokens [B, n]; rethrows its error.
   at::Tensor result();
   // Seconds the last job took on the worker, and from its submit to its start (the hand-off).
@@ -50,6 +53,10 @@ class DraftWorker : public torch::CustomClassHolder {
   // its steps that ran the model (ModelStep::draft_lookup); read after result().
   const std::vector<uint8_t>& origins() const { return origins_; }
   int64_t model_steps() const { return model_steps_; }
+  // A sampled job's proposal distributions, [B, q_stride(), V] row-major (ModelStep::
+  // draft_lookup's q: its first drafted rows per sequence are set); read after result().
+  const std::vector<float>& q() const { return q_; }
+  int64_t q_stride() const { return ngram_ > 0 ? n_ + extend_ : n_; }
   // The draft's step, for work between jobs on the caller's thread (a catch-up fill).
   const c10::intrusive_ptr<ModelStep>& step() const { return step_; }
   // Until the next job the worker sleeps instead of spinning for kSpin (its core is wanted by
@@ -73,6 +80,8 @@ class DraftWorker : public torch::CustomClassHolder {
   int64_t n_ = 0, ngram_ = 0, extend_ = 0;
   Contexts contexts_;
   std::shared_ptr<PoolGuest> guest_;  // the posted job's; the worker keeps its own copy
+  Sampler* sampler_ = nullptr;        // the posted job's (sampled drafts), else null
+  std::vector<float> q_;
   double seconds_ = 0, latency_ = 0;
   std::vector<uint8_t> origins_;
   int64_t model_steps_ = 0, job_threads_ = 0;

@@ -15,6 +15,7 @@
 #include "thread_pool.h"
 #include "../ops/ops.h"
 #include "cpu_kernels.h"
+#include "../kernels/spec_decode/spec_verify_cpu.h"
 
 namespace pearlmoe::cpu {
 namespace {
@@ -362,14 +363,28 @@ Tensor ModelStep::greedy(const Tensor& ids, const Tensor& k_cache, const Tensor&
 Tensor ModelStep::greedy_steps(const Tensor& ids, const Tensor& k_cache, const Tensor& v_cache,
                                const Tensor& lens, int64_t n, const Tensor& eos,
                                const Tensor& done) {
+  return decode_steps(ids, k_cache, v_cache, lens, n, eos, done, nullptr);
+}
+
+Tensor ModelStep::sample_steps(const Tensor& ids, const Tensor& k_cache, const Tensor& v_cache,
+                               const Tensor& lens, int64_t n, const Tensor& eos, const Tensor& done,
+                               const c10::intrusive_ptr<Sampler>& sampler) {
+  PM_CHECK(sampler, kStep, "sample_steps needs a sampler");
+  return decode_steps(ids, k_cache, v_cache, lens, n, eos, done, sampler.get());
+}
+
+Tensor ModelStep::decode_steps(const Tensor& ids, const Tensor& k_cache, const Tensor& v_cache,
+                               const Tensor& lens, int64_t n, const Tensor& eos, const Tensor& done,
+                               Sampler* sampler) {
   check_call(ids, k_cache, v_cache, lens);
   const int64_t batch = ids.size(0);
-  PM_CHECK(ids.size(1) == 1, kStep, "greedy_steps needs one token per sequence, ids [B, 1], got ",
+  const char* name = sampler != nullptr ? "sample_steps" : "greedy_steps";
+  PM_CHECK(ids.size(1) == 1, kStep, name, " needs one token per sequence, ids [B, 1], got ",
            ids.sizes());
-  PM_CHECK(n >= 1, kStep, "greedy_steps needs n >= 1 steps, got ", n);
+  PM_CHECK(n >= 1, kStep, name, " needs n >= 1 steps, got ", n);
   const StopRule stops(kStep, eos, Tensor(), batch);
   check_dtype(done, at::kBool, kStep, "done");
-  PM_CHECK(done.is_cpu(), kStep, "greedy_steps' done must be a CPU tensor");
+  PM_CHECK(done.is_cpu(), kStep, name, "' done must be a CPU tensor");
   PM_CHECK(done.dim() == 1 && done.size(0) == batch, kStep, "done must be [B=", batch, "], got ",
            done.sizes());
   const Tensor was = done.contiguous();
@@ -377,7 +392,7 @@ Tensor ModelStep::greedy_steps(const Tensor& ids, const Tensor& k_cache, const T
   int32_t* lp = lens.mutable_data_ptr<int32_t>();
   for (int64_t b = 0; b < batch; ++b) {  // refused before any step moves a length
     PM_CHECK(lp[b] >= 0 && lp[b] + n <= k_cache.size(2), kStep, "sequence ", b, " holds ", lp[b],
-             " tokens: greedy_steps' ", n, " more exceed the cache's capacity ", k_cache.size(2));
+             " tokens: ", name, "' ", n, " more exceed the cache's capacity ", k_cache.size(2));
   }
   const GilRelease no_gil;
   const PoolScope pool_scope;
@@ -387,9 +402,20 @@ Tensor ModelStep::greedy_steps(const Tensor& ids, const Tensor& k_cache, const T
   Tensor step = ids.contiguous().clone();  // [B, 1]: each step's input
   int64_t* sp = step.mutable_data_ptr<int64_t>();
   int64_t taken = 0;
+  std::vector<float> probs(sampler != nullptr ? vocab_ : 0);  // [V]
+  std::vector<int64_t> drawn(batch);
   while (taken < n) {
-    const Tensor next = argmax_rows(head_rows(step, k_cache, v_cache, lp, false), batch, 1);
-    const int64_t* np = next.const_data_ptr<int64_t>();
+    const Tensor rows = head_rows(step, k_cache, v_cache, lp, false);  // [B, V or V']
+    const int64_t* np = drawn.data();
+    if (sampler != nullptr) {
+      for (int64_t b = 0; b < batch; ++b) {
+        sampler->row_probs(kStep, rows, b, vocab_ids(), vocab_, probs.data());
+        drawn[b] = sampler->draw_row(probs.data(), vocab_);
+      }
+    } else {
+      const Tensor next = argmax_rows(rows, batch, 1);
+      std::copy_n(next.const_data_ptr<int64_t>(), batch, drawn.begin());
+    }
     bool all_done = true;
     for (int64_t b = 0; b < batch; ++b) {
       lp[b] += 1;  // the step's input is cached
@@ -440,8 +466,8 @@ Tensor ModelStep::draft(const Tensor& ids, const Tensor& k_cache, const Tensor& 
 
 Tensor ModelStep::draft_lookup(const Tensor& ids, const Tensor& k_cache, const Tensor& v_cache,
                                const Tensor& lens, int64_t n, Contexts* contexts, int64_t ngram,
-                               int64_t extend, std::vector<uint8_t>* origins,
-                               int64_t* model_steps) {
+                               int64_t extend, std::vector<uint8_t>* origins, int64_t* model_steps,
+                               Sampler* sampler, std::vector<float>* q) {
   check_call(ids, k_cache, v_cache, lens);
   PM_CHECK(n >= 1, kStep, "draft needs n >= 1 tokens, got ", n);
   PM_CHECK(extend >= 0, kStep, "draft's extend must be >= 0, got ", extend);
@@ -487,6 +513,14 @@ Tensor ModelStep::draft_lookup(const Tensor& ids, const Tensor& k_cache, const T
   std::vector<int64_t> found(batch, -1), previous(batch);
   std::vector<uint8_t> made(batch * most, 0);  // 1: the model's token
   int64_t drafted = 0, steps = 0;
+  PM_CHECK(sampler == nullptr || q != nullptr, kStep, "a sampled draft needs its q buffer");
+  if (sampler != nullptr) q->resize(batch * most * vocab_);
+  auto q_row = [&](int64_t b, int64_t i) { return q->data() + (b * most + i) * vocab_; };
+  auto all_on = [&](int64_t b, int64_t i, int64_t token) {  // the lookup's proposal
+    float* row = q_row(b, i);
+    std::fill_n(row, vocab_, 0.f);
+    row[token] = 1.f;
+  };
   for (int64_t i = 0; i < most; ++i) {
     bool all_found = lookup;
     for (int64_t b = 0; lookup && b < batch; ++b) {
@@ -497,17 +531,31 @@ Tensor ModelStep::draft_lookup(const Tensor& ids, const Tensor& k_cache, const T
     if (i > 0) append(previous);      // this step's input: the token drafted last
     if (!all_found) {
       // Only each sequence's last row needs logits: the head runs on those alone.
-      const Tensor step =
-          argmax_rows(head_rows(step_ids(), k_cache, v_cache, lp, false, false, true), batch, 1);
-      const int64_t* sp = step.const_data_ptr<int64_t>();
-      for (int64_t b = 0; b < batch; ++b) {
-        if (found[b] < 0) found[b] = sp[b], made[b * most + i] = 1;
+      const Tensor rows = head_rows(step_ids(), k_cache, v_cache, lp, false, false, true);
+      if (sampler != nullptr) {
+        for (int64_t b = 0; b < batch; ++b) {
+          if (found[b] >= 0) {
+            all_on(b, i, found[b]);
+            continue;
+          }
+          sampler->row_probs(kStep, rows, b, vocab_ids(), vocab_, q_row(b, i));
+          found[b] = sampler->draw_row(q_row(b, i), vocab_), made[b * most + i] = 1;
+        }
+      } else {
+        const Tensor step = argmax_rows(rows, batch, 1);
+        const int64_t* sp = step.const_data_ptr<int64_t>();
+        for (int64_t b = 0; b < batch; ++b) {
+          if (found[b] < 0) found[b] = sp[b], made[b * most + i] = 1;
+        }
       }
       cached();
       ++steps;
-    } else if (width >= kMaxPending) {  // every next token is the lookup's: no logits needed
-      head_rows(step_ids(), k_cache, v_cache, lp, false, true);
-      cached();
+    } else {
+      for (int64_t b = 0; sampler != nullptr && b < batch; ++b) all_on(b, i, found[b]);
+      if (width >= kMaxPending) {  // every next token is the lookup's: no logits needed
+        head_rows(step_ids(), k_cache, v_cache, lp, false, true);
+        cached();
+      }
     }
     for (int64_t b = 0; b < batch; ++b) {
       if (lookup) (*contexts)[b].push_back(found[b]);
@@ -530,11 +578,34 @@ Tensor ModelStep::draft_lookup(const Tensor& ids, const Tensor& k_cache, const T
   return drafted == most ? tokens : tokens.narrow(1, 0, drafted).contiguous();
 }
 
+void ModelStep::window_probs(const Tensor& ids, const Tensor& k_cache, const Tensor& v_cache,
+                             const Tensor& lens, Sampler& sampler, std::vector<float>& out) {
+  check_call(ids, k_cache, v_cache, lens);
+  const GilRelease no_gil;
+  const PoolScope pool_scope;
+  const std::lock_guard<std::mutex> lock(mutex_);  // held while the scratch rows are read
+  const Tensor rows = head_rows(ids, k_cache, v_cache, lens.const_data_ptr<int32_t>(), false);
+  out.resize(rows.size(0) * vocab_);
+  for (int64_t r = 0; r < rows.size(0); ++r) {
+    sampler.row_probs(kStep, rows, r, vocab_ids(), vocab_, out.data() + r * vocab_);
+  }
+}
+
 std::tuple<Tensor, Tensor, int64_t> ModelStep::speculative_round(
     const c10::intrusive_ptr<ModelStep>& draft, const Tensor& feed, const Tensor& prev,
     const Tensor& last, int64_t gamma, const Tensor& t_k, const Tensor& t_v, const Tensor& t_lens,
     const Tensor& d_k, const Tensor& d_v, const Tensor& d_lens, const Tensor& active,
     const Tensor& history, const Tensor& history_lens, int64_t ngram, int64_t extend) {
+  return round_impl(draft, feed, prev, last, gamma, t_k, t_v, t_lens, d_k, d_v, d_lens, active,
+                    history, history_lens, ngram, extend, nullptr);
+}
+
+std::tuple<Tensor, Tensor, int64_t> ModelStep::round_impl(
+    const c10::intrusive_ptr<ModelStep>& draft, const Tensor& feed, const Tensor& prev,
+    const Tensor& last, int64_t gamma, const Tensor& t_k, const Tensor& t_v, const Tensor& t_lens,
+    const Tensor& d_k, const Tensor& d_v, const Tensor& d_lens, const Tensor& active,
+    const Tensor& history, const Tensor& history_lens, int64_t ngram, int64_t extend,
+    Sampler* sampler) {
   const int64_t batch = feed.size(0), width = feed.dim() == 2 ? feed.size(1) : 0;
   PM_CHECK(gamma >= 1, kStep, "speculative_round needs gamma >= 1, got ", gamma);
   for (const Tensor* t : {&prev, &last}) {
@@ -571,7 +642,7 @@ std::tuple<Tensor, Tensor, int64_t> ModelStep::speculative_round(
   int64_t model_steps = 0;
   const Tensor drafted =
       draft->draft_lookup(feed, d_k, d_v, d_lens, gamma, ngram > 0 ? &contexts : nullptr, ngram,
-                          extend, &made, &model_steps);
+                          extend, &made, &model_steps, sampler, &sample_q_);
   gamma = drafted.size(1);  // [B, gamma]: the lookup may have drafted past it
   const auto drafted_at = std::chrono::steady_clock::now();
   Tensor window = at::empty({batch, gamma + 1}, rows.options());  // [last, d_1..d_gamma]
@@ -583,9 +654,32 @@ std::tuple<Tensor, Tensor, int64_t> ModelStep::speculative_round(
     wp[b * (gamma + 1)] = lastp[b];
     std::copy_n(dp + b * gamma, gamma, wp + b * (gamma + 1) + 1);
   }
-  const Tensor scored = greedy(window, t_k, t_v, t_lens);  // [B, gamma + 1]
+  // Each sequence's accepted count and the token after its accepted drafts (the correction, or
+  // the bonus when all are accepted).
+  std::vector<int64_t> accepted(batch), after(batch);
+  if (sampler == nullptr) {
+    const Tensor scored = greedy(window, t_k, t_v, t_lens);  // [B, gamma + 1]
+    const int64_t* sp = scored.const_data_ptr<int64_t>();
+    for (int64_t b = 0; b < batch; ++b) {
+      const int64_t* d = dp + b * gamma;
+      const int64_t* t = sp + b * (gamma + 1);
+      int64_t a = 0;
+      while (a < gamma && d[a] == t[a]) ++a;
+      accepted[b] = a, after[b] = t[a];
+    }
+  } else {
+    window_probs(window, t_k, t_v, t_lens, *sampler, sample_p_);  // [B, gamma + 1, V]
+    std::vector<float> u(gamma + 1);
+    std::vector<int64_t> kept(gamma + 1);
+    for (int64_t b = 0; b < batch; ++b) {
+      for (float& x : u) x = sampler->uniform();
+      const int64_t a = spec_decode::spec_verify_sequence(
+          sample_p_.data() + b * (gamma + 1) * vocab_, dp + b * gamma,
+          sample_q_.data() + b * most * vocab_, u.data(), gamma, vocab_, true, kept.data());
+      accepted[b] = a, after[b] = kept[a];
+    }
+  }
   const auto scored_at = std::chrono::steady_clock::now();
-  const int64_t* sp = scored.const_data_ptr<int64_t>();
   const bool* on = active.const_data_ptr<bool>();
   int32_t* tl = t_lens.mutable_data_ptr<int32_t>();
   int32_t* dl = d_lens.mutable_data_ptr<int32_t>();
@@ -593,14 +687,12 @@ std::tuple<Tensor, Tensor, int64_t> ModelStep::speculative_round(
   int64_t model_tested = 0, model_accepted = 0;
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t* d = dp + b * gamma;
-    const int64_t* t = sp + b * (gamma + 1);
-    int64_t a = 0;
-    while (a < gamma && d[a] == t[a]) ++a;
+    const int64_t a = accepted[b];
     if (on[b]) count_model_drafts(made.data() + b * gamma, gamma, a, model_tested, model_accepted);
     int64_t* row = rp + b * (most + 2);
     row[0] = a;
     std::copy_n(d, a, row + 1);
-    row[a + 1] = t[a];
+    row[a + 1] = after[b];
     if (!on[b]) {  // keeps its state: the draft back to where it was
       dl[b] -= static_cast<int32_t>(width + gamma - 1);
       continue;
@@ -612,7 +704,7 @@ std::tuple<Tensor, Tensor, int64_t> ModelStep::speculative_round(
     tl[b] += static_cast<int32_t>(a + 1);      // last and the accepted drafts
     dl[b] -= static_cast<int32_t>(gamma - a);  // all but the last accepted (re-fed) and after
     prevp[b] = a > 0 ? d[a - 1] : lastp[b];
-    lastp[b] = t[a];
+    lastp[b] = after[b];
   }
   double* sec = seconds.mutable_data_ptr<double>();
   sec[0] = std::chrono::duration<double>(drafted_at - start).count();
@@ -629,6 +721,32 @@ std::tuple<Tensor, Tensor, Tensor> ModelStep::speculative_rounds(
     const Tensor& d_k, const Tensor& d_v, const Tensor& d_lens, const Tensor& active,
     const Tensor& history, const Tensor& history_lens, int64_t ngram, int64_t extend,
     int64_t rounds, const Tensor& eos, const Tensor& budget) {
+  return rounds_impl(draft, feed, prev, last, gamma, t_k, t_v, t_lens, d_k, d_v, d_lens, active,
+                     history, history_lens, ngram, extend, rounds, eos, budget, nullptr);
+}
+
+std::tuple<Tensor, Tensor, Tensor> ModelStep::sampled_rounds(
+    const c10::intrusive_ptr<ModelStep>& draft, const Tensor& feed, const Tensor& prev,
+    const Tensor& last, int64_t gamma, const Tensor& t_k, const Tensor& t_v, const Tensor& t_lens,
+    const Tensor& d_k, const Tensor& d_v, const Tensor& d_lens, const Tensor& active,
+    const Tensor& history, const Tensor& history_lens, int64_t ngram, int64_t extend,
+    int64_t rounds, const Tensor& eos, const Tensor& budget,
+    const c10::intrusive_ptr<Sampler>& sampler) {
+  PM_CHECK(sampler, kStep, "sampled_rounds needs a sampler");
+  PM_CHECK(draft->vocab_ == vocab_, kStep, "sampled_rounds: the draft's vocabulary (",
+           draft->vocab_, ") is not the target's (", vocab_, ")");
+  const GilRelease no_gil;
+  const std::lock_guard<std::mutex> lock(sample_mutex_);
+  return rounds_impl(draft, feed, prev, last, gamma, t_k, t_v, t_lens, d_k, d_v, d_lens, active,
+                     history, history_lens, ngram, extend, rounds, eos, budget, sampler.get());
+}
+
+std::tuple<Tensor, Tensor, Tensor> ModelStep::rounds_impl(
+    const c10::intrusive_ptr<ModelStep>& draft, const Tensor& feed, const Tensor& prev,
+    const Tensor& last, int64_t gamma, const Tensor& t_k, const Tensor& t_v, const Tensor& t_lens,
+    const Tensor& d_k, const Tensor& d_v, const Tensor& d_lens, const Tensor& active,
+    const Tensor& history, const Tensor& history_lens, int64_t ngram, int64_t extend,
+    int64_t rounds, const Tensor& eos, const Tensor& budget, Sampler* sampler) {
   const int64_t batch = feed.size(0);
   PM_CHECK(rounds >= 1, kStep, "speculative_rounds needs rounds >= 1, got ", rounds);
   StopRule stops(kStep, eos, budget, batch);
@@ -642,8 +760,8 @@ std::tuple<Tensor, Tensor, Tensor> ModelStep::speculative_rounds(
   const GilRelease no_gil;
   for (int64_t r = 0; r < rounds; ++r) {
     auto [rows, seconds, g] =
-        speculative_round(draft, step_feed, prev, last, gamma, t_k, t_v, t_lens, d_k, d_v, d_lens,
-                          active, history, history_lens, ngram, extend);
+        round_impl(draft, step_feed, prev, last, gamma, t_k, t_v, t_lens, d_k, d_v, d_lens, active,
+                   history, history_lens, ngram, extend, sampler);
     all_rows.push_back(rows);
     all_seconds.push_back(seconds);
     drafted.push_back(g);

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "lookup.h"
+#include "sampler.h"
 
 namespace pearlmoe::cpu {
 
@@ -84,6 +85,17 @@ class ModelStep : public torch::CustomClassHolder {
   at::Tensor greedy_steps(const at::Tensor& ids, const at::Tensor& k_cache,
                           const at::Tensor& v_cache, const at::Tensor& lens, int64_t n,
                           const at::Tensor& eos, const at::Tensor& done);
+  // The distributions [B * S, V] (row-major into out, fp32, sampler's temperature, top-k and
+  // top-p) of the step over ids [B, S] at lens; lens are not moved.
+  void window_probs(const at::Tensor& ids, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                    const at::Tensor& lens, Sampler& sampler, std::vector<float>& out);
+  int64_t vocab() const { return vocab_; }
+  // greedy_steps with each step's token drawn by sampler from the step's distribution
+  // (temperature, top-k, top-p: pearlmoe.decode.sampling's rules) instead of its argmax.
+  at::Tensor sample_steps(const at::Tensor& ids, const at::Tensor& k_cache,
+                          const at::Tensor& v_cache, const at::Tensor& lens, int64_t n,
+                          const at::Tensor& eos, const at::Tensor& done,
+                          const c10::intrusive_ptr<Sampler>& sampler);
   // draft_lookup over history [B, C] (int64: each sequence's tokens, the first history_lens[b]
   // of a row; int64 [B]), for tests and callers that keep their tokens in tensors.
   at::Tensor draft_history(const at::Tensor& ids, const at::Tensor& k_cache,
@@ -96,11 +108,16 @@ class ModelStep : public torch::CustomClassHolder {
   // sequence's context. After n tokens, up to extend more while every sequence's next token is
   // found by the lookup: [B, n..n + extend] tokens. With origins, it is set to [B, drafted]
   // (row-major) flags: 1 where the model drafted the token, 0 where the lookup did; and
-  // model_steps to the steps that ran the model's head (the drafting's cost).
+  // model_steps to the steps that ran the model's head (the drafting's cost). With a sampler,
+  // the model's tokens are drawn from its distributions instead of taken by argmax, and q is
+  // set to each drafted token's proposal distribution, [B, n (+ extend with the lookup), V]
+  // row-major (rows past the tokens drafted unset): the model's distribution, or all the mass
+  // on the lookup's token.
   at::Tensor draft_lookup(const at::Tensor& ids, const at::Tensor& k_cache,
                           const at::Tensor& v_cache, const at::Tensor& lens, int64_t n,
                           Contexts* contexts, int64_t ngram, int64_t extend = 0,
-                          std::vector<uint8_t>* origins = nullptr, int64_t* model_steps = nullptr);
+                          std::vector<uint8_t>* origins = nullptr, int64_t* model_steps = nullptr,
+                          Sampler* sampler = nullptr, std::vector<float>* q = nullptr);
   // One greedy speculative round with this model as the target, in one call: `draft` drafts
   // gamma tokens after feed [B, w] on its cache (d_lens advance by w + gamma - 1), this model
   // scores [last, drafts] at t_lens, and each sequence with active[b] keeps its accepted drafts
@@ -139,8 +156,41 @@ class ModelStep : public torch::CustomClassHolder {
       const at::Tensor& d_lens, const at::Tensor& active, const at::Tensor& history,
       const at::Tensor& history_lens, int64_t ngram, int64_t extend, int64_t rounds,
       const at::Tensor& eos, const at::Tensor& budget);
+  // speculative_rounds sampled: the draft's tokens drawn from its distributions (the lookup's
+  // proposed with all their mass), the window verified by rejection sampling against the
+  // target's distributions (spec_verify's rule, its uniforms from sampler), so the kept tokens
+  // follow the target's distribution exactly. Rows, seconds and counts as speculative_rounds.
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> sampled_rounds(
+      const c10::intrusive_ptr<ModelStep>& draft, const at::Tensor& feed, const at::Tensor& prev,
+      const at::Tensor& last, int64_t gamma, const at::Tensor& t_k, const at::Tensor& t_v,
+      const at::Tensor& t_lens, const at::Tensor& d_k, const at::Tensor& d_v,
+      const at::Tensor& d_lens, const at::Tensor& active, const at::Tensor& history,
+      const at::Tensor& history_lens, int64_t ngram, int64_t extend, int64_t rounds,
+      const at::Tensor& eos, const at::Tensor& budget, const c10::intrusive_ptr<Sampler>& sampler);
 
  private:
+  // greedy_steps / sample_steps (sampler null: greedy).
+  at::Tensor decode_steps(const at::Tensor& ids, const at::Tensor& k_cache,
+                          const at::Tensor& v_cache, const at::Tensor& lens, int64_t n,
+                          const at::Tensor& eos, const at::Tensor& done, Sampler* sampler);
+  // speculative_round(s) greedy (sampler null) or sampled.
+  std::tuple<at::Tensor, at::Tensor, int64_t> round_impl(
+      const c10::intrusive_ptr<ModelStep>& draft, const at::Tensor& feed, const at::Tensor& prev,
+      const at::Tensor& last, int64_t gamma, const at::Tensor& t_k, const at::Tensor& t_v,
+      const at::Tensor& t_lens, const at::Tensor& d_k, const at::Tensor& d_v,
+      const at::Tensor& d_lens, const at::Tensor& active, const at::Tensor& history,
+      const at::Tensor& history_lens, int64_t ngram, int64_t extend, Sampler* sampler);
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> rounds_impl(
+      const c10::intrusive_ptr<ModelStep>& draft, const at::Tensor& feed, const at::Tensor& prev,
+      const at::Tensor& last, int64_t gamma, const at::Tensor& t_k, const at::Tensor& t_v,
+      const at::Tensor& t_lens, const at::Tensor& d_k, const at::Tensor& d_v,
+      const at::Tensor& d_lens, const at::Tensor& active, const at::Tensor& history,
+      const at::Tensor& history_lens, int64_t ngram, int64_t extend, int64_t rounds,
+      const at::Tensor& eos, const at::Tensor& budget, Sampler* sampler);
+  const int32_t* vocab_ids() const {
+    return global_[kVocabIds].numel() > 0 ? global_[kVocabIds].const_data_ptr<int32_t>() : nullptr;
+  }
+
   struct Layer {
     std::array<at::Tensor, kLayerSlots> w;
     std::array<std::string, kLayerSlots> format;  // "" dense, else the weight's block format
@@ -188,6 +238,10 @@ class ModelStep : public torch::CustomClassHolder {
   std::vector<std::pair<std::pair<int64_t, int64_t>, Scratch>> scratch_;  // by (batch, steps)
   std::pair<std::pair<int64_t, int64_t>, Scratch> prefill_scratch_{{0, 0}, {}};
   std::mutex mutex_;  // one step at a time per model (scratch is not shared, the caches may be)
+  // A sampled round's distributions, kept between rounds (a SmolLM2 window's are megabytes):
+  // the target's [B, g + 1, V] and the draft's [B, g, V]; one sampled call at a time.
+  std::vector<float> sample_p_, sample_q_;
+  std::mutex sample_mutex_;
 };
 
 }  // namespace pearlmoe::cpu

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <chrono>
 
+#include "../kernels/spec_decode/spec_verify_cpu.h"
 #include "../ops/checks.h"
 #include "gil.h"
 #include "lookup.h"
@@ -54,6 +55,7 @@ PearlRounds::PearlRounds(c10::intrusive_ptr<ModelStep> target,
   }
   unverified_.resize(batch);
   unverified_made_.resize(batch);
+  unverified_q_.resize(batch);
   behind_.resize(batch);
   post_.assign(batch, false);
   active_.assign(batch, true);
@@ -73,6 +75,20 @@ PearlRounds::~PearlRounds() { close(); }
 void PearlRounds::close() {
   lend_ = false;
   if (guest_) guest_->leave();
+}
+
+void PearlRounds::sample_with(c10::intrusive_ptr<Sampler> target_sampler,
+                              c10::intrusive_ptr<Sampler> draft_sampler) {
+  PM_CHECK(target_sampler && draft_sampler, kRounds, "sample_with needs both samplers");
+  PM_CHECK(target_sampler.get() != draft_sampler.get(), kRounds,
+           "sample_with needs a sampler per side (the draft's runs on its own thread)");
+  PM_CHECK(draft_->step()->vocab() == target_->vocab(), kRounds, "the draft's vocabulary (",
+           draft_->step()->vocab(), ") is not the target's (", target_->vocab(), ")");
+  for (size_t b = 0; b < last_.size(); ++b) {
+    PM_CHECK(!post_[b], kRounds, "sample_with before the first round only");
+  }
+  t_sampler_ = std::move(target_sampler);
+  d_sampler_ = std::move(draft_sampler);
 }
 
 void PearlRounds::write_lens() {
@@ -155,13 +171,18 @@ std::tuple<at::Tensor, at::Tensor, int64_t, int64_t> PearlRounds::round(int64_t 
   // from the round's work.
   at::Tensor seconds = at::zeros({6}, opts.dtype(at::kDouble));
   at::Tensor drafted, scored;
+  const bool sampled = static_cast<bool>(t_sampler_);
   {
     const GilRelease no_gil;
     draft_->submit_lookup(first, d_k_, d_v_, d_lens_, gamma, std::move(contexts), ngram_, extend,
-                          guest_);
+                          guest_, d_sampler_.get());
     const auto start = std::chrono::steady_clock::now();
     try {
-      scored = target_->greedy(feed, t_k_, t_v_, t_lens_);  // [B, width]
+      if (sampled) {
+        target_->window_probs(feed, t_k_, t_v_, t_lens_, *t_sampler_, p_);  // [B, width, V]
+      } else {
+        scored = target_->greedy(feed, t_k_, t_v_, t_lens_);  // [B, width]
+      }
     } catch (...) {
       try {
         draft_->result();  // the worker's job ends before the target's error leaves
@@ -181,12 +202,14 @@ std::tuple<at::Tensor, at::Tensor, int64_t, int64_t> PearlRounds::round(int64_t 
            made.size(), " flags for ", batch, " x ", g, " tokens");
   int64_t model_tested = 0, model_accepted = 0;
   std::vector<uint8_t> window_made;
-  const int64_t* sp = scored.const_data_ptr<int64_t>();
+  const int64_t* sp = sampled ? nullptr : scored.const_data_ptr<int64_t>();
+  const int64_t vocab = target_->vocab();
+  const float* q = sampled ? draft_->q().data() : nullptr;  // [B, stride, V]
+  const int64_t stride = draft_->q_stride();
   int64_t* rp = rows.mutable_data_ptr<int64_t>();
   std::vector<int64_t> window;
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t* d = dp + b * g;
-    const int64_t* s = sp + b * width;
     const bool was_post = post_[b];
     // The window: the unverified drafts (post-verify), then this round's first drafts, as many
     // as the lookahead scored and one more (only the first without it), as far as they go.
@@ -198,14 +221,31 @@ std::tuple<at::Tensor, at::Tensor, int64_t, int64_t> PearlRounds::round(int64_t 
     if (was_post) window = unverified_[b], window_made = unverified_made_[b];
     window.insert(window.end(), d, d + fresh);
     window_made.insert(window_made.end(), made.begin() + b * g, made.begin() + b * g + fresh);
-    int64_t accepted = 0;
-    while (accepted < n && window[accepted] == s[accepted]) ++accepted;
+    // Window token i is scored by the target's row i (after last and the tokens before it);
+    // the first rejected one is replaced by the correction.
+    int64_t accepted = 0, correction = -1;
+    const float* fresh_q = sampled ? q + b * stride * vocab : nullptr;  // this round's drafts'
+    if (sampled) {
+      for (; accepted < n; ++accepted) {
+        const float* p = p_.data() + (b * width + accepted) * vocab;
+        const float* qi = accepted < held ? unverified_q_[b].data() + accepted * vocab
+                                          : fresh_q + (accepted - held) * vocab;
+        const int64_t x = window[accepted];
+        if (t_sampler_->uniform() * qi[x] <= p[x]) continue;
+        correction = spec_decode::sample_residual(p, qi, vocab, t_sampler_->uniform());
+        break;
+      }
+    } else {
+      const int64_t* s = sp + b * width;
+      while (accepted < n && window[accepted] == s[accepted]) ++accepted;
+      if (accepted < n) correction = s[accepted];
+    }
     const bool all_in = accepted == n;
     const int64_t kept = all_in ? n : accepted + 1;
     int64_t* row = rp + b * rows.size(1);
     row[0] = was_post, row[1] = n, row[2] = accepted, row[3] = kept;
     std::copy_n(window.begin(), all_in ? n : accepted, row + 4);
-    if (!all_in) row[4 + accepted] = s[accepted];
+    if (!all_in) row[4 + accepted] = correction;
     if (!active_[b]) continue;
     count_model_drafts(window_made.data(), n, accepted, model_tested, model_accepted);
     if (ngram_ > 0) tokens_[b].insert(tokens_[b].end(), row + 4, row + 4 + kept);
@@ -216,10 +256,12 @@ std::tuple<at::Tensor, at::Tensor, int64_t, int64_t> PearlRounds::round(int64_t 
       d_len_[b] += g;
       unverified_[b].assign(d + fresh, d + g);
       unverified_made_[b].assign(made.begin() + b * g + fresh, made.begin() + (b + 1) * g);
+      if (sampled) unverified_q_[b].assign(fresh_q + fresh * vocab, fresh_q + g * vocab);
     } else {  // both roll back to the new committed[:-1]
       t_len_[b] = d_len_[b] = committed_[b] - 1;
       unverified_[b].clear();
       unverified_made_[b].clear();
+      unverified_q_[b].clear();
     }
     post_[b] = all_in;
   }
@@ -274,12 +316,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> PearlRounds::rounds(int64_t n, in
 
 at::Tensor PearlRounds::plain(int64_t steps) {
   PM_CHECK(steps >= 1, kRounds, "plain needs steps >= 1, got ", steps);
+  PM_CHECK(!t_sampler_, kRounds, "plain steps are greedy: sampled rounds have none");
   const int64_t batch = static_cast<int64_t>(last_.size());
   for (int64_t b = 0; b < batch; ++b) {  // back to pre-verify: the unverified drafts go
     if (!active_[b]) continue;
     post_[b] = false;
     unverified_[b].clear();
     unverified_made_[b].clear();
+    unverified_q_[b].clear();
     // The draft keeps the committed tokens it cached (all of them but the last, or fewer
     // after earlier plain steps), the target all but the last.
     d_len_[b] = std::min(d_len_[b], committed_[b] - 1);
@@ -363,6 +407,7 @@ void PearlRounds::finish(int64_t b) {
   post_[b] = false;
   unverified_[b].clear();
   unverified_made_[b].clear();
+  unverified_q_[b].clear();
   behind_[b].clear();
   t_len_[b] = d_len_[b] = committed_[b] - 1;
   write_lens();

@@ -68,6 +68,13 @@ class PearlRounds : public torch::CustomClassHolder {
   // next round first caches them on the draft (a fill), then drafts as usual. Returns rows
   // [B, 4 + steps] in round()'s layout (0, 0, 0, kept, the kept tokens, then -1).
   at::Tensor plain(int64_t steps);
+  // Sampled rounds from here on: the draft draws its tokens with draft_sampler (on its thread)
+  // and the window is verified by rejection sampling against the target's distributions with
+  // target_sampler (spec_verify's rule; a fully accepted window has no bonus token), so the
+  // kept tokens follow the target's distribution. The unverified drafts keep their proposal
+  // distributions until a later round verifies them. Plain steps stay greedy.
+  void sample_with(c10::intrusive_ptr<Sampler> target_sampler,
+                   c10::intrusive_ptr<Sampler> draft_sampler);
   // The lookahead's tokens scored so far (all rounds, all sequences).
   int64_t ahead_tokens() const { return ahead_tokens_; }
   // Sequence b stops: it keeps its committed tokens, both caches roll back to them.
@@ -85,6 +92,9 @@ class PearlRounds : public torch::CustomClassHolder {
   std::vector<int64_t> last_, committed_, t_len_, d_len_;
   std::vector<std::vector<int64_t>> unverified_;       // e_2..e_gamma of a post-verify sequence
   std::vector<std::vector<uint8_t>> unverified_made_;  // theirs: 1 where the model drafted it
+  std::vector<std::vector<float>> unverified_q_;       // sampled: theirs proposal rows [n, V]
+  c10::intrusive_ptr<Sampler> t_sampler_, d_sampler_;  // sampled rounds (else null)
+  std::vector<float> p_;                               // the target's window distributions
   Contexts tokens_;  // each sequence's committed tokens, kept for the lookup when ngram_ > 0
   int64_t ngram_ = 0;
   bool lookahead_ = false;

@@ -208,7 +208,7 @@ def choose_mode(target: Transformer, draft: Transformer, backend: str) -> tuple[
     draft's thread helping the target once it has drafted where the greedy fused rounds lend it);
     every mode's prediction comes with it."""
     curve = measured_curve(target, draft, 1, "speculative", backend)
-    helped = draft_thread_lent(target, draft, backend, greedy=True)
+    helped = draft_thread_lent(target, draft, backend)
     pearl_curve = measured_curve(target, draft, 1, "pearl", backend, helped)
     best = plan(curve, 0.6, pearl_curve=pearl_curve)
     return best.mode, best.predicted

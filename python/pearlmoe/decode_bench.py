@@ -124,7 +124,7 @@ def bench_dtype(
     if cpu:  # both sides' thread counts in alternating rounds
         threads = sorted({torch.get_num_threads(), side_threads()})
         measure_interleaved(target, draft, threads, batch, backend, context=context)
-    helped = draft_thread_lent(target, draft, backend, args.temperature <= 0)
+    helped = draft_thread_lent(target, draft, backend)
     curves = {m: measured_curve(target, draft, batch, m, backend, helped)
               for m in ("speculative", "pearl")}  # fmt: skip
     modes = (EAGER_AR, *MODES)

@@ -51,8 +51,9 @@ def generate_stream(
     runner.prefill([p[:-1] for p in prompts])
     tokens = torch.tensor([p[-1] for p in prompts], device=model.device)  # [B]
     done = [False] * len(prompts)
-    if runner.drafts_in_one_call:  # greedy on fused CPU steps: many steps a C++ call
-        yield from _fused_steps(runner, tokens, done, eos, max_new_tokens)
+    if runner.drafts_in_one_call or runner.samples_in_one_call:  # many steps a C++ call
+        sampler = runner.sampler(generator) if runner.samples_in_one_call else None
+        yield from _fused_steps(runner, tokens, done, eos, max_new_tokens, sampler)
         return
     # The CPU lengths through a numpy view (~0.3 us a step instead of a ~4 us tensor op), and
     # only the cudagraph backend's outputs need copying out of its static buffers.
@@ -74,25 +75,29 @@ def generate_stream(
             return
 
 
-# Greedy steps one C++ call runs at most (ModelStep.greedy_steps, which also stops at EOS): a
+# Steps one C++ call runs at most (ModelStep.greedy_steps / sample_steps, which stop at EOS): a
 # step called from Python costs ~50 us of host work beside the embedded target's ~0.3 ms, and
 # streamed tokens arrive in bursts of at most this many.
 FUSED_STEPS = 32
 
 
 def _fused_steps(
-    runner: Runner, tokens: Tensor, done: list[bool], eos: set[int], max_new_tokens: int
-) -> Iterator[list[int | None]]:
-    """generate_stream's loop on fused CPU steps, greedy: up to FUSED_STEPS steps a call, each
-    step's tokens yielded as the per-step loop yields them (the same tokens, bit for bit)."""
+    runner: Runner, tokens: Tensor, done: list[bool], eos: set[int], max_new_tokens: int,
+    sampler: torch.ScriptObject | None = None,
+) -> Iterator[list[int | None]]:  # fmt: skip
+    """generate_stream's loop on fused CPU steps: up to FUSED_STEPS steps a call, each step's
+    tokens yielded as the per-step loop yields them (greedy: the same tokens, bit for bit; with
+    a sampler, each drawn inside the call from the same distribution the per-step loop samples)."""
     c = runner.cache
     stops = torch.tensor(sorted(eos), dtype=torch.long)  # [E]
     last = tokens.unsqueeze(1)  # [B, 1]
     left = max_new_tokens
     while left > 0:
-        chunk = runner.fused_step.greedy_steps(
-            last, c.k, c.v, c.lens, min(left, FUSED_STEPS), stops, torch.tensor(done)
-        )  # [B, n]: lens moved by n
+        args = (last, c.k, c.v, c.lens, min(left, FUSED_STEPS), stops, torch.tensor(done))
+        if sampler is None:
+            chunk = runner.fused_step.greedy_steps(*args)  # [B, n]: lens moved by n
+        else:
+            chunk = runner.fused_step.sample_steps(*args, sampler)
         left -= chunk.shape[1]
         last = chunk[:, -1:]
         for column in chunk.T.tolist():  # [n, B]
@@ -121,7 +126,7 @@ def generate(
 
     ``input_ids``: a [B, S] tensor or B token lists of any lengths. Greedy (temperature 0) is
     deterministic. ``callback`` receives each step's tokens (None for finished sequences), for
-    streaming (greedy on fused CPU steps: the steps of one C++ call, up to FUSED_STEPS, in a
+    streaming (on fused CPU steps: the steps of one C++ call, up to FUSED_STEPS, in a
     burst when it returns); ``generate_stream`` is the iterator form. ``backend``: "eager",
     "compile", "fused" or "cudagraph" (pearlmoe.decode.runner).
     """

@@ -14,7 +14,7 @@ of two modes:
                Rejected at n: commit the n accepted and the correction, roll both back, go to
                pre-verify.
 
-With the prompt lookup (greedy, the fused CPU rounds) the draft takes the lookup's token
+With the prompt lookup (the fused CPU rounds) the draft takes the lookup's token
 wherever the lookup finds one, so where it finds a run at a round's start those are the draft's
 first tokens, known before it drafts: the lookahead adds them to the target's window in the same
 round (a pre-verify round then verifies e_1..e_k and the target's next token, not e_1 alone).
@@ -135,14 +135,13 @@ class _FusedDraft(_ThreadDraft):
 
 
 def draft_thread_lent(
-    target: Transformer, draft: Transformer, backend: str, greedy: bool, draft_process: bool = False
+    target: Transformer, draft: Transformer, backend: str, draft_process: bool = False
 ) -> bool:
     """Whether PEARL's rounds lend the draft's thread to the target once it has drafted: the
-    greedy C++ rounds on fused CPU steps, through the claiming pool (with OpenMP's the target's
-    team would take the draft's core)."""
+    C++ rounds on fused CPU steps (greedy or sampled), through the claiming pool (with OpenMP's
+    the target's team would take the draft's core)."""
     return (
-        greedy
-        and not draft_process
+        not draft_process
         and target.device.type == draft.device.type == "cpu"
         and all(effective_backend(m, backend) == "fused" for m in (target, draft))
         and torch.ops.pearlmoe.cpu_pool() == "claim"
@@ -181,9 +180,11 @@ def pearl_generate(
     ``draft_process``: draft in a child process (pearlmoe.decode.draft_process) instead of a
     thread; by default when both models are on the CPU and either side compiles its step (the
     fused backend's steps release the GIL, so its sides overlap on threads).
-    ``bookkeeping``: "host" (greedy; the default on a CPU) or "device" (pearlmoe.decode.
-    pearl_rounds). ``lookup``: the prompt lookup's n-gram length for greedy drafts on fused CPU
-    steps (pearlmoe.decode.common.LOOKUP; 0: the draft model alone, as on other paths).
+    ``bookkeeping``: "host" (the default on a CPU, greedy or sampling on fused steps, where the
+    whole round, its draws included, is one C++ call) or "device" (pearlmoe.decode.
+    pearl_rounds). ``lookup``: the prompt lookup's n-gram length for drafts in the C++ rounds
+    (pearlmoe.decode.common.LOOKUP; 0: the draft model alone, as on other paths; sampled, the
+    lookup's token is proposed with all its mass, which rejection sampling keeps lossless).
     ``draft_helps``: in the C++ rounds (on pearlmoe's claiming CPU pool), the draft's thread runs
     the target's work from the end of its drafting until its next job (its core would otherwise
     idle while the target verifies). ``lookahead``: in the C++ rounds with the lookup, a round's
@@ -200,8 +201,7 @@ def pearl_generate(
     prompts = _prompts(input_ids)
     batch, eos = len(prompts), _eos_set(eos_token_id)
     sampling = Sampling(temperature, top_k, top_p)
-    helps = draft_helps and draft_thread_lent(target, draft, backend, sampling.greedy,
-                                              bool(draft_process))  # fmt: skip
+    helps = draft_helps and draft_thread_lent(target, draft, backend, bool(draft_process))
     policy = gamma_policy(target, draft, batch, "pearl", backend, gamma, helped=helps)
     gamma = policy.gamma
     greedy = sampling.greedy
@@ -223,6 +223,21 @@ def pearl_generate(
     pool = ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(share,))
     device = target.device
     draft_prompts = [p[:-1] for p in prompts]
+    # Sampled rounds run in C++ (draws, verification, commit) where both sides are fused steps.
+    fused_sampling = (
+        not greedy
+        and tgt.samples_in_one_call
+        and not draft_process
+        and effective_backend(draft, backend) == "fused"
+    )
+    if bookkeeping == "auto":
+        on_host = device.type == "cpu" and (greedy or fused_sampling)
+        bookkeeping = "host" if on_host else "device"
+    if bookkeeping == "host" and not (greedy or fused_sampling):
+        raise ValueError("pearl_generate: host bookkeeping is greedy only (or sampling on fused "
+                         "CPU steps)")  # fmt: skip
+    if bookkeeping not in ("host", "device"):
+        raise ValueError(f"bookkeeping must be auto, host or device, got {bookkeeping!r}")
     with num_threads(share):  # compiled code is specialised to its thread count
         stats.extra["warmup_seconds"] = tgt.warmup([1, gamma])
         began = time.perf_counter()
@@ -235,16 +250,10 @@ def pearl_generate(
         else:
             runner = Runner(draft, batch, capacity, backend, sampling)
             runner.warmup([1])
-            if runner.drafts_in_one_call:  # the fused backend, greedy
-                drf = _FusedDraft(runner, _Side(draft, share), pool)
+            if runner.drafts_in_one_call or (fused_sampling and bookkeeping == "host"):
+                drf = _FusedDraft(runner, _Side(draft, share), pool)  # the fused backend
             else:
                 drf = _ThreadDraft(runner, _Side(draft, share), pool, generator)
-        if bookkeeping == "auto":
-            bookkeeping = "host" if greedy and device.type == "cpu" else "device"
-        if bookkeeping == "host" and not greedy:
-            raise ValueError("pearl_generate: host bookkeeping is greedy only")
-        if bookkeeping not in ("host", "device"):
-            raise ValueError(f"bookkeeping must be auto, host or device, got {bookkeeping!r}")
         if bookkeeping == "device":
             rounds = DeviceRounds(prompts, device, policy.max_gamma, gamma, greedy, backend, tgt,
                                   drf, generator)  # fmt: skip
@@ -270,7 +279,7 @@ def pearl_generate(
     one_call = bookkeeping == "host" and isinstance(drf, _FusedDraft) and tgt.fused_step is not None
     lookup = lookup if one_call else 0
     stats.extra["lookup"] = lookup
-    if one_call:  # greedy on fused steps: the whole round is one C++ call
+    if one_call:  # on fused steps the whole round (sampled: its draws too) is one C++ call
         t, d = tgt.cache, drf.runner.cache
         history, history_lens = token_history(prompts, max(map(len, prompts)), lookup)
         rounds = torch.classes.pearlmoe.CpuPearlRounds(
@@ -278,6 +287,8 @@ def pearl_generate(
             [p[-1] for p in prompts], [len(p) for p in prompts], history, history_lens, lookup,
             helps, lookahead,
         )  # fmt: skip
+        if not greedy:  # a sampler per side: the draft's draws on its own thread
+            rounds.sample_with(tgt.sampler(generator), drf.runner.sampler(generator))
     elif bookkeeping == "host":
         rounds = HostRounds(prompts, gamma, tgt, drf)
     stats.extra["round"] = "C++" if one_call else "Python"
@@ -290,7 +301,8 @@ def pearl_generate(
     outputs: list[list[int]] = [[] for _ in prompts]
     done = [max_new_tokens <= 0] * batch
 
-    gate = speculation_gate(target, draft, batch, "pearl", backend, gate if one_call else False)
+    gate = speculation_gate(target, draft, batch, "pearl", backend,
+                            gate if one_call and greedy else False)  # fmt: skip
     after_plain = False  # plain steps ran since the last round
     guest_chunks = torch.ops.pearlmoe.cpu_pool_guest_chunks() if one_call else 0
     # The target's pool stops keeping parts for the draft when the decode ends, even on an error.

@@ -236,6 +236,22 @@ class Runner:
         return self._fused is not None and self.sampling.greedy
 
     @property
+    def samples_in_one_call(self) -> bool:
+        """Whether the fused C++ loops draw this runner's sampled tokens themselves (the fused
+        backend, sampling; ``sampler`` makes their sampler)."""
+        return self._fused is not None and not self.sampling.greedy and not self.sampling.logits
+
+    def sampler(self, generator: torch.Generator | None = None) -> torch.ScriptObject:
+        """The fused loops' sampler (``torch.classes.pearlmoe.CpuSampler``) for this runner's
+        temperature, top-k and top-p, its random stream seeded by one draw from ``generator``
+        (torch's default one when None), so a seeded decode repeats."""
+        s = self.sampling
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        top_k = s.top_k if s.top_k is not None and s.top_k > 0 else 0
+        top_p = s.top_p if s.top_p is not None and 0 < s.top_p < 1 else 1.0
+        return torch.classes.pearlmoe.CpuSampler(s.temperature, top_k, top_p, seed)
+
+    @property
     def fused_step(self) -> torch.ScriptObject | None:
         """The fused backend's C++ step (``torch.classes.pearlmoe.CpuModelStep``), else None."""
         return self._fused

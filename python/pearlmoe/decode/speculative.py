@@ -3,11 +3,11 @@ with per-sequence acceptance and rollback. Lossless: greedy output equals greedy
 output; sampled output follows the target distribution (``ops.spec_verify``).
 
 Every round has the same shapes, so each side's steps are static (pearlmoe.decode.runner): the
-target scores [last, d_1..d_γ] (γ+1 tokens) for every sequence (greedy C++ rounds: every sequence
-still decoding, finished ones leaving their slots); the draft re-feeds the committed
-token before ``last`` together with ``last`` (2 tokens; in place, at the same position, so its
-cache is unchanged) and then drafts. Acceptance moves each side's lengths with tensor ops; the
-round's only host sync is reading the emitted tokens.
+target scores [last, d_1..d_γ] (γ+1 tokens) for every sequence (C++ rounds on fused steps:
+every sequence still decoding, finished ones leaving their slots); the draft re-feeds the
+committed token before ``last`` together with ``last`` (2 tokens; in place, at the same
+position, so its cache is unchanged) and then drafts. Acceptance moves each side's lengths with
+tensor ops; the round's only host sync is reading the emitted tokens.
 
 Shape letters: B sequences, γ draft length, V vocabulary.
 """
@@ -192,13 +192,15 @@ def speculative_generate(
     SpeculationGate: where verification costs more than it commits, decoding then runs at
     about autoregressive speed); None (the default) and False speculate every round
     (common.speculation_gate gives the measurements behind the default).
-    ``lookup``: the prompt lookup's n-gram length for greedy drafts on fused CPU steps (0: the
-    draft model alone; other paths draft with the model alone). ``callback`` receives each
-    round's tokens; greedy on fused CPU steps, the rounds of one C++ call (up to
+    ``lookup``: the prompt lookup's n-gram length for drafts on fused CPU steps (0: the draft
+    model alone; other paths draft with the model alone; sampled, the lookup's token is
+    proposed with all its mass, which rejection sampling keeps lossless). ``callback`` receives
+    each round's tokens; on fused CPU steps, the rounds of one C++ call (up to
     ROUNDS_PER_CALL) come in a burst when it returns.
     ``bookkeeping``: verify and commit a round with tensor ops on the device ("device", what a
-    GPU and sampling use) or on the host's ints ("host", greedy; the default on a CPU, where
-    the tensor ops' fixed cost is most of the work: pearlmoe.decode.pearl_rounds)."""
+    GPU and sampling off fused steps use) or on the host ("host": the default on a CPU, greedy,
+    or sampled on fused steps, where the whole round, its draws included, is one C++ call; the
+    tensor ops' fixed cost is most of a small model's round: pearlmoe.decode.pearl_rounds)."""
     if lookup < 0:
         raise ValueError(f"speculative_generate: lookup must be >= 0, got {lookup}")
     check_pair(target, draft)
@@ -214,11 +216,16 @@ def speculative_generate(
     drf = Runner(draft, batch, capacity, backend, sampling)
     device = target.device
     width_g = policy.max_gamma  # G: the bookkeeping's fixed width
+    # Sampled rounds run in C++ (draws, verification, commit) where both sides are fused steps.
+    fused_sampling = tgt.samples_in_one_call and drf.samples_in_one_call
     if bookkeeping == "auto":
-        bookkeeping = "host" if sampling.greedy and device.type == "cpu" else "device"
-    if bookkeeping not in ("host", "device") or (bookkeeping == "host" and not sampling.greedy):
+        on_host = device.type == "cpu" and (sampling.greedy or fused_sampling)
+        bookkeeping = "host" if on_host else "device"
+    if bookkeeping not in ("host", "device") or (
+        bookkeeping == "host" and not (sampling.greedy or fused_sampling)
+    ):
         raise ValueError(f"speculative_generate: bookkeeping must be auto, device, or host when "
-                         f"greedy; got {bookkeeping!r}")  # fmt: skip
+                         f"greedy or sampling on fused CPU steps; got {bookkeeping!r}")  # fmt: skip
     stats.extra["bookkeeping"] = bookkeeping
     greedy_device = sampling.greedy and bookkeeping == "device"
     bookkeep = round_fn(_greedy_round, device, backend) if greedy_device else None
@@ -244,8 +251,14 @@ def speculative_generate(
     first = True
     gamma = gamma_t = None
     timed = device.type == drf.device.type == "cpu"
-    # Greedy on fused steps: the whole round (draft, verify, commit) is one C++ call.
-    one_call = bookkeeping == "host" and tgt.fused_step is not None and drf.drafts_in_one_call
+    # On fused steps the whole round (draft, verify, commit; sampled: the draws too) is one C++
+    # call.
+    one_call = (
+        bookkeeping == "host"
+        and tgt.fused_step is not None
+        and (drf.drafts_in_one_call or fused_sampling)
+    )
+    sampler = tgt.sampler(generator) if one_call and not sampling.greedy else None
     stats.extra["round"] = "C++" if one_call else "Python"
     lookup = lookup if one_call else 0
     stats.extra["lookup"] = lookup
@@ -255,7 +268,7 @@ def speculative_generate(
     slots, live = list(range(batch)), batch  # slot -> sequence
     stats.extra["target_rows"] = 0
     gate = speculation_gate(target, draft, batch, "speculative", backend,
-                            gate if one_call else False)  # fmt: skip
+                            gate if one_call and sampler is None else False)  # fmt: skip
     # After plain steps, the tokens the draft has not cached, fed to it at the next round: the
     # round's usual feed ([prev, last], or [last] at first) and every token committed since.
     pending: Tensor | None = None  # [B, w]
@@ -305,12 +318,16 @@ def speculative_generate(
                 n = live  # views of the live slots: prefixes along the batch dimension
                 left = torch.tensor([max_new_tokens - len(outputs[slots[i]]) for i in range(n)])
                 called = time.perf_counter()
-                rows_k, seconds_k, drafted_k = tgt.fused_step.speculative_rounds(
+                args = (
                     drf.fused_step, feed[:n], prev[:n], last[:n], gamma, tgt.cache.k[:, :n],
                     tgt.cache.v[:, :n], tgt.lens[:n], drf.cache.k[:, :n], drf.cache.v[:, :n],
                     drf.lens[:n], active[:n], history[:n], history_lens[:n], lookup, extend, k,
                     stops, left,
                 )  # fmt: skip
+                if sampler is None:
+                    rows_k, seconds_k, drafted_k = tgt.fused_step.speculative_rounds(*args)
+                else:
+                    rows_k, seconds_k, drafted_k = tgt.fused_step.sampled_rounds(*args, sampler)
                 queued = list(
                     zip(rows_k.tolist(), seconds_k.tolist(), drafted_k.tolist(), strict=True)
                 )
