@@ -109,6 +109,7 @@ bench-cpp: setup
 	$(BENCH_CPP_BUILD)/bench_routing_cpu --benchmark_min_time=$(or $(MIN_TIME),0.05)
 	$(BENCH_CPP_BUILD)/bench_moe_gemm_cpu --benchmark_min_time=$(or $(MIN_TIME),0.05)
 	$(BENCH_CPP_BUILD)/bench_qlinear_cpu --benchmark_min_time=$(or $(MIN_TIME),0.05)
+	$(BENCH_CPP_BUILD)/bench_sample_cpu --benchmark_min_time=$(or $(MIN_TIME),0.05)
 	@for b in bench_routing_cuda bench_moe_gemm_cuda bench_attention_cuda; do \
 	  if [ -x $(BENCH_CPP_BUILD)/$$b ]; then $(BENCH_CPP_BUILD)/$$b --benchmark_min_time=$(or $(MIN_TIME),0.05); fi; done
 
