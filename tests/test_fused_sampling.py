@@ -199,3 +199,17 @@ def test_sampled_steps_and_rounds_refuse_bad_calls():
             small.cache.v, small.cache.lens, torch.tensor([True]), torch.empty(0, dtype=torch.long),
             torch.empty(0, dtype=torch.long), 0, 0, 1, stops, torch.tensor([4]), s,
         )  # fmt: skip
+
+
+def test_near_greedy_sampling_emits_the_greedy_tokens_lookahead_included():
+    """At T = 0.01 every distribution is a near one-hot of the argmax: sampled rounds must then
+    emit the greedy tokens, which they do only if each window row scores the token it verifies
+    (PEARL's lookahead rows included: the lookup drafts LOOPY's loop)."""
+    _, _, target, draft = _pair32()
+    want = pearlmoe.generate(target, [LOOPY], 40, backend="fused")
+    for loop in LOOPS.values():
+        got, stats = loop(target, draft, [LOOPY], 40, temperature=0.01, backend="fused",
+                          generator=torch.Generator().manual_seed(0))  # fmt: skip
+        assert got == want, loop.__name__
+        if loop is pearl_generate:
+            assert stats.extra["lookahead_tokens"] > 0

@@ -216,6 +216,13 @@ std::tuple<at::Tensor, at::Tensor, int64_t, int64_t> PearlRounds::round(int64_t 
     const int64_t held = was_post ? static_cast<int64_t>(unverified_[b].size()) : 0;
     const int64_t fresh = std::min(ahead[b] + 1, g);
     const int64_t n = held + fresh;
+    // The target scored the lookahead's tokens as this round's first drafts: the draft's lookup
+    // walks the same chain, so they are its tokens (else the window's rows would score another
+    // prefix).
+    for (int64_t i = 0; i < std::min(ahead[b], g); ++i) {
+      PM_CHECK(d[i] == known[b][held + i], kRounds, "sequence ", b, ": the draft's token ", i, " (",
+               d[i], ") is not the lookahead's (", known[b][held + i], ")");
+    }
     window.clear();
     window_made.clear();
     if (was_post) window = unverified_[b], window_made = unverified_made_[b];
