@@ -117,6 +117,13 @@ class Metrics:
     running: int = 0
 
 
+def _one_thread():
+    """The sampling of a step's rows on the calling thread alone: a softmax over a row of
+    logits in ATen's OpenMP team left a team thread spinning on the core the next fused step's
+    pool wanted (as in the decode loops: bench/NOTES.md v19)."""
+    return num_threads(1)
+
+
 class Engine:
     """Continuous batching over ``max_batch`` slots. ``submit`` queues a request (any thread);
     ``start`` runs the loop on its own thread (or call ``step`` yourself: one admission and one
@@ -414,15 +421,16 @@ class Engine:
         requests, else a draw from its distribution (returned too, for verification)."""
         greedy = logits.argmax(-1).tolist()
         tokens, dists = [], []
-        for i, slot in enumerate(slots):
-            req = slot.req
-            if req.greedy:
-                tokens.append(greedy[i])
-                dists.append(None)
-                continue
-            q = logits_to_probs(logits[i], req.temperature, req.top_k, req.top_p)  # [V]
-            tokens.append(int(sample(q[None], slot.generator)))
-            dists.append(q)
+        with _one_thread():
+            for i, slot in enumerate(slots):
+                req = slot.req
+                if req.greedy:
+                    tokens.append(greedy[i])
+                    dists.append(None)
+                    continue
+                q = logits_to_probs(logits[i], req.temperature, req.top_k, req.top_p)  # [V]
+                tokens.append(int(sample(q[None], slot.generator)))
+                dists.append(q)
         return tokens, dists
 
     def _verify(
@@ -438,12 +446,14 @@ class Engine:
             while a < len(drafts) and drafts[a] == scored[a]:
                 a += 1
             return a, scored[a] if a < len(scored) else None
-        p = logits_to_probs(logits, req.temperature, req.top_k, req.top_p)  # [m, V]
-        bonus = p.shape[0] > len(drafts)
-        if not bonus:  # spec_verify wants a bonus row: a copy, whose token is dropped
-            p = torch.cat([p, p[-1:]], 0)
-        ids = torch.tensor([drafts], device=p.device)
-        tokens, accepted = ops.spec_verify(p[None], ids, torch.stack(qs)[None], slot.generator)
+        with _one_thread():
+            p = logits_to_probs(logits, req.temperature, req.top_k, req.top_p)  # [m, V]
+            bonus = p.shape[0] > len(drafts)
+            if not bonus:  # spec_verify wants a bonus row: a copy, whose token is dropped
+                p = torch.cat([p, p[-1:]], 0)
+            ids = torch.tensor([drafts], device=p.device)
+            q = torch.stack(qs)[None]
+            tokens, accepted = ops.spec_verify(p[None], ids, q, slot.generator)
         a = int(accepted[0])
         if a == len(drafts) and not bonus:
             return a, None
