@@ -201,7 +201,12 @@ def pearl_generate(
     prompts = _prompts(input_ids)
     batch, eos = len(prompts), _eos_set(eos_token_id)
     sampling = Sampling(temperature, top_k, top_p)
-    helps = draft_helps and draft_thread_lent(target, draft, backend, bool(draft_process))
+    # Lent in the C++ rounds: greedy, or sampled unless the Python rounds are asked for.
+    helps = (
+        draft_helps
+        and draft_thread_lent(target, draft, backend, bool(draft_process))
+        and (temperature <= 0 or bookkeeping != "device")
+    )
     policy = gamma_policy(target, draft, batch, "pearl", backend, gamma, helped=helps)
     gamma = policy.gamma
     greedy = sampling.greedy
