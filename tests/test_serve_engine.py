@@ -185,30 +185,20 @@ def test_sampling_runs_on_the_calling_thread_alone_and_gives_its_thread_count_ba
     target, draft = tiny_pair(vocab=16, noise=0.6, seed=1)
     engine = Engine(target, draft if mode != "ar" else None, mode, max_batch=2, context=32,
                     gamma=2)  # fmt: skip
-    seen: list[int] = []
-    real = serve_engine._one_thread
+    seen: list[int] = []  # the thread count each row's distribution was computed with
+    real = serve_engine.logits_to_probs
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
     requests = [Request([1, 2, 3], 6, temperature=1.0, seed=i) for i in range(2)]
     with num_threads(2), pytest.MonkeyPatch.context() as patch:
-        patch.setattr(serve_engine, "_one_thread", lambda: _Spy(real, seen))
+        patch.setattr(serve_engine, "logits_to_probs", spy)
         _run(engine, requests, joins=[0, 0])
         assert torch.get_num_threads() == 2
     assert seen and set(seen) == {1}  # inside: one thread
     assert all(len(r.output) == 6 for r in requests)
-
-
-class _Spy:
-    """A context manager around the engine's own that records the thread count inside it."""
-
-    def __init__(self, real, seen: list[int]) -> None:
-        self.inner, self.seen = real(), seen
-
-    def __enter__(self):
-        out = self.inner.__enter__()
-        self.seen.append(torch.get_num_threads())
-        return out
-
-    def __exit__(self, *exc):
-        return self.inner.__exit__(*exc)
 
 
 @pytest.mark.parametrize("mode", ["speculative", "pearl"])

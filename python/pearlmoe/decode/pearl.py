@@ -205,7 +205,7 @@ def pearl_generate(
     helps = (
         draft_helps
         and draft_thread_lent(target, draft, backend, bool(draft_process))
-        and (temperature <= 0 or bookkeeping != "device")
+        and (sampling.greedy or bookkeeping != "device")
     )
     policy = gamma_policy(target, draft, batch, "pearl", backend, gamma, helped=helps)
     gamma = policy.gamma

@@ -117,13 +117,6 @@ class Metrics:
     running: int = 0
 
 
-def _one_thread():
-    """The sampling of a step's rows on the calling thread alone: a softmax over a row of
-    logits in ATen's OpenMP team left a team thread spinning on the core the next fused step's
-    pool wanted (as in the decode loops: bench/NOTES.md v19)."""
-    return num_threads(1)
-
-
 class Engine:
     """Continuous batching over ``max_batch`` slots. ``submit`` queues a request (any thread);
     ``start`` runs the loop on its own thread (or call ``step`` yourself: one admission and one
@@ -421,7 +414,9 @@ class Engine:
         requests, else a draw from its distribution (returned too, for verification)."""
         greedy = logits.argmax(-1).tolist()
         tokens, dists = [], []
-        with _one_thread():
+        # On the calling thread alone: a row's softmax in ATen's OpenMP team left a team thread
+        # spinning on the core the next fused step's pool wanted (bench/NOTES.md v19, v20).
+        with num_threads(1):
             for i, slot in enumerate(slots):
                 req = slot.req
                 if req.greedy:
@@ -446,7 +441,7 @@ class Engine:
             while a < len(drafts) and drafts[a] == scored[a]:
                 a += 1
             return a, scored[a] if a < len(scored) else None
-        with _one_thread():
+        with num_threads(1):  # as in _pick
             p = logits_to_probs(logits, req.temperature, req.top_k, req.top_p)  # [m, V]
             bonus = p.shape[0] > len(drafts)
             if not bonus:  # spec_verify wants a bonus row: a copy, whose token is dropped
