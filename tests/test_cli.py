@@ -221,9 +221,12 @@ def test_bench_writes_json_and_png(tmp_path, capsys):
             and abs(kept - round(kept)) < 1e-6
         )
         assert row["model_only_vs_ar"]["ratio"] > 0 and row["goal_vs_ar"]["ratio"] == 1.2
+        # the counterfactual: a window at one step's cost never allows less
+        assert row["flat_verification_vs_ar"]["ratio"] >= row["model_only_vs_ar"]["ratio"] - 1e-9
         need = row["goal_vs_ar"]["alpha_needed"]
         assert need is None or 0 <= need <= 1
         assert f"{mode}: the draft model's own alpha" in captured.out
+        assert "a window at one step's cost would allow" in captured.out
     assert run["modes"]["pearl"]["paired_vs_speculative"]["geomean"] > 0
     assert "pearl over speculative (paired):" in captured.out
     assert "target step ms by window (after 20 cached tokens)" in captured.out

@@ -282,6 +282,26 @@ def test_alpha_needed_is_the_least_acceptance_that_reaches_a_speed_up():
     assert ratio == pytest.approx(cost_model.rate(RISING, 0.8, "speculative", g))
 
 
+def test_flat_verification_isolates_a_rising_windows_cost():
+    """The bench's counterfactual: the same curve with every window at one step's cost (PEARL's
+    helped window too). A flat curve is its own; on the rising (MoE) curve the same acceptance
+    rate allows more at a longer best γ, and the ratio is the rate on the flattened curve."""
+    assert cost_model.flat(FLAT).target == FLAT.target
+    helped_ms = [0.6 + 0.2 * n for n in range(12)]  # the target with the draft's thread too
+    helped = cost_model.CostCurve(RISING.target, RISING.draft, helped=[t / 1e3 for t in helped_ms])
+    flattened = cost_model.flat(helped)
+    assert flattened.target == [RISING.target[0]] * 12
+    assert flattened.helped == [0.6e-3] * 12
+    assert (flattened.draft, flattened.batch) == (helped.draft, helped.batch)
+    base = cost_model.ar_rate(RISING)  # T(1) is the same on both curves
+    assert cost_model.ar_rate(flattened) == base
+    for mode in ("speculative", "pearl"):
+        g_rising, rising = cost_model.best_ratio(helped, 0.8, mode, base)
+        g_flat, at_flat = cost_model.best_ratio(flattened, 0.8, mode, base)
+        assert at_flat > rising and g_flat > g_rising
+        assert at_flat == pytest.approx(cost_model.rate(flattened, 0.8, mode, g_flat) / base)
+
+
 def test_plan_falls_back_to_autoregressive_when_speculation_cannot_win():
     assert cost_model.plan(RISING, 0.05).mode == "ar"
     good = cost_model.plan(FLAT, 0.8)

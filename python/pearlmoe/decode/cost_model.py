@@ -147,6 +147,16 @@ def ceiling(curve: CostCurve, mode: str, max_gamma: int = 8) -> tuple[int, float
     return g, rate(free, 1.0, mode, g)
 
 
+def flat(curve: CostCurve) -> CostCurve:
+    """The same curve with every window costing one step (T(n) = T(1), PEARL's helped window
+    likewise): the verification a dense model's step nearly has where its weights dominate, and
+    PEARL's Theorem 1 assumes. Against the measured curve it isolates what a MoE target's rising
+    window costs a mode: the tokens of a window route to more experts, whose weights are read."""
+    helped = None if curve.helped is None else [curve.helped[0]] * len(curve.helped)
+    return CostCurve([curve.target[0]] * len(curve.target), curve.draft, curve.batch,
+                     dict(curve.extra), curve.host, helped)  # fmt: skip
+
+
 def best_ratio(curve: CostCurve, alpha: float, mode: str, base: float,
                max_gamma: int = 8) -> tuple[int, float]:  # fmt: skip
     """(γ, rate / base): the best this mode can do at acceptance rate alpha on the curve,
