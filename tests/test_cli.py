@@ -112,6 +112,31 @@ def test_generate_prints_pearl_statistics(capsys):
     assert "tokens per target call" in out and "acceptance rate" in out
 
 
+def test_generate_vs_ar_alternates_pairs(capsys, monkeypatch):
+    """--vs-ar times VS_AR_PAIRS pairs of decodes in alternating order after the streamed one
+    and prints the median of their ratios with its range."""
+    calls = []
+    decode = cli.decode
+
+    def spy(mode, *args, **kwargs):
+        calls.append(mode)
+        return decode(mode, *args, **kwargs)
+
+    monkeypatch.setattr(cli, "decode", spy)
+    rc = cli.main(["generate", "import os\n", "--max-new-tokens", "8", "--gamma", "2",
+                   "--device", "cpu", "--vs-ar"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert rc == 0
+    pairs = cli.VS_AR_PAIRS
+    timed = calls[-2 * pairs :]
+    assert timed == ["pearl", "ar", "ar", "pearl"] * (pairs // 2) + ["pearl", "ar"] * (pairs % 2)
+    found = re.search(rf"same run, {pairs} alternating pairs: pearl is ([\d.]+)x autoregressive "
+                      r"\(median; ([\d.]+)-([\d.]+)x\)", out)  # fmt: skip
+    assert found, out
+    median, low, high = map(float, found.groups())
+    assert 0 < low <= median <= high
+
+
 def test_generate_takes_the_gate_setting(capsys):
     """--gate on gates even one sequence (the loop may take plain steps; the text stays AR's)."""
     texts = {}
