@@ -62,6 +62,22 @@ def test_attention_matches_reference(device, dtype, case):
     assert_close_to_oracle(out, low, oracle, floor=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("q_heads", "kv_heads", "dim"), [(4, 2, 64), (10, 1, 80), (8, 8, 128)])
+def test_attention_cpu_window_rows_equal_their_own_steps(dtype, q_heads, kv_heads, dim):
+    """Each query position of a window (up to 16) gives bitwise what a one-token call at that
+    position gives: the CPU kernel scores a window's rows in one GEMM over the last row's keys and
+    sums each row over its own, which greedy speculative decoding's equality with autoregressive
+    decoding rests on. Sequences of different lengths, key counts around multiples of 4 and 16."""
+    for window in (1, 2, 3, 5, 9, 16):
+        lens = [window + 3, 64 + window, 130]
+        q, k, v, kv_lens = _qkv(window, lens, q_heads, kv_heads, dim, dtype, "cpu", seed=window)
+        out = pearlmoe.attention(q, k, v, kv_lens)
+        for i in range(window):
+            step = pearlmoe.attention(q[:, i : i + 1], k, v, kv_lens - (window - 1 - i))
+            assert torch.equal(out[:, i : i + 1], step), (window, i)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_attention_scale_and_strided_inputs(device):
     dtype = torch.float32 if device == "cpu" else torch.bfloat16

@@ -90,6 +90,19 @@ def test_linear_same_on_any_thread_count(dtype):
     assert torch.equal(one, two)
 
 
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_linear_columns_do_not_depend_on_the_width(dtype):
+    """A column's value is bitwise the same whatever the call's width, in a 4-column block or in
+    the tail: the CPU attention scores each query row of a window over its own number of keys,
+    in one call for all of them, and must give what a decode step gives."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(6, 64, generator=g).to(dtype)
+    w = torch.randn(23, 64, generator=g).to(dtype)
+    full = ops.linear(x, w)
+    for n in range(1, 23):
+        assert torch.equal(ops.linear(x, w[:n]), full[:, :n]), n
+
+
 def test_linear_every_cpu_code_path():
     """The skinny kernel's generic and AVX-512 paths (PEARLMOE_CPU_ISA caps the detected one),
     each in a fresh process, against the reference."""

@@ -48,6 +48,10 @@ acc_t dot(const acc_t* a, const scalar_t* b, int64_t n) {
   return sum;
 }
 
+// Query positions per task of the AVX-512 path: a decode step's or verification window's rows
+// (up to kDirectMaxQueries) in one task per KV head, a short prompt's in blocks of this many.
+constexpr int64_t kWindowPositions = 16;
+
 template <typename scalar_t>
 void attention_direct(const Tensor& q, const Tensor& k, const Tensor& v, const int32_t* kv_lens,
                       int64_t longest, double scale, Tensor& o) {
@@ -58,81 +62,107 @@ void attention_direct(const Tensor& q, const Tensor& k, const Tensor& v, const i
   const scalar_t* kp = k.const_data_ptr<scalar_t>();
   const scalar_t* vp = v.const_data_ptr<scalar_t>();
   scalar_t* op = o.mutable_data_ptr<scalar_t>();
-  const int64_t tasks = batch * q_len * kv_heads;
+  const int64_t rows = batch * q_len * kv_heads;  // (sequence, position, KV head) units
   // Inline (no thread pool) while the whole call is a few hundred thousand multiply-adds, or
-  // from 2^15 when there are at least 4 tasks: a verification window's rows (2 per KV head and
+  // from 2^15 when there are at least 4 units: a verification window's rows (2 per KV head and
   // token) then split over the threads, which the decode step's serial attention left idle
   // (9-token window of the embedded target, 64-150 keys, paired A/B: 0.92-0.99x the time; a
-  // one-token step's 2 tasks stay inline, where the fork costs what it saves).
-  const int64_t macs = tasks * group * longest * dim;
-  const bool inline_call = macs < (1 << 18) && (tasks < 4 || macs < (1 << 15));
-  const int64_t grain = inline_call ? tasks : 1;
-  // The AVX-512 row kernel (attention_rows_cpu.h) for fp32 and bf16 with contiguous head dims.
+  // one-token step's 2 units stay inline, where the fork costs what it saves).
+  const int64_t macs = rows * group * longest * dim;
+  const bool inline_call = macs < (1 << 18) && (rows < 4 || macs < (1 << 15));
+
+  // The portable loop for query position i of sequence b against KV head hk.
+  auto portable = [&](int64_t b, int64_t i, int64_t hk, std::vector<acc_t>& qv,
+                      std::vector<acc_t>& out, std::vector<acc_t>& p, std::vector<acc_t>& m,
+                      std::vector<acc_t>& l) {
+    const int64_t keys = kv_lens[b] - q_len + i + 1;  // bottom-right causal
+    for (int64_t g = 0; g < group; ++g) {
+      const scalar_t* qr = qp + b * q.stride(0) + i * q.stride(1) + (hk * group + g) * q.stride(2);
+      for (int64_t d = 0; d < dim; ++d)
+        qv[g * dim + d] = static_cast<acc_t>(qr[d * q.stride(3)]) * static_cast<acc_t>(scale);
+    }
+    const scalar_t* kr = kp + b * k.stride(0) + hk * k.stride(2);
+    const scalar_t* vr = vp + b * v.stride(0) + hk * v.stride(2);
+    std::fill(m.begin(), m.end(), -INFINITY);
+    for (int64_t j = 0; j < keys; ++j) {
+      const scalar_t* kj = kr + j * k.stride(1);
+      for (int64_t g = 0; g < group; ++g) {
+        const acc_t s = dot(&qv[g * dim], kj, dim);
+        p[g * longest + j] = s;
+        m[g] = std::max(m[g], s);
+      }
+    }
+    for (int64_t g = 0; g < group; ++g) {
+      acc_t sum = 0;
+      acc_t* pg = &p[g * longest];
+      for (int64_t j = 0; j < keys; ++j) sum += (pg[j] = std::exp(pg[j] - m[g]));
+      l[g] = sum;
+    }
+    std::fill(out.begin(), out.end(), acc_t(0));
+    for (int64_t j = 0; j < keys; ++j) {
+      const scalar_t* vj = vr + j * v.stride(1);
+      for (int64_t g = 0; g < group; ++g) {
+        const acc_t pj = p[g * longest + j];
+        acc_t* og = &out[g * dim];
+        for (int64_t d = 0; d < dim; ++d) og[d] += pj * static_cast<acc_t>(vj[d]);
+      }
+    }
+    for (int64_t g = 0; g < group; ++g) {
+      scalar_t* orow = op + b * o.stride(0) + i * o.stride(1) + (hk * group + g) * o.stride(2);
+      for (int64_t d = 0; d < dim; ++d)
+        orow[d * o.stride(3)] = static_cast<scalar_t>(out[g * dim + d] / l[g]);
+    }
+  };
+
+  // The AVX-512 window kernel (attention_rows_cpu.h) for fp32 and bf16 with contiguous head dims:
+  // one task per (sequence, KV head, block of positions), the block's rows scored in one GEMM
+  // over the keys and their P·V held in registers.
   using Simd = std::conditional_t<
       std::is_same_v<scalar_t, float>, float,
       std::conditional_t<std::is_same_v<scalar_t, c10::BFloat16>, moe_gemm::BF16, void>>;
   const bool simd = !std::is_void_v<Simd> && q.stride(3) == 1 && k.stride(3) == 1 &&
-                    v.stride(3) == 1 && k.stride(1) == v.stride(1) && o.stride(3) == 1;
-  cpu::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> qv(group * dim), out(group * dim), p(group * longest), m(group), l(group);
-    std::vector<float> scratch(simd ? group * (longest + dim) : 0);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / (q_len * kv_heads), i = task / kv_heads % q_len;
-      const int64_t hk = task % kv_heads;
-      const int64_t keys = kv_lens[b] - q_len + i + 1;  // bottom-right causal
-      if constexpr (!std::is_void_v<Simd>) {
-        if (simd) {
-          const auto* qr = reinterpret_cast<const Simd*>(qp + b * q.stride(0) + i * q.stride(1) +
+                    v.stride(3) == 1 && k.stride(1) == v.stride(1) && o.stride(3) == 1 &&
+                    moe_gemm::cpu_isa() != moe_gemm::CpuIsa::kGeneric;
+  if constexpr (!std::is_void_v<Simd>) {
+    if (simd) {
+      const int64_t blocks = (q_len + kWindowPositions - 1) / kWindowPositions;
+      const int64_t tasks = batch * kv_heads * blocks;
+      const int64_t block_rows = std::min(q_len, kWindowPositions) * group;
+      cpu::parallel_for(0, tasks, inline_call ? tasks : 1, [&](int64_t begin, int64_t end) {
+        std::vector<float> scratch(attention_cpu::window_scratch(block_rows, longest, dim));
+        std::vector<acc_t> qv, out, p, m, l;  // the portable loop's, for rows with no keys
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t b = task / (kv_heads * blocks), hk = task / blocks % kv_heads;
+          const int64_t p0 = task % blocks * kWindowPositions;
+          const int64_t n = std::min(kWindowPositions, q_len - p0);
+          const int64_t first_keys = kv_lens[b] - q_len + p0 + 1;
+          const auto* qr = reinterpret_cast<const Simd*>(qp + b * q.stride(0) + p0 * q.stride(1) +
                                                          hk * group * q.stride(2));
           const auto* kr = reinterpret_cast<const Simd*>(kp + b * k.stride(0) + hk * k.stride(2));
           const auto* vr = reinterpret_cast<const Simd*>(vp + b * v.stride(0) + hk * v.stride(2));
-          auto* orow = reinterpret_cast<Simd*>(op + b * o.stride(0) + i * o.stride(1) +
+          auto* orow = reinterpret_cast<Simd*>(op + b * o.stride(0) + p0 * o.stride(1) +
                                                hk * group * o.stride(2));
-          if (attention_cpu::attend_group(qr, q.stride(2), static_cast<int>(group),
-                                          static_cast<int>(dim), kr, vr, k.stride(1), keys,
-                                          static_cast<float>(scale), scratch.data(), orow,
-                                          o.stride(2))) {
+          if (attention_cpu::attend_window(qr, q.stride(1), q.stride(2), static_cast<int>(n),
+                                           static_cast<int>(group), static_cast<int>(dim), kr, vr,
+                                           k.stride(1), first_keys, static_cast<float>(scale),
+                                           scratch.data(), orow, o.stride(1), o.stride(2))) {
             continue;
           }
+          if (qv.empty()) {
+            qv.resize(group * dim), out.resize(group * dim), p.resize(group * longest);
+            m.resize(group), l.resize(group);
+          }
+          for (int64_t i = p0; i < p0 + n; ++i) portable(b, i, hk, qv, out, p, m, l);
         }
-      }
-      for (int64_t g = 0; g < group; ++g) {
-        const scalar_t* qr =
-            qp + b * q.stride(0) + i * q.stride(1) + (hk * group + g) * q.stride(2);
-        for (int64_t d = 0; d < dim; ++d)
-          qv[g * dim + d] = static_cast<acc_t>(qr[d * q.stride(3)]) * static_cast<acc_t>(scale);
-      }
-      const scalar_t* kr = kp + b * k.stride(0) + hk * k.stride(2);
-      const scalar_t* vr = vp + b * v.stride(0) + hk * v.stride(2);
-      std::fill(m.begin(), m.end(), -INFINITY);
-      for (int64_t j = 0; j < keys; ++j) {
-        const scalar_t* kj = kr + j * k.stride(1);
-        for (int64_t g = 0; g < group; ++g) {
-          const acc_t s = dot(&qv[g * dim], kj, dim);
-          p[g * longest + j] = s;
-          m[g] = std::max(m[g], s);
-        }
-      }
-      for (int64_t g = 0; g < group; ++g) {
-        acc_t sum = 0;
-        acc_t* pg = &p[g * longest];
-        for (int64_t j = 0; j < keys; ++j) sum += (pg[j] = std::exp(pg[j] - m[g]));
-        l[g] = sum;
-      }
-      std::fill(out.begin(), out.end(), acc_t(0));
-      for (int64_t j = 0; j < keys; ++j) {
-        const scalar_t* vj = vr + j * v.stride(1);
-        for (int64_t g = 0; g < group; ++g) {
-          const acc_t pj = p[g * longest + j];
-          acc_t* og = &out[g * dim];
-          for (int64_t d = 0; d < dim; ++d) og[d] += pj * static_cast<acc_t>(vj[d]);
-        }
-      }
-      for (int64_t g = 0; g < group; ++g) {
-        scalar_t* orow = op + b * o.stride(0) + i * o.stride(1) + (hk * group + g) * o.stride(2);
-        for (int64_t d = 0; d < dim; ++d)
-          orow[d * o.stride(3)] = static_cast<scalar_t>(out[g * dim + d] / l[g]);
-      }
+      });
+      return;
+    }
+  }
+  cpu::parallel_for(0, rows, inline_call ? rows : 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> qv(group * dim), out(group * dim), p(group * longest), m(group), l(group);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / (q_len * kv_heads), i = task / kv_heads % q_len;
+      portable(b, i, task % kv_heads, qv, out, p, m, l);
     }
   });
 }
@@ -207,9 +237,22 @@ void attention(const Tensor& q, const Tensor& k, const Tensor& v, const int32_t*
   });
 }
 
+void rope_cos_sin(const int64_t* positions, int64_t tokens, const float* inv_freq, int64_t dim,
+                  float* cos_sin) {
+  const int64_t half = dim / 2;
+  for (int64_t t = 0; t < tokens; ++t) {
+    const float pos = static_cast<float>(positions[t]);
+    for (int64_t i = 0; i < half; ++i) {
+      const float angle = pos * inv_freq[i];  // fp32, as HF's tables hold it
+      cos_sin[t * dim + i] = std::cos(angle);
+      cos_sin[t * dim + half + i] = std::sin(angle);
+    }
+  }
+}
+
 void rope_norm(const Tensor& x, const int64_t* positions, const Tensor& q_weight,
                const Tensor& k_weight, const float* inv_freq, double eps, bool normalize,
-               Tensor& out) {
+               Tensor& out, const float* cos_sin) {
   const int64_t tokens = x.size(0), heads = x.size(1), dim = x.size(2), half = dim / 2;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rope_norm_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -228,17 +271,25 @@ void rope_norm(const Tensor& x, const int64_t* positions, const Tensor& q_weight
         for (int64_t i = 0; i < dim; ++i) w[i] *= static_cast<acc_t>(p[i]);
       });
     }
+    // The caller's table where it has one (fp32 angles' cos/sin: not for fp64, which rotates in
+    // fp64).
+    const float* table = std::is_same_v<acc_t, float> ? cos_sin : nullptr;
     // One task per token: its angles' cos/sin once, for every head.
     cpu::parallel_for(
         0, tokens, std::max<int64_t>(1, 256 / heads), [&](int64_t begin, int64_t end) {
           std::vector<acc_t> r(dim), cs(half), sn(half);
           for (int64_t t = begin; t < end; ++t) {
-            const float pos = static_cast<float>(positions[t]);
-            for (int64_t i = 0; i < half; ++i) {
-              const float angle = pos * inv_freq[i];  // fp32, as HF's tables hold it
-              // fp64 rotates in fp64 (the reference does), from the same fp32 angle.
-              cs[i] = std::cos(static_cast<acc_t>(angle));
-              sn[i] = std::sin(static_cast<acc_t>(angle));
+            if (table != nullptr) {
+              std::copy_n(table + t * dim, half, cs.begin());
+              std::copy_n(table + t * dim + half, half, sn.begin());
+            } else {
+              const float pos = static_cast<float>(positions[t]);
+              for (int64_t i = 0; i < half; ++i) {
+                const float angle = pos * inv_freq[i];  // fp32, as HF's tables hold it
+                // fp64 rotates in fp64 (the reference does), from the same fp32 angle.
+                cs[i] = std::cos(static_cast<acc_t>(angle));
+                sn[i] = std::sin(static_cast<acc_t>(angle));
+              }
             }
             for (int64_t h = 0; h < heads; ++h) {
               const scalar_t* xr = src + t * ts + h * hs;

@@ -87,10 +87,16 @@ void kv_cache_write(const at::Tensor& k, const at::Tensor& v, const int64_t* pos
 // stride) at positions (host int64 [T]) -> out [T, H, D] contiguous. The weights: [D]
 // contiguous, any float dtype, each undefined when absent (folded in the accumulation dtype,
 // fp64 for fp64 x, else fp32); inv_freq: fp32 [D/2]. Each token's angles are taken once for all
-// its heads.
+// its heads. cos_sin (optional, fp32 x or bf16 / fp16 x only): each token's cos then sin of its
+// angles [T, D] as rope_cos_sin gives them, which a model step takes once for all its layers.
 void rope_norm(const at::Tensor& x, const int64_t* positions, const at::Tensor& q_weight,
                const at::Tensor& k_weight, const float* inv_freq, double eps, bool normalize,
-               at::Tensor& out);
+               at::Tensor& out, const float* cos_sin = nullptr);
+
+// cos_sin [T, D] for rope_norm: token t's cos(pos · inv_freq[i]) at [t, i] and sin at
+// [t, D/2 + i], in fp32 from the fp32 angle (what rope_norm computes for a non-fp64 x).
+void rope_cos_sin(const int64_t* positions, int64_t tokens, const float* inv_freq, int64_t dim,
+                  float* cos_sin);
 
 }  // namespace pearlmoe::cpu
 

@@ -201,6 +201,9 @@ Tensor ModelStep::head_rows(const Tensor& ids_in, const Tensor& k_cache, const T
                 static_cast<const char*>(embed.const_data_ptr()) + row * row_bytes, row_bytes);
   }
 
+  // Each row's rotation angles' cos and sin once for every layer, not per layer and head group.
+  std::vector<float> cos_sin(rows * d);
+  rope_cos_sin(positions.data(), rows, inv_freq_.data(), d, cos_sin.data());
   const double scale = 1.0 / std::sqrt(static_cast<double>(d));
   const Tensor none;
   Tensor kc, vc;  // the current CLA group's cache [B, C, Hkv, D]
@@ -221,7 +224,7 @@ Tensor ModelStep::head_rows(const Tensor& ids_in, const Tensor& k_cache, const T
     }
     if (!last) {
       rope_norm(s.q3, positions.data(), qk_norm_ ? w[kQNorm] : none, qk_norm_ ? w[kKNorm] : none,
-                inv_freq_.data(), eps_, qk_norm_, s.q_rot);
+                inv_freq_.data(), eps_, qk_norm_, s.q_rot, cos_sin.data());
     }
     if (static_cast<int64_t>(l) % cla_ == 0) {
       const int64_t group = static_cast<int64_t>(l) / cla_;
@@ -232,7 +235,8 @@ Tensor ModelStep::head_rows(const Tensor& ids_in, const Tensor& k_cache, const T
         project(s.h, w[kK], fmt[kK], s.k);
         project(s.h, w[kV], fmt[kV], s.v_rows);
       }
-      rope_norm(s.k3, positions.data(), none, none, inv_freq_.data(), eps_, qk_norm_, s.k_hat);
+      rope_norm(s.k3, positions.data(), none, none, inv_freq_.data(), eps_, qk_norm_, s.k_hat,
+                cos_sin.data());
       kv_cache_write(s.k_hat, s.v, positions.data(), kc, vc);
     }
     if (last) return Tensor();

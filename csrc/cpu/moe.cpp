@@ -58,8 +58,8 @@ void gemm_nt_out(const Tensor& a, const Tensor& b, Tensor& out) {
   const int64_t rows = a.size(0), k = a.size(1), n = b.size(0);
   // Columns split across threads once a call has kThreadedMacs of work (a verification window's
   // projections; a 1-token step's stay inline, where a fork/join costs more than it saves). The
-  // split falls on 4-column blocks: the kernel sums a column of a 4-block and a tail column in
-  // different orders, so a column's numbers must not depend on where a thread's share ends.
+  // split falls on 4-column blocks, so each thread streams whole blocks (a column's sum is the
+  // same in a block or alone: skinny_gemm_x86.h's reduce4).
   const int64_t blocks = (n + 3) / 4;
   const int64_t grain = rows * n * k >= kThreadedMacs ? 16 : blocks;
   cpu::parallel_for(0, blocks, grain, [&](int64_t first, int64_t last) {

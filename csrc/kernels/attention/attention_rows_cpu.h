@@ -1,9 +1,9 @@
-// Torch-free CPU attention for a few query rows (decode, verification): one GQA group of query
-// heads at one query position against its KV head's keys. The scores are a skinny GEMM (the
-// group's rows against the key rows, read once), the softmax and the P·V product are AVX-512
-// loops, all in fp32. Each query row is computed on its own in a fixed order, so a row's output
-// does not depend on how many other rows the call has: a decode step and a verification window
-// agree bit for bit.
+// Torch-free CPU attention for a few query rows (decode, verification): the query positions of a
+// window with their GQA group of query heads, against one KV head's keys. The scores are a skinny
+// GEMM (all the rows against the key rows, read once), the softmax and the P·V product are
+// AVX-512 loops, all in fp32. Each query row is computed on its own in a fixed order over its own
+// keys, so a row's output does not depend on how many other rows the call has: a decode step and
+// a verification window agree bit for bit.
 #pragma once
 
 #include <cmath>
@@ -23,51 +23,64 @@ using simd::exp_ps;
 using simd::load_ps;
 using simd::tail;
 
-// scores [group, keys] (scaled here) -> softmax in place, then o[g] = Σ_j p[g, j] v[j] / l[g].
-template <typename T>
-void softmax_pv(float* scores, int group, int64_t keys, float scale, const T* v, int64_t v_stride,
-                int dim, float* acc, T* o, int64_t o_stride) {
-  float inv_sum[16];
-  for (int g = 0; g < group; ++g) {
-    float* row = scores + g * keys;
-    __m512 vmax = _mm512_set1_ps(-INFINITY);
-    for (int64_t j = 0; j < keys; j += 16) {
-      const __mmask16 m = tail(keys - j);
-      vmax = _mm512_mask_max_ps(vmax, m, vmax, _mm512_maskz_loadu_ps(m, row + j));
-    }
-    const float shift = _mm512_reduce_max_ps(vmax) * scale;
-    const __m512 vscale = _mm512_set1_ps(scale), vshift = _mm512_set1_ps(shift);
-    __m512 vsum = _mm512_setzero_ps();
-    for (int64_t j = 0; j < keys; j += 16) {
-      const __mmask16 m = tail(keys - j);
-      const __m512 x = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(m, row + j), vscale, vshift);
-      const __m512 e = _mm512_maskz_mov_ps(m, exp_ps(x));
-      _mm512_mask_storeu_ps(row + j, m, e);
-      vsum = _mm512_add_ps(vsum, e);
-    }
-    inv_sum[g % 16] = 1.f / _mm512_reduce_add_ps(vsum);
-    float* a = acc + g * dim;
-    for (int d = 0; d < dim; d += 16)
-      _mm512_mask_storeu_ps(a + d, tail(dim - d), _mm512_setzero_ps());
-    if (g % 16 != 15 && g + 1 != group) continue;
-    // P·V for this block of up to 16 rows: each V row read once for all of them.
-    const int g0 = g - g % 16;
-    for (int64_t j = 0; j < keys; ++j) {
-      const T* vj = v + j * v_stride;
-      for (int d = 0; d < dim; d += 16) {
-        const __mmask16 m = tail(dim - d);
-        const __m512 vv = load_ps(vj + d, m);
-        for (int r = g0; r <= g; ++r) {
-          float* ar = acc + r * dim + d;
-          const __m512 p = _mm512_set1_ps(scores[r * keys + j]);
-          _mm512_mask_storeu_ps(ar, m, _mm512_fmadd_ps(p, vv, _mm512_maskz_loadu_ps(m, ar)));
+// One row of scores over its keys (scaled here) -> exp(scale · (s - max)) in place; returns
+// 1 / the row's sum.
+inline float softmax_row(float* row, int64_t keys, float scale) {
+  __m512 vmax = _mm512_set1_ps(-INFINITY);
+  for (int64_t j = 0; j < keys; j += 16) {
+    const __mmask16 m = tail(keys - j);
+    vmax = _mm512_mask_max_ps(vmax, m, vmax, _mm512_maskz_loadu_ps(m, row + j));
+  }
+  const float shift = _mm512_reduce_max_ps(vmax) * scale;
+  const __m512 vscale = _mm512_set1_ps(scale), vshift = _mm512_set1_ps(shift);
+  __m512 vsum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < keys; j += 16) {
+    const __mmask16 m = tail(keys - j);
+    const __m512 x = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(m, row + j), vscale, vshift);
+    const __m512 e = _mm512_maskz_mov_ps(m, exp_ps(x));
+    _mm512_mask_storeu_ps(row + j, m, e);
+    vsum = _mm512_add_ps(vsum, e);
+  }
+  return 1.f / _mm512_reduce_add_ps(vsum);
+}
+
+// o[r] = Σ_{j < keys(r)} p[r, j] v[j] · inv_sum[r] for R (up to 4) rows of a window (p row stride
+// p_stride), row r being row first_row + r of positions x group, which sees first_keys + its
+// position keys: dims in slices of 64 held in registers (4 rows x 4 vectors), each
+// V row read once for the rows. Every (row, dim) sum is a chain of FMAs over j in order whatever
+// the other rows, so a row's output is the same alone or with others.
+template <typename T, int R>
+void pv_rows(const float* p, int64_t p_stride, int first_row, int group, int64_t first_keys,
+             const float* inv_sum, const T* v, int64_t v_stride, int dim, T* const* o) {
+  int64_t keys[R];
+  for (int r = 0; r < R; ++r) keys[r] = first_keys + (first_row + r) / group;
+  for (int d0 = 0; d0 < dim; d0 += 64) {
+    const int width = dim - d0 < 64 ? dim - d0 : 64;
+    const int vecs = (width + 15) / 16;
+    __mmask16 mask[4];
+    for (int c = 0; c < 4; ++c) mask[c] = c < vecs ? tail(width - 16 * c) : 0;
+    __m512 acc[R][4];
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_setzero_ps();
+    // All rows take keys below the first row's count; the rest only the rows that see them.
+    for (int64_t j = 0; j < keys[R - 1]; ++j) {
+      const T* vj = v + j * v_stride + d0;
+      __m512 vv[4];
+      for (int c = 0; c < 4; ++c) vv[c] = c < vecs ? load_ps(vj + 16 * c, mask[c]) : __m512{};
+      for (int r = 0; r < R; ++r) {
+        if (j >= keys[r]) continue;
+        const __m512 pj = _mm512_set1_ps(p[r * p_stride + j]);
+        for (int c = 0; c < 4; ++c) {
+          if (c < vecs) acc[r][c] = _mm512_fmadd_ps(pj, vv[c], acc[r][c]);
         }
       }
     }
-    for (int r = g0; r <= g; ++r) {
-      const float* ar = acc + r * dim;
-      T* out = o + r * o_stride;
-      for (int d = 0; d < dim; ++d) moe_gemm::store(out + d, ar[d] * inv_sum[r % 16]);
+    for (int r = 0; r < R; ++r) {
+      alignas(64) float out[64];
+      for (int c = 0; c < vecs; ++c) {
+        _mm512_store_ps(out + 16 * c, _mm512_mul_ps(acc[r][c], _mm512_set1_ps(inv_sum[r])));
+      }
+      for (int d = 0; d < width; ++d) moe_gemm::store(o[r] + d0 + d, out[d]);
     }
   }
 }
@@ -76,25 +89,66 @@ void softmax_pv(float* scores, int group, int64_t keys, float scale, const T* v,
 #pragma GCC pop_options
 #endif  // PM_X86_SIMD
 
-// For one query position and KV head: the group's query rows q [group, dim] (row stride q_stride,
-// contiguous head dim) attend to keys 0..keys-1 of k/v (row stride kv_stride): o[g] =
-// softmax(scale · q[g]·K^T) · V, into o (row stride o_stride). scratch holds group·(keys + dim)
-// floats. T is float or BF16. Returns false (nothing written) where this CPU has no AVX-512: the
-// caller's portable loop runs.
+// Scratch floats attend_window needs for `rows` query rows (positions x group) over at most
+// `keys` keys with head dim `dim`.
+inline int64_t window_scratch(int64_t rows, int64_t keys, int64_t dim) {
+  return rows * (keys + dim + 1);
+}
+
+// For one KV head: `positions` consecutive query positions, each with the GQA group's `group`
+// query rows (row g of position i at q + i * q_pos_stride + g * q_head_stride, contiguous head
+// dim); position i attends to keys 0..first_keys + i - 1 of k/v (row stride kv_stride): o[i, g] =
+// softmax(scale · q[i, g]·K^T) · V, written at o + i * o_pos_stride + g * o_head_stride. scratch
+// holds window_scratch(positions · group, first_keys + positions - 1, dim) floats. T is float or
+// BF16. Returns false (nothing written) where this CPU has no AVX-512: the caller's portable loop
+// runs.
 template <typename T>
-bool attend_group(const T* q, int64_t q_stride, int group, int dim, const T* k, const T* v,
-                  int64_t kv_stride, int64_t keys, float scale, float* scratch, T* o,
-                  int64_t o_stride) {
+bool attend_window(const T* q, int64_t q_pos_stride, int64_t q_head_stride, int positions,
+                   int group, int dim, const T* k, const T* v, int64_t kv_stride,
+                   int64_t first_keys, float scale, float* scratch, T* o, int64_t o_pos_stride,
+                   int64_t o_head_stride) {
 #if defined(PM_X86_SIMD)
-  if (moe_gemm::cpu_isa() == moe_gemm::CpuIsa::kGeneric || keys <= 0) return false;
-  float* scores = scratch;  // [group, keys]
-  moe_gemm::skinny_gemm_nt_ld(q, q_stride, group, dim, k, kv_stride, 0, keys, scores, keys);
-  detail::softmax_pv(scores, group, keys, scale, v, kv_stride, dim, scratch + group * keys, o,
-                     o_stride);
+  if (moe_gemm::cpu_isa() == moe_gemm::CpuIsa::kGeneric || first_keys <= 0) return false;
+  const int rows = positions * group;
+  const int64_t keys = first_keys + positions - 1;  // the last position's
+  // The rows gathered contiguous (T, in the first rows * dim floats' room), then the scores.
+  T* q_rows = reinterpret_cast<T*>(scratch);
+  float* scores = scratch + static_cast<int64_t>(rows) * dim;   // [rows, keys]
+  float* inv_sum = scores + static_cast<int64_t>(rows) * keys;  // [rows]
+  for (int r = 0; r < rows; ++r) {
+    const T* src = q + (r / group) * q_pos_stride + (r % group) * q_head_stride;
+    for (int d = 0; d < dim; ++d) q_rows[r * dim + d] = src[d];
+  }
+  // Every row's scores over the last position's keys: a column's value does not depend on the
+  // call's width (skinny_gemm_x86.h), so a row's first keys are what its own call would give.
+  moe_gemm::skinny_gemm_nt_ld(q_rows, dim, rows, dim, k, kv_stride, 0, keys, scores, keys);
+  for (int r = 0; r < rows; ++r) {
+    inv_sum[r] = detail::softmax_row(scores + r * keys, first_keys + r / group, scale);
+  }
+  for (int r0 = 0; r0 < rows; r0 += 4) {
+    T* out[4];
+    const int n = rows - r0 < 4 ? rows - r0 : 4;
+    for (int r = 0; r < n; ++r) {
+      const int row = r0 + r;
+      out[r] = o + (row / group) * o_pos_stride + (row % group) * o_head_stride;
+    }
+    const float* p = scores + static_cast<int64_t>(r0) * keys;
+    const float* is = inv_sum + r0;
+    if (n == 4) {
+      detail::pv_rows<T, 4>(p, keys, r0, group, first_keys, is, v, kv_stride, dim, out);
+    } else if (n == 3) {
+      detail::pv_rows<T, 3>(p, keys, r0, group, first_keys, is, v, kv_stride, dim, out);
+    } else if (n == 2) {
+      detail::pv_rows<T, 2>(p, keys, r0, group, first_keys, is, v, kv_stride, dim, out);
+    } else {
+      detail::pv_rows<T, 1>(p, keys, r0, group, first_keys, is, v, kv_stride, dim, out);
+    }
+  }
   return true;
 #else
-  (void)q, (void)q_stride, (void)group, (void)dim, (void)k, (void)v, (void)kv_stride, (void)keys;
-  (void)scale, (void)scratch, (void)o, (void)o_stride;
+  (void)q, (void)q_pos_stride, (void)q_head_stride, (void)positions, (void)group, (void)dim;
+  (void)k, (void)v, (void)kv_stride, (void)first_keys, (void)scale, (void)scratch, (void)o;
+  (void)o_pos_stride, (void)o_head_stride;
   return false;
 #endif
 }

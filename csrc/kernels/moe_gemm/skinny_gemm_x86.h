@@ -3,7 +3,11 @@
 // each time in its own namespace, so one source yields both instruction sets.
 // Needs <immintrin.h>, BF16, to_float and store from skinny_gemm_cpu.h, and PM_SKINNY_BF16_DOT.
 
-// The four sums of four 16-lane accumulators.
+// The four sums of four 16-lane accumulators. Each sum adds only its own accumulator's lanes, in
+// a tree that does not depend on the other three, so a tail column (reduce4(a, a, a, a)[0]) is
+// summed exactly as the same column inside a 4-block: a column's value does not depend on the
+// width of the call or on where a thread's share of the columns ends (attention scores each
+// query row over its own number of keys; a window computes them all in one call).
 inline __m128 reduce4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
   const __m512 t0 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
   const __m512 t1 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
@@ -100,8 +104,8 @@ inline void block(const typename P::A* a, int64_t lda, int64_t k, const typename
   for (int r = 0; r < MB; ++r) {
     if constexpr (NB == 4) {
       _mm_storeu_ps(out + r * 4, reduce4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]));
-    } else {
-      out[r * 4] = _mm512_reduce_add_ps(acc[r][0]);
+    } else {  // a 4-block column's own tree: see reduce4
+      out[r * 4] = _mm_cvtss_f32(reduce4(acc[r][0], acc[r][0], acc[r][0], acc[r][0]));
     }
   }
 }
