@@ -63,14 +63,21 @@ def test_attention_matches_reference(device, dtype, case):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("q_heads", "kv_heads", "dim"), [(4, 2, 64), (10, 1, 80), (8, 8, 128)])
-def test_attention_cpu_window_rows_equal_their_own_steps(dtype, q_heads, kv_heads, dim):
-    """Each query position of a window (up to 16) gives bitwise what a one-token call at that
-    position gives: the CPU kernel scores a window's rows in one GEMM over the last row's keys and
-    sums each row over its own, which greedy speculative decoding's equality with autoregressive
-    decoding rests on. Sequences of different lengths, key counts around multiples of 4 and 16."""
-    for window in (1, 2, 3, 5, 9, 16):
-        lens = [window + 3, 64 + window, 130]
+@pytest.mark.parametrize(
+    ("q_heads", "kv_heads", "dim", "longest"),
+    [(4, 2, 64, 130), (10, 1, 80, 130), (8, 8, 128, 130), (6, 2, 96, 130), (2, 1, 200, 130),
+     (10, 1, 80, 1000)],  # the last: long keys, so blocks of fewer positions
+)  # fmt: skip
+def test_attention_cpu_window_rows_equal_their_own_steps(dtype, q_heads, kv_heads, dim, longest):
+    """Each query position of a window gives bitwise what a one-token call at that position
+    gives: the CPU kernel scores a block of positions' rows in one GEMM over the last row's keys
+    and sums each row over its own, which greedy speculative decoding's equality with
+    autoregressive decoding rests on. Sequences of different lengths, key counts around multiples
+    of 4 and 16, head dims off multiples of 64, a 40-token prompt (blocks past the first)."""
+    for window in (1, 2, 3, 5, 9, 16, 40):
+        lens = [window + 3, 64 + window, longest]
+        if window > 16 and len(lens) * window * longest > 1 << 16:
+            continue  # a prompt this long over these keys takes the blocked (BLAS) path
         q, k, v, kv_lens = _qkv(window, lens, q_heads, kv_heads, dim, dtype, "cpu", seed=window)
         out = pearlmoe.attention(q, k, v, kv_lens)
         for i in range(window):

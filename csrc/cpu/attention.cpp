@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -49,8 +50,11 @@ acc_t dot(const acc_t* a, const scalar_t* b, int64_t n) {
 }
 
 // Query positions per task of the AVX-512 path: a decode step's or verification window's rows
-// (up to kDirectMaxQueries) in one task per KV head, a short prompt's in blocks of this many.
+// (up to kDirectMaxQueries) in one task per KV head, a short prompt's in blocks of this many;
+// fewer where the block's scores would pass kWindowScores floats (a long context), which keeps
+// them in cache and gives the threads more tasks. A row's output does not depend on its block.
 constexpr int64_t kWindowPositions = 16;
+constexpr int64_t kWindowScores = int64_t{1} << 16;  // 256 KB of fp32 scores
 
 template <typename scalar_t>
 void attention_direct(const Tensor& q, const Tensor& k, const Tensor& v, const int32_t* kv_lens,
@@ -125,34 +129,32 @@ void attention_direct(const Tensor& q, const Tensor& k, const Tensor& v, const i
                     moe_gemm::cpu_isa() != moe_gemm::CpuIsa::kGeneric;
   if constexpr (!std::is_void_v<Simd>) {
     if (simd) {
-      const int64_t blocks = (q_len + kWindowPositions - 1) / kWindowPositions;
+      const int64_t per_block =
+          std::clamp<int64_t>(kWindowScores / (group * longest), 1, kWindowPositions);
+      const int64_t blocks = (q_len + per_block - 1) / per_block;
       const int64_t tasks = batch * kv_heads * blocks;
-      const int64_t block_rows = std::min(q_len, kWindowPositions) * group;
+      const int64_t block_rows = std::min(q_len, per_block) * group;
       cpu::parallel_for(0, tasks, inline_call ? tasks : 1, [&](int64_t begin, int64_t end) {
-        std::vector<float> scratch(attention_cpu::window_scratch(block_rows, longest, dim));
-        std::vector<acc_t> qv, out, p, m, l;  // the portable loop's, for rows with no keys
+        // Uninitialised: a task writes every score and row it reads.
+        const auto q_rows = std::make_unique_for_overwrite<Simd[]>(block_rows * dim);
+        const auto scratch = std::make_unique_for_overwrite<float[]>(
+            attention_cpu::window_scratch(block_rows, longest));
         for (int64_t task = begin; task < end; ++task) {
           const int64_t b = task / (kv_heads * blocks), hk = task / blocks % kv_heads;
-          const int64_t p0 = task % blocks * kWindowPositions;
-          const int64_t n = std::min(kWindowPositions, q_len - p0);
-          const int64_t first_keys = kv_lens[b] - q_len + p0 + 1;
+          const int64_t p0 = task % blocks * per_block;
+          const int64_t n = std::min(per_block, q_len - p0);
+          const int64_t first_keys = kv_lens[b] - q_len + p0 + 1;  // >= 1: the op checks lens
           const auto* qr = reinterpret_cast<const Simd*>(qp + b * q.stride(0) + p0 * q.stride(1) +
                                                          hk * group * q.stride(2));
           const auto* kr = reinterpret_cast<const Simd*>(kp + b * k.stride(0) + hk * k.stride(2));
           const auto* vr = reinterpret_cast<const Simd*>(vp + b * v.stride(0) + hk * v.stride(2));
           auto* orow = reinterpret_cast<Simd*>(op + b * o.stride(0) + p0 * o.stride(1) +
                                                hk * group * o.stride(2));
-          if (attention_cpu::attend_window(qr, q.stride(1), q.stride(2), static_cast<int>(n),
-                                           static_cast<int>(group), static_cast<int>(dim), kr, vr,
-                                           k.stride(1), first_keys, static_cast<float>(scale),
-                                           scratch.data(), orow, o.stride(1), o.stride(2))) {
-            continue;
-          }
-          if (qv.empty()) {
-            qv.resize(group * dim), out.resize(group * dim), p.resize(group * longest);
-            m.resize(group), l.resize(group);
-          }
-          for (int64_t i = p0; i < p0 + n; ++i) portable(b, i, hk, qv, out, p, m, l);
+          const bool done = attention_cpu::attend_window(
+              qr, q.stride(1), q.stride(2), static_cast<int>(n), static_cast<int>(group),
+              static_cast<int>(dim), kr, vr, k.stride(1), first_keys, static_cast<float>(scale),
+              q_rows.get(), scratch.get(), orow, o.stride(1), o.stride(2));
+          TORCH_INTERNAL_ASSERT(done, "attention_cpu: a window row with no key");
         }
       });
       return;

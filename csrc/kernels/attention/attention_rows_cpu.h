@@ -90,30 +90,26 @@ void pv_rows(const float* p, int64_t p_stride, int first_row, int group, int64_t
 #endif  // PM_X86_SIMD
 
 // Scratch floats attend_window needs for `rows` query rows (positions x group) over at most
-// `keys` keys with head dim `dim`.
-inline int64_t window_scratch(int64_t rows, int64_t keys, int64_t dim) {
-  return rows * (keys + dim + 1);
-}
+// `keys` keys.
+inline int64_t window_scratch(int64_t rows, int64_t keys) { return rows * (keys + 1); }
 
 // For one KV head: `positions` consecutive query positions, each with the GQA group's `group`
 // query rows (row g of position i at q + i * q_pos_stride + g * q_head_stride, contiguous head
 // dim); position i attends to keys 0..first_keys + i - 1 of k/v (row stride kv_stride): o[i, g] =
-// softmax(scale · q[i, g]·K^T) · V, written at o + i * o_pos_stride + g * o_head_stride. scratch
-// holds window_scratch(positions · group, first_keys + positions - 1, dim) floats. T is float or
-// BF16. Returns false (nothing written) where this CPU has no AVX-512: the caller's portable loop
-// runs.
+// softmax(scale · q[i, g]·K^T) · V, written at o + i * o_pos_stride + g * o_head_stride. q_rows
+// holds positions · group · dim T, scratch window_scratch(positions · group, first_keys +
+// positions - 1) floats. T is float or BF16. first_keys >= 1. Returns false (nothing written)
+// where this CPU has no AVX-512: the caller's portable loop runs.
 template <typename T>
 bool attend_window(const T* q, int64_t q_pos_stride, int64_t q_head_stride, int positions,
                    int group, int dim, const T* k, const T* v, int64_t kv_stride,
-                   int64_t first_keys, float scale, float* scratch, T* o, int64_t o_pos_stride,
-                   int64_t o_head_stride) {
+                   int64_t first_keys, float scale, T* q_rows, float* scratch, T* o,
+                   int64_t o_pos_stride, int64_t o_head_stride) {
 #if defined(PM_X86_SIMD)
   if (moe_gemm::cpu_isa() == moe_gemm::CpuIsa::kGeneric || first_keys <= 0) return false;
   const int rows = positions * group;
-  const int64_t keys = first_keys + positions - 1;  // the last position's
-  // The rows gathered contiguous (T, in the first rows * dim floats' room), then the scores.
-  T* q_rows = reinterpret_cast<T*>(scratch);
-  float* scores = scratch + static_cast<int64_t>(rows) * dim;   // [rows, keys]
+  const int64_t keys = first_keys + positions - 1;              // the last position's
+  float* scores = scratch;                                      // [rows, keys]
   float* inv_sum = scores + static_cast<int64_t>(rows) * keys;  // [rows]
   for (int r = 0; r < rows; ++r) {
     const T* src = q + (r / group) * q_pos_stride + (r % group) * q_head_stride;
@@ -147,7 +143,8 @@ bool attend_window(const T* q, int64_t q_pos_stride, int64_t q_head_stride, int 
   return true;
 #else
   (void)q, (void)q_pos_stride, (void)q_head_stride, (void)positions, (void)group, (void)dim;
-  (void)k, (void)v, (void)kv_stride, (void)first_keys, (void)scale, (void)scratch, (void)o;
+  (void)k, (void)v, (void)kv_stride, (void)first_keys, (void)scale, (void)q_rows, (void)scratch;
+  (void)o;
   (void)o_pos_stride, (void)o_head_stride;
   return false;
 #endif
