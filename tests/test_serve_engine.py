@@ -2,6 +2,8 @@
 what greedy autoregressive decoding gives each alone, in every mode; sampled requests follow
 the target distribution; cancellation, queueing and slot reuse."""
 
+import copy
+
 import pytest
 import torch
 
@@ -19,6 +21,11 @@ BUDGETS = [20, 9, 33, 1, 15, 26]
 @pytest.fixture(scope="module")
 def pair():
     return tiny_pair()
+
+
+@pytest.fixture(scope="module")
+def pair_fp32(pair):  # the fused C++ steps take fp32 and bf16 models
+    return tuple(copy.deepcopy(m).to(torch.float32) for m in pair)
 
 
 def _run(engine: Engine, requests: list[Request], joins: list[int]) -> None:
@@ -51,6 +58,37 @@ def test_greedy_requests_joining_mid_flight_equal_autoregressive(pair, mode, gam
     if mode != "ar":
         assert 0 < m.accepted < m.proposed  # the draft is wrong sometimes, right sometimes
         assert m.target_calls < m.rounds + 1
+
+
+@pytest.mark.parametrize("max_batch", [1, 3])
+def test_a_lone_greedy_request_runs_the_fused_cpu_rounds(pair_fp32, monkeypatch, max_batch):
+    """On fused CPU steps a lone greedy speculative request runs `pearlmoe generate`'s C++
+    rounds (the lookup, the draft, verification and commit in one call); while another request
+    runs or waits the batched rounds go on. Every output equals autoregressive decoding: alone
+    (a one-token prompt included), joining mid-flight, and ending at an EOS token."""
+    target, draft = pair_fp32
+    ran = []
+    fused = Engine._fused_rounds
+    monkeypatch.setattr(Engine, "_fused_rounds", lambda self: ran.append(fused(self)) or ran[-1])
+    want = [pearlmoe.generate(target, [p], n)[0] for p, n in zip(PROMPTS, BUDGETS, strict=True)]
+    engine = Engine(target, draft, "speculative", max_batch=max_batch, context=64, backend="fused")
+    for p, n, w in zip(PROMPTS, BUDGETS, want, strict=True):  # one at a time
+        request = Request(p, n)
+        _run(engine, [request], joins=[0])
+        assert request.output == w and request.finish_reason == "length"
+    assert all(ran) and len(ran) >= len(PROMPTS)
+    ran.clear()
+    requests = [Request(p, n) for p, n in zip(PROMPTS, BUDGETS, strict=True)]
+    _run(engine, requests, joins=[0, 0, 2, 3, 3, 7])
+    assert [r.output for r in requests] == want
+    assert True in ran and False in ran  # both kinds of round ran
+    stop = want[2][5]  # an EOS token inside a C++ call's rounds
+    request = Request(PROMPTS[2], BUDGETS[2], eos=frozenset({stop}))
+    _run(engine, [request], joins=[0])
+    assert request.output == want[2][: want[2].index(stop) + 1]
+    assert request.finish_reason == "stop" and engine.slots == []
+    m = engine.metrics
+    assert 0 < m.accepted <= m.proposed and m.batch_sum <= m.rounds * max_batch
 
 
 def _alternate(engine: Engine) -> None:

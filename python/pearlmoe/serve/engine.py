@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from ..decode.common import emit, gamma_policy, num_threads, side_threads
+from ..decode.common import LOOKUP, emit, gamma_policy, num_threads, side_threads, token_history
 from ..decode.cost_model import SpeculationGate
 from ..decode.runner import Runner, Sampling
 from ..decode.sampling import logits_to_probs, sample
@@ -48,6 +48,9 @@ from ..model.transformer import Transformer
 
 MODES = ("ar", "speculative", "pearl")
 PRE, POST = 0, 1
+# Rounds one C++ call runs for a lone request (_fused_rounds): a request that arrives meanwhile
+# waits for them (~0.3-0.6 ms a round on the embedded pair) before it is admitted.
+FUSED_ROUNDS = 4
 
 
 @dataclass(eq=False)
@@ -176,6 +179,7 @@ class Engine:
         self.gate = gate and mode != "ar"
         self._gates: dict[int, SpeculationGate] = {}
         self.cores = torch.get_num_threads()  # plain steps take them all, as AR does
+        self.lookup = LOOKUP  # the prompt lookup's n-gram length in _fused_rounds
 
     # ---- requests (any thread) ---------------------------------------------------------------
 
@@ -277,7 +281,8 @@ class Engine:
             with num_threads(self.cores):
                 self._plain_round()
         elif self.mode == "speculative":
-            self._speculative_round()
+            if not self._fused_rounds():
+                self._speculative_round()
         else:
             self._pearl_round()
         if gated:
@@ -532,6 +537,59 @@ class Engine:
             s.d_len = s.length - 2  # steady: prev and last are re-fed next round
         self._end_round(finished)
         self._adapt()
+
+    def _fused_rounds(self) -> bool:
+        """Up to FUSED_ROUNDS speculative rounds of a lone greedy request in one C++ call, as
+        `pearlmoe generate` runs them on fused CPU steps (the draft with the prompt lookup, the
+        target's window, verification and commit; bench/NOTES.md v21: one client's speculative
+        decoding served at 0.83-1.01x AR by the Python rounds). False (nothing done) where they
+        do not apply: another request running or waiting (their rounds go on batched), a
+        sampled request, steps that are not fused, a draft behind by more than a round's feed."""
+        if len(self.slots) != 1 or self.queue:
+            return False
+        s = self.slots[0]
+        tgt, drf = self.tgt, self.drf
+        if not s.req.greedy or tgt.fused_step is None or drf.fused_step is None:
+            return False
+        length = s.length
+        if s.d_len not in (length - 1, length - 2):
+            return False
+        c = s.committed
+        feed = torch.tensor([c[s.d_len :]])  # [1, w]: [last], or [prev, last] in steady rounds
+        prev, last = torch.tensor([c[-2] if length > 1 else c[-1]]), torch.tensor([c[-1]])
+        t_lens = torch.tensor([length - 1], dtype=torch.int32)  # moved in place by the call
+        d_lens = torch.tensor([s.d_len], dtype=torch.int32)
+        left = s.req.max_tokens - len(s.req.output)
+        room = length + left + 2 * self.policy.max_gamma + 2
+        history, history_lens = token_history([c], room, self.lookup)
+        gamma = self.gamma
+        extend = self.policy.max_gamma - gamma
+        stops = torch.tensor(sorted(s.req.eos), dtype=torch.long)
+        rows, info, drafted = tgt.fused_step.speculative_rounds(
+            drf.fused_step, feed, prev, last, gamma, tgt.cache.k[:, :1], tgt.cache.v[:, :1],
+            t_lens, drf.cache.k[:, :1], drf.cache.v[:, :1], d_lens,
+            torch.ones(1, dtype=torch.bool), history, history_lens, self.lookup, extend,
+            FUSED_ROUNDS, stops, torch.tensor([left]),
+        )  # fmt: skip
+        finished = False
+        self.metrics.rounds += len(drafted) - 1  # step() counted one
+        self.metrics.batch_sum += len(drafted) - 1
+        for (a, *tokens), (_, _, _, tested, accepted), n in zip(
+            (r[0] for r in rows.tolist()), info.tolist(), drafted.tolist(), strict=True
+        ):
+            self.metrics.target_calls += 1
+            self.metrics.draft_calls += n
+            # The γ policy prices the draft model's own drafts, not the lookup's (nearly free and
+            # nearly always right), as the decode loops' policy does.
+            self.metrics.proposed += int(tested)
+            self.metrics.accepted += int(accepted)
+            finished = self._emit(s, tokens[: a + 1])
+            if finished:
+                break
+        s.d_len = int(d_lens[0])
+        self._end_round([finished])
+        self._adapt()
+        return True
 
     def _pearl_round(self) -> None:
         slots, gamma = self.slots, self.gamma
