@@ -542,10 +542,11 @@ class Engine:
         """Up to FUSED_ROUNDS speculative rounds of a lone greedy request in one C++ call, as
         `pearlmoe generate` runs them on fused CPU steps (the draft with the prompt lookup, the
         target's window, verification and commit; bench/NOTES.md v21: one client's speculative
-        decoding served at 0.83-1.01x AR by the Python rounds). False (nothing done) where they
-        do not apply: another request running or waiting (their rounds go on batched), a
-        sampled request, steps that are not fused, a draft behind by more than a round's feed."""
-        if len(self.slots) != 1 or self.queue:
+        decoding served at 0.78-0.81x AR by the Python rounds). False (nothing done) where they
+        do not apply: another request running, or one waiting for a free slot (their rounds go
+        on batched), a sampled request, steps that are not fused, a draft behind by more than a
+        round's feed."""
+        if len(self.slots) != 1 or (self.queue and self.max_batch > 1):
             return False
         s = self.slots[0]
         tgt, drf = self.tgt, self.drf
@@ -565,30 +566,34 @@ class Engine:
         gamma = self.gamma
         extend = self.policy.max_gamma - gamma
         stops = torch.tensor(sorted(s.req.eos), dtype=torch.long)
+        # A request's first round alone in its call: its first tokens stream without waiting
+        # for three more rounds.
+        k = 1 if s.d_len == length - 1 else FUSED_ROUNDS
         rows, info, drafted = tgt.fused_step.speculative_rounds(
             drf.fused_step, feed, prev, last, gamma, tgt.cache.k[:, :1], tgt.cache.v[:, :1],
             t_lens, drf.cache.k[:, :1], drf.cache.v[:, :1], d_lens,
             torch.ones(1, dtype=torch.bool), history, history_lens, self.lookup, extend,
-            FUSED_ROUNDS, stops, torch.tensor([left]),
+            k, stops, torch.tensor([left]),
         )  # fmt: skip
         finished = False
         self.metrics.rounds += len(drafted) - 1  # step() counted one
         self.metrics.batch_sum += len(drafted) - 1
-        for (a, *tokens), (_, _, _, tested, accepted), n in zip(
-            (r[0] for r in rows.tolist()), info.tolist(), drafted.tolist(), strict=True
+        for (a, *tokens), (_, _, steps, tested, accepted) in zip(
+            (r[0] for r in rows.tolist()), info.tolist(), strict=True
         ):
             self.metrics.target_calls += 1
-            self.metrics.draft_calls += n
+            self.metrics.draft_calls += int(steps)
             # The γ policy prices the draft model's own drafts, not the lookup's (nearly free and
-            # nearly always right), as the decode loops' policy does.
+            # nearly always right), as the decode loops' policy does: proposed and accepted
+            # count the model's drafts up to the window's first rejection here.
             self.metrics.proposed += int(tested)
             self.metrics.accepted += int(accepted)
+            self._adapt()
             finished = self._emit(s, tokens[: a + 1])
             if finished:
                 break
-        s.d_len = int(d_lens[0])
+        s.d_len = int(d_lens[0])  # length - 2: the next round feeds [prev, last]
         self._end_round([finished])
-        self._adapt()
         return True
 
     def _pearl_round(self) -> None:
