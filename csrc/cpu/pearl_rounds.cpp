@@ -238,7 +238,7 @@ std::tuple<at::Tensor, at::Tensor, int64_t, int64_t> PearlRounds::round(int64_t 
         const float* qi = accepted < held ? unverified_q_[b].data() + accepted * vocab
                                           : fresh_q + (accepted - held) * vocab;
         const int64_t x = window[accepted];
-        if (t_sampler_->uniform() * qi[x] <= p[x]) continue;
+        if (spec_decode::keeps_draft(p, qi, x, t_sampler_->uniform())) continue;
         correction = spec_decode::sample_residual(p, qi, vocab, t_sampler_->uniform());
         break;
       }

@@ -39,6 +39,12 @@ inline int64_t argmax(const float* p, int64_t vocab) {
   return best;
 }
 
+// Rejection sampling's test: draft token x, proposed with probabilities q, is kept against the
+// target's p with probability min(1, p[x] / q[x]), here for the uniform u in [0, 1).
+inline bool keeps_draft(const float* p, const float* q, int64_t x, float u) {
+  return u * q[x] <= p[x];
+}
+
 // Inverse-CDF sample of the weights max(p - q, 0) (q may be null: the weights are p) with
 // u in [0, 1); falls back to p if the weights carry no mass, and to token 0 if p has none either.
 inline int64_t sample_residual(const float* p, const float* q, int64_t vocab, float u) {
@@ -70,7 +76,7 @@ inline int32_t spec_verify_sequence(const float* target, const int64_t* drafts, 
     const bool in_range = x >= 0 && x < vocab;
     const int64_t best = sampling ? -1 : argmax(p, vocab);  // the correction too, if rejected
     const bool accept =
-        in_range && (sampling ? uniforms[i] * draft[i * vocab + x] <= p[x] : x == best);
+        in_range && (sampling ? keeps_draft(p, draft + i * vocab, x, uniforms[i]) : x == best);
     if (!accept) {
       tokens[i] = sampling ? sample_residual(p, draft + i * vocab, vocab, uniforms[n]) : best;
       return static_cast<int32_t>(i);
