@@ -68,11 +68,12 @@ inline typename P::Mask tail_mask(int64_t remaining) {
 // out[r * 4 + j] = (a row r) · (b row j) over all of K, for MB rows of a and NB (4 or 1) rows of
 // b: MB x NB independent accumulators keep the FMA pipes busy while b streams from memory.
 //
-// ahead: the same rows kPrefetchRows further on (or null): they are requested from memory while
-// these are summed. A block's NB rows are short streams (K values each) that the hardware
-// prefetchers barely start on before the next block begins. Measured on the 2-core Zen 4 VM for a
-// 49152 x 576 bf16 weight (57 MB, from DRAM), one thread: 8-9 GB/s without, 10-12 GB/s with it
-// (a plain sum reads 22-24 GB/s per thread); two threads 21-23 GB/s.
+// ahead: the same rows a prefetch distance further on (or null): they are requested from memory
+// into L2 while these are summed. A block's NB rows are short streams (K values each) that the
+// hardware prefetchers barely start on before the next block begins. Measured on the 2-core Zen 4
+// VM, one thread, a 49152 x 576 bf16 weight from DRAM: 8-9 GB/s without; 10-12 GB/s prefetching
+// into L1 (T0) 32 rows ahead; 18-22 GB/s into L2 (T1) 8-16 KB ahead, a plain sum's rate (L1 is
+// 32 KB: lines prefetched that far into it are evicted before they are read).
 template <typename P, int MB, int NB>
 inline void block(const typename P::A* a, int64_t lda, int64_t k, const typename P::B* b,
                   int64_t ldb, float* out, const typename P::B* ahead) {
@@ -90,7 +91,7 @@ inline void block(const typename P::A* a, int64_t lda, int64_t k, const typename
     if (ahead != nullptr) {
 #pragma GCC unroll 8
       for (int j = 0; j < NB; ++j) {
-        _mm_prefetch(reinterpret_cast<const char*>(ahead + j * ldb + i), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(ahead + j * ldb + i), _MM_HINT_T1);
       }
     }
 #pragma GCC unroll 8
@@ -112,7 +113,7 @@ inline void block(const typename P::A* a, int64_t lda, int64_t k, const typename
 
 // Rows n_begin..n_end of c [M, N] (ldc) for a [M, K] (lda) in P's a type and b [N, K] (ldb) in
 // P's b type; c is float or BF16 (rounded once, from the fp32 sums).
-constexpr int64_t kPrefetchRows = 32;  // ~37 KB ahead at K = 576 in bf16 (8 rows: no better)
+constexpr int64_t kPrefetchBytes = 12 << 10;  // 6, 12 and 20 KB measured alike
 
 template <typename P, int NB, typename T>
 inline void column_block(const typename P::A* a, int64_t lda, int64_t rows, int64_t k,
@@ -121,7 +122,11 @@ inline void column_block(const typename P::A* a, int64_t lda, int64_t rows, int6
   float out[6 * 4];
   const typename P::B* bn = b + n * ldb;
   // Only rows this call reads later (another thread's rows are its own to fetch).
-  const typename P::B* ahead = n + kPrefetchRows + NB <= n_end ? bn + kPrefetchRows * ldb : nullptr;
+  // (ldb is 0 for K = 0: nothing to fetch.)
+  const int64_t row_bytes = ldb * static_cast<int64_t>(sizeof(typename P::B));
+  const int64_t dist =
+      row_bytes > 0 ? std::max<int64_t>(NB, (kPrefetchBytes + row_bytes - 1) / row_bytes) : n_end;
+  const typename P::B* ahead = n + dist + NB <= n_end ? bn + dist * ldb : nullptr;
   for (int64_t r0 = 0; r0 < rows;) {
     // Groups of 4 rows, but 5 or 6 left go in one pass (24 accumulators + 4 b + 1 a registers
     // of the 32): a verification window of 5-6 tokens reads each weight once, not twice. Each
