@@ -47,7 +47,7 @@ void ModelStep::project(const Tensor& x, const Tensor& w, const std::string& for
   if (format.empty()) {
     gemm_nt_out(x, w, out);
   } else {
-    out.copy_(qlinear_cpu(x, w, format));  // the op's own path: the eager step's numbers
+    qlinear_out_cpu(x, w, format, out);  // the op's kernel: the eager step's numbers
   }
 }
 

@@ -48,6 +48,12 @@ at::Tensor moe_ffn_cpu(const at::Tensor& x, const at::Tensor& router_w, const at
 
 // The CPU qlinear op: x [..., K] times a GGUF-block weight (format 'q4_0', 'q4_1' or 'q8_0').
 at::Tensor qlinear_cpu(const at::Tensor& x, const at::Tensor& qweight, c10::string_view format);
+// The same into out [T, N] (the fused step's scratch): written by the kernel where x is a
+// contiguous fp32 / bf16 [T, K] of at most kSkinnyMaxRows rows and out matches it, else copied.
+// No ATen op runs in between: inside a step's pool scope an ATen copy of the head's logits
+// would open an OpenMP region beside the spinning pool helpers (measured: 4 ms scheduler ticks).
+void qlinear_out_cpu(const at::Tensor& x, const at::Tensor& qweight, c10::string_view format,
+                     at::Tensor& out);
 
 // RoPE's inverse frequencies base^(-2i/D) for i < D/2 (D <= 128), computed once per (base, D)
 // in fp32 as the reference does: [D/2] used of the 64.

@@ -90,6 +90,26 @@ Tensor dequantize_fp32_cpu(const Tensor& qweight, Format f) {
   return out;
 }
 
+// out [rows, N] (contiguous, a's dtype: fp32 or bf16) = a [rows, K] (contiguous) times the
+// expanded blocks, the skinny kernel writing each output once.
+void qlinear_rows_out(const Tensor& a, const Tensor& qweight, Format f, Tensor& out) {
+  const int64_t rows = a.size(0), k = a.size(1), n = qweight.size(0);
+  if (rows == 0 || n == 0) return;
+  const Tensor w = qweight.contiguous();
+  const uint8_t* wp = w.const_data_ptr<uint8_t>();
+  const bool bf16 = a.scalar_type() == at::kBFloat16;
+  cpu::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    if (bf16) {
+      quant::qlinear_rows(f, static_cast<const moe_gemm::BF16*>(a.const_data_ptr()), k, rows, k, wp,
+                          w.size(1), begin, end,
+                          static_cast<moe_gemm::BF16*>(out.mutable_data_ptr()), n);
+    } else {
+      quant::qlinear_rows(f, a.const_data_ptr<float>(), k, rows, k, wp, w.size(1), begin, end,
+                          out.mutable_data_ptr<float>(), n);
+    }
+  });
+}
+
 }  // namespace
 
 Tensor qlinear_cpu(const Tensor& x, const Tensor& qweight, c10::string_view format) {
@@ -105,21 +125,22 @@ Tensor qlinear_cpu(const Tensor& x, const Tensor& qweight, c10::string_view form
   const Tensor a = x.reshape({rows, k}).to(bf16 ? at::kBFloat16 : at::kFloat).contiguous();
   const bool direct = x.scalar_type() != at::kHalf;  // fp32 and bf16 outputs stored by the kernel
   Tensor out = at::empty({rows, n}, x.options().dtype(direct ? x.scalar_type() : at::kFloat));
-  if (rows > 0 && n > 0) {
-    const Tensor w = qweight.contiguous();
-    const uint8_t* wp = w.const_data_ptr<uint8_t>();
-    cpu::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
-      if (bf16) {
-        quant::qlinear_rows(f, static_cast<const moe_gemm::BF16*>(a.const_data_ptr()), k, rows, k,
-                            wp, w.size(1), begin, end,
-                            static_cast<moe_gemm::BF16*>(out.mutable_data_ptr()), n);
-      } else {
-        quant::qlinear_rows(f, a.const_data_ptr<float>(), k, rows, k, wp, w.size(1), begin, end,
-                            out.mutable_data_ptr<float>(), n);
-      }
-    });
-  }
+  qlinear_rows_out(a, qweight, f, out);
   return (direct ? out : out.to(x.scalar_type())).view(out_shape(x, n));
+}
+
+void qlinear_out_cpu(const Tensor& x, const Tensor& qweight, c10::string_view format, Tensor& out) {
+  const int64_t rows = leading_rows(x);
+  const bool direct = rows <= moe_gemm::kSkinnyMaxRows && x.dim() == 2 && x.is_contiguous() &&
+                      (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat) &&
+                      out.scalar_type() == x.scalar_type() && out.is_contiguous() &&
+                      out.dim() == 2 && out.size(0) == rows && out.size(1) == qweight.size(0);
+  if (!direct) {
+    out.copy_(qlinear_cpu(x, qweight, format));
+    return;
+  }
+  check_device(x, c10::kCPU, kQLinear, "x");
+  qlinear_rows_out(x, qweight, check_qlinear(x, qweight, format), out);
 }
 
 namespace {
