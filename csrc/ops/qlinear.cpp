@@ -130,17 +130,18 @@ Tensor qlinear_cpu(const Tensor& x, const Tensor& qweight, c10::string_view form
 }
 
 void qlinear_out_cpu(const Tensor& x, const Tensor& qweight, c10::string_view format, Tensor& out) {
+  check_device(x, c10::kCPU, kQLinear, "x");
+  const Format f = check_qlinear(x, qweight, format);
   const int64_t rows = leading_rows(x);
   const bool direct = rows <= moe_gemm::kSkinnyMaxRows && x.dim() == 2 && x.is_contiguous() &&
                       (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat) &&
                       out.scalar_type() == x.scalar_type() && out.is_contiguous() &&
                       out.dim() == 2 && out.size(0) == rows && out.size(1) == qweight.size(0);
-  if (!direct) {
+  if (direct) {
+    qlinear_rows_out(x, qweight, f, out);
+  } else {
     out.copy_(qlinear_cpu(x, qweight, format));
-    return;
   }
-  check_device(x, c10::kCPU, kQLinear, "x");
-  qlinear_rows_out(x, qweight, check_qlinear(x, qweight, format), out);
 }
 
 namespace {

@@ -121,12 +121,14 @@ inline void column_block(const typename P::A* a, int64_t lda, int64_t rows, int6
                          int64_t ldc) {
   float out[6 * 4];
   const typename P::B* bn = b + n * ldb;
-  // Only rows this call reads later (another thread's rows are its own to fetch).
-  // (ldb is 0 for K = 0: nothing to fetch.)
+  // Only rows this call reads later (another thread's rows are its own to fetch); none for
+  // K = 0 (ldb 0).
+  const typename P::B* ahead = nullptr;
   const int64_t row_bytes = ldb * static_cast<int64_t>(sizeof(typename P::B));
-  const int64_t dist =
-      row_bytes > 0 ? std::max<int64_t>(NB, (kPrefetchBytes + row_bytes - 1) / row_bytes) : n_end;
-  const typename P::B* ahead = n + dist + NB <= n_end ? bn + dist * ldb : nullptr;
+  if (row_bytes > 0) {
+    const int64_t dist = std::max<int64_t>(NB, (kPrefetchBytes + row_bytes - 1) / row_bytes);
+    if (n + dist + NB <= n_end) ahead = bn + dist * ldb;
+  }
   for (int64_t r0 = 0; r0 < rows;) {
     // Groups of 4 rows, but 5 or 6 left go in one pass (24 accumulators + 4 b + 1 a registers
     // of the 32): a verification window of 5-6 tokens reads each weight once, not twice. Each
